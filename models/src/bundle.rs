@@ -131,7 +131,11 @@ impl SigningKey {
         let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let bx = minisign::SecretKeyBox::from_string(&text)
             .map_err(|e| Error::Config(format!("{}: not a minisign secret key: {e}", path.display())))?;
-        let sk = bx.into_secret_key(password).map_err(|e| {
+        let sk = match password {
+            None => bx.into_unencrypted_secret_key(),
+            Some(p) => bx.into_secret_key(Some(p)),
+        }
+        .map_err(|e| {
             Error::Config(format!(
                 "{}: cannot decrypt the secret key ({e}); pass its password or use an unencrypted key",
                 path.display()

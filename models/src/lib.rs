@@ -19,4 +19,4 @@ pub mod synth;
 pub mod taxonomy;
 pub mod weights;
 
-pub use error::Error;
+pub use error::{BundleError, Error};

@@ -43,11 +43,11 @@ impl TractModel {
             .with_input_fact(0, f32::fact([batch, 3, size, size]).into())
             .map_err(infer_err)?;
         let typed = model.into_optimized().map_err(infer_err)?;
-        let names: Vec<String> = typed
-            .output_outlets()
-            .map_err(infer_err)?
-            .iter()
-            .map(|o| typed.node(o.node).name.clone())
+        // tract keeps the graph's output order; optimisation may rename the nodes.
+        let names: Vec<String> = crate::onnx::graph_io(onnx)?
+            .outputs
+            .into_iter()
+            .map(|(name, _)| name)
             .collect();
         let embedding_slot = names
             .iter()

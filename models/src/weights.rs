@@ -347,6 +347,11 @@ pub(crate) fn serialize_tensors<'a>(
     })
 }
 
+/// Serialises named f32 tensors to safetensors bytes.
+pub fn tensors_to_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, Error> {
+    serialize_tensors(tensors.iter(), None)
+}
+
 /// Reads every tensor of a safetensors buffer as f32 (for self-test vectors and heads).
 pub(crate) fn read_tensors(
     bytes: &[u8],
