@@ -164,7 +164,10 @@ impl VitConfig {
         let patch = 3 * PATCH_SIZE * PATCH_SIZE * d + d;
         let tokens = d + self.num_registers * d + self.num_patches() * d + d;
         let ls = if self.layer_scale { 2 * d } else { 0 };
-        let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * self.mlp_hidden + self.mlp_hidden)
+        let block = 4 * d
+            + (3 * d * d + 3 * d)
+            + (d * d + d)
+            + (d * self.mlp_hidden + self.mlp_hidden)
             + (self.mlp_hidden * d + d)
             + ls;
         patch + tokens + self.depth * block + 2 * d
@@ -194,7 +197,10 @@ mod tests {
     #[test]
     fn presets_match_dinov2() {
         let s = VitConfig::preset(Preset::Small, 224).unwrap();
-        assert_eq!((s.embed_dim, s.depth, s.num_heads, s.mlp_hidden), (384, 12, 6, 1536));
+        assert_eq!(
+            (s.embed_dim, s.depth, s.num_heads, s.mlp_hidden),
+            (384, 12, 6, 1536)
+        );
         assert_eq!(s.num_tokens(), 257);
         // timm vit_small_patch14_dinov2 at img_size=224.
         assert_eq!(s.num_params(), 21_628_800);
@@ -205,7 +211,9 @@ mod tests {
 
     #[test]
     fn input_size_must_be_multiple_of_patch() {
-        let err = VitConfig::preset(Preset::Tiny, 100).unwrap_err().to_string();
+        let err = VitConfig::preset(Preset::Tiny, 100)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("multiple of the patch size 14"), "{err}");
         assert!(err.contains("98") && err.contains("112"), "{err}");
         assert!(VitConfig::preset(Preset::Tiny, 112).is_ok());
@@ -214,6 +222,9 @@ mod tests {
     #[test]
     fn preset_parse() {
         assert_eq!(Preset::parse("S").unwrap(), Preset::Small);
-        assert!(Preset::parse("huge").unwrap_err().to_string().contains("huge"));
+        assert!(Preset::parse("huge")
+            .unwrap_err()
+            .to_string()
+            .contains("huge"));
     }
 }

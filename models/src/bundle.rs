@@ -123,14 +123,21 @@ impl SigningKey {
     pub fn generate() -> Result<Self, Error> {
         let kp = minisign::KeyPair::generate_unencrypted_keypair()
             .map_err(|e| Error::Config(format!("cannot generate a key pair: {e}")))?;
-        Ok(SigningKey { sk: kp.sk, pk: kp.pk })
+        Ok(SigningKey {
+            sk: kp.sk,
+            pk: kp.pk,
+        })
     }
 
     /// Reads a minisign secret key file (`password` for an encrypted one).
     pub fn from_file(path: &Path, password: Option<String>) -> Result<Self, Error> {
         let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let bx = minisign::SecretKeyBox::from_string(&text)
-            .map_err(|e| Error::Config(format!("{}: not a minisign secret key: {e}", path.display())))?;
+        let bx = minisign::SecretKeyBox::from_string(&text).map_err(|e| {
+            Error::Config(format!(
+                "{}: not a minisign secret key: {e}",
+                path.display()
+            ))
+        })?;
         let sk = match password {
             None => bx.into_unencrypted_secret_key(),
             Some(p) => bx.into_secret_key(Some(p)),
@@ -224,10 +231,13 @@ impl TrustedKeys {
     }
 
     fn verify(&self, data: &[u8], sig_text: &str) -> Result<(), BundleError> {
-        let sig = minisign_verify::Signature::decode(sig_text)
-            .map_err(|e| BundleError::BadSignature(format!("the signature file is malformed ({e})")))?;
+        let sig = minisign_verify::Signature::decode(sig_text).map_err(|e| {
+            BundleError::BadSignature(format!("the signature file is malformed ({e})"))
+        })?;
         if self.keys.is_empty() {
-            return Err(BundleError::UntrustedKey("no trusted keys are configured".into()));
+            return Err(BundleError::UntrustedKey(
+                "no trusted keys are configured".into(),
+            ));
         }
         let mut bad = None;
         for key in &self.keys {
@@ -295,9 +305,17 @@ impl SelfTestVector {
     pub fn max_abs_diff(&self, embedding: &[f32], logits: Option<&[f32]>) -> Result<f32, String> {
         let diff = |name: &str, want: &[f32], got: &[f32]| -> Result<f32, String> {
             if want.len() != got.len() {
-                return Err(format!("`{name}` has {} values, expected {}", got.len(), want.len()));
+                return Err(format!(
+                    "`{name}` has {} values, expected {}",
+                    got.len(),
+                    want.len()
+                ));
             }
-            Ok(want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max))
+            Ok(want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max))
         };
         let mut d = diff("embedding", &self.embedding.data, embedding)?;
         match (&self.logits, logits) {
@@ -340,7 +358,12 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// directory at `dir` (which must not exist yet or be empty).
 pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Manifest, Error> {
     let cfg = &new.weights.config;
-    if dir.exists() && fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some() {
+    if dir.exists()
+        && fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .next()
+            .is_some()
+    {
         return Err(Error::Config(format!(
             "{} exists and is not empty; choose a new output directory",
             dir.display()
@@ -359,9 +382,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
     let vector = SelfTestVector {
         pixels: Tensor::new(vec![1, 3, s, s], pixels),
         embedding: Tensor::new(vec![1, cfg.embed_dim], out.embedding),
-        logits: out
-            .logits
-            .map(|l| Tensor::new(vec![1, l.len()], l)),
+        logits: out.logits.map(|l| Tensor::new(vec![1, l.len()], l)),
     };
 
     write_file(&dir.join(MODEL), &model)?;
@@ -444,7 +465,9 @@ pub fn pack(dir: &Path, out: &Path) -> Result<(), Error> {
             .map_err(|e| Error::io(&path, e))?;
     }
     let w = builder.into_inner().map_err(|e| Error::io(&tmp, e))?;
-    let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }
@@ -515,7 +538,12 @@ pub fn open(path: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Bundl
 }
 
 /// [`open`], staging archives under `staging_parent`.
-pub fn open_in(path: &Path, trusted: &TrustedKeys, limits: &Limits, staging_parent: &Path) -> Result<Bundle, Error> {
+pub fn open_in(
+    path: &Path,
+    trusted: &TrustedKeys,
+    limits: &Limits,
+    staging_parent: &Path,
+) -> Result<Bundle, Error> {
     let label = path.display().to_string();
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
@@ -572,7 +600,9 @@ impl From<Error> for Refusal {
 
 /// A name that stays inside the bundle: one normal path component.
 fn plain_name(path: &Path) -> Option<String> {
-    let mut comps = path.components().filter(|c| !matches!(c, Component::CurDir));
+    let mut comps = path
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir));
     match (comps.next(), comps.next()) {
         (Some(Component::Normal(n)), None) => n.to_str().map(str::to_string),
         _ => None,
@@ -602,13 +632,19 @@ fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), R
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
         let path = PathBuf::from(&raw);
-        if kind.is_dir() && plain_name(&path).is_none() && path.components().all(|c| matches!(c, Component::CurDir)) {
+        if kind.is_dir()
+            && plain_name(&path).is_none()
+            && path.components().all(|c| matches!(c, Component::CurDir))
+        {
             continue; // "./"
         }
         let unsafe_path = path.is_absolute()
-            || path
-                .components()
-                .any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_)));
+            || path.components().any(|c| {
+                matches!(
+                    c,
+                    Component::ParentDir | Component::RootDir | Component::Prefix(_)
+                )
+            });
         if unsafe_path {
             return Err(BundleError::UnsafePath(raw).into());
         }
@@ -631,14 +667,22 @@ fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), R
         let Some(name) = plain_name(&path) else {
             return Err(BundleError::UnsafePath(raw).into());
         };
-        let size = entry.header().size().map_err(|e| BundleError::Truncated(e.to_string()))?;
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| BundleError::Truncated(e.to_string()))?;
         let limit = if name == MANIFEST || name == SIGNATURE {
             limits.max_manifest_bytes
         } else {
             limits.max_file_bytes
         };
         if size > limit {
-            return Err(BundleError::Oversized { file: name, size, limit }.into());
+            return Err(BundleError::Oversized {
+                file: name,
+                size,
+                limit,
+            }
+            .into());
         }
         let target = dest.join(&name);
         let mut out = fs::OpenOptions::new()
@@ -647,7 +691,9 @@ fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), R
             .open(&target)
             .map_err(|e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
-                    Refusal::Bundle(BundleError::BadManifest(format!("archive holds `{name}` twice")))
+                    Refusal::Bundle(BundleError::BadManifest(format!(
+                        "archive holds `{name}` twice"
+                    )))
                 } else {
                     Refusal::Other(Error::io(&target, e))
                 }
@@ -704,8 +750,8 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
     trusted.verify(&manifest_bytes, &sig_text)?;
 
     // 2. The manifest itself.
-    let value: serde_json::Value =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     let found = value
         .get("format_version")
         .and_then(|v| v.as_u64())
@@ -719,7 +765,9 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
     }
     let manifest: Manifest =
         serde_json::from_value(value).map_err(|e| BundleError::BadManifest(e.to_string()))?;
-    if manifest.input_size != manifest.arch.img_size || manifest.embed_dim != manifest.arch.embed_dim {
+    if manifest.input_size != manifest.arch.img_size
+        || manifest.embed_dim != manifest.arch.embed_dim
+    {
         return Err(BundleError::BadManifest(
             "`input_size`/`embed_dim` disagree with `arch`".into(),
         )
@@ -731,14 +779,22 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
         .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     for required in [MODEL, manifest.self_test.file.as_str()] {
         if !manifest.files.contains_key(required) {
-            return Err(BundleError::BadManifest(format!("`files` does not list `{required}`")).into());
+            return Err(
+                BundleError::BadManifest(format!("`files` does not list `{required}`")).into(),
+            );
         }
     }
 
     // 3. Every listed file is there, within limits, with its pinned size and hash; nothing else is.
     for (name, entry) in &manifest.files {
-        if plain_name(Path::new(name)).as_deref() != Some(name.as_str()) || name == MANIFEST || name == SIGNATURE {
-            return Err(BundleError::BadManifest(format!("`files` lists an invalid name `{name}`")).into());
+        if plain_name(Path::new(name)).as_deref() != Some(name.as_str())
+            || name == MANIFEST
+            || name == SIGNATURE
+        {
+            return Err(BundleError::BadManifest(format!(
+                "`files` lists an invalid name `{name}`"
+            ))
+            .into());
         }
         let path = dir.join(name);
         let meta = match fs::symlink_metadata(&path) {
@@ -797,13 +853,24 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
 
 fn check_graph(model: &[u8], m: &Manifest) -> Result<(), BundleError> {
     let io = onnx::graph_io(model).map_err(|e| BundleError::GraphMismatch(e.to_string()))?;
-    let fmt = |d: &[Dim]| format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "));
+    let fmt = |d: &[Dim]| {
+        format!(
+            "[{}]",
+            d.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     let s = m.input_size as i64;
     let pixels = io
         .shape(onnx::INPUT)
         .ok_or_else(|| BundleError::GraphMismatch(format!("no input `{}`", onnx::INPUT)))?;
     let batch_ok = |d: &Dim| matches!(d, Dim::Param(_)) || *d == Dim::Fixed(1);
-    if pixels.len() != 4 || !batch_ok(&pixels[0]) || pixels[1..] != [Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)] {
+    if pixels.len() != 4
+        || !batch_ok(&pixels[0])
+        || pixels[1..] != [Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)]
+    {
         return Err(BundleError::GraphMismatch(format!(
             "input `pixels` is {}, manifest says [N, 3, {s}, {s}]",
             fmt(pixels)

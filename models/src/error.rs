@@ -60,7 +60,9 @@ pub enum BundleError {
         expected: u64,
         actual: u64,
     },
-    #[error("no signature (manifest.json.minisig); sign the bundle with `reddino-models bundle sign`")]
+    #[error(
+        "no signature (manifest.json.minisig); sign the bundle with `reddino-models bundle sign`"
+    )]
     MissingSignature,
     #[error("signature does not verify: {0}")]
     BadSignature(String),

@@ -122,7 +122,13 @@ impl Graph {
     }
 
     /// Adds a node whose single output is called `out`.
-    fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<pb::AttributeProto>, out: &str) -> String {
+    fn op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<pb::AttributeProto>,
+        out: &str,
+    ) -> String {
         self.nodes.push(pb::NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: vec![out.into()],
@@ -141,16 +147,30 @@ impl Graph {
         self.linear_raw(prefix, weight, bias, x)
     }
 
-    fn linear_raw(&mut self, prefix: &str, weight: &Tensor, bias: &Tensor, x: &str) -> Result<String, Error> {
+    fn linear_raw(
+        &mut self,
+        prefix: &str,
+        weight: &Tensor,
+        bias: &Tensor,
+        x: &str,
+    ) -> Result<String, Error> {
         let wn = self.tensor(&format!("{prefix}.weight"), weight);
         let bn = self.tensor(&format!("{prefix}.bias"), bias);
-        let wt = self.op("Transpose", &[&wn], vec![attr_ints("perm", &[1, 0])], &format!("{prefix}.weight_t"));
+        let wt = self.op(
+            "Transpose",
+            &[&wn],
+            vec![attr_ints("perm", &[1, 0])],
+            &format!("{prefix}.weight_t"),
+        );
         let mm = self.op("MatMul", &[x, &wt], vec![], &format!("{prefix}.matmul"));
         Ok(self.op("Add", &[&mm, &bn], vec![], prefix))
     }
 
     fn layer_norm(&mut self, w: &VitWeights, prefix: &str, x: &str) -> Result<String, Error> {
-        let scale = self.tensor(&format!("{prefix}.weight"), w.get(&format!("{prefix}.weight"))?);
+        let scale = self.tensor(
+            &format!("{prefix}.weight"),
+            w.get(&format!("{prefix}.weight"))?,
+        );
         let bias = self.tensor(&format!("{prefix}.bias"), w.get(&format!("{prefix}.bias"))?);
         Ok(self.op(
             "LayerNormalization",
@@ -162,7 +182,10 @@ impl Graph {
 
     /// Exact (erf) GELU: `0.5 x (1 + erf(x / sqrt 2))`.
     fn gelu(&mut self, prefix: &str, x: &str) -> String {
-        let inv_sqrt2 = self.scalar(&format!("{prefix}.inv_sqrt2"), std::f32::consts::FRAC_1_SQRT_2);
+        let inv_sqrt2 = self.scalar(
+            &format!("{prefix}.inv_sqrt2"),
+            std::f32::consts::FRAC_1_SQRT_2,
+        );
         let one = self.scalar(&format!("{prefix}.one"), 1.0);
         let half = self.scalar(&format!("{prefix}.half"), 0.5);
         let s = self.op("Mul", &[x, &inv_sqrt2], vec![], &format!("{prefix}.scaled"));
@@ -182,7 +205,12 @@ impl Graph {
         );
         let qkv = self.linear(w, &format!("{prefix}.qkv"), x)?;
         let shape = self.i64s(&format!("{prefix}.qkv_shape"), &[0, t, 3, h, hd]);
-        let r = self.op("Reshape", &[&qkv, &shape], vec![], &format!("{prefix}.qkv_split"));
+        let r = self.op(
+            "Reshape",
+            &[&qkv, &shape],
+            vec![],
+            &format!("{prefix}.qkv_split"),
+        );
         // [N, T, 3, H, hd] -> [3, N, H, T, hd]
         let p = self.op(
             "Transpose",
@@ -193,10 +221,20 @@ impl Graph {
         let mut parts = Vec::new();
         for (i, n) in ["q", "k", "v"].iter().enumerate() {
             let idx = self.i64_scalar(&format!("{prefix}.{n}_index"), i as i64);
-            parts.push(self.op("Gather", &[&p, &idx], vec![attr_int("axis", 0)], &format!("{prefix}.{n}")));
+            parts.push(self.op(
+                "Gather",
+                &[&p, &idx],
+                vec![attr_int("axis", 0)],
+                &format!("{prefix}.{n}"),
+            ));
         }
         let scale = self.scalar(&format!("{prefix}.scale"), (hd as f32).powf(-0.5));
-        let q = self.op("Mul", &[&parts[0], &scale], vec![], &format!("{prefix}.q_scaled"));
+        let q = self.op(
+            "Mul",
+            &[&parts[0], &scale],
+            vec![],
+            &format!("{prefix}.q_scaled"),
+        );
         let kt = self.op(
             "Transpose",
             &[&parts[1]],
@@ -204,8 +242,18 @@ impl Graph {
             &format!("{prefix}.k_t"),
         );
         let logits = self.op("MatMul", &[&q, &kt], vec![], &format!("{prefix}.scores"));
-        let attn = self.op("Softmax", &[&logits], vec![attr_int("axis", -1)], &format!("{prefix}.softmax"));
-        let o = self.op("MatMul", &[&attn, &parts[2]], vec![], &format!("{prefix}.context"));
+        let attn = self.op(
+            "Softmax",
+            &[&logits],
+            vec![attr_int("axis", -1)],
+            &format!("{prefix}.softmax"),
+        );
+        let o = self.op(
+            "MatMul",
+            &[&attn, &parts[2]],
+            vec![],
+            &format!("{prefix}.context"),
+        );
         let o = self.op(
             "Transpose",
             &[&o],
@@ -213,7 +261,12 @@ impl Graph {
             &format!("{prefix}.context_t"),
         );
         let shape = self.i64s(&format!("{prefix}.merge_shape"), &[0, t, d]);
-        let o = self.op("Reshape", &[&o, &shape], vec![], &format!("{prefix}.merged"));
+        let o = self.op(
+            "Reshape",
+            &[&o, &shape],
+            vec![],
+            &format!("{prefix}.merged"),
+        );
         self.linear(w, &format!("{prefix}.proj"), &o)
     }
 
@@ -240,10 +293,27 @@ impl Graph {
     }
 
     /// `[1, k, D]` token(s) broadcast to `[N, k, D]`.
-    fn expand_tokens(&mut self, name: &str, tokens: &str, k: usize, d: usize, batch: &str) -> String {
+    fn expand_tokens(
+        &mut self,
+        name: &str,
+        tokens: &str,
+        k: usize,
+        d: usize,
+        batch: &str,
+    ) -> String {
         let tail = self.i64s(&format!("{name}.shape_tail"), &[k as i64, d as i64]);
-        let shape = self.op("Concat", &[batch, &tail], vec![attr_int("axis", 0)], &format!("{name}.shape"));
-        self.op("Expand", &[tokens, &shape], vec![], &format!("{name}.expanded"))
+        let shape = self.op(
+            "Concat",
+            &[batch, &tail],
+            vec![attr_int("axis", 0)],
+            &format!("{name}.shape"),
+        );
+        self.op(
+            "Expand",
+            &[tokens, &shape],
+            vec![],
+            &format!("{name}.expanded"),
+        )
     }
 }
 
@@ -263,8 +333,14 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
     };
 
     // Patch embedding: Conv 14x14 stride 14 -> [N, D, g, g] -> [N, P, D].
-    let pw = g.tensor("patch_embed.proj.weight", weights.get("patch_embed.proj.weight")?);
-    let pb_ = g.tensor("patch_embed.proj.bias", weights.get("patch_embed.proj.bias")?);
+    let pw = g.tensor(
+        "patch_embed.proj.weight",
+        weights.get("patch_embed.proj.weight")?,
+    );
+    let pb_ = g.tensor(
+        "patch_embed.proj.bias",
+        weights.get("patch_embed.proj.bias")?,
+    );
     let conv = g.op(
         "Conv",
         &[INPUT, &pw, &pb_],
@@ -276,7 +352,12 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
     );
     let flat_shape = g.i64s("patch_embed.flat_shape", &[0, d as i64, p as i64]);
     let flat = g.op("Reshape", &[&conv, &flat_shape], vec![], "patch_embed.flat");
-    let patches = g.op("Transpose", &[&flat], vec![attr_ints("perm", &[0, 2, 1])], "patch_embed");
+    let patches = g.op(
+        "Transpose",
+        &[&flat],
+        vec![attr_ints("perm", &[0, 2, 1])],
+        "patch_embed",
+    );
 
     // Position embedding: the CLS token's entry (if any) is added to the CLS token; the grid
     // entries to the patches. Register tokens carry no position.
@@ -311,10 +392,18 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
     }
     let normed = g.layer_norm(weights, "norm", &x)?;
     let cls_idx = g.i64_scalar("cls_index", 0);
-    g.op("Gather", &[&normed, &cls_idx], vec![attr_int("axis", 1)], EMBEDDING);
+    g.op(
+        "Gather",
+        &[&normed, &cls_idx],
+        vec![attr_int("axis", 1)],
+        EMBEDDING,
+    );
 
     let batch_dim = Dim::Param(BATCH_DIM.into());
-    let mut outputs = vec![value_info(EMBEDDING, &[batch_dim.clone(), Dim::Fixed(d as i64)])];
+    let mut outputs = vec![value_info(
+        EMBEDDING,
+        &[batch_dim.clone(), Dim::Fixed(d as i64)],
+    )];
     let mut metadata = vec![pb::StringStringEntryProto {
         key: "reddino.config".into(),
         value: serde_json::to_string(cfg).expect("config serialises"),
@@ -338,7 +427,12 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
         initializer: g.initializers,
         input: vec![value_info(
             INPUT,
-            &[batch_dim, Dim::Fixed(3), Dim::Fixed(s as i64), Dim::Fixed(s as i64)],
+            &[
+                batch_dim,
+                Dim::Fixed(3),
+                Dim::Fixed(s as i64),
+                Dim::Fixed(s as i64),
+            ],
         )],
         output: outputs,
         ..Default::default()
@@ -394,11 +488,13 @@ impl GraphIo {
 
 /// Reads the inputs and outputs (without initializers) of an ONNX model.
 pub fn graph_io(bytes: &[u8]) -> Result<GraphIo, Error> {
-    let model = pb::ModelProto::decode(bytes).map_err(|e| Error::Onnx(format!("not an ONNX model: {e}")))?;
+    let model = pb::ModelProto::decode(bytes)
+        .map_err(|e| Error::Onnx(format!("not an ONNX model: {e}")))?;
     let graph = model
         .graph
         .ok_or_else(|| Error::Onnx("model has no graph".into()))?;
-    let inits: std::collections::HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
+    let inits: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|i| i.name.as_str()).collect();
     let dims = |v: &pb::ValueInfoProto| -> Vec<Dim> {
         let Some(pb::TypeProto {
             value: Some(pb::type_proto::Value::TensorType(t)),
@@ -413,8 +509,12 @@ pub fn graph_io(bytes: &[u8]) -> Result<GraphIo, Error> {
                 s.dim
                     .iter()
                     .map(|d| match &d.value {
-                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => Dim::Fixed(*v),
-                        Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) => Dim::Param(p.clone()),
+                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => {
+                            Dim::Fixed(*v)
+                        }
+                        Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) => {
+                            Dim::Param(p.clone())
+                        }
                         None => Dim::Param("?".into()),
                     })
                     .collect()
@@ -428,6 +528,10 @@ pub fn graph_io(bytes: &[u8]) -> Result<GraphIo, Error> {
             .filter(|i| !inits.contains(i.name.as_str()))
             .map(|i| (i.name.clone(), dims(i)))
             .collect(),
-        outputs: graph.output.iter().map(|o| (o.name.clone(), dims(o))).collect(),
+        outputs: graph
+            .output
+            .iter()
+            .map(|o| (o.name.clone(), dims(o)))
+            .collect(),
     })
 }

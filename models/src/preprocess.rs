@@ -28,7 +28,11 @@ impl Default for Normalization {
 /// normalised CHW planes into `out` (length `3 * size * size`).
 pub fn preprocess_into(img: &RgbImage, size: u32, norm: &Normalization, out: &mut [f32]) {
     let plane = (size * size) as usize;
-    assert_eq!(out.len(), 3 * plane, "output buffer must hold 3 x size x size values");
+    assert_eq!(
+        out.len(),
+        3 * plane,
+        "output buffer must hold 3 x size x size values"
+    );
     let resized;
     let src = if img.width() == size && img.height() == size {
         img
@@ -43,6 +47,28 @@ pub fn preprocess_into(img: &RgbImage, size: u32, norm: &Normalization, out: &mu
             out[c * plane + i] = px.0[c] as f32 * scale[c] - offset[c];
         }
     }
+}
+
+/// A square crop around a cell's box `[x0, y0, x1, y1]` (x1/y1 exclusive): side
+/// `margin * max(w, h)`, centred on the box, shifted to stay inside the image and shrunk only
+/// when the image is smaller than the side. Trainer crops and edge crops are the same crops.
+pub fn square_crop(img: &RgbImage, bbox: [u32; 4], margin: f32) -> RgbImage {
+    let [x0, y0, x1, y1] = bbox;
+    let bw = x1.saturating_sub(x0).max(1) as f32;
+    let bh = y1.saturating_sub(y0).max(1) as f32;
+    let side = ((bw.max(bh) * margin).round() as u32)
+        .max(1)
+        .min(img.width())
+        .min(img.height());
+    let cx = (x0 + x1) as f32 / 2.0;
+    let cy = (y0 + y1) as f32 / 2.0;
+    let left = (cx - side as f32 / 2.0)
+        .round()
+        .clamp(0.0, (img.width() - side) as f32) as u32;
+    let top = (cy - side as f32 / 2.0)
+        .round()
+        .clamp(0.0, (img.height() - side) as f32) as u32;
+    image::imageops::crop_imm(img, left, top, side, side).to_image()
 }
 
 /// [`preprocess_into`] into a new buffer.
@@ -69,6 +95,23 @@ mod tests {
         assert!((out[8] - (128.0 / 255.0 - 0.406) / 0.225).abs() < 1e-5);
         // A black pixel elsewhere.
         assert!((out[1] - (-0.485 / 0.229)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn square_crop_is_centred_and_stays_inside() {
+        let mut img = RgbImage::new(100, 80);
+        img.put_pixel(50, 40, image::Rgb([255, 0, 0]));
+        let c = square_crop(&img, [45, 35, 56, 46], 2.0);
+        assert_eq!(c.dimensions(), (22, 22));
+        assert_eq!(c.get_pixel(10, 10).0, [255, 0, 0]);
+        // Near the corner the crop shifts inwards instead of leaving the image.
+        let c = square_crop(&img, [0, 0, 10, 10], 3.0);
+        assert_eq!(c.dimensions(), (30, 30));
+        // Larger than the image: shrunk to fit.
+        assert_eq!(
+            square_crop(&img, [0, 0, 100, 80], 1.5).dimensions(),
+            (80, 80)
+        );
     }
 
     #[test]

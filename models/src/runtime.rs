@@ -49,18 +49,18 @@ impl TractModel {
             .into_iter()
             .map(|(name, _)| name)
             .collect();
-        let embedding_slot = names
-            .iter()
-            .position(|n| n == EMBEDDING)
-            .ok_or_else(|| Error::Onnx(format!("model has no `{EMBEDDING}` output (outputs: {names:?})")))?;
+        let embedding_slot = names.iter().position(|n| n == EMBEDDING).ok_or_else(|| {
+            Error::Onnx(format!(
+                "model has no `{EMBEDDING}` output (outputs: {names:?})"
+            ))
+        })?;
         let logits_slot = names.iter().position(|n| n == LOGITS);
         let fact = |slot: usize| -> Result<Vec<usize>, Error> {
             let outlet = typed.output_outlets().map_err(infer_err)?[slot];
             let f = typed.outlet_fact(outlet).map_err(infer_err)?;
-            f.shape
-                .as_concrete()
-                .map(|s| s.to_vec())
-                .ok_or_else(|| Error::Onnx(format!("output {slot} has a symbolic shape {:?}", f.shape)))
+            f.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| {
+                Error::Onnx(format!("output {slot} has a symbolic shape {:?}", f.shape))
+            })
         };
         let emb_shape = fact(embedding_slot)?;
         let embed_dim = *emb_shape.last().unwrap_or(&0);
@@ -111,8 +111,12 @@ impl TractModel {
                 self.size
             )));
         }
-        let input = Tensor::from_shape(&[self.batch, 3, self.size, self.size], pixels).map_err(infer_err)?;
-        let out = self.plan.run(tvec!(input.into_tvalue())).map_err(infer_err)?;
+        let input = Tensor::from_shape(&[self.batch, 3, self.size, self.size], pixels)
+            .map_err(infer_err)?;
+        let out = self
+            .plan
+            .run(tvec!(input.into_tvalue()))
+            .map_err(infer_err)?;
         let take = |slot: usize| -> Result<Vec<f32>, Error> {
             let v = out[slot].to_array_view::<f32>().map_err(infer_err)?;
             Ok(v.iter().copied().collect())

@@ -25,7 +25,11 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor; panics if `data` does not fill `shape` (a programming error).
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data/shape mismatch");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor data/shape mismatch"
+        );
         Tensor { shape, data }
     }
 
@@ -62,7 +66,10 @@ fn expected_keys(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.mlp_hidden;
     let mut keys = vec![
         ("cls_token".to_string(), vec![1, 1, d]),
-        ("patch_embed.proj.weight".into(), vec![d, 3, PATCH_SIZE, PATCH_SIZE]),
+        (
+            "patch_embed.proj.weight".into(),
+            vec![d, 3, PATCH_SIZE, PATCH_SIZE],
+        ),
         ("patch_embed.proj.bias".into(), vec![d]),
         ("norm.weight".into(), vec![d]),
         ("norm.bias".into(), vec![d]),
@@ -93,7 +100,11 @@ fn expected_keys(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
     keys
 }
 
-fn to_f32(view: &safetensors::tensor::TensorView<'_>, key: &str, path: &str) -> Result<Vec<f32>, Error> {
+fn to_f32(
+    view: &safetensors::tensor::TensorView<'_>,
+    key: &str,
+    path: &str,
+) -> Result<Vec<f32>, Error> {
     let bytes = view.data();
     let out = match view.dtype() {
         Dtype::F32 => bytes
@@ -169,8 +180,12 @@ impl VitWeights {
             })?;
         let mut tensors = BTreeMap::new();
         for name in &names {
-            let Some(key) = name.strip_prefix(prefix) else { continue };
-            let view = st.tensor(name).map_err(|e| ckpt_err(format!("`{name}`: {e}")))?;
+            let Some(key) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            let view = st
+                .tensor(name)
+                .map_err(|e| ckpt_err(format!("`{name}`: {e}")))?;
             let data = to_f32(&view, name, origin)?;
             tensors.insert(canonical_key(key), Tensor::new(view.shape().to_vec(), data));
         }
@@ -183,14 +198,17 @@ impl VitWeights {
             .map_err(|e| ckpt_err(format!("metadata `{CONFIG_META}` is not a ViT config: {e}")))?;
         let config = match stored_cfg {
             Some(c) => c,
-            None => infer_config(&tensors).map_err(|msg| ckpt_err(msg))?,
+            None => infer_config(&tensors).map_err(ckpt_err)?,
         };
         Self::from_tensors(config, tensors)
     }
 
     /// Builds weights from named tensors, checking every key and shape against `config`.
     /// Keys the backbone does not use (heads, `mask_token`) are kept but ignored.
-    pub fn from_tensors(config: VitConfig, tensors: BTreeMap<String, Tensor>) -> Result<Self, Error> {
+    pub fn from_tensors(
+        config: VitConfig,
+        tensors: BTreeMap<String, Tensor>,
+    ) -> Result<Self, Error> {
         config.validate()?;
         for (key, expected) in expected_keys(&config) {
             match tensors.get(&key) {
@@ -234,7 +252,9 @@ impl VitWeights {
         let normal = Normal::new(0.0f32, 1.0).expect("unit normal");
         let mut sample = |shape: Vec<usize>, mean: f32, std: f32| {
             let n = shape.iter().product();
-            let data = (0..n).map(|_| mean + std * normal.sample(&mut rng)).collect();
+            let data = (0..n)
+                .map(|_| mean + std * normal.sample(&mut rng))
+                .collect();
             Tensor::new(shape, data)
         };
         let mut tensors = BTreeMap::new();
@@ -243,8 +263,6 @@ impl VitWeights {
                 sample(shape, gamma, 0.1 * gamma.abs().max(1e-6))
             } else if key.contains("norm") && key.ends_with("weight") {
                 sample(shape, 1.0, 0.1)
-            } else if key.ends_with("bias") {
-                sample(shape, 0.0, 0.02)
             } else {
                 sample(shape, 0.0, 0.02)
             };
@@ -352,18 +370,19 @@ pub fn tensors_to_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, E
     serialize_tensors(tensors.iter(), None)
 }
 
+type TensorMap = BTreeMap<String, Tensor>;
+type MetaMap = std::collections::HashMap<String, String>;
+
 /// Reads every tensor of a safetensors buffer as f32 (for self-test vectors and heads).
-pub(crate) fn read_tensors(
-    bytes: &[u8],
-    origin: &str,
-) -> Result<(BTreeMap<String, Tensor>, std::collections::HashMap<String, String>), Error> {
+pub(crate) fn read_tensors(bytes: &[u8], origin: &str) -> Result<(TensorMap, MetaMap), Error> {
     let ckpt_err = |msg: String| Error::Checkpoint {
         path: origin.into(),
         msg,
     };
-    let (_, meta) =
-        SafeTensors::read_metadata(bytes).map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = to_f32(&view, &name, origin)?;
@@ -375,10 +394,15 @@ pub(crate) fn read_tensors(
 fn infer_config(t: &BTreeMap<String, Tensor>) -> Result<VitConfig, String> {
     let cls = t.get("cls_token").ok_or("missing `cls_token`")?;
     if cls.shape.len() != 3 || cls.shape[0] != 1 || cls.shape[1] != 1 {
-        return Err(format!("`cls_token` has shape {:?}, expected [1, 1, D]", cls.shape));
+        return Err(format!(
+            "`cls_token` has shape {:?}, expected [1, 1, D]",
+            cls.shape
+        ));
     }
     let d = cls.shape[2];
-    let depth = (0..).take_while(|i| t.contains_key(&format!("blocks.{i}.norm1.weight"))).count();
+    let depth = (0..)
+        .take_while(|i| t.contains_key(&format!("blocks.{i}.norm1.weight")))
+        .count();
     if depth == 0 {
         return Err("no transformer blocks (`blocks.0.norm1.weight`) found".into());
     }
@@ -389,7 +413,10 @@ fn infer_config(t: &BTreeMap<String, Tensor>) -> Result<VitConfig, String> {
     let num_registers = t.get("reg_token").map(|r| r.shape[1]).unwrap_or(0);
     let pos = t.get("pos_embed").ok_or("missing `pos_embed`")?;
     if pos.shape.len() != 3 {
-        return Err(format!("`pos_embed` has shape {:?}, expected [1, N, D]", pos.shape));
+        return Err(format!(
+            "`pos_embed` has shape {:?}, expected [1, N, D]",
+            pos.shape
+        ));
     }
     let len = pos.shape[1];
     let grid = [len, len.saturating_sub(1)]
@@ -398,7 +425,9 @@ fn infer_config(t: &BTreeMap<String, Tensor>) -> Result<VitConfig, String> {
             let g = (p as f64).sqrt().round() as usize;
             (g * g == p && g > 0).then_some(g)
         })
-        .ok_or_else(|| format!("`pos_embed` has {len} positions, which is not a square grid (+1)"))?;
+        .ok_or_else(|| {
+            format!("`pos_embed` has {len} positions, which is not a square grid (+1)")
+        })?;
     // Every DINOv2 model uses 64-wide heads.
     let num_heads = (d / 64).max(1);
     Ok(VitConfig {
@@ -526,7 +555,10 @@ impl LinearHead {
         );
         let w = "head.weight".to_string();
         let b = "head.bias".to_string();
-        serialize_tensors([(&w, &self.weight), (&b, &self.bias)].into_iter(), Some(meta))
+        serialize_tensors(
+            [(&w, &self.weight), (&b, &self.bias)].into_iter(),
+            Some(meta),
+        )
     }
 
     /// Reads a head written by [`LinearHead::to_bytes`].
@@ -539,11 +571,15 @@ impl LinearHead {
         let names: Vec<String> = meta
             .get(CLASSES_META)
             .ok_or_else(|| err(format!("no `{CLASSES_META}` metadata; not a RedDino head")))
-            .and_then(|s| serde_json::from_str(s).map_err(|e| err(format!("bad class names: {e}"))))?;
-        let weight = t.remove("head.weight").ok_or_else(|| Error::MissingTensor {
-            key: "head.weight".into(),
-            expected: vec![names.len(), 0],
-        })?;
+            .and_then(|s| {
+                serde_json::from_str(s).map_err(|e| err(format!("bad class names: {e}")))
+            })?;
+        let weight = t
+            .remove("head.weight")
+            .ok_or_else(|| Error::MissingTensor {
+                key: "head.weight".into(),
+                expected: vec![names.len(), 0],
+            })?;
         let bias = t.remove("head.bias").ok_or_else(|| Error::MissingTensor {
             key: "head.bias".into(),
             expected: vec![names.len()],
@@ -591,8 +627,14 @@ mod tests {
 
     #[test]
     fn chunked_blocks_and_register_tokens_are_renamed() {
-        assert_eq!(canonical_key("blocks.1.5.attn.qkv.weight"), "blocks.5.attn.qkv.weight");
-        assert_eq!(canonical_key("blocks.5.attn.qkv.weight"), "blocks.5.attn.qkv.weight");
+        assert_eq!(
+            canonical_key("blocks.1.5.attn.qkv.weight"),
+            "blocks.5.attn.qkv.weight"
+        );
+        assert_eq!(
+            canonical_key("blocks.5.attn.qkv.weight"),
+            "blocks.5.attn.qkv.weight"
+        );
         assert_eq!(canonical_key("register_tokens"), "reg_token");
     }
 
@@ -601,14 +643,26 @@ mod tests {
         let w = VitWeights::random(&tiny(), 3, 1.0).unwrap();
         let mut t = w.tensors().clone();
         t.remove("blocks.2.mlp.fc1.bias");
-        let err = VitWeights::from_tensors(w.config.clone(), t).unwrap_err().to_string();
-        assert!(err.contains("blocks.2.mlp.fc1.bias") && err.contains("[768]"), "{err}");
+        let err = VitWeights::from_tensors(w.config.clone(), t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blocks.2.mlp.fc1.bias") && err.contains("[768]"),
+            "{err}"
+        );
 
         let mut t = w.tensors().clone();
-        t.insert("blocks.1.attn.qkv.weight".into(), Tensor::new(vec![2, 3], vec![0.0; 6]));
-        let err = VitWeights::from_tensors(w.config.clone(), t).unwrap_err().to_string();
+        t.insert(
+            "blocks.1.attn.qkv.weight".into(),
+            Tensor::new(vec![2, 3], vec![0.0; 6]),
+        );
+        let err = VitWeights::from_tensors(w.config.clone(), t)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("blocks.1.attn.qkv.weight") && err.contains("[2, 3]") && err.contains("[576, 192]"),
+            err.contains("blocks.1.attn.qkv.weight")
+                && err.contains("[2, 3]")
+                && err.contains("[576, 192]"),
             "{err}"
         );
     }
@@ -632,7 +686,8 @@ mod tests {
 
     #[test]
     fn resize_input_changes_grid() {
-        let mut w = VitWeights::random(&VitConfig::preset(Preset::Tiny, 224).unwrap(), 4, 1.0).unwrap();
+        let mut w =
+            VitWeights::random(&VitConfig::preset(Preset::Tiny, 224).unwrap(), 4, 1.0).unwrap();
         w.resize_input(112).unwrap();
         assert_eq!(w.config.img_size, 112);
         assert_eq!(w.get("pos_embed").unwrap().shape, vec![1, 65, 192]);

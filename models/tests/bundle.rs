@@ -4,7 +4,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use reddino_models::arch::{Preset, VitConfig};
-use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys, MANIFEST, MODEL, SELF_TEST, SIGNATURE};
+use reddino_models::bundle::{
+    self, Limits, NewBundle, SigningKey, TrustedKeys, MANIFEST, MODEL, SELF_TEST, SIGNATURE,
+};
 use reddino_models::preprocess::Normalization;
 use reddino_models::weights::{LinearHead, Tensor, VitWeights};
 use reddino_models::{BundleError, Error};
@@ -24,7 +26,10 @@ fn weights() -> VitWeights {
 fn head(classes: usize) -> LinearHead {
     LinearHead {
         class_names: (0..classes).map(|i| format!("class{i}")).collect(),
-        weight: Tensor::new(vec![classes, 192], (0..classes * 192).map(|i| (i % 7) as f32 * 0.01).collect()),
+        weight: Tensor::new(
+            vec![classes, 192],
+            (0..classes * 192).map(|i| (i % 7) as f32 * 0.01).collect(),
+        ),
         bias: Tensor::new(vec![classes], vec![0.1; classes]),
     }
 }
@@ -104,14 +109,24 @@ fn write_pack_open_verify_round_trip() {
     bundle::pack(&f.dir, &tar).unwrap();
     let again = f.root.join("again.tar");
     bundle::pack(&f.dir, &again).unwrap();
-    assert_eq!(fs::read(&tar).unwrap(), fs::read(&again).unwrap(), "packing is deterministic");
+    assert_eq!(
+        fs::read(&tar).unwrap(),
+        fs::read(&again).unwrap(),
+        "packing is deterministic"
+    );
     let b = open(&f, &tar).unwrap();
     assert_eq!(b.manifest(), open(&f, &f.dir).unwrap().manifest());
-    assert_eq!(b.read_model().unwrap(), fs::read(f.dir.join(MODEL)).unwrap());
+    assert_eq!(
+        b.read_model().unwrap(),
+        fs::read(f.dir.join(MODEL)).unwrap()
+    );
     b.self_test().unwrap();
     let staging = b.dir().to_path_buf();
     drop(b);
-    assert!(!staging.exists(), "the staging directory is removed with the bundle");
+    assert!(
+        !staging.exists(),
+        "the staging directory is removed with the bundle"
+    );
 }
 
 #[test]
@@ -131,7 +146,13 @@ fn refuses_unknown_format_version() {
     let f = fixture();
     edit_manifest(&f, |v| v["format_version"] = 99.into());
     let e = refusal(open(&f, &f.dir));
-    assert_eq!(e, BundleError::UnsupportedVersion { found: 99, supported: 1 });
+    assert_eq!(
+        e,
+        BundleError::UnsupportedVersion {
+            found: 99,
+            supported: 1
+        }
+    );
     assert!(e.to_string().contains("unsupported format version 99"));
 }
 
@@ -139,10 +160,16 @@ fn refuses_unknown_format_version() {
 fn refuses_missing_file() {
     let f = fixture();
     fs::remove_file(f.dir.join(SELF_TEST)).unwrap();
-    assert_eq!(refusal(open(&f, &f.dir)), BundleError::MissingFile(SELF_TEST.into()));
+    assert_eq!(
+        refusal(open(&f, &f.dir)),
+        BundleError::MissingFile(SELF_TEST.into())
+    );
     let f = fixture();
     fs::remove_file(f.dir.join(MANIFEST)).unwrap();
-    assert_eq!(refusal(open(&f, &f.dir)), BundleError::MissingFile(MANIFEST.into()));
+    assert_eq!(
+        refusal(open(&f, &f.dir)),
+        BundleError::MissingFile(MANIFEST.into())
+    );
 }
 
 #[test]
@@ -153,13 +180,19 @@ fn refuses_hash_and_size_mismatch() {
     model[n - 10] ^= 0x55;
     fs::write(f.dir.join(MODEL), &model).unwrap();
     let e = refusal(open(&f, &f.dir));
-    assert!(matches!(&e, BundleError::HashMismatch { file, .. } if file == MODEL), "{e}");
+    assert!(
+        matches!(&e, BundleError::HashMismatch { file, .. } if file == MODEL),
+        "{e}"
+    );
     assert!(e.to_string().contains("altered or corrupted"));
 
     model.push(0);
     fs::write(f.dir.join(MODEL), &model).unwrap();
     let e = refusal(open(&f, &f.dir));
-    assert!(matches!(&e, BundleError::SizeMismatch { file, .. } if file == MODEL), "{e}");
+    assert!(
+        matches!(&e, BundleError::SizeMismatch { file, .. } if file == MODEL),
+        "{e}"
+    );
 }
 
 #[test]
@@ -167,14 +200,19 @@ fn refuses_bad_and_missing_signature() {
     let f = fixture();
     // Changing the manifest without re-signing it.
     let p = f.dir.join(MANIFEST);
-    let text = fs::read_to_string(&p).unwrap().replace("test-model", "evil-model");
+    let text = fs::read_to_string(&p)
+        .unwrap()
+        .replace("test-model", "evil-model");
     fs::write(&p, text).unwrap();
     let e = refusal(open(&f, &f.dir));
     assert!(matches!(e, BundleError::BadSignature(_)), "{e}");
     assert!(e.to_string().contains("changed after it was signed"), "{e}");
 
     fs::write(f.dir.join(SIGNATURE), "garbage\n").unwrap();
-    assert!(matches!(refusal(open(&f, &f.dir)), BundleError::BadSignature(_)));
+    assert!(matches!(
+        refusal(open(&f, &f.dir)),
+        BundleError::BadSignature(_)
+    ));
 
     fs::remove_file(f.dir.join(SIGNATURE)).unwrap();
     assert_eq!(refusal(open(&f, &f.dir)), BundleError::MissingSignature);
@@ -188,12 +226,22 @@ fn refuses_untrusted_key() {
     let e = refusal(open(&f, &f.dir));
     assert!(matches!(e, BundleError::UntrustedKey(_)), "{e}");
     // No trusted keys at all.
-    let e = refusal(bundle::open(&f.dir, &TrustedKeys::new(), &Limits::default()));
+    let e = refusal(bundle::open(
+        &f.dir,
+        &TrustedKeys::new(),
+        &Limits::default(),
+    ));
     assert!(matches!(e, BundleError::UntrustedKey(_)), "{e}");
 }
 
 /// A tar with one hand-made entry after the real bundle files.
-fn tar_with(f: &Fixture, name: &[u8], kind: tar::EntryType, data: &[u8], link: Option<&str>) -> PathBuf {
+fn tar_with(
+    f: &Fixture,
+    name: &[u8],
+    kind: tar::EntryType,
+    data: &[u8],
+    link: Option<&str>,
+) -> PathBuf {
     let path = f.root.join("crafted.tar");
     let mut b = tar::Builder::new(fs::File::create(&path).unwrap());
     for n in [MANIFEST, SIGNATURE, MODEL, SELF_TEST] {
@@ -223,16 +271,32 @@ fn refuses_archive_entries_escaping_the_bundle() {
     for name in [&b"../evil.txt"[..], b"/tmp/evil.txt", b"a/../../evil.txt"] {
         let tar = tar_with(&f, name, tar::EntryType::Regular, b"pwned", None);
         let e = refusal(open(&f, &tar));
-        assert!(matches!(e, BundleError::UnsafePath(_)), "{}: {e}", String::from_utf8_lossy(name));
+        assert!(
+            matches!(e, BundleError::UnsafePath(_)),
+            "{}: {e}",
+            String::from_utf8_lossy(name)
+        );
         assert!(e.to_string().contains("escape"));
         assert!(!outside.exists());
     }
-    let tar = tar_with(&f, b"link", tar::EntryType::Symlink, b"", Some("/etc/passwd"));
+    let tar = tar_with(
+        &f,
+        b"link",
+        tar::EntryType::Symlink,
+        b"",
+        Some("/etc/passwd"),
+    );
     let e = refusal(open(&f, &tar));
-    assert!(matches!(&e, BundleError::NotARegularFile { kind, .. } if kind == "symbolic link"), "{e}");
+    assert!(
+        matches!(&e, BundleError::NotARegularFile { kind, .. } if kind == "symbolic link"),
+        "{e}"
+    );
     let tar = tar_with(&f, b"hard", tar::EntryType::Link, b"", Some("/etc/passwd"));
     let e = refusal(open(&f, &tar));
-    assert!(matches!(&e, BundleError::NotARegularFile { kind, .. } if kind == "hard link"), "{e}");
+    assert!(
+        matches!(&e, BundleError::NotARegularFile { kind, .. } if kind == "hard link"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -256,7 +320,10 @@ fn refuses_oversized_files() {
     bundle::pack(&f.dir, &tar).unwrap();
     for path in [&tar, &f.dir] {
         let e = refusal(bundle::open(path, &f.trusted, &limits));
-        assert!(matches!(&e, BundleError::Oversized { limit: 1000, .. }), "{e}");
+        assert!(
+            matches!(&e, BundleError::Oversized { limit: 1000, .. }),
+            "{e}"
+        );
     }
 }
 
@@ -271,14 +338,22 @@ fn refuses_truncated_archive() {
         fs::write(&short, &bytes[..cut]).unwrap();
         let e = refusal(open(&f, &short));
         assert!(
-            matches!(e, BundleError::Truncated(_) | BundleError::MissingFile(_) | BundleError::MissingSignature),
+            matches!(
+                e,
+                BundleError::Truncated(_)
+                    | BundleError::MissingFile(_)
+                    | BundleError::MissingSignature
+            ),
             "cut at {cut}: {e}"
         );
     }
     // Cut inside the model data: the short read itself is reported.
     let short = f.root.join("short.tar");
     fs::write(&short, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(matches!(refusal(open(&f, &short)), BundleError::Truncated(_)));
+    assert!(matches!(
+        refusal(open(&f, &short)),
+        BundleError::Truncated(_)
+    ));
 }
 
 #[test]
@@ -295,7 +370,10 @@ fn refuses_graph_that_disagrees_with_manifest() {
     let three = reddino_models::onnx::export(&weights(), Some(&head(3))).unwrap();
     replace_file(&f, MODEL, &three);
     let e = refusal(open(&f, &f.dir));
-    assert!(e.to_string().contains("[N, 3]") && e.to_string().contains("4 classes"), "{e}");
+    assert!(
+        e.to_string().contains("[N, 3]") && e.to_string().contains("4 classes"),
+        "{e}"
+    );
 
     // A graph at another input size.
     let mut w = weights();
@@ -303,22 +381,34 @@ fn refuses_graph_that_disagrees_with_manifest() {
     let big = reddino_models::onnx::export(&w, Some(&head(4))).unwrap();
     replace_file(&f, MODEL, &big);
     let e = refusal(open(&f, &f.dir));
-    assert!(e.to_string().contains("[N, 3, 56, 56]") && e.to_string().contains("[N, 3, 28, 28]"), "{e}");
+    assert!(
+        e.to_string().contains("[N, 3, 56, 56]") && e.to_string().contains("[N, 3, 28, 28]"),
+        "{e}"
+    );
 
     replace_file(&f, MODEL, b"not a protobuf at all");
-    assert!(matches!(refusal(open(&f, &f.dir)), BundleError::GraphMismatch(_)));
+    assert!(matches!(
+        refusal(open(&f, &f.dir)),
+        BundleError::GraphMismatch(_)
+    ));
 }
 
 #[test]
 fn refuses_unlisted_files_and_bad_manifest() {
     let f = fixture();
     fs::write(f.dir.join("extra.bin"), b"x").unwrap();
-    assert_eq!(refusal(open(&f, &f.dir)), BundleError::UnlistedFile("extra.bin".into()));
+    assert_eq!(
+        refusal(open(&f, &f.dir)),
+        BundleError::UnlistedFile("extra.bin".into())
+    );
     fs::remove_file(f.dir.join("extra.bin")).unwrap();
 
     edit_manifest(&f, |v| v["unexpected_key"] = 1.into());
     let e = refusal(open(&f, &f.dir));
-    assert!(matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("unexpected_key"), "{e}");
+    assert!(
+        matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("unexpected_key"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -332,9 +422,22 @@ fn self_test_detects_wrong_expected_output() {
     t.insert("pixels".to_string(), v.pixels.clone());
     t.insert("embedding".to_string(), v.embedding.clone());
     t.insert("logits".to_string(), v.logits.clone().unwrap());
-    replace_file(&f, SELF_TEST, &reddino_models::weights::tensors_to_bytes(&t).unwrap());
+    replace_file(
+        &f,
+        SELF_TEST,
+        &reddino_models::weights::tensors_to_bytes(&t).unwrap(),
+    );
     let b = open(&f, &f.dir).unwrap();
     let e = b.self_test().unwrap_err();
-    assert!(matches!(&e, Error::Bundle { kind: BundleError::SelfTest(_), .. }), "{e}");
+    assert!(
+        matches!(
+            &e,
+            Error::Bundle {
+                kind: BundleError::SelfTest(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("differ"), "{e}");
 }

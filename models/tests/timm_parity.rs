@@ -41,7 +41,10 @@ fn read(dir: &std::path::Path, name: &str) -> BTreeMap<String, Tensor> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check(weights: &VitWeights, io: &BTreeMap<String, Tensor>, what: &str) {
@@ -63,8 +66,15 @@ fn check(weights: &VitWeights, io: &BTreeMap<String, Tensor>, what: &str) {
 fn vit_small_224_matches_timm() {
     let Some(dir) = reference_dir() else { return };
     let w = VitWeights::load(&dir.join("vit_small.safetensors")).unwrap();
-    assert_eq!((w.config.embed_dim, w.config.depth, w.config.num_heads), (384, 12, 6));
-    check(&w, &read(&dir, "vit_small_224_io.safetensors"), "vit_small 224");
+    assert_eq!(
+        (w.config.embed_dim, w.config.depth, w.config.num_heads),
+        (384, 12, 6)
+    );
+    check(
+        &w,
+        &read(&dir, "vit_small_224_io.safetensors"),
+        "vit_small 224",
+    );
 }
 
 #[test]
@@ -72,7 +82,11 @@ fn vit_small_112_with_resampled_pos_embed_matches_timm() {
     let Some(dir) = reference_dir() else { return };
     let mut w = VitWeights::load(&dir.join("vit_small.safetensors")).unwrap();
     w.resize_input(112).unwrap();
-    check(&w, &read(&dir, "vit_small_112_io.safetensors"), "vit_small 112");
+    check(
+        &w,
+        &read(&dir, "vit_small_112_io.safetensors"),
+        "vit_small 112",
+    );
 }
 
 #[test]
@@ -80,7 +94,11 @@ fn register_model_matches_timm() {
     let Some(dir) = reference_dir() else { return };
     let w = VitWeights::load(&dir.join("vit_reg_56.safetensors")).unwrap();
     assert_eq!(w.config.num_registers, 2);
-    check(&w, &read(&dir, "vit_reg_56_io.safetensors"), "register tokens 56");
+    check(
+        &w,
+        &read(&dir, "vit_reg_56_io.safetensors"),
+        "register tokens 56",
+    );
 }
 
 #[test]

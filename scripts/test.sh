@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command. On a fresh machine it installs what the tests need (a Python venv with the
+# pinned torch/timm used as numerical references), writes the reference outputs, and runs every
+# test of the workspace. Re-running reuses the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${REDDINO_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> creating Python venv in $VENV"
+    python3 -m venv "$VENV"
+fi
+echo "==> installing reference packages (tests/reference/requirements.txt)"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
+
+echo "==> writing timm reference outputs"
+REF="$PWD/target/reference"
+"$VENV/bin/python" tests/reference/timm_vit.py "$REF"
+export REDDINO_REFERENCE_DIR="$REF"
+export REDDINO_REQUIRE_REFERENCE=1
+
+echo "==> cargo test"
+cargo test --workspace --locked "$@"
+
+echo "==> benchmark smoke run (tiny input)"
+REDDINO_BENCH_REPS=1 cargo bench --locked -p reddino-models --bench synth >/dev/null
+echo "all tests passed"
