@@ -23,5 +23,5 @@ echo "==> cargo test"
 cargo test --workspace --locked "$@"
 
 echo "==> benchmark smoke run (tiny input)"
-REDDINO_BENCH_REPS=1 cargo bench --locked -p reddino-models --bench synth >/dev/null
+REDDINO_BENCH_REPS=1 cargo test --locked -p reddino-models --bench synth >/dev/null
 echo "all tests passed"
