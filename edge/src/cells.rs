@@ -214,9 +214,6 @@ fn density_threshold(od: &[f32], cfg: &CellFinderConfig) -> f32 {
     }
     let sigma = hw as f32 / 1.1774 / SCALE;
     let m = (mode as f32 + 0.5) / SCALE - OFFSET;
-    if std::env::var_os("REDDINO_DEBUG_CELLS").is_some() {
-        eprintln!("background mode {m:.3} noise {sigma:.3}");
-    }
     (m + cfg.noise_widths * sigma).max(m + cfg.min_density)
 }
 
@@ -351,9 +348,6 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     }
     pv.sort_unstable_by(f32::total_cmp);
     let typical_r = pv[pv.len() / 2];
-    if std::env::var_os("REDDINO_DEBUG_CELLS").is_some() {
-        eprintln!("threshold {t:.3} typical radius {typical_r:.2}");
-    }
     let labels = flood(&dist, w as usize, (cfg.split_dynamics * typical_r).max(1.2));
 
     // Statistics per label.

@@ -1,3 +1,9 @@
-//! `reddino-edge`: the clinic service (capture -> cells -> infer -> classify -> publish).
-//! The pipeline stages land here; the shared contract lives in `reddino-models`.
+//! `reddino-edge`: the clinic service. Frames flow one way through modules named by what they
+//! are: [`capture`] (frames) -> [`cells`] (crops) -> [`infer`] (embeddings, logits) ->
+//! [`classify`] (classes, counts, sessions) -> [`analyze`] (per-image reports).
+
+pub mod analyze;
+pub mod capture;
 pub mod cells;
+pub mod classify;
+pub mod infer;

@@ -1,0 +1,333 @@
+//! Frames and where they come from: pure YUYV/MJPG -> RGB conversions, replay of image files
+//! and the synthetic microscope. Every source sits behind [`FrameSource`].
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use image::RgbImage;
+use reddino_models::synth::{self, CellTruth, FieldSpec, SourcePreset};
+
+/// Why a frame could not be produced or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("frame buffer has {actual} bytes, expected {expected} for {width}x{height} YUYV")]
+    WrongSize {
+        width: u32,
+        height: u32,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("MJPG frame does not decode: {0}")]
+    BadJpeg(String),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("synthetic source: {0}")]
+    Synthetic(String),
+}
+
+/// One frame with its capture time and, for synthetic frames, the ground truth.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Per-source frame counter.
+    pub index: u64,
+    pub captured: SystemTime,
+    pub image: RgbImage,
+    /// Where it came from (file path, device, synthetic source).
+    pub origin: String,
+    pub truth: Option<Vec<CellTruth>>,
+}
+
+/// A source of frames. `Ok(None)` means the source is exhausted.
+pub trait FrameSource: Send {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError>;
+}
+
+#[inline]
+fn clamp_u8(v: i32) -> u8 {
+    v.clamp(0, 255) as u8
+}
+
+/// Converts packed YUYV 4:2:2 (BT.601, limited range) to RGB. `data` is the driver buffer;
+/// only `bytesused` bytes of it are meaningful and must equal `width * height * 2`.
+pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, CaptureError> {
+    let expected = width as usize * height as usize * 2;
+    if width % 2 != 0 || data.len() != expected {
+        return Err(CaptureError::WrongSize {
+            width,
+            height,
+            expected,
+            actual: data.len(),
+        });
+    }
+    let mut out = vec![0u8; width as usize * height as usize * 3];
+    for (src, dst) in data.chunks_exact(4).zip(out.chunks_exact_mut(6)) {
+        let (y0, u, y1, v) = (
+            src[0] as i32,
+            src[1] as i32 - 128,
+            src[2] as i32,
+            src[3] as i32 - 128,
+        );
+        for (k, y) in [y0, y1].into_iter().enumerate() {
+            let c = 298 * (y - 16);
+            dst[3 * k] = clamp_u8((c + 409 * v + 128) >> 8);
+            dst[3 * k + 1] = clamp_u8((c - 100 * u - 208 * v + 128) >> 8);
+            dst[3 * k + 2] = clamp_u8((c + 516 * u + 128) >> 8);
+        }
+    }
+    Ok(RgbImage::from_raw(width, height, out).expect("buffer sized for the image"))
+}
+
+/// Decodes an MJPG frame (one JPEG image) to RGB, checking its size when `expect` is given.
+pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, CaptureError> {
+    let img = image::load_from_memory_with_format(data, image::ImageFormat::Jpeg)
+        .map_err(|e| CaptureError::BadJpeg(e.to_string()))?
+        .to_rgb8();
+    if let Some((w, h)) = expect {
+        if img.dimensions() != (w, h) {
+            return Err(CaptureError::BadJpeg(format!(
+                "frame is {}x{}, the camera was set to {w}x{h}",
+                img.width(),
+                img.height()
+            )));
+        }
+    }
+    Ok(img)
+}
+
+/// Replays image files in order (png, jpg, bmp, tif).
+pub struct ReplaySource {
+    files: Vec<PathBuf>,
+    next: usize,
+    looped: bool,
+}
+
+impl ReplaySource {
+    /// From explicit files, or every image under a directory (sorted), optionally looping.
+    pub fn new(paths: &[PathBuf], looped: bool) -> Result<Self, CaptureError> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                    .map_err(|e| CaptureError::File {
+                        path: p.clone(),
+                        msg: e.to_string(),
+                    })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| {
+                        matches!(
+                            f.extension()
+                                .and_then(|e| e.to_str())
+                                .map(str::to_ascii_lowercase)
+                                .as_deref(),
+                            Some("png" | "jpg" | "jpeg" | "bmp" | "tif" | "tiff")
+                        )
+                    })
+                    .collect();
+                found.sort();
+                files.extend(found);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        Ok(ReplaySource {
+            files,
+            next: 0,
+            looped,
+        })
+    }
+}
+
+impl FrameSource for ReplaySource {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        if self.files.is_empty() || (!self.looped && self.next >= self.files.len()) {
+            return Ok(None);
+        }
+        let path = &self.files[self.next % self.files.len()];
+        let index = self.next as u64;
+        self.next += 1;
+        let image = image::open(path)
+            .map_err(|e| CaptureError::File {
+                path: path.clone(),
+                msg: format!("cannot decode: {e}"),
+            })?
+            .to_rgb8();
+        Ok(Some(Frame {
+            index,
+            captured: SystemTime::now(),
+            image,
+            origin: path.display().to_string(),
+            truth: None,
+        }))
+    }
+}
+
+/// The synthetic microscope: fields from the models crate's generator, with ground truth.
+pub struct SyntheticSource {
+    sources: Vec<SourcePreset>,
+    width: u32,
+    height: u32,
+    seed: u64,
+    next: u64,
+    limit: Option<u64>,
+}
+
+impl SyntheticSource {
+    /// Cycles through `sources`; stops after `limit` frames if given.
+    pub fn new(
+        sources: Vec<SourcePreset>,
+        width: u32,
+        height: u32,
+        seed: u64,
+        limit: Option<u64>,
+    ) -> Self {
+        SyntheticSource {
+            sources,
+            width,
+            height,
+            seed,
+            next: 0,
+            limit,
+        }
+    }
+}
+
+impl FrameSource for SyntheticSource {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        if self.sources.is_empty() || self.limit.is_some_and(|l| self.next >= l) {
+            return Ok(None);
+        }
+        let src = self.sources[(self.next % self.sources.len() as u64) as usize].clone();
+        let spec = FieldSpec::new(
+            self.width,
+            self.height,
+            self.seed.wrapping_add(self.next),
+            src,
+        );
+        let field = synth::render(&spec).map_err(|e| CaptureError::Synthetic(e.to_string()))?;
+        let index = self.next;
+        self.next += 1;
+        Ok(Some(Frame {
+            index,
+            captured: SystemTime::now(),
+            image: field.image,
+            origin: format!("synthetic:{}", field.source),
+            truth: Some(field.cells),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RGB -> YUYV (BT.601 limited range), the inverse the camera applies.
+    fn rgb_to_yuyv(img: &RgbImage) -> Vec<u8> {
+        let yuv = |p: &[u8]| {
+            let (r, g, b) = (p[0] as f32, p[1] as f32, p[2] as f32);
+            (
+                16.0 + 0.257 * r + 0.504 * g + 0.098 * b,
+                128.0 - 0.148 * r - 0.291 * g + 0.439 * b,
+                128.0 + 0.439 * r - 0.368 * g - 0.071 * b,
+            )
+        };
+        let mut out = Vec::new();
+        for pair in img.as_raw().chunks_exact(6) {
+            let (y0, u0, v0) = yuv(&pair[..3]);
+            let (y1, u1, v1) = yuv(&pair[3..]);
+            out.extend_from_slice(&[
+                y0.round() as u8,
+                ((u0 + u1) / 2.0).round() as u8,
+                y1.round() as u8,
+                ((v0 + v1) / 2.0).round() as u8,
+            ]);
+        }
+        out
+    }
+
+    #[test]
+    fn yuyv_known_values() {
+        // Black, white, and pure red/blue chroma in limited range.
+        let frame = [16, 128, 235, 128, 81, 90, 81, 240];
+        let img = yuyv_to_rgb(&frame, 4, 1).unwrap();
+        assert_eq!(img.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(img.get_pixel(1, 0).0, [255, 255, 255]);
+        let red = img.get_pixel(2, 0).0;
+        assert!(red[0] > 240 && red[1] < 15 && red[2] < 15, "{red:?}");
+    }
+
+    #[test]
+    fn yuyv_round_trip_of_a_smear() {
+        let field = synth::render(&FieldSpec::new(
+            320,
+            240,
+            1,
+            SourcePreset::by_name("wright_100x").unwrap(),
+        ))
+        .unwrap();
+        let yuyv = rgb_to_yuyv(&field.image);
+        let back = yuyv_to_rgb(&yuyv, 320, 240).unwrap();
+        let err: f64 = field
+            .image
+            .as_raw()
+            .iter()
+            .zip(back.as_raw())
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / back.as_raw().len() as f64;
+        assert!(err < 4.0, "mean abs error {err}");
+    }
+
+    #[test]
+    fn yuyv_wrong_size_is_refused() {
+        let e = yuyv_to_rgb(&[0u8; 10], 4, 2).unwrap_err();
+        assert!(e.to_string().contains("expected 16"), "{e}");
+        assert!(yuyv_to_rgb(&[0u8; 6], 3, 1).is_err());
+    }
+
+    #[test]
+    fn mjpg_decodes_and_refuses_truncated_and_wrong_size() {
+        let img = RgbImage::from_pixel(64, 48, image::Rgb([200, 100, 50]));
+        let mut jpg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
+            .encode_image(&img)
+            .unwrap();
+        let back = mjpg_to_rgb(&jpg, Some((64, 48))).unwrap();
+        assert!((back.get_pixel(10, 10).0[0] as i32 - 200).abs() < 6);
+        let e = mjpg_to_rgb(&jpg[..jpg.len() / 3], Some((64, 48))).unwrap_err();
+        assert!(matches!(e, CaptureError::BadJpeg(_)), "{e}");
+        let e = mjpg_to_rgb(&jpg, Some((640, 480))).unwrap_err();
+        assert!(e.to_string().contains("640x480"), "{e}");
+        assert!(mjpg_to_rgb(b"garbage", None).is_err());
+    }
+
+    #[test]
+    fn replay_reports_undecodable_files_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
+            .save(dir.path().join("a.png"))
+            .unwrap();
+        std::fs::write(dir.path().join("b.png"), b"not a png").unwrap();
+        RgbImage::from_pixel(8, 8, image::Rgb([4, 5, 6]))
+            .save(dir.path().join("c.png"))
+            .unwrap();
+        let mut src = ReplaySource::new(&[dir.path().to_path_buf()], false).unwrap();
+        assert!(src.next_frame().unwrap().is_some());
+        let e = src.next_frame().unwrap_err();
+        assert!(e.to_string().contains("b.png"), "{e}");
+        assert_eq!(
+            src.next_frame().unwrap().unwrap().image.get_pixel(0, 0).0,
+            [4, 5, 6]
+        );
+        assert!(src.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn synthetic_source_cycles_sources_with_truth() {
+        let mut src = SyntheticSource::new(SourcePreset::all(), 320, 240, 0, Some(2));
+        let a = src.next_frame().unwrap().unwrap();
+        let b = src.next_frame().unwrap().unwrap();
+        assert_ne!(a.origin, b.origin);
+        assert!(!a.truth.unwrap().is_empty());
+        assert!(src.next_frame().unwrap().is_none());
+    }
+}

@@ -1,0 +1,90 @@
+//! Inference backends behind one trait. The tract backend runs an optimised plan for a fixed
+//! batch size on the CPU; partial batches are padded.
+
+use reddino_models::bundle::Bundle;
+use reddino_models::runtime::TractModel;
+
+/// Outputs for `n` images: embeddings `[n, dim]` and, with a head, logits `[n, classes]`.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    pub n: usize,
+    pub dim: usize,
+    pub embeddings: Vec<f32>,
+    pub classes: usize,
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Something that turns preprocessed pixels into embeddings and logits.
+pub trait Backend: Send {
+    /// Input side in pixels.
+    fn input_size(&self) -> usize;
+    /// Largest batch per call.
+    fn batch_size(&self) -> usize;
+    /// Runs `n <= batch_size()` images (`n * 3 * S * S` values, NCHW).
+    fn run(&mut self, pixels: &[f32], n: usize) -> Result<BatchOutput, reddino_models::Error>;
+    /// Short description for logs and the status message.
+    fn describe(&self) -> String;
+}
+
+/// CPU inference with tract.
+pub struct TractBackend {
+    model: TractModel,
+    padded: Vec<f32>,
+}
+
+impl TractBackend {
+    /// Loads a verified bundle's model for `batch` images per call.
+    pub fn from_bundle(bundle: &Bundle, batch: usize) -> Result<Self, reddino_models::Error> {
+        let model = TractModel::new(&bundle.read_model()?, batch, bundle.manifest().input_size)?;
+        Ok(TractBackend {
+            model,
+            padded: Vec::new(),
+        })
+    }
+}
+
+impl Backend for TractBackend {
+    fn input_size(&self) -> usize {
+        self.model.size()
+    }
+
+    fn batch_size(&self) -> usize {
+        self.model.batch()
+    }
+
+    fn run(&mut self, pixels: &[f32], n: usize) -> Result<BatchOutput, reddino_models::Error> {
+        let b = self.model.batch();
+        let per = 3 * self.model.size() * self.model.size();
+        if n == 0 || n > b || pixels.len() != n * per {
+            return Err(reddino_models::Error::Inference(format!(
+                "batch of {n} images with {} values; the backend takes 1 to {b} images of {per} values",
+                pixels.len()
+            )));
+        }
+        let out = if n == b {
+            self.model.run(pixels)?
+        } else {
+            self.padded.clear();
+            self.padded.extend_from_slice(pixels);
+            self.padded.resize(b * per, 0.0);
+            self.model.run(&self.padded)?
+        };
+        let dim = self.model.embed_dim();
+        let classes = self.model.classes().unwrap_or(0);
+        Ok(BatchOutput {
+            n,
+            dim,
+            embeddings: out.embedding[..n * dim].to_vec(),
+            classes,
+            logits: out.logits.map(|l| l[..n * classes].to_vec()),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "tract (CPU), batch {}, input {}",
+            self.model.batch(),
+            self.model.size()
+        )
+    }
+}

@@ -1,0 +1,132 @@
+//! `reddino-edge` command line.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use reddino_edge::analyze::{analyze_image, AnalyzeConfig};
+use reddino_edge::infer::{Backend, TractBackend};
+use reddino_models::bundle::{self, Limits, TrustedKeys};
+
+#[derive(Parser)]
+#[command(
+    name = "reddino-edge",
+    version,
+    about = "RedDino Edge: finds, classifies and counts blood cells in microscope images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Analyse image files offline: one JSON object per image with counts and cells.
+    Analyze {
+        /// Model bundle (directory or .tar) with a classification head.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Trusted minisign public key(s) for the bundle signature.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+        /// Print one JSON object per line (default: a short summary per image).
+        #[arg(long)]
+        json: bool,
+        /// Images per inference call.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Below this top probability a cell counts as `uncertain`.
+        #[arg(long, default_value_t = 0.5)]
+        min_confidence: f32,
+        /// Image files (png, jpg, bmp, tif).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Analyze {
+            model,
+            trusted_keys,
+            json,
+            batch,
+            min_confidence,
+            images,
+        } => {
+            let Some(model) = model else {
+                bail!("no model given: pass --model BUNDLE and --trusted-key KEY.pub");
+            };
+            if trusted_keys.is_empty() {
+                bail!("no trusted key given: pass --trusted-key KEY.pub (the public key the bundle was signed with)");
+            }
+            let mut trusted = TrustedKeys::new();
+            for k in &trusted_keys {
+                trusted.add_file(k)?;
+            }
+            let b = bundle::open(&model, &trusted, &Limits::default())?;
+            if b.manifest().class_names.is_empty() {
+                bail!(
+                    "bundle {} has no classification head; export it with a head",
+                    model.display()
+                );
+            }
+            let mut backend = TractBackend::from_bundle(&b, batch.max(1))?;
+            log::info!(
+                "model {} {}: {}",
+                b.manifest().name,
+                b.manifest().version,
+                backend.describe()
+            );
+            let cfg = AnalyzeConfig {
+                min_confidence,
+                ..AnalyzeConfig::default()
+            };
+            let mut failed = 0;
+            for path in &images {
+                let img = match image::open(path) {
+                    Ok(i) => i.to_rgb8(),
+                    Err(e) => {
+                        eprintln!("error: {}: cannot decode image: {e}", path.display());
+                        failed += 1;
+                        continue;
+                    }
+                };
+                let report = analyze_image(
+                    &path.display().to_string(),
+                    &img,
+                    &mut backend as &mut dyn Backend,
+                    &b.manifest().class_names,
+                    &b.manifest().normalization(),
+                    &cfg,
+                )
+                .with_context(|| format!("analysing {}", path.display()))?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    let total: u64 = report.counts.values().sum();
+                    let mut parts: Vec<String> = report
+                        .counts
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(c, n)| format!("{c} {n}"))
+                        .collect();
+                    parts.sort();
+                    println!("{}: {total} cells - {}", report.image, parts.join(", "));
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} images could not be read", images.len());
+            }
+        }
+    }
+    Ok(())
+}

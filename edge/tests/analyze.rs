@@ -1,0 +1,79 @@
+//! `analyze` end to end on a synthetic field with a small signed bundle.
+
+use reddino_edge::analyze::{analyze_image, AnalyzeConfig};
+use reddino_edge::cells;
+use reddino_edge::infer::TractBackend;
+use reddino_models::arch::{Preset, VitConfig};
+use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys};
+use reddino_models::preprocess::Normalization;
+use reddino_models::synth::{render, FieldSpec, SourcePreset};
+use reddino_models::taxonomy::default_class_names;
+use reddino_models::weights::{LinearHead, Tensor, VitWeights};
+
+#[test]
+fn analyze_counts_every_found_cell_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::generate().unwrap();
+    let w = VitWeights::random(&VitConfig::preset(Preset::Tiny, 28).unwrap(), 1, 1.0).unwrap();
+    let names = default_class_names();
+    let c = names.len();
+    let head = LinearHead {
+        class_names: names.clone(),
+        weight: Tensor::new(
+            vec![c, 192],
+            (0..c * 192)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02)
+                .collect(),
+        ),
+        bias: Tensor::new(vec![c], vec![0.0; c]),
+    };
+    let dir = tmp.path().join("b");
+    bundle::write_dir(
+        &NewBundle {
+            name: "t".into(),
+            version: "1".into(),
+            description: String::new(),
+            weights: &w,
+            head: Some(&head),
+            normalization: Normalization::default(),
+        },
+        &dir,
+        &key,
+    )
+    .unwrap();
+    let mut trusted = TrustedKeys::new();
+    trusted.add(&key.public_key_base64()).unwrap();
+    let b = bundle::open(&dir, &trusted, &Limits::default()).unwrap();
+    let mut backend = TractBackend::from_bundle(&b, 4).unwrap();
+    let field = render(&FieldSpec::new(
+        640,
+        480,
+        3,
+        SourcePreset::by_name("wright_100x").unwrap(),
+    ))
+    .unwrap();
+    let cfg = AnalyzeConfig {
+        min_confidence: 0.0,
+        ..AnalyzeConfig::default()
+    };
+    let report = analyze_image(
+        "f",
+        &field.image,
+        &mut backend,
+        &names,
+        &Normalization::default(),
+        &cfg,
+    )
+    .unwrap();
+    let found = cells::find(&field.image, &cfg.cells).len() as u64;
+    assert!(found > 10);
+    assert_eq!(report.cells.len() as u64, found);
+    assert_eq!(report.counts.values().sum::<u64>(), found);
+    assert_eq!(report.counts["uncertain"], 0);
+    for cell in &report.cells {
+        assert!(names.contains(&cell.class));
+        assert!(cell.confidence > 0.0 && cell.confidence <= 1.0);
+    }
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["cells"][0]["bbox"].as_array().unwrap().len() == 4);
+}
