@@ -19,9 +19,7 @@ REF="$PWD/target/reference"
 export REDDINO_REFERENCE_DIR="$REF"
 export REDDINO_REQUIRE_REFERENCE=1
 
-echo "==> cargo test"
-cargo test --workspace --locked "$@"
-
-echo "==> benchmark smoke run (tiny input)"
-REDDINO_BENCH_REPS=1 cargo test --locked -p reddino-models --bench synth >/dev/null
+echo "==> cargo test (all targets; benchmarks run once on tiny inputs)"
+export REDDINO_BENCH_SMOKE=1
+cargo test --workspace --locked --all-targets "$@"
 echo "all tests passed"
