@@ -42,13 +42,15 @@ impl TractModel {
             .map_err(|e| Error::Onnx(format!("cannot load model: {e:#}")))?
             .with_input_fact(0, f32::fact([batch, 3, size, size]).into())
             .map_err(infer_err)?;
-        let typed = model.into_optimized().map_err(infer_err)?;
-        // tract keeps the graph's output order; optimisation may rename the nodes.
-        let names: Vec<String> = crate::onnx::graph_io(onnx)?
-            .outputs
-            .into_iter()
-            .map(|(name, _)| name)
+        // tract labels each graph output with its ONNX name and keeps the output order
+        // through optimisation, which may rename the nodes.
+        let names: Vec<String> = model
+            .output_outlets()
+            .map_err(infer_err)?
+            .iter()
+            .map(|o| model.outlet_label(*o).unwrap_or_default().to_string())
             .collect();
+        let typed = model.into_optimized().map_err(infer_err)?;
         let embedding_slot = names.iter().position(|n| n == EMBEDDING).ok_or_else(|| {
             Error::Onnx(format!(
                 "model has no `{EMBEDDING}` output (outputs: {names:?})"
