@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+./scripts/system-deps.sh --tests
+export REDDINO_REQUIRE_MOSQUITTO=1
+
 VENV=${REDDINO_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     echo "==> creating Python venv in $VENV"

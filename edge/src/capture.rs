@@ -23,6 +23,16 @@ pub enum CaptureError {
     File { path: PathBuf, msg: String },
     #[error("synthetic source: {0}")]
     Synthetic(String),
+    /// The camera could not be opened, configured or read; the source reopens it.
+    #[error("camera {device}: {msg}")]
+    Camera { device: PathBuf, msg: String },
+}
+
+impl CaptureError {
+    /// A failure of the device itself (as opposed to one bad frame): retry with backoff.
+    pub fn is_device_error(&self) -> bool {
+        matches!(self, CaptureError::Camera { .. })
+    }
 }
 
 /// One frame with its capture time and, for synthetic frames, the ground truth.
@@ -40,6 +50,181 @@ pub struct Frame {
 /// A source of frames. `Ok(None)` means the source is exhausted.
 pub trait FrameSource: Send {
     fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError>;
+    /// A live source produces frames whether or not they are taken (a camera): when processing
+    /// falls behind, the oldest waiting frames are dropped. Offline sources wait instead.
+    fn is_live(&self) -> bool {
+        false
+    }
+}
+
+impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        (**self).next_frame()
+    }
+    fn is_live(&self) -> bool {
+        (**self).is_live()
+    }
+}
+
+/// Delivers another source's frames no faster than `fps`, like a camera (and so is live).
+pub struct Paced<S> {
+    inner: S,
+    period: std::time::Duration,
+    next: Option<std::time::Instant>,
+}
+
+impl<S: FrameSource> Paced<S> {
+    pub fn new(inner: S, fps: f64) -> Self {
+        Paced {
+            inner,
+            period: std::time::Duration::from_secs_f64(1.0 / fps),
+            next: None,
+        }
+    }
+}
+
+impl<S: FrameSource> FrameSource for Paced<S> {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        let now = std::time::Instant::now();
+        let due = self.next.unwrap_or(now);
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        // A source slower than the rate is not made to catch up in a burst.
+        self.next = Some(due.max(now) + self.period);
+        self.inner.next_frame()
+    }
+
+    fn is_live(&self) -> bool {
+        true
+    }
+}
+
+/// A V4L2 camera streaming through MMAP buffers. Frames are decoded from the `bytesused`
+/// part of each buffer. When the device fails (unplugged, stops delivering) the stream is
+/// dropped and the next call tries to open it again; the caller paces the retries.
+pub struct V4l2Source {
+    device: PathBuf,
+    width: u32,
+    height: u32,
+    format: crate::config::PixelFormat,
+    stream: Option<V4l2Stream>,
+    next: u64,
+}
+
+struct V4l2Stream {
+    // Field order: the stream is dropped (buffers unmapped) before the device is closed.
+    stream: v4l::io::mmap::Stream<'static>,
+    _dev: v4l::Device,
+    width: u32,
+    height: u32,
+}
+
+impl V4l2Source {
+    pub fn new(
+        device: PathBuf,
+        width: u32,
+        height: u32,
+        format: crate::config::PixelFormat,
+    ) -> Self {
+        V4l2Source {
+            device,
+            width,
+            height,
+            format,
+            stream: None,
+            next: 0,
+        }
+    }
+
+    fn err(&self, msg: impl std::fmt::Display) -> CaptureError {
+        CaptureError::Camera {
+            device: self.device.clone(),
+            msg: msg.to_string(),
+        }
+    }
+
+    fn open(&self) -> Result<V4l2Stream, CaptureError> {
+        use v4l::video::Capture;
+        let dev = v4l::Device::with_path(&self.device)
+            .map_err(|e| self.err(format!("cannot open: {e}")))?;
+        let fourcc = match self.format {
+            crate::config::PixelFormat::Mjpg => v4l::FourCC::new(b"MJPG"),
+            crate::config::PixelFormat::Yuyv => v4l::FourCC::new(b"YUYV"),
+        };
+        let got = dev
+            .set_format(&v4l::Format::new(self.width, self.height, fourcc))
+            .map_err(|e| self.err(format!("cannot set the format: {e}")))?;
+        if got.fourcc != fourcc {
+            return Err(self.err(format!(
+                "does not offer {fourcc} at {}x{} (it offered {} at {}x{})",
+                self.width, self.height, got.fourcc, got.width, got.height
+            )));
+        }
+        if (got.width, got.height) != (self.width, self.height) {
+            log::warn!(
+                "camera {}: asked for {}x{}, streaming {}x{}",
+                self.device.display(),
+                self.width,
+                self.height,
+                got.width,
+                got.height
+            );
+        }
+        let mut stream =
+            v4l::io::mmap::Stream::with_buffers(&dev, v4l::buffer::Type::VideoCapture, 4)
+                .map_err(|e| self.err(format!("cannot start MMAP streaming: {e}")))?;
+        stream.set_timeout(std::time::Duration::from_secs(5));
+        log::info!(
+            "camera {}: streaming {} {}x{}",
+            self.device.display(),
+            fourcc,
+            got.width,
+            got.height
+        );
+        Ok(V4l2Stream {
+            stream,
+            _dev: dev,
+            width: got.width,
+            height: got.height,
+        })
+    }
+}
+
+impl FrameSource for V4l2Source {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        use v4l::io::traits::CaptureStream;
+        if self.stream.is_none() {
+            self.stream = Some(self.open()?);
+        }
+        let s = self.stream.as_mut().expect("opened above");
+        let (w, h) = (s.width, s.height);
+        let (data, used) = match s.stream.next() {
+            Ok((buf, meta)) => (buf, meta.bytesused as usize),
+            Err(e) => {
+                self.stream = None;
+                return Err(self.err(format!("stopped delivering frames: {e}")));
+            }
+        };
+        let data = &data[..used.min(data.len())];
+        let image = match self.format {
+            crate::config::PixelFormat::Yuyv => yuyv_to_rgb(data, w, h)?,
+            crate::config::PixelFormat::Mjpg => mjpg_to_rgb(data, Some((w, h)))?,
+        };
+        let index = self.next;
+        self.next += 1;
+        Ok(Some(Frame {
+            index,
+            captured: SystemTime::now(),
+            image,
+            origin: self.device.display().to_string(),
+            truth: None,
+        }))
+    }
+
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 #[inline]
@@ -79,6 +264,20 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, Cap
 
 /// Decodes an MJPG frame (one JPEG image) to RGB, checking its size when `expect` is given.
 pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, CaptureError> {
+    // Some drivers pad the buffer with zeros after the end-of-image marker.
+    let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let data = &data[..end];
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return Err(CaptureError::BadJpeg(
+            "no start-of-image marker (not a JPEG frame)".into(),
+        ));
+    }
+    if !data.ends_with(&[0xFF, 0xD9]) {
+        return Err(CaptureError::BadJpeg(format!(
+            "truncated: no end-of-image marker after {} bytes",
+            data.len()
+        )));
+    }
     let img = image::load_from_memory_with_format(data, image::ImageFormat::Jpeg)
         .map_err(|e| CaptureError::BadJpeg(e.to_string()))?
         .to_rgb8();
@@ -94,11 +293,13 @@ pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, 
     Ok(img)
 }
 
-/// Replays image files in order (png, jpg, bmp, tif).
+/// Replays image files in order (png, jpg, bmp, tif), and raw camera frames recorded from
+/// V4L2 buffers (`.mjpg`, `.yuyv`), which go through the camera's own decoding and checks.
 pub struct ReplaySource {
     files: Vec<PathBuf>,
     next: usize,
     looped: bool,
+    raw_size: (u32, u32),
 }
 
 impl ReplaySource {
@@ -119,7 +320,7 @@ impl ReplaySource {
                                 .and_then(|e| e.to_str())
                                 .map(str::to_ascii_lowercase)
                                 .as_deref(),
-                            Some("png" | "jpg" | "jpeg" | "bmp" | "tif" | "tiff")
+                            Some("png" | "jpg" | "jpeg" | "bmp" | "tif" | "tiff" | "mjpg" | "yuyv")
                         )
                     })
                     .collect();
@@ -133,7 +334,42 @@ impl ReplaySource {
             files,
             next: 0,
             looped,
+            raw_size: (0, 0),
         })
+    }
+
+    /// The frame size of raw `.yuyv`/`.mjpg` recordings (the camera's configured size).
+    pub fn with_raw_size(mut self, width: u32, height: u32) -> Self {
+        self.raw_size = (width, height);
+        self
+    }
+
+    fn load(&self, path: &PathBuf) -> Result<RgbImage, CaptureError> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        let (w, h) = self.raw_size;
+        let raw = || {
+            std::fs::read(path).map_err(|e| CaptureError::File {
+                path: path.clone(),
+                msg: e.to_string(),
+            })
+        };
+        let tag = |e: CaptureError| CaptureError::File {
+            path: path.clone(),
+            msg: e.to_string(),
+        };
+        match ext.as_deref() {
+            Some("yuyv") => yuyv_to_rgb(&raw()?, w, h).map_err(tag),
+            Some("mjpg") => mjpg_to_rgb(&raw()?, Some((w, h))).map_err(tag),
+            _ => Ok(image::open(path)
+                .map_err(|e| CaptureError::File {
+                    path: path.clone(),
+                    msg: format!("cannot decode: {e}"),
+                })?
+                .to_rgb8()),
+        }
     }
 }
 
@@ -142,15 +378,10 @@ impl FrameSource for ReplaySource {
         if self.files.is_empty() || (!self.looped && self.next >= self.files.len()) {
             return Ok(None);
         }
-        let path = &self.files[self.next % self.files.len()];
+        let path = &self.files[self.next % self.files.len()].clone();
         let index = self.next as u64;
         self.next += 1;
-        let image = image::open(path)
-            .map_err(|e| CaptureError::File {
-                path: path.clone(),
-                msg: format!("cannot decode: {e}"),
-            })?
-            .to_rgb8();
+        let image = self.load(path)?;
         Ok(Some(Frame {
             index,
             captured: SystemTime::now(),
@@ -298,6 +529,13 @@ mod tests {
         let e = mjpg_to_rgb(&jpg, Some((640, 480))).unwrap_err();
         assert!(e.to_string().contains("640x480"), "{e}");
         assert!(mjpg_to_rgb(b"garbage", None).is_err());
+        // Cut just before the end-of-image marker: a lenient decoder would fill the rest.
+        let e = mjpg_to_rgb(&jpg[..jpg.len() - 2], None).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        // Zero padding after the marker (some drivers) is fine.
+        let mut padded = jpg.clone();
+        padded.extend_from_slice(&[0; 64]);
+        assert!(mjpg_to_rgb(&padded, Some((64, 48))).is_ok());
     }
 
     #[test]
@@ -319,6 +557,43 @@ mod tests {
             [4, 5, 6]
         );
         assert!(src.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn missing_camera_is_a_device_error_naming_it() {
+        let mut src = V4l2Source::new(
+            PathBuf::from("/dev/reddino-no-such-camera"),
+            640,
+            480,
+            crate::config::PixelFormat::Yuyv,
+        );
+        for _ in 0..2 {
+            let e = src.next_frame().unwrap_err();
+            assert!(e.is_device_error());
+            assert!(e.to_string().contains("reddino-no-such-camera"), "{e}");
+        }
+        assert!(src.is_live());
+    }
+
+    /// Runs only where REDDINO_V4L2_DEVICE names a capture device (e.g. vivid's /dev/video0).
+    #[test]
+    fn real_v4l2_device_streams_frames() {
+        let Ok(dev) = std::env::var("REDDINO_V4L2_DEVICE") else {
+            eprintln!("REDDINO_V4L2_DEVICE not set: skipping the V4L2 device test");
+            return;
+        };
+        for format in [
+            crate::config::PixelFormat::Yuyv,
+            crate::config::PixelFormat::Mjpg,
+        ] {
+            let mut src = V4l2Source::new(PathBuf::from(&dev), 640, 480, format);
+            match src.next_frame() {
+                Ok(Some(f)) => assert!(f.image.width() > 0),
+                Ok(None) => panic!("camera ended"),
+                // vivid offers YUYV but not MJPG: a refusal must say so.
+                Err(e) => assert!(e.to_string().contains("offer"), "{e}"),
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,15 @@
 //! [`classify`] (classes, counts, sessions) -> [`analyze`] (per-image reports).
 
 pub mod analyze;
+pub mod app;
 pub mod capture;
 pub mod cells;
 pub mod classify;
+pub mod config;
+pub mod demo;
 pub mod infer;
+pub mod messages;
+pub mod mqtt;
+pub mod outbox;
+pub mod queue;
+pub mod service;

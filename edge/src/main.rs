@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use reddino_edge::analyze::{analyze_image, AnalyzeConfig};
+use reddino_edge::config::Config;
 use reddino_edge::infer::{Backend, TractBackend};
 use reddino_models::bundle::{self, Limits, TrustedKeys};
 
@@ -21,6 +25,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the service from a TOML config until the source ends or SIGTERM/SIGINT.
+    Run {
+        /// Config file (see docs/edge.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The whole service on embedded defaults: in-process broker, synthetic microscope,
+    /// a demo bundle, a live view and a summary.
+    Demo {
+        /// Frames from the synthetic microscope.
+        #[arg(long, default_value_t = 16)]
+        frames: u64,
+        /// Camera frame rate; frames are dropped when analysis falls behind.
+        #[arg(long, default_value_t = 2.0)]
+        fps: f64,
+        #[arg(long, default_value_t = 960)]
+        width: u32,
+        #[arg(long, default_value_t = 540)]
+        height: u32,
+        /// Model input size (a multiple of 14).
+        #[arg(long, default_value_t = 56)]
+        input_size: usize,
+        /// Where the bundle and outbox go.
+        #[arg(long, default_value = "target/edge-demo")]
+        out: PathBuf,
+    },
     /// Analyse image files offline: one JSON object per image with counts and cells.
     Analyze {
         /// Model bundle (directory or .tar) with a classification head.
@@ -45,7 +75,10 @@ enum Cmd {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,tract_linalg=warn"),
+    )
+    .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -54,6 +87,52 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let report = reddino_edge::app::run(&cfg, stop)?;
+            let f = &report.snapshot.frames;
+            log::info!(
+                "stopped: {} frames analysed, {} cells, {} dropped, {} bad; {} results acknowledged, {} left in the outbox",
+                f.processed,
+                f.cells,
+                f.dropped,
+                f.bad,
+                report.publisher.acked,
+                report.publisher.left_in_outbox
+            );
+        }
+        Cmd::Demo {
+            frames,
+            fps,
+            width,
+            height,
+            input_size,
+            out,
+        } => {
+            let summary = reddino_edge::demo::run(&reddino_edge::demo::DemoOptions {
+                frames,
+                fps,
+                width,
+                height,
+                input_size,
+                out,
+                live: true,
+            })?;
+            print!("{}", summary.render());
+            if !summary.complete() {
+                bail!("not every result reached the subscriber");
+            }
+        }
         Cmd::Analyze {
             model,
             trusted_keys,

@@ -1,0 +1,216 @@
+//! Wiring for `reddino-edge run`: config -> outbox, verified bundle, backend, frame source,
+//! pipeline and publisher; runs until the source ends or a stop is requested, then drains.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
+use reddino_models::synth::SourcePreset;
+
+use crate::capture::{FrameSource, Paced, ReplaySource, SyntheticSource, V4l2Source};
+use crate::cells::CellFinderConfig;
+use crate::config::{CameraConfig, Config, SourceKind};
+use crate::infer::{Backend, TractBackend};
+use crate::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
+use crate::outbox::Outbox;
+use crate::service::{ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
+
+/// Builds the frame source a camera config names.
+pub fn build_source(c: &CameraConfig) -> Result<Box<dyn FrameSource>> {
+    let limit = c.frames;
+    let src: Box<dyn FrameSource> = match c.source {
+        SourceKind::V4l2 => Box::new(V4l2Source::new(
+            c.device.clone(),
+            c.width,
+            c.height,
+            c.format,
+        )),
+        SourceKind::Replay => {
+            let r = ReplaySource::new(&c.paths, c.looped)?.with_raw_size(c.width, c.height);
+            match limit {
+                Some(n) => Box::new(Limited { inner: r, left: n }),
+                None => Box::new(r),
+            }
+        }
+        SourceKind::Synthetic => {
+            let presets = c
+                .sources
+                .iter()
+                .map(|n| SourcePreset::by_name(n).map_err(anyhow::Error::from))
+                .collect::<Result<Vec<_>>>()?;
+            Box::new(SyntheticSource::new(
+                presets, c.width, c.height, c.seed, limit,
+            ))
+        }
+    };
+    if c.fps > 0.0 && c.source != SourceKind::V4l2 {
+        return Ok(Box::new(Paced::new(src, c.fps)));
+    }
+    Ok(src)
+}
+
+/// Stops another source after `left` frames.
+struct Limited<S> {
+    inner: S,
+    left: u64,
+}
+
+impl<S: FrameSource> FrameSource for Limited<S> {
+    fn next_frame(
+        &mut self,
+    ) -> Result<Option<crate::capture::Frame>, crate::capture::CaptureError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        self.inner.next_frame()
+    }
+    fn is_live(&self) -> bool {
+        self.inner.is_live()
+    }
+}
+
+/// Opens and verifies a bundle (signature, hashes, graph shapes) and runs its self-test.
+pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Result<Bundle> {
+    let mut trusted = TrustedKeys::new();
+    for k in keys {
+        trusted.add_file(k)?;
+    }
+    let b = bundle::open(path, &trusted, &Limits::default())?;
+    if b.manifest().class_names.is_empty() {
+        bail!(
+            "bundle {} has no classification head; the service needs one",
+            path.display()
+        );
+    }
+    let d = b.self_test()?;
+    log::info!(
+        "model {} {} verified (self-test max diff {d:.1e})",
+        b.manifest().name,
+        b.manifest().version
+    );
+    Ok(b)
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub snapshot: Snapshot,
+    pub publisher: PublisherReport,
+}
+
+/// The parts of a running service, for callers that watch it (the demo's live view).
+pub struct Service {
+    pub shared: Arc<Shared>,
+    pipeline: Option<Pipeline>,
+    publisher: Option<std::thread::JoinHandle<PublisherReport>>,
+}
+
+impl Service {
+    /// Starts everything. Nothing is started if the outbox cannot be opened.
+    pub fn start(
+        cfg: &Config,
+        bundle: &Bundle,
+        backend: Box<dyn Backend>,
+        source: Box<dyn FrameSource>,
+        stop: Arc<AtomicBool>,
+        initial_session: Option<&str>,
+    ) -> Result<Service> {
+        let outbox = Outbox::open(&cfg.outbox.path, cfg.outbox.limits())?;
+        let mqtt = MqttSettings::from_config(&cfg.mqtt, cfg.client_id())?;
+        let m = bundle.manifest();
+        let cells = CellFinderConfig {
+            mode: cfg.analysis.mode,
+            tile: backend.input_size() as u32,
+            ..CellFinderConfig::default()
+        };
+        let settings = PipelineSettings {
+            device_id: cfg.device_id.clone(),
+            topic_prefix: cfg.mqtt.topic_prefix.clone(),
+            cells,
+            margin: cfg.analysis.margin,
+            min_confidence: cfg.model.min_confidence,
+            frame_queue: cfg.pipeline.frame_queue,
+            crop_queue: cfg.pipeline.crop_queue,
+            camera_retry_max: Duration::from_secs_f64(cfg.camera.retry_max_s),
+        };
+        let model = ModelInfo {
+            id: format!("{}@{}", m.name, m.version),
+            backend: backend.describe(),
+            class_names: m.class_names.clone(),
+            normalization: m.normalization(),
+        };
+        {
+            let ob = &outbox;
+            let pending = ob.len()?;
+            if pending > 0 {
+                log::info!(
+                    "outbox {}: {pending} results from before are sent first",
+                    ob.path().display()
+                );
+            }
+        }
+        let shared = Shared::new(settings, model, outbox, stop);
+        log::info!(
+            "device {}: {} on {}; publishing to {}:{}",
+            cfg.device_id,
+            shared.model.id,
+            shared.model.backend,
+            cfg.mqtt.host,
+            cfg.mqtt.port
+        );
+        if let Some(name) = initial_session {
+            shared
+                .start_session(Some(name))
+                .map_err(anyhow::Error::msg)?;
+        }
+        let publisher = spawn_publisher(shared.clone(), mqtt);
+        let pipeline = Pipeline::start(shared.clone(), source, backend);
+        Ok(Service {
+            shared,
+            pipeline: Some(pipeline),
+            publisher: Some(publisher),
+        })
+    }
+
+    /// Whether the pipeline threads are still working (source not ended, no stop).
+    pub fn pipeline_running(&self) -> bool {
+        !self.shared.pipeline_idle()
+    }
+
+    /// Waits for the pipeline, stores the summary of an active session, lets the publisher
+    /// drain the outbox and stop.
+    pub fn finish(mut self) -> RunReport {
+        if let Some(p) = self.pipeline.take() {
+            p.join();
+        }
+        if self.shared.snapshot().session.is_some() {
+            match self.shared.stop_session() {
+                Ok(seq) => log::info!("active session closed at shutdown (summary seq {seq})"),
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        self.shared.pipeline_done.store(true, Ordering::SeqCst);
+        self.shared.notify.notify_one();
+        let publisher = self
+            .publisher
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        RunReport {
+            snapshot: self.shared.snapshot(),
+            publisher,
+        }
+    }
+}
+
+/// `reddino-edge run`: everything from a config, until the source ends or `stop` is set.
+pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let bundle = open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)?;
+    let backend = TractBackend::from_bundle(&bundle, cfg.model.batch)?;
+    let source = build_source(&cfg.camera)?;
+    let svc = Service::start(cfg, &bundle, Box::new(backend), source, stop, None)?;
+    Ok(svc.finish())
+}

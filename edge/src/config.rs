@@ -1,0 +1,611 @@
+//! The service configuration (`reddino-edge run --config FILE`): TOML, every table refuses
+//! unknown keys so a typo is an error naming the key, never a silently ignored setting.
+//! docs/edge.example.toml is a complete, commented example (a test parses it).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::outbox::OutboxLimits;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("config {path}: `{key}`: {msg}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        msg: String,
+    },
+}
+
+/// Where frames come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    V4l2,
+    Replay,
+    Synthetic,
+}
+
+/// Camera pixel format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum PixelFormat {
+    #[serde(rename = "MJPG")]
+    Mjpg,
+    #[serde(rename = "YUYV")]
+    Yuyv,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub source: SourceKind,
+    /// v4l2: the device node.
+    #[serde(default = "default_device")]
+    pub device: PathBuf,
+    #[serde(default = "default_width")]
+    pub width: u32,
+    #[serde(default = "default_height")]
+    pub height: u32,
+    #[serde(default = "default_format")]
+    pub format: PixelFormat,
+    /// replay: image files or directories.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// replay: start again at the end.
+    #[serde(default, rename = "loop")]
+    pub looped: bool,
+    /// synthetic: acquisition-source presets cycled frame by frame.
+    #[serde(default = "default_sources")]
+    pub sources: Vec<String>,
+    /// synthetic: seed of the first field.
+    #[serde(default)]
+    pub seed: u64,
+    /// replay/synthetic: stop after this many frames.
+    pub frames: Option<u64>,
+    /// replay/synthetic: deliver frames at this rate like a camera (frames are then dropped
+    /// when processing falls behind); 0 = as fast as they are processed, none dropped.
+    #[serde(default)]
+    pub fps: f64,
+    /// v4l2: longest wait between attempts to reopen a failed camera.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_s: f64,
+}
+
+fn default_device() -> PathBuf {
+    PathBuf::from("/dev/video0")
+}
+fn default_width() -> u32 {
+    1920
+}
+fn default_height() -> u32 {
+    1080
+}
+fn default_format() -> PixelFormat {
+    PixelFormat::Mjpg
+}
+fn default_sources() -> Vec<String> {
+    vec!["wright_100x".into()]
+}
+fn default_retry_max() -> f64 {
+    10.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Signed model bundle (directory or .tar).
+    pub bundle: PathBuf,
+    /// Public keys the bundle may be signed with.
+    pub trusted_keys: Vec<PathBuf>,
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Below this top probability a cell counts as `uncertain`.
+    #[serde(default = "default_min_confidence")]
+    pub min_confidence: f32,
+}
+
+fn default_batch() -> usize {
+    8
+}
+fn default_min_confidence() -> f32 {
+    0.5
+}
+
+/// How cells are cut out of a frame: `cells` (one crop per found cell) or `tiles`.
+pub use crate::cells::Mode as CropMode;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisConfig {
+    #[serde(default = "default_mode")]
+    pub mode: CropMode,
+    /// Crop side as a multiple of the cell's box.
+    #[serde(default = "default_margin")]
+    pub margin: f32,
+}
+
+fn default_mode() -> CropMode {
+    CropMode::Cells
+}
+fn default_margin() -> f32 {
+    1.3
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig {
+            mode: default_mode(),
+            margin: default_margin(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM) the broker's certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Fixed client id (the broker keeps the session under it); default `reddino-edge-{device_id}`.
+    pub client_id: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    /// File holding the password (first line). The password is never logged.
+    pub password_file: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_s: f64,
+    /// Messages published and not yet acknowledged at any time.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+    /// How often the retained status is refreshed.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_s: f64,
+    /// On shutdown, how long to keep sending what the outbox holds.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_s: f64,
+}
+
+fn default_host() -> String {
+    "localhost".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_prefix() -> String {
+    "reddino".into()
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_reconnect_max() -> f64 {
+    10.0
+}
+fn default_inflight() -> u16 {
+    32
+}
+fn default_status_interval() -> f64 {
+    30.0
+}
+fn default_drain() -> f64 {
+    5.0
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every MQTT setting has a default")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    #[serde(default = "default_outbox_path")]
+    pub path: PathBuf,
+    #[serde(default = "default_max_rows")]
+    pub max_rows: u64,
+    #[serde(default = "default_max_age")]
+    pub max_age_hours: f64,
+}
+
+fn default_outbox_path() -> PathBuf {
+    PathBuf::from("/var/lib/reddino-edge/outbox.db")
+}
+fn default_max_rows() -> u64 {
+    OutboxLimits::default().max_rows
+}
+fn default_max_age() -> f64 {
+    OutboxLimits::default().max_age.as_secs_f64() / 3600.0
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every outbox setting has a default")
+    }
+}
+
+impl OutboxConfig {
+    pub fn limits(&self) -> OutboxLimits {
+        OutboxLimits {
+            max_rows: self.max_rows,
+            max_age: Duration::from_secs_f64(self.max_age_hours * 3600.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Frames waiting for cell finding; beyond it the oldest is dropped (live sources).
+    #[serde(default = "default_frame_queue")]
+    pub frame_queue: usize,
+    /// Frames with their crops waiting for inference.
+    #[serde(default = "default_crop_queue")]
+    pub crop_queue: usize,
+}
+
+fn default_frame_queue() -> usize {
+    4
+}
+fn default_crop_queue() -> usize {
+    2
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            frame_queue: default_frame_queue(),
+            crop_queue: default_crop_queue(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the device in every topic and payload: letters, digits, `-`, `_`.
+    pub device_id: String,
+    pub camera: CameraConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub analysis: AnalysisConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+/// Whether `s` can be one MQTT topic level and a file-name-safe identifier.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+impl Config {
+    /// Reads and checks a config file. Relative paths in it are taken relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        if let Some(dir) = path.parent() {
+            cfg.resolve_relative(dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and checks config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn resolve_relative(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        self.camera.paths.iter_mut().for_each(fix);
+        fix(&mut self.model.bundle);
+        self.model.trusted_keys.iter_mut().for_each(fix);
+        fix(&mut self.outbox.path);
+        if let Some(p) = self.mqtt.password_file.as_mut() {
+            fix(p)
+        }
+        if let Some(t) = self.mqtt.tls.as_mut() {
+            fix(&mut t.ca);
+            if let Some(p) = t.client_cert.as_mut() {
+                fix(p)
+            }
+            if let Some(p) = t.client_key.as_mut() {
+                fix(p)
+            }
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, msg: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            msg,
+        };
+        if !valid_id(&self.device_id) {
+            return Err(bad(
+                "device_id",
+                format!(
+                    "{:?} must be 1-64 letters, digits, '-', '_' or '.'",
+                    self.device_id
+                ),
+            ));
+        }
+        let c = &self.camera;
+        if c.width == 0 || c.height == 0 || c.width % 2 != 0 {
+            return Err(bad(
+                "camera.width",
+                format!(
+                    "{}x{} is not a frame size (width even, both > 0)",
+                    c.width, c.height
+                ),
+            ));
+        }
+        if c.source == SourceKind::Replay && c.paths.is_empty() {
+            return Err(bad(
+                "camera.paths",
+                "a replay source needs at least one file or directory".into(),
+            ));
+        }
+        if c.source == SourceKind::Synthetic {
+            if c.sources.is_empty() {
+                return Err(bad("camera.sources", "name at least one preset".into()));
+            }
+            for s in &c.sources {
+                if reddino_models::synth::SourcePreset::by_name(s).is_err() {
+                    let known: Vec<String> = reddino_models::synth::SourcePreset::all()
+                        .into_iter()
+                        .map(|p| p.name.to_string())
+                        .collect();
+                    return Err(bad(
+                        "camera.sources",
+                        format!("unknown preset {s:?}; known: {}", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        if !(c.fps >= 0.0 && c.fps.is_finite()) {
+            return Err(bad("camera.fps", format!("{} is not a rate (>= 0)", c.fps)));
+        }
+        if !(c.retry_max_s > 0.0 && c.retry_max_s.is_finite()) {
+            return Err(bad("camera.retry_max_s", "must be > 0".into()));
+        }
+        if self.model.trusted_keys.is_empty() {
+            return Err(bad(
+                "model.trusted_keys",
+                "name at least one public key; bundles are only used once their signature checks"
+                    .into(),
+            ));
+        }
+        if self.model.batch == 0 || self.model.batch > 256 {
+            return Err(bad(
+                "model.batch",
+                format!("{} is not in 1..=256", self.model.batch),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.model.min_confidence) {
+            return Err(bad(
+                "model.min_confidence",
+                format!("{} is not in 0..=1", self.model.min_confidence),
+            ));
+        }
+        if !(self.analysis.margin >= 1.0 && self.analysis.margin <= 4.0) {
+            return Err(bad(
+                "analysis.margin",
+                format!("{} is not in 1..=4", self.analysis.margin),
+            ));
+        }
+        let m = &self.mqtt;
+        if m.host.is_empty() {
+            return Err(bad("mqtt.host", "must not be empty".into()));
+        }
+        if m.topic_prefix.is_empty() || m.topic_prefix.contains(['#', '+']) {
+            return Err(bad(
+                "mqtt.topic_prefix",
+                format!("{:?} must be non-empty without '#' or '+'", m.topic_prefix),
+            ));
+        }
+        if let Some(id) = &m.client_id {
+            if id.is_empty() || id.len() > 128 {
+                return Err(bad("mqtt.client_id", "must be 1-128 characters".into()));
+            }
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            return Err(bad(
+                "mqtt.password_file",
+                "a password needs `mqtt.username`".into(),
+            ));
+        }
+        if let Some(t) = &m.tls {
+            if t.client_cert.is_some() != t.client_key.is_some() {
+                return Err(bad(
+                    "mqtt.tls.client_cert",
+                    "client_cert and client_key go together".into(),
+                ));
+            }
+        }
+        if m.max_inflight == 0 {
+            return Err(bad("mqtt.max_inflight", "must be > 0".into()));
+        }
+        for (key, v) in [
+            ("mqtt.reconnect_max_s", m.reconnect_max_s),
+            ("mqtt.status_interval_s", m.status_interval_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(bad(key, format!("{v} must be > 0")));
+            }
+        }
+        if !(m.drain_timeout_s >= 0.0 && m.drain_timeout_s.is_finite()) {
+            return Err(bad("mqtt.drain_timeout_s", "must be >= 0".into()));
+        }
+        if self.outbox.max_rows == 0 {
+            return Err(bad("outbox.max_rows", "must be > 0".into()));
+        }
+        if !(self.outbox.max_age_hours > 0.0 && self.outbox.max_age_hours.is_finite()) {
+            return Err(bad("outbox.max_age_hours", "must be > 0".into()));
+        }
+        if self.pipeline.frame_queue == 0 || self.pipeline.crop_queue == 0 {
+            return Err(bad("pipeline.frame_queue", "queues hold at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn client_id(&self) -> String {
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("reddino-edge-{}", self.device_id))
+    }
+
+    /// `{prefix}/{device_id}/{leaf}`.
+    pub fn topic(&self, leaf: &str) -> String {
+        format!("{}/{}/{leaf}", self.mqtt.topic_prefix, self.device_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+device_id = "clinic-01"
+[camera]
+source = "synthetic"
+[model]
+bundle = "m.tar"
+trusted_keys = ["k.pub"]
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("edge.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.client_id(), "reddino-edge-clinic-01");
+        assert_eq!(c.topic("counts"), "reddino/clinic-01/counts");
+        assert_eq!(c.camera.format, PixelFormat::Mjpg);
+        assert_eq!(c.outbox.limits(), OutboxLimits::default());
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../docs/edge.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.camera.source, SourceKind::V4l2);
+        assert!(c.mqtt.tls.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse(&MINIMAL.replace("[camera]", "[camera]\nwidht = 640"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("widht"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[mqtt]\nprot = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prot"), "{e}");
+        let e = parse(&format!("{MINIMAL}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (edit, key) in [
+            (MINIMAL.replace("clinic-01", "clinic/01"), "device_id"),
+            (
+                MINIMAL.replace("source = \"synthetic\"", "source = \"webcam\""),
+                "source",
+            ),
+            (
+                MINIMAL.replace("source = \"synthetic\"", "source = \"replay\""),
+                "camera.paths",
+            ),
+            (
+                MINIMAL.replace("[camera]", "[camera]\nsources = [\"nope\"]"),
+                "camera.sources",
+            ),
+            (
+                MINIMAL.replace("trusted_keys = [\"k.pub\"]", "trusted_keys = []"),
+                "model.trusted_keys",
+            ),
+            (
+                MINIMAL.replace("[model]", "[model]\nbatch = 0"),
+                "model.batch",
+            ),
+            (format!("{MINIMAL}[mqtt]\nport = 70000\n"), "port"),
+            (
+                format!("{MINIMAL}[mqtt]\npassword_file = \"p\"\n"),
+                "mqtt.password_file",
+            ),
+            (
+                MINIMAL.replace("device_id = \"clinic-01\"", ""),
+                "device_id",
+            ),
+        ] {
+            let e = parse(&edit).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+            assert!(e.contains("edge.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("edge.toml");
+        std::fs::write(&p, MINIMAL).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.model.bundle, dir.path().join("m.tar"));
+        let e = Config::load(&dir.path().join("missing.toml")).unwrap_err();
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+}

@@ -1,0 +1,146 @@
+//! MQTT payloads (versioned JSON; docs/mqtt.md shows each with an example). Results carry a
+//! per-device monotonic `seq`; a subscriber de-duplicates on it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Payload format version of every message.
+pub const VERSION: u32 = 1;
+
+/// `{prefix}/{device}/counts`: one analysed frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountsMsg {
+    pub v: u32,
+    pub seq: u64,
+    pub device: String,
+    /// Frame number from the source (restarts with the source).
+    pub frame: u64,
+    /// Capture time, milliseconds since the Unix epoch.
+    pub captured_ms: u64,
+    pub origin: String,
+    pub session: Option<String>,
+    /// `name@version` of the bundle.
+    pub model: String,
+    /// Cells found in the frame (all classes and `uncertain`).
+    pub cells: u64,
+    /// Cells per class name, `uncertain` included.
+    pub counts: BTreeMap<String, u64>,
+    /// Capture to result, milliseconds.
+    pub latency_ms: f64,
+}
+
+/// One class's share in a session summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassShare {
+    pub class: String,
+    pub count: u64,
+    pub proportion: f64,
+    pub ci95: [f64; 2],
+}
+
+/// `{prefix}/{device}/session`: summary of a slide when its session stops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionMsg {
+    pub v: u32,
+    pub seq: u64,
+    pub device: String,
+    pub session: String,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    pub frames: u64,
+    /// Classified cells (uncertain excluded) and uncertain cells.
+    pub cells: u64,
+    pub uncertain: u64,
+    pub classes: Vec<ClassShare>,
+    /// Parasitized / red cells x 100, when the model has a `parasitized` class.
+    pub parasitemia_pct: Option<f64>,
+    pub parasitemia_ci95: Option<[f64; 2]>,
+}
+
+/// Frame counters in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FrameStats {
+    pub captured: u64,
+    pub processed: u64,
+    /// Dropped because processing fell behind a live camera.
+    pub dropped: u64,
+    /// Frames that could not be decoded (corrupt, wrong size).
+    pub bad: u64,
+    /// Frames whose analysis failed.
+    pub failed: u64,
+    pub cells: u64,
+}
+
+/// Outbox state in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutboxStats {
+    /// Results not yet acknowledged by the broker.
+    pub pending: u64,
+    /// Results dropped by the outbox caps (size, age) since it was created.
+    pub dropped: u64,
+    pub next_seq: u64,
+}
+
+/// `{prefix}/{device}/status` (retained; also the last will with `state: "offline"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusMsg {
+    pub v: u32,
+    pub device: String,
+    /// `online` or `offline`.
+    pub state: String,
+    pub time_ms: u64,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Last camera error while the camera is failing; `null` when frames arrive.
+    #[serde(default)]
+    pub camera_error: Option<String>,
+    #[serde(default)]
+    pub frames: FrameStats,
+    #[serde(default)]
+    pub outbox: OutboxStats,
+    #[serde(default)]
+    pub uptime_s: f64,
+}
+
+/// A command payload on `{prefix}/{device}/cmd/{command}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandMsg {
+    pub v: u32,
+    /// Echoed in the reply.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `session/start`: the slide's name.
+    #[serde(default)]
+    pub session: Option<String>,
+}
+
+/// `{prefix}/{device}/reply`: the answer to a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyMsg {
+    pub v: u32,
+    pub id: Option<String>,
+    pub command: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// `status`: the current status.
+    #[serde(default)]
+    pub status: Option<StatusMsg>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,447 @@
+//! The service end to end against a real mosquitto broker: results arrive once each in order
+//! with totals equal to the detections; a broker outage and a SIGKILL lose nothing; bad
+//! commands, a missing camera, corrupt frames and bad configs are reported and survived.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use reddino_edge::capture::{FrameSource, SyntheticSource};
+use reddino_edge::cells::{self, CellFinderConfig};
+use reddino_edge::config::Config;
+use reddino_edge::demo::Monitor;
+use reddino_edge::outbox::{Outbox, OutboxLimits};
+use reddino_models::synth::SourcePreset;
+
+fn load(dir: &Path, text: &str) -> Config {
+    let p = dir.join("edge.toml");
+    std::fs::write(&p, text).unwrap();
+    Config::load(&p).unwrap()
+}
+
+fn run_in_thread(
+    cfg: Config,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<reddino_edge::app::RunReport>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let h = std::thread::spawn(move || reddino_edge::app::run(&cfg, s2).unwrap());
+    (stop, h)
+}
+
+fn contiguous(seqs: &std::collections::BTreeSet<u64>) -> bool {
+    seqs.iter().copied().eq(1..=seqs.len() as u64)
+}
+
+#[test]
+fn results_arrive_once_in_order_with_totals_equal_to_detections() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let camera = r#"source = "synthetic"
+sources = ["wright_100x", "giemsa_60x", "mgg_100x", "field_40x"]
+width = 480
+height = 360
+frames = 8
+seed = 40"#;
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-e2e", PREFIX).unwrap();
+    let (_stop, h) = run_in_thread(cfg);
+    let report = h.join().unwrap();
+    assert_eq!(report.snapshot.frames.processed, 8);
+    assert_eq!(report.snapshot.frames.dropped, 0);
+    assert_eq!(report.publisher.left_in_outbox, 0);
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() >= 8));
+    let o = mon.observed();
+    assert_eq!(o.malformed, 0);
+    assert!(contiguous(&o.seqs), "{:?}", o.seqs);
+    assert_eq!(o.seqs.len(), 8);
+    let order: Vec<u64> = o.counts.iter().map(|m| m.seq).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+
+    // The same frames, analysed here: each message's total equals the detections.
+    let mut src = SyntheticSource::new(
+        ["wright_100x", "giemsa_60x", "mgg_100x", "field_40x"]
+            .iter()
+            .map(|n| SourcePreset::by_name(n).unwrap())
+            .collect(),
+        480,
+        360,
+        40,
+        Some(8),
+    );
+    let mut total = 0;
+    while let Some(f) = src.next_frame().unwrap() {
+        let found = cells::find(&f.image, &CellFinderConfig::default()).len() as u64;
+        let m = o.counts.iter().find(|m| m.frame == f.index).unwrap();
+        assert_eq!(m.cells, found, "frame {}", f.index);
+        assert_eq!(m.counts.values().sum::<u64>(), found);
+        assert_eq!(m.device, "test-scope");
+        total += found;
+    }
+    assert!(total > 20, "too few cells to mean anything: {total}");
+    assert_eq!(report.snapshot.frames.cells, total);
+    // The retained status ends as offline.
+    assert!(mon.wait_for(Duration::from_secs(5), |o| o
+        .status
+        .as_ref()
+        .is_some_and(|s| s.state == "offline")));
+}
+
+#[test]
+fn broker_outage_loses_no_result() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let camera = r#"source = "synthetic"
+width = 320
+height = 240
+frames = 40
+fps = 5.0"#;
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-outage", PREFIX).unwrap();
+    let (_stop, h) = run_in_thread(cfg);
+    assert!(mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() >= 3));
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    broker.restart();
+    let report = h.join().unwrap();
+    let processed = report.snapshot.frames.processed;
+    assert!(processed >= 20, "processed {processed}");
+    assert_eq!(report.publisher.left_in_outbox, 0);
+    assert!(report.publisher.connects >= 2, "{:?}", report.publisher);
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() as u64
+            >= processed)
+    );
+    let o = mon.observed();
+    assert!(
+        contiguous(&o.seqs),
+        "missing seq after the outage: {:?}",
+        o.seqs
+    );
+    assert_eq!(o.seqs.len() as u64, processed);
+}
+
+#[test]
+fn sigkill_then_restart_delivers_unacknowledged_results() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let port = reddino_edge::demo::free_port().unwrap();
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let outbox = tmp.path().join("o.db");
+    // Phase 1: no broker yet; results pile up in the outbox; the service is killed mid-run.
+    let live = r#"source = "synthetic"
+width = 320
+height = 240
+frames = 100000
+fps = 10.0"#;
+    let conf = tmp.path().join("edge.toml");
+    std::fs::write(&conf, config_text(&b, &k, port, &outbox, live, "")).unwrap();
+    let exe = env!("CARGO_BIN_EXE_reddino-edge");
+    let mut child = Command::new(exe)
+        .args(["run", "--config"])
+        .arg(&conf)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let pending = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(ob) = Outbox::open(&outbox, OutboxLimits::default()) {
+            let n = ob.len().unwrap_or(0);
+            if n >= 5 {
+                break ob.pending_after(0, 1_000_000).unwrap();
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no results stored");
+        assert!(child.try_wait().unwrap().is_none(), "the service exited");
+    };
+    unsafe_kill(child.id(), "KILL");
+    child.wait().unwrap();
+    let ob = Outbox::open(&outbox, OutboxLimits::default()).unwrap();
+    let stored: Vec<u64> = ob
+        .pending_after(0, 1_000_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    drop(ob);
+    assert!(stored.len() >= pending.len());
+    assert_eq!(stored[0], 1);
+
+    // Phase 2: broker up with a subscriber; the restarted service sends what was left.
+    let mut broker = Mosquitto::start(bin, tmp.path());
+    std::fs::write(&conf, config_text(&b, &k, broker.port, &outbox, live, "")).unwrap();
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-kill", PREFIX).unwrap();
+    let mut child = Command::new(exe)
+        .args(["run", "--config"])
+        .arg(&conf)
+        .spawn()
+        .unwrap();
+    let last = *stored.last().unwrap();
+    // Everything stored before the kill arrives, and new results follow.
+    let ok = mon.wait_for(Duration::from_secs(60), |o| {
+        stored.iter().all(|s| o.seqs.contains(s)) && o.seqs.iter().any(|&s| s > last + 1)
+    });
+    unsafe_kill(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    assert!(
+        ok,
+        "not every stored result arrived: stored {stored:?}, got {:?}",
+        mon.observed().seqs
+    );
+    assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
+    let o = mon.observed();
+    // New results continue the numbering after the killed run's.
+    assert!(o.seqs.iter().any(|&s| s > last), "{:?}", o.seqs);
+    assert!(contiguous(&o.seqs), "{:?}", o.seqs);
+    broker.stop();
+}
+
+#[test]
+fn malformed_commands_get_error_replies_and_change_nothing() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let camera = r#"source = "synthetic"
+width = 320
+height = 240
+fps = 4.0"#;
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-cmd", PREFIX).unwrap();
+    let (stop, h) = run_in_thread(cfg);
+    assert!(mon.wait_for(Duration::from_secs(30), |o| o.status.is_some()));
+    let cases: [(&str, &[u8], bool, &str); 10] = [
+        ("session/start", b"{not json", false, "malformed"),
+        (
+            "session/start",
+            br#"{"v":9,"id":"a","session":"s1"}"#,
+            false,
+            "version",
+        ),
+        ("session/start", br#"{"v":1,"id":"b"}"#, false, "needs"),
+        (
+            "session/start",
+            br#"{"v":1,"id":"c","session":"../x y"}"#,
+            false,
+            "session name",
+        ),
+        (
+            "session/start",
+            br#"{"v":1,"id":"d","session":"s1","extra":1}"#,
+            false,
+            "unknown field",
+        ),
+        ("reboot", br#"{"v":1,"id":"e"}"#, false, "unknown command"),
+        ("session/stop", br#"{"v":1,"id":"f"}"#, false, "no session"),
+        (
+            "session/start",
+            br#"{"v":1,"id":"g","session":"slide-1"}"#,
+            true,
+            "",
+        ),
+        (
+            "session/start",
+            br#"{"v":1,"id":"h","session":"slide-2"}"#,
+            false,
+            "slide-1",
+        ),
+        ("status", br#"{"v":1,"id":"i"}"#, true, ""),
+    ];
+    for (n, (leaf, payload, ok, needle)) in cases.iter().enumerate() {
+        mon.command(leaf, payload).unwrap();
+        assert!(
+            mon.wait_for(Duration::from_secs(10), |o| o.replies.len() > n),
+            "no reply to {leaf} {}",
+            String::from_utf8_lossy(payload)
+        );
+        let r = mon.observed().replies[n].clone();
+        assert_eq!(r.ok, *ok, "{leaf}: {r:?}");
+        if !ok {
+            let e = r.error.unwrap();
+            assert!(e.contains(needle), "{leaf}: {e:?} lacks {needle:?}");
+        }
+        // Refused commands before the valid start leave no session behind.
+        if n < 7 {
+            assert!(r.status.is_none());
+        }
+    }
+    let r = &mon.observed().replies;
+    assert_eq!(r[0].id, None);
+    assert_eq!(r[1].id.as_deref(), Some("a"));
+    assert_eq!(
+        r[9].status.as_ref().unwrap().session.as_deref(),
+        Some("slide-1"),
+        "the refused second start did not replace the session"
+    );
+    // Still running: results keep coming, then a stop gives the session summary.
+    let before = mon.observed().seqs.len();
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() > before + 1));
+    mon.command("session/stop", br#"{"v":1,"id":"j"}"#).unwrap();
+    assert!(mon.wait_for(Duration::from_secs(10), |o| !o.sessions.is_empty()));
+    let s = mon.observed().sessions[0].clone();
+    assert_eq!(s.session, "slide-1");
+    let in_session: u64 = mon
+        .observed()
+        .counts
+        .iter()
+        .filter(|m| m.session.as_deref() == Some("slide-1"))
+        .map(|m| m.cells)
+        .sum();
+    assert_eq!(s.cells + s.uncertain, in_session);
+    stop.store(true, Ordering::SeqCst);
+    h.join().unwrap();
+}
+
+#[test]
+fn missing_camera_is_reported_and_the_service_keeps_running() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let camera = r#"source = "v4l2"
+device = "/dev/reddino-missing-camera"
+width = 640
+height = 480
+retry_max_s = 0.5"#;
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-cam", PREFIX).unwrap();
+    let (stop, h) = run_in_thread(cfg);
+    assert!(
+        mon.wait_for(Duration::from_secs(20), |o| o.status.as_ref().is_some_and(
+            |s| s
+                .camera_error
+                .as_deref()
+                .is_some_and(|e| e.contains("reddino-missing-camera"))
+        ))
+    );
+    // Several seconds later it is still up and still saying why.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!h.is_finished());
+    mon.command("status", br#"{"v":1,"id":"s"}"#).unwrap();
+    assert!(mon.wait_for(Duration::from_secs(10), |o| !o.replies.is_empty()));
+    let st = mon.observed().replies[0].status.clone().unwrap();
+    assert_eq!(st.state, "online");
+    assert!(st.camera_error.unwrap().contains("cannot open"));
+    assert!(st.uptime_s >= 2.0);
+    stop.store(true, Ordering::SeqCst);
+    let report = h.join().unwrap();
+    assert_eq!(report.snapshot.frames.processed, 0);
+}
+
+#[test]
+fn corrupt_frames_are_counted_and_skipped() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let frames = tmp.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let mut src = SyntheticSource::new(
+        vec![SourcePreset::by_name("wright_100x").unwrap()],
+        320,
+        240,
+        5,
+        Some(2),
+    );
+    let good = src.next_frame().unwrap().unwrap().image;
+    good.save(frames.join("a.png")).unwrap();
+    let mut jpg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new(&mut jpg)
+        .encode_image(&src.next_frame().unwrap().unwrap().image)
+        .unwrap();
+    // Raw camera buffers as recorded from V4L2: a truncated MJPG, a YUYV of the wrong size,
+    // then a good MJPG; and an image file that is not one.
+    std::fs::write(frames.join("b.mjpg"), &jpg[..jpg.len() * 2 / 3]).unwrap();
+    std::fs::write(frames.join("c.yuyv"), vec![128u8; 320 * 200 * 2]).unwrap();
+    std::fs::write(frames.join("d.mjpg"), &jpg).unwrap();
+    std::fs::write(frames.join("e.png"), b"\x89PNG\r\n\x1a\n garbage").unwrap();
+    let camera = format!(
+        "source = \"replay\"\nwidth = 320\nheight = 240\npaths = [{:?}]",
+        frames.display().to_string()
+    );
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), &camera, ""),
+    );
+    let (_stop, h) = run_in_thread(cfg);
+    let report = h.join().unwrap();
+    assert_eq!(report.snapshot.frames.bad, 3);
+    assert_eq!(report.snapshot.frames.processed, 2);
+    assert_eq!(report.publisher.left_in_outbox, 0);
+}
+
+#[test]
+fn bad_configs_refuse_to_start_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_reddino-edge");
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let good = config_text(
+        &b,
+        &k,
+        1,
+        &tmp.path().join("o.db"),
+        "source = \"synthetic\"",
+        "",
+    );
+    for (text, needle) in [
+        (good.replace("[mqtt]", "[mqtt]\nhots = \"x\""), "hots"),
+        (good.replace("batch = 8", "batch = \"eight\""), "batch"),
+        (
+            good.replace("device_id = \"test-scope\"", "device_id = \"a/b\""),
+            "device_id",
+        ),
+        ("device_id = \"x\"\n[camera\n".to_string(), "edge.toml"),
+    ] {
+        let conf = tmp.path().join("edge.toml");
+        std::fs::write(&conf, &text).unwrap();
+        let out = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{needle}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // A bundle signed by a key that is not trusted: refused before anything runs.
+    let other = tmp.path().join("other");
+    let (_, other_key) = bundle(&other, 28);
+    let conf = tmp.path().join("edge.toml");
+    std::fs::write(
+        &conf,
+        good.replace(&k.display().to_string(), &other_key.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(exe)
+        .args(["run", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("signature") || err.contains("key"), "{err}");
+    assert!(!tmp.path().join("o.db").exists(), "nothing started");
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build and tests need, when missing:
+#   libclang-dev  the v4l crate generates its V4L2 bindings with bindgen at build time
+#   mosquitto     a real MQTT broker for the service tests (`--tests` only)
+set -euo pipefail
+need=()
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+if [ "${1:-}" = "--tests" ]; then
+    [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    echo "==> installing ${need[*]} (apt)"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
