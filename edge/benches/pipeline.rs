@@ -1,8 +1,9 @@
 //! Per-frame pipeline speed of the tract backend: `cargo bench -p reddino-edge --bench pipeline`.
 //!
 //! Synthetic 1280x960 fields go through cell finding, cropping, preprocessing, ViT-S/14 (random
-//! weights, 13-class head) and classification, at input 224 and 112, batch 8, one thread.
-//! Reports cells/s, frame latency p50/p99, and the share of the time spent outside the model.
+//! weights, 13-class head) and classification, at input 224 and 112, batch 8, the model's
+//! matrix products on 1 and on 2 threads. Reports cells/s, frame latency p50/p99, and the
+//! share of the time spent outside the model.
 
 use std::time::Instant;
 
@@ -50,10 +51,14 @@ fn main() {
         })
         .collect();
     println!(
-        "| model | input | frames | cells | cells/s | frame p50 ms | frame p99 ms | cell finding ms/frame | outside model % |"
+        "| model | input | threads | frames | cells | cells/s | frame p50 ms | frame p99 ms | cell finding ms/frame | outside model % |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for size in sizes {
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let threads: Vec<usize> = if smoke { vec![2] } else { vec![1, 2] };
+    for (size, threads) in sizes
+        .iter()
+        .flat_map(|&s| threads.iter().map(move |&t| (s, t)))
+    {
         let cfg = VitConfig::preset(preset, size).expect("config");
         let weights = VitWeights::random(&cfg, 1, 1e-5).expect("weights");
         let c = names.len();
@@ -62,7 +67,7 @@ fn main() {
             weight: Tensor::new(vec![c, cfg.embed_dim], vec![0.01; c * cfg.embed_dim]),
             bias: Tensor::new(vec![c], vec![0.0; c]),
         };
-        let dir = tmp.path().join(format!("b{size}"));
+        let dir = tmp.path().join(format!("b{size}-{threads}"));
         bundle::write_dir(
             &NewBundle {
                 name: "bench".into(),
@@ -77,7 +82,7 @@ fn main() {
         )
         .expect("bundle");
         let b = bundle::open(&dir, &trusted, &Limits::default()).expect("open");
-        let mut backend = TractBackend::from_bundle(&b, 8).expect("backend");
+        let mut backend = TractBackend::from_bundle(&b, 8, threads).expect("backend");
         let acfg = AnalyzeConfig::default();
         let mut lat = Vec::new();
         let mut find_ms = 0.0;
@@ -114,7 +119,7 @@ fn main() {
         let total_ms: f64 = lat.iter().sum();
         lat.sort_by(|a, b| a.total_cmp(b));
         println!(
-            "| {} | {size} | {} | {cells_total} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {size} | {threads} | {} | {cells_total} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
             preset.name(),
             fields.len(),
             cells_total as f64 / (total_ms / 1e3),

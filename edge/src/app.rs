@@ -209,7 +209,7 @@ impl Service {
 /// `reddino-edge run`: everything from a config, until the source ends or `stop` is set.
 pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let bundle = open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)?;
-    let backend = TractBackend::from_bundle(&bundle, cfg.model.batch)?;
+    let backend = TractBackend::from_bundle(&bundle, cfg.model.batch, cfg.model.threads)?;
     let source = build_source(&cfg.camera)?;
     let svc = Service::start(cfg, &bundle, Box::new(backend), source, stop, None)?;
     Ok(svc.finish())

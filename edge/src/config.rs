@@ -110,6 +110,9 @@ pub struct ModelConfig {
     pub trusted_keys: Vec<PathBuf>,
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// Threads for the model's matrix products (0 = one per core).
+    #[serde(default)]
+    pub threads: usize,
     /// Below this top probability a cell counts as `uncertain`.
     #[serde(default = "default_min_confidence")]
     pub min_confidence: f32,

@@ -318,7 +318,7 @@ path = {outbox:?}
     let cfg = Config::parse(&text, Path::new("<demo>"))?;
     let monitor = Monitor::connect("127.0.0.1", port, "demo-monitor", "reddino/demo-scope")?;
     let b = open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)?;
-    let backend = TractBackend::from_bundle(&b, cfg.model.batch)?;
+    let backend = TractBackend::from_bundle(&b, cfg.model.batch, cfg.model.threads)?;
     println!(
         "- synthetic microscope: {} frames of {}x{} at {} fps, 4 acquisition sources",
         opts.frames, opts.width, opts.height, opts.fps
@@ -350,7 +350,7 @@ path = {outbox:?}
         println!();
     }
     // Close the slide through the command topic, as a lab system would.
-    monitor.command("session/stop", br#"{"v":1,"id":"demo-stop"}"#)?;
+    monitor.command("session/stop", br#"{"schema_version":1,"id":"demo-stop"}"#)?;
     let stopped = monitor.wait_for(Duration::from_secs(10), |o| {
         o.replies
             .iter()
@@ -381,7 +381,7 @@ fn live_line(svc: &Service, monitor: &Monitor) -> String {
         .into_iter()
         .filter(|(_, n)| *n > 0)
         .collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1));
+    top.sort_by_key(|t| std::cmp::Reverse(t.1));
     let top: Vec<String> = top
         .iter()
         .take(4)
@@ -440,7 +440,7 @@ impl DemoSummary {
                 s.session, s.frames, s.cells, s.uncertain
             );
             let mut classes = s.classes.clone();
-            classes.sort_by(|a, b| b.count.cmp(&a.count));
+            classes.sort_by_key(|c| std::cmp::Reverse(c.count));
             for c in classes.iter().filter(|c| c.count > 0) {
                 out += &format!(
                     "  {:<14} {:>6}  {:>5.1}%  (95% CI {:.1}-{:.1}%)\n",

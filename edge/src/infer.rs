@@ -33,9 +33,16 @@ pub struct TractBackend {
 }
 
 impl TractBackend {
-    /// Loads a verified bundle's model for `batch` images per call.
-    pub fn from_bundle(bundle: &Bundle, batch: usize) -> Result<Self, reddino_models::Error> {
-        let model = TractModel::new(&bundle.read_model()?, batch, bundle.manifest().input_size)?;
+    /// Loads a verified bundle's model for `batch` images per call, its matrix products
+    /// split over `threads` (0 = one per core).
+    pub fn from_bundle(
+        bundle: &Bundle,
+        batch: usize,
+        threads: usize,
+    ) -> Result<Self, reddino_models::Error> {
+        let mut model =
+            TractModel::new(&bundle.read_model()?, batch, bundle.manifest().input_size)?;
+        model.set_threads(threads);
         Ok(TractBackend {
             model,
             padded: Vec::new(),
@@ -82,7 +89,8 @@ impl Backend for TractBackend {
 
     fn describe(&self) -> String {
         format!(
-            "tract (CPU), batch {}, input {}",
+            "tract (CPU, {} threads), batch {}, input {}",
+            self.model.threads(),
             self.model.batch(),
             self.model.size()
         )

@@ -38,7 +38,7 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         frames: u64,
         /// Camera frame rate; frames are dropped when analysis falls behind.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 1.0)]
         fps: f64,
         #[arg(long, default_value_t = 960)]
         width: u32,
@@ -65,6 +65,9 @@ enum Cmd {
         /// Images per inference call.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Threads for the model's matrix products (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// Below this top probability a cell counts as `uncertain`.
         #[arg(long, default_value_t = 0.5)]
         min_confidence: f32,
@@ -76,7 +79,8 @@ enum Cmd {
 
 fn main() {
     env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,tract_linalg=warn"),
+        env_logger::Env::default()
+            .default_filter_or("info,tract_linalg=warn,rumqttd=off,tracing=off"),
     )
     .init();
     if let Err(e) = run(Cli::parse()) {
@@ -138,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
             trusted_keys,
             json,
             batch,
+            threads,
             min_confidence,
             images,
         } => {
@@ -158,7 +163,7 @@ fn run(cli: Cli) -> Result<()> {
                     model.display()
                 );
             }
-            let mut backend = TractBackend::from_bundle(&b, batch.max(1))?;
+            let mut backend = TractBackend::from_bundle(&b, batch.max(1), threads)?;
             log::info!(
                 "model {} {}: {}",
                 b.manifest().name,

@@ -12,7 +12,7 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CountsMsg {
-    pub v: u32,
+    pub schema_version: u32,
     pub seq: u64,
     pub device: String,
     /// Frame number from the source (restarts with the source).
@@ -45,7 +45,7 @@ pub struct ClassShare {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionMsg {
-    pub v: u32,
+    pub schema_version: u32,
     pub seq: u64,
     pub device: String,
     pub session: String,
@@ -88,7 +88,7 @@ pub struct OutboxStats {
 /// `{prefix}/{device}/status` (retained; also the last will with `state: "offline"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusMsg {
-    pub v: u32,
+    pub schema_version: u32,
     pub device: String,
     /// `online` or `offline`.
     pub state: String,
@@ -114,7 +114,7 @@ pub struct StatusMsg {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandMsg {
-    pub v: u32,
+    pub schema_version: u32,
     /// Echoed in the reply.
     #[serde(default)]
     pub id: Option<String>,
@@ -127,7 +127,7 @@ pub struct CommandMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyMsg {
-    pub v: u32,
+    pub schema_version: u32,
     pub id: Option<String>,
     pub command: String,
     pub ok: bool,

@@ -18,6 +18,9 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use crate::config::MqttConfig;
 use crate::service::Shared;
 
+/// PEM bytes: the CA, and the client certificate + key for mutual TLS.
+type TlsFiles = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
+
 /// Connection settings with secrets loaded. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct MqttSettings {
@@ -26,8 +29,7 @@ pub struct MqttSettings {
     pub client_id: String,
     pub username: Option<String>,
     password: Option<String>,
-    /// CA, and client certificate + key, PEM bytes.
-    tls: Option<(Vec<u8>, Option<(Vec<u8>, Vec<u8>)>)>,
+    tls: Option<TlsFiles>,
     pub keep_alive: Duration,
     pub reconnect_max: Duration,
     pub max_inflight: u16,

@@ -7,6 +7,10 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+/// The queue was closed and has nothing left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
 struct Inner<T> {
     items: VecDeque<T>,
     closed: bool,
@@ -72,9 +76,9 @@ impl<T> Queue<T> {
         Ok(())
     }
 
-    /// Takes the oldest item, waiting up to `timeout`. `Ok(None)` on timeout; `Err(())` when
-    /// the queue is closed and empty.
-    pub fn pop_timeout(&self, timeout: Duration) -> Result<Option<T>, ()> {
+    /// Takes the oldest item, waiting up to `timeout`. `Ok(None)` on timeout; `Err(Closed)`
+    /// when the queue is closed and empty.
+    pub fn pop_timeout(&self, timeout: Duration) -> Result<Option<T>, Closed> {
         let mut g = self.lock();
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -84,7 +88,7 @@ impl<T> Queue<T> {
                 return Ok(Some(item));
             }
             if g.closed {
-                return Err(());
+                return Err(Closed);
             }
             let now = std::time::Instant::now();
             if now >= deadline {
@@ -140,7 +144,7 @@ mod tests {
         assert_eq!(q.pop_timeout(Duration::ZERO).unwrap(), Some(3));
         assert_eq!(q.pop_timeout(Duration::from_millis(1)).unwrap(), None);
         q.close();
-        assert_eq!(q.pop_timeout(Duration::ZERO), Err(()));
+        assert_eq!(q.pop_timeout(Duration::ZERO), Err(Closed));
         assert_eq!(q.push_drop_oldest(4), Err(4));
     }
 

@@ -193,7 +193,7 @@ impl Shared {
             }
         };
         StatusMsg {
-            v: VERSION,
+            schema_version: VERSION,
             device: self.settings.device_id.clone(),
             state: state.into(),
             time_ms: messages::now_ms(),
@@ -211,7 +211,7 @@ impl Shared {
     /// command changes nothing and gets `ok: false` with the reason.
     pub fn handle_command(&self, leaf: &str, payload: &[u8]) -> ReplyMsg {
         let mut reply = ReplyMsg {
-            v: VERSION,
+            schema_version: VERSION,
             id: None,
             command: leaf.to_string(),
             ok: false,
@@ -230,10 +230,10 @@ impl Shared {
             }
         };
         reply.id = cmd.id.clone();
-        if cmd.v != VERSION {
+        if cmd.schema_version != VERSION {
             reply.error = Some(format!(
                 "payload version {} is not supported (this device speaks {VERSION})",
-                cmd.v
+                cmd.schema_version
             ));
             return reply;
         }
@@ -288,7 +288,7 @@ impl Shared {
         let props = a.session.proportions();
         let para = a.session.parasitemia_pct();
         let mut msg = SessionMsg {
-            v: VERSION,
+            schema_version: VERSION,
             seq: 0,
             device: self.settings.device_id.clone(),
             session: a.name.clone(),
@@ -533,7 +533,7 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Stri
     by_name.insert(UNCERTAIN.into(), counts.uncertain);
     let latency_ms = job.arrived.elapsed().as_secs_f64() * 1e3;
     let mut msg = CountsMsg {
-        v: VERSION,
+        schema_version: VERSION,
         seq: 0,
         device: sh.settings.device_id.clone(),
         frame: job.frame.index,

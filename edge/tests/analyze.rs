@@ -44,7 +44,7 @@ fn analyze_counts_every_found_cell_once() {
     let mut trusted = TrustedKeys::new();
     trusted.add(&key.public_key_base64()).unwrap();
     let b = bundle::open(&dir, &trusted, &Limits::default()).unwrap();
-    let mut backend = TractBackend::from_bundle(&b, 4).unwrap();
+    let mut backend = TractBackend::from_bundle(&b, 4, 1).unwrap();
     let field = render(&FieldSpec::new(
         640,
         480,

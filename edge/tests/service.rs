@@ -234,38 +234,53 @@ fps = 4.0"#;
         ("session/start", b"{not json", false, "malformed"),
         (
             "session/start",
-            br#"{"v":9,"id":"a","session":"s1"}"#,
+            br#"{"schema_version":9,"id":"a","session":"s1"}"#,
             false,
             "version",
         ),
-        ("session/start", br#"{"v":1,"id":"b"}"#, false, "needs"),
         (
             "session/start",
-            br#"{"v":1,"id":"c","session":"../x y"}"#,
+            br#"{"schema_version":1,"id":"b"}"#,
+            false,
+            "needs",
+        ),
+        (
+            "session/start",
+            br#"{"schema_version":1,"id":"c","session":"../x y"}"#,
             false,
             "session name",
         ),
         (
             "session/start",
-            br#"{"v":1,"id":"d","session":"s1","extra":1}"#,
+            br#"{"schema_version":1,"id":"d","session":"s1","extra":1}"#,
             false,
             "unknown field",
         ),
-        ("reboot", br#"{"v":1,"id":"e"}"#, false, "unknown command"),
-        ("session/stop", br#"{"v":1,"id":"f"}"#, false, "no session"),
+        (
+            "reboot",
+            br#"{"schema_version":1,"id":"e"}"#,
+            false,
+            "unknown command",
+        ),
+        (
+            "session/stop",
+            br#"{"schema_version":1,"id":"f"}"#,
+            false,
+            "no session",
+        ),
         (
             "session/start",
-            br#"{"v":1,"id":"g","session":"slide-1"}"#,
+            br#"{"schema_version":1,"id":"g","session":"slide-1"}"#,
             true,
             "",
         ),
         (
             "session/start",
-            br#"{"v":1,"id":"h","session":"slide-2"}"#,
+            br#"{"schema_version":1,"id":"h","session":"slide-2"}"#,
             false,
             "slide-1",
         ),
-        ("status", br#"{"v":1,"id":"i"}"#, true, ""),
+        ("status", br#"{"schema_version":1,"id":"i"}"#, true, ""),
     ];
     for (n, (leaf, payload, ok, needle)) in cases.iter().enumerate() {
         mon.command(leaf, payload).unwrap();
@@ -296,7 +311,8 @@ fps = 4.0"#;
     // Still running: results keep coming, then a stop gives the session summary.
     let before = mon.observed().seqs.len();
     assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() > before + 1));
-    mon.command("session/stop", br#"{"v":1,"id":"j"}"#).unwrap();
+    mon.command("session/stop", br#"{"schema_version":1,"id":"j"}"#)
+        .unwrap();
     assert!(mon.wait_for(Duration::from_secs(10), |o| !o.sessions.is_empty()));
     let s = mon.observed().sessions[0].clone();
     assert_eq!(s.session, "slide-1");
@@ -340,7 +356,8 @@ retry_max_s = 0.5"#;
     // Several seconds later it is still up and still saying why.
     std::thread::sleep(Duration::from_secs(2));
     assert!(!h.is_finished());
-    mon.command("status", br#"{"v":1,"id":"s"}"#).unwrap();
+    mon.command("status", br#"{"schema_version":1,"id":"s"}"#)
+        .unwrap();
     assert!(mon.wait_for(Duration::from_secs(10), |o| !o.replies.is_empty()));
     let st = mon.observed().replies[0].status.clone().unwrap();
     assert_eq!(st.state, "online");

@@ -1,5 +1,5 @@
 //! Times one batch of the exported ViT in tract:
-//! `cargo run --release -p reddino-models --example tract_speed [PRESET] [SIZE] [BATCH]`.
+//! `cargo run --release -p reddino-models --example tract_speed [PRESET] [SIZE] [BATCH] [THREADS]`.
 use std::time::Instant;
 
 use reddino_models::arch::{Preset, VitConfig};
@@ -12,7 +12,10 @@ fn main() {
     let batch: usize = a.get(3).and_then(|v| v.parse().ok()).unwrap_or(8);
     let cfg = VitConfig::preset(preset, size).expect("config");
     let w = VitWeights::random(&cfg, 0, 1e-5).expect("weights");
-    let m = TractModel::new(&onnx::export(&w, None).expect("export"), batch, size).expect("model");
+    let threads: usize = a.get(4).and_then(|v| v.parse().ok()).unwrap_or(1);
+    let mut m =
+        TractModel::new(&onnx::export(&w, None).expect("export"), batch, size).expect("model");
+    m.set_threads(threads);
     let x = vec![0.1f32; batch * 3 * size * size];
     m.run(&x).expect("warm-up");
     let reps = 3;
@@ -23,7 +26,7 @@ fn main() {
     let s = t.elapsed().as_secs_f64() / reps as f64;
     let gmac = cfg.macs_per_image() as f64 * batch as f64 / 1e9;
     println!(
-        "{} {size} batch {batch}: {:.1} ms/batch, {:.1} images/s, {:.1} GMAC/s",
+        "{} {size} batch {batch} threads {threads}: {:.1} ms/batch, {:.1} images/s, {:.1} GMAC/s",
         preset.name(),
         s * 1e3,
         batch as f64 / s,
