@@ -462,3 +462,64 @@ fn bad_configs_refuse_to_start_naming_the_key() {
     assert!(err.contains("signature") || err.contains("key"), "{err}");
     assert!(!tmp.path().join("o.db").exists(), "nothing started");
 }
+
+#[test]
+fn credentials_work_and_the_password_never_reaches_the_log() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "s3cret-Pa55-do-not-log";
+    let passwd = tmp.path().join("passwd");
+    let ok = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["edge", secret])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mosquitto_passwd failed");
+    let broker = Mosquitto::start_with(
+        bin,
+        tmp.path(),
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwd.display()
+        ),
+    );
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let exe = env!("CARGO_BIN_EXE_reddino-edge");
+    let camera = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 3";
+    for (password, delivered) in [(secret, true), ("wrong-password-also-secret", false)] {
+        let pw_file = tmp.path().join("mqtt.password");
+        std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+        let outbox = tmp.path().join(format!("o-{delivered}.db"));
+        let mqtt = format!(
+            "username = \"edge\"\npassword_file = {:?}",
+            pw_file.display().to_string()
+        );
+        let text = config_text(&b, &k, broker.port, &outbox, camera, &mqtt)
+            .replace("drain_timeout_s = 20.0", "drain_timeout_s = 3.0");
+        let conf = tmp.path().join("edge.toml");
+        std::fs::write(&conf, text).unwrap();
+        let out = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&conf)
+            .env("RUST_LOG", "debug")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert!(
+            !log.contains(password),
+            "the password appears in the log:\n{log}"
+        );
+        if delivered {
+            assert!(log.contains("0 left in the outbox"), "{log}");
+        } else {
+            assert!(
+                log.contains("NotAuthorized") || log.contains("refused"),
+                "{log}"
+            );
+            assert!(log.contains("3 left in the outbox"), "{log}");
+        }
+    }
+}

@@ -38,6 +38,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(bin: PathBuf, dir: &Path) -> Mosquitto {
+        Self::start_with(bin, dir, "allow_anonymous true\n")
+    }
+
+    /// With extra configuration lines (e.g. a password file instead of anonymous access).
+    pub fn start_with(bin: PathBuf, dir: &Path, extra: &str) -> Mosquitto {
         let port = reddino_edge::demo::free_port().unwrap();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).unwrap();
@@ -49,7 +54,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{extra}persistence true\n\
                  persistence_location {}/\nuser {user}\nlog_dest none\nmax_queued_messages 100000\n",
                 data.display()
             ),
