@@ -4,9 +4,10 @@
 #   mosquitto     a real MQTT broker for the service tests (`--tests` only)
 set -euo pipefail
 need=()
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+have libclang-dev || need+=(libclang-dev)
 if [ "${1:-}" = "--tests" ]; then
-    [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+    have mosquitto || need+=(mosquitto)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]} (apt)"
