@@ -8,7 +8,7 @@ use reddino_models::preprocess::{preprocess_into, square_crop, Normalization};
 use serde::Serialize;
 
 use crate::cells::{self, CellFinderConfig};
-use crate::classify::{classify, Counts, UNCERTAIN};
+use crate::classify::{classify, Counts, Prediction, UNCERTAIN};
 use crate::infer::Backend;
 
 /// Settings of the analysis.
@@ -60,21 +60,54 @@ pub fn analyze_image(
     cfg: &AnalyzeConfig,
 ) -> Result<ImageReport, reddino_models::Error> {
     let found = cells::find(img, &cfg.cells);
+    let crops: Vec<RgbImage> = found
+        .iter()
+        .map(|c| square_crop(img, c.bbox, cfg.margin))
+        .collect();
+    let predictions = classify_crops(&crops, backend, class_names, norm, cfg.min_confidence)?;
+    let mut counts = Counts::new(class_names.len());
+    let reports = found
+        .iter()
+        .zip(&predictions)
+        .map(|(cell, p)| {
+            counts.add(p);
+            CellReport {
+                bbox: cell.bbox,
+                class: p
+                    .class
+                    .map(|c| class_names[c].clone())
+                    .unwrap_or_else(|| UNCERTAIN.into()),
+                confidence: p.confidence,
+            }
+        })
+        .collect();
+    let by_name = counts.by_name(class_names);
+    Ok(ImageReport {
+        image: name.into(),
+        width: img.width(),
+        height: img.height(),
+        counts: by_name,
+        cells: reports,
+    })
+}
+
+/// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the
+/// `uncertain` threshold. One prediction per crop, in order.
+pub fn classify_crops(
+    crops: &[RgbImage],
+    backend: &mut dyn Backend,
+    class_names: &[String],
+    norm: &Normalization,
+    min_confidence: f32,
+) -> Result<Vec<Prediction>, reddino_models::Error> {
     let size = backend.input_size();
     let per = 3 * size * size;
     let batch = backend.batch_size().max(1);
-    let mut counts = Counts::new(class_names.len());
-    let mut reports = Vec::with_capacity(found.len());
-    let mut pixels = vec![0f32; batch * per];
-    for chunk in found.chunks(batch) {
-        for (i, cell) in chunk.iter().enumerate() {
-            let crop = square_crop(img, cell.bbox, cfg.margin);
-            preprocess_into(
-                &crop,
-                size as u32,
-                norm,
-                &mut pixels[i * per..(i + 1) * per],
-            );
+    let mut pixels = vec![0f32; batch.min(crops.len().max(1)) * per];
+    let mut out_preds = Vec::with_capacity(crops.len());
+    for chunk in crops.chunks(batch) {
+        for (i, crop) in chunk.iter().enumerate() {
+            preprocess_into(crop, size as u32, norm, &mut pixels[i * per..(i + 1) * per]);
         }
         let out = backend.run(&pixels[..chunk.len() * per], chunk.len())?;
         let logits = out.logits.ok_or_else(|| {
@@ -89,33 +122,11 @@ pub fn analyze_image(
                 class_names.len()
             )));
         }
-        for (i, cell) in chunk.iter().enumerate() {
-            let p = classify(
-                &logits[i * out.classes..(i + 1) * out.classes],
-                cfg.min_confidence,
-            );
-            counts.add(&p);
-            reports.push(CellReport {
-                bbox: cell.bbox,
-                class: p
-                    .class
-                    .map(|c| class_names[c].clone())
-                    .unwrap_or_else(|| UNCERTAIN.into()),
-                confidence: p.confidence,
-            });
-        }
+        out_preds.extend(
+            logits
+                .chunks_exact(out.classes)
+                .map(|l| classify(l, min_confidence)),
+        );
     }
-    let mut by_name: BTreeMap<String, u64> = class_names
-        .iter()
-        .cloned()
-        .zip(counts.per_class.iter().copied())
-        .collect();
-    by_name.insert(UNCERTAIN.into(), counts.uncertain);
-    Ok(ImageReport {
-        image: name.into(),
-        width: img.width(),
-        height: img.height(),
-        counts: by_name,
-        cells: reports,
-    })
+    Ok(out_preds)
 }

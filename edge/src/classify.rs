@@ -53,6 +53,17 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Counts keyed by class name, `uncertain` included.
+    pub fn by_name(&self, class_names: &[String]) -> std::collections::BTreeMap<String, u64> {
+        let mut m: std::collections::BTreeMap<String, u64> = class_names
+            .iter()
+            .cloned()
+            .zip(self.per_class.iter().copied())
+            .collect();
+        m.insert(UNCERTAIN.into(), self.uncertain);
+        m
+    }
+
     pub fn new(classes: usize) -> Self {
         Counts {
             per_class: vec![0; classes],

@@ -24,16 +24,28 @@ use crate::config::Config;
 use crate::infer::TractBackend;
 use crate::messages::{CountsMsg, ReplyMsg, SessionMsg, StatusMsg};
 
-/// Demo settings (the CLI's defaults keep it under a minute on two cores).
-#[derive(Debug, Clone)]
+/// Demo settings, also the `reddino-edge demo` options (the defaults keep it under a minute
+/// on two cores).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
+    /// Frames from the synthetic microscope.
+    #[arg(long, default_value_t = 16)]
     pub frames: u64,
+    /// Camera frame rate; frames are dropped when analysis falls behind.
+    #[arg(long, default_value_t = 1.0)]
     pub fps: f64,
+    #[arg(long, default_value_t = 960)]
     pub width: u32,
+    #[arg(long, default_value_t = 540)]
     pub height: u32,
+    /// Model input size (a multiple of 14).
+    #[arg(long, default_value_t = 56)]
     pub input_size: usize,
+    /// Where the bundle and outbox go.
+    #[arg(long, default_value = "target/edge-demo")]
     pub out: PathBuf,
     /// Redraw one status line (on a terminal) instead of printing progress lines.
+    #[arg(skip = true)]
     pub live: bool,
 }
 

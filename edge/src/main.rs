@@ -33,24 +33,7 @@ enum Cmd {
     },
     /// The whole service on embedded defaults: in-process broker, synthetic microscope,
     /// a demo bundle, a live view and a summary.
-    Demo {
-        /// Frames from the synthetic microscope.
-        #[arg(long, default_value_t = 16)]
-        frames: u64,
-        /// Camera frame rate; frames are dropped when analysis falls behind.
-        #[arg(long, default_value_t = 1.0)]
-        fps: f64,
-        #[arg(long, default_value_t = 960)]
-        width: u32,
-        #[arg(long, default_value_t = 540)]
-        height: u32,
-        /// Model input size (a multiple of 14).
-        #[arg(long, default_value_t = 56)]
-        input_size: usize,
-        /// Where the bundle and outbox go.
-        #[arg(long, default_value = "target/edge-demo")]
-        out: PathBuf,
-    },
+    Demo(reddino_edge::demo::DemoOptions),
     /// Analyse image files offline: one JSON object per image with counts and cells.
     Analyze {
         /// Model bundle (directory or .tar) with a classification head.
@@ -115,23 +98,8 @@ fn run(cli: Cli) -> Result<()> {
                 report.publisher.left_in_outbox
             );
         }
-        Cmd::Demo {
-            frames,
-            fps,
-            width,
-            height,
-            input_size,
-            out,
-        } => {
-            let summary = reddino_edge::demo::run(&reddino_edge::demo::DemoOptions {
-                frames,
-                fps,
-                width,
-                height,
-                input_size,
-                out,
-                live: true,
-            })?;
+        Cmd::Demo(opts) => {
+            let summary = reddino_edge::demo::run(&opts)?;
             print!("{}", summary.render());
             if !summary.complete() {
                 bail!("not every result reached the subscriber");

@@ -7,9 +7,11 @@
 //! dropped and counted (the count survives restarts and is reported in `status`).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::messages::now_ms;
 
 /// Why the outbox could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -61,13 +63,6 @@ pub struct Outbox {
     conn: Connection,
     path: PathBuf,
     limits: OutboxLimits,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Outbox {

@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use image::RgbImage;
-use reddino_models::preprocess::{preprocess_into, square_crop, Normalization};
+use reddino_models::preprocess::{square_crop, Normalization};
 
+use crate::analyze::classify_crops;
 use crate::capture::{Frame, FrameSource};
-use crate::cells::{self, Cell, CellFinderConfig};
-use crate::classify::{classify, Counts, Session, UNCERTAIN};
+use crate::cells::{self, CellFinderConfig};
+use crate::classify::{Counts, Session};
 use crate::config::valid_id;
 use crate::infer::Backend;
 use crate::messages::{
@@ -164,17 +165,9 @@ impl Shared {
             p99_ms: percentile(&lat, 0.99),
             elapsed: self.started.elapsed(),
             session: sess.as_ref().map(|s| s.name.clone()),
-            session_counts: sess.as_ref().map(|s| {
-                let mut m: BTreeMap<String, u64> = s
-                    .session
-                    .class_names
-                    .iter()
-                    .cloned()
-                    .zip(s.session.counts.per_class.iter().copied())
-                    .collect();
-                m.insert(UNCERTAIN.into(), s.session.counts.uncertain);
-                m
-            }),
+            session_counts: sess
+                .as_ref()
+                .map(|s| s.session.counts.by_name(&s.session.class_names)),
         }
     }
 
@@ -335,7 +328,6 @@ impl Shared {
 struct Job {
     frame: Frame,
     arrived: Instant,
-    cells: Vec<Cell>,
     crops: Vec<RgbImage>,
 }
 
@@ -420,7 +412,6 @@ impl Pipeline {
                     let job = Job {
                         frame,
                         arrived,
-                        cells: found,
                         crops,
                     };
                     if jq.push_wait(job).is_err() {
@@ -490,47 +481,17 @@ fn sleep_unless_stopped(sh: &Shared, d: Duration) {
 /// Classifies a job's crops and stores the frame's counts in the outbox.
 fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), String> {
     let names = &sh.model.class_names;
-    let size = backend.input_size();
-    let per = 3 * size * size;
-    let batch = backend.batch_size().max(1);
+    let predictions = classify_crops(
+        &job.crops,
+        backend,
+        names,
+        &sh.model.normalization,
+        sh.settings.min_confidence,
+    )
+    .map_err(|e| e.to_string())?;
     let mut counts = Counts::new(names.len());
-    let mut pixels = vec![0f32; batch * per];
-    for chunk in job.crops.chunks(batch) {
-        for (i, crop) in chunk.iter().enumerate() {
-            preprocess_into(
-                crop,
-                size as u32,
-                &sh.model.normalization,
-                &mut pixels[i * per..(i + 1) * per],
-            );
-        }
-        let out = backend
-            .run(&pixels[..chunk.len() * per], chunk.len())
-            .map_err(|e| e.to_string())?;
-        let logits = out
-            .logits
-            .ok_or("the model has no classification head (`logits` output)")?;
-        if out.classes != names.len() {
-            return Err(format!(
-                "the model gives {} logits, the bundle lists {} classes",
-                out.classes,
-                names.len()
-            ));
-        }
-        for i in 0..chunk.len() {
-            counts.add(&classify(
-                &logits[i * out.classes..(i + 1) * out.classes],
-                sh.settings.min_confidence,
-            ));
-        }
-    }
-    debug_assert_eq!(counts.total() as usize, job.cells.len());
-    let mut by_name: BTreeMap<String, u64> = names
-        .iter()
-        .cloned()
-        .zip(counts.per_class.iter().copied())
-        .collect();
-    by_name.insert(UNCERTAIN.into(), counts.uncertain);
+    predictions.iter().for_each(|p| counts.add(p));
+    let by_name = counts.by_name(names);
     let latency_ms = job.arrived.elapsed().as_secs_f64() * 1e3;
     let mut msg = CountsMsg {
         schema_version: VERSION,
