@@ -8,17 +8,12 @@ cd "$(dirname "$0")/.."
 ./scripts/system-deps.sh --tests
 export REDDINO_REQUIRE_MOSQUITTO=1
 
-VENV=${REDDINO_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "==> creating Python venv in $VENV"
-    python3 -m venv "$VENV"
-fi
-echo "==> installing reference packages (tests/reference/requirements.txt)"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
+. scripts/torch-env.sh
 
-echo "==> writing timm reference outputs"
+echo "==> writing timm and DINOv2 reference outputs"
 REF="$PWD/target/reference"
-"$VENV/bin/python" tests/reference/timm_vit.py "$REF"
+"$REDDINO_PYTHON" tests/reference/timm_vit.py "$REF"
+"$REDDINO_PYTHON" tests/reference/dinov2_losses.py "$REF"
 export REDDINO_REFERENCE_DIR="$REF"
 export REDDINO_REQUIRE_REFERENCE=1
 

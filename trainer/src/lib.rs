@@ -1,2 +1,10 @@
-//! `reddino-trainer`: RedDino/DINOv2 pretraining, evaluation and bundle export.
-//! The training code lands here; the shared contract lives in `reddino-models`.
+//! RedDino trainer: DINOv2 self-supervised pretraining of the RedDino ViT with tch (libtorch),
+//! on CUDA when present and on the CPU otherwise.
+
+pub mod head;
+pub mod loss;
+pub mod masking;
+pub mod optim;
+pub mod schedule;
+pub mod ssl;
+pub mod vit;

@@ -1,0 +1,166 @@
+//! The student/teacher pair and one DINOv2 training step on two global crops (DINOv2's
+//! `SSLMetaArch.forward_backward` without local crops, as RedDino trains).
+
+use anyhow::Result;
+use reddino_models::arch::VitConfig;
+use reddino_models::weights::VitWeights;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::head::{DinoHead, HeadConfig};
+use crate::loss::{dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, Center};
+use crate::vit::Vit;
+
+/// How the teacher's scores become targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Centering {
+    /// Sinkhorn-Knopp, 3 iterations (RedDino).
+    SinkhornKnopp,
+    /// Running-mean centre with momentum 0.9 and a softmax (DINO).
+    Centering,
+}
+
+/// Loss settings.
+#[derive(Debug, Clone, Copy)]
+pub struct LossConfig {
+    pub student_temp: f64,
+    pub dino_weight: f64,
+    pub ibot_weight: f64,
+    pub koleo_weight: f64,
+    pub centering: Centering,
+}
+
+/// One network: backbone + DINO head, variables named `backbone.*` and `dino_head.*`.
+pub struct Network {
+    pub vs: nn::VarStore,
+    pub backbone: Vit,
+    pub head: DinoHead,
+}
+
+impl Network {
+    pub fn new(
+        device: Device,
+        vit: &VitConfig,
+        head: &HeadConfig,
+        init: Option<&VitWeights>,
+    ) -> Result<Network> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let backbone = match init {
+            Some(w) => Vit::from_weights(&(&root / "backbone"), w, vit.img_size)?,
+            None => Vit::new(&(&root / "backbone"), vit, 1)?,
+        };
+        let head = DinoHead::new(&(&root / "dino_head"), vit.embed_dim, head);
+        Ok(Network { vs, backbone, head })
+    }
+
+    /// Variables sorted by name (a stable order for the optimiser, EMA and checkpoints).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// Tensors of one step's batch.
+pub struct Batch {
+    /// Global crops [2B, 3, S, S]: crop 1 of every image, then crop 2.
+    pub crops: Tensor,
+    /// iBOT masks [2B, N] (bool).
+    pub masks: Tensor,
+}
+
+/// Loss values of one step.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StepLosses {
+    pub total: f64,
+    pub dino: f64,
+    pub ibot: f64,
+    pub koleo: f64,
+}
+
+/// DINOv2 forward on the teacher and the student; returns the total loss (with graph) and the
+/// parts. `teacher_temp` is the scheduled temperature.
+pub fn forward_losses(
+    student: &Network,
+    teacher: &Network,
+    batch: &Batch,
+    teacher_temp: f64,
+    cfg: &LossConfig,
+    centers: &mut Option<(Center, Center)>,
+) -> (Tensor, StepLosses) {
+    let n_images = batch.crops.size()[0];
+    let b = n_images / 2;
+    let masks_flat = batch.masks.flatten(0, 1);
+    let mask_idx = masks_flat.nonzero().flatten(0, -1);
+    let n_masked = mask_idx.size()[0];
+    // Each masked patch weighs 1 / (masked patches of its image).
+    let per_image = batch
+        .masks
+        .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+        .clamp_min(1.0);
+    let weights = per_image
+        .reciprocal()
+        .expand_as(&batch.masks)
+        .flatten(0, 1)
+        .index_select(0, &mask_idx);
+
+    // Teacher: no gradient; crop 1's target is crop 2's output and vice versa.
+    let (t_cls, t_patch) = tch::no_grad(|| {
+        let out = teacher.backbone.forward(&batch.crops, None, false);
+        let cls = Tensor::cat(&[out.cls.narrow(0, b, b), out.cls.narrow(0, 0, b)], 0);
+        let d = out.patches.size()[2];
+        let patches = out.patches.reshape([-1, d]).index_select(0, &mask_idx);
+        let heads = teacher.head.forward(&Tensor::cat(&[&cls, &patches], 0));
+        let cls_h = heads.narrow(0, 0, n_images);
+        let patch_h = heads.narrow(0, n_images, n_masked);
+        match (cfg.centering, centers.as_mut()) {
+            (Centering::Centering, Some((c_dino, c_ibot))) => {
+                let c = c_dino.softmax_centered(&cls_h, teacher_temp);
+                c_dino.update(&cls_h);
+                let p = c_ibot.softmax_centered(&patch_h, teacher_temp);
+                if n_masked > 0 {
+                    c_ibot.update(&patch_h);
+                }
+                (c, p)
+            }
+            _ => (
+                sinkhorn_knopp(&cls_h, teacher_temp, 3, n_images as f64),
+                sinkhorn_knopp(&patch_h, teacher_temp, 3, n_masked.max(1) as f64),
+            ),
+        }
+    });
+
+    let out = student
+        .backbone
+        .forward(&batch.crops, Some(&batch.masks), true);
+    let d = out.patches.size()[2];
+    let s_patches = out.patches.reshape([-1, d]).index_select(0, &mask_idx);
+    let heads = student
+        .head
+        .forward(&Tensor::cat(&[&out.cls, &s_patches], 0));
+    let s_cls_h = heads.narrow(0, 0, n_images);
+    let s_patch_h = heads.narrow(0, n_images, n_masked);
+
+    let dino = dino_loss(&s_cls_h, &t_cls, cfg.student_temp);
+    let ibot = if n_masked > 0 {
+        ibot_loss(&s_patch_h, &t_patch, &weights, n_images, cfg.student_temp)
+    } else {
+        Tensor::zeros([], (Kind::Float, out.cls.device()))
+    };
+    let mut total = &dino * cfg.dino_weight + &ibot * cfg.ibot_weight;
+    let mut koleo_v = 0.0;
+    if cfg.koleo_weight > 0.0 {
+        let k = koleo_loss(&out.cls.narrow(0, 0, b)) + koleo_loss(&out.cls.narrow(0, b, b));
+        koleo_v = k.double_value(&[]);
+        total = total + k * cfg.koleo_weight;
+    }
+    let parts = StepLosses {
+        total: total.double_value(&[]),
+        dino: dino.double_value(&[]),
+        ibot: ibot.double_value(&[]),
+        koleo: koleo_v,
+    };
+    (total, parts)
+}

@@ -1,0 +1,152 @@
+//! The trainer against its references (written by scripts/test.sh into $REDDINO_REFERENCE_DIR):
+//! the tch ViT against timm's `vit_small_patch14_dinov2` forward, and the losses against
+//! DINOv2's formulas computed with torch.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use reddino_models::weights::VitWeights;
+use reddino_trainer::loss::{
+    dino_loss, ibot_loss, koleo_loss, max_abs_diff, sinkhorn_knopp, Center,
+};
+use reddino_trainer::vit::Vit;
+use tch::{nn, Device, Kind, Tensor};
+
+fn reference_dir() -> Option<PathBuf> {
+    match std::env::var_os("REDDINO_REFERENCE_DIR") {
+        Some(d) => Some(PathBuf::from(d)),
+        None if std::env::var_os("REDDINO_REQUIRE_REFERENCE").is_some() => {
+            panic!("REDDINO_REQUIRE_REFERENCE is set but REDDINO_REFERENCE_DIR is not; run scripts/test.sh")
+        }
+        None => {
+            eprintln!("skipped: REDDINO_REFERENCE_DIR not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+fn read(dir: &Path, name: &str) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join(name))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .into_iter()
+        .collect()
+}
+
+fn parity(dir: &Path, weights: &str, io: &str, img_size: usize) -> f64 {
+    let w = VitWeights::load(&dir.join(weights)).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = Vit::from_weights(&vs.root(), &w, img_size).unwrap();
+    let io = read(dir, io);
+    let got = tch::no_grad(|| vit.embed(&io["pixels"]));
+    assert_eq!(got.size(), io["embedding"].size());
+    max_abs_diff(&got, &io["embedding"])
+}
+
+#[test]
+fn vit_small_matches_timm() {
+    let Some(dir) = reference_dir() else { return };
+    let d = parity(
+        &dir,
+        "vit_small.safetensors",
+        "vit_small_224_io.safetensors",
+        224,
+    );
+    eprintln!("vit_small 224: max |tch - timm| = {d:.2e}");
+    assert!(d < 1e-4, "vit_small 224 differs from timm by {d}");
+    // Position embedding resampled to 112 as timm does.
+    let d = parity(
+        &dir,
+        "vit_small.safetensors",
+        "vit_small_112_io.safetensors",
+        112,
+    );
+    eprintln!("vit_small 112: max |tch - timm| = {d:.2e}");
+    assert!(d < 1e-4, "vit_small 112 differs from timm by {d}");
+    // Register tokens (timm no_embed_class layout).
+    let d = parity(
+        &dir,
+        "vit_reg_56.safetensors",
+        "vit_reg_56_io.safetensors",
+        56,
+    );
+    eprintln!("vit_reg 56: max |tch - timm| = {d:.2e}");
+    assert!(d < 1e-4, "register model differs from timm by {d}");
+}
+
+#[test]
+fn weights_round_trip_through_models() {
+    let Some(dir) = reference_dir() else { return };
+    let w = VitWeights::load(&dir.join("vit_small.safetensors")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = Vit::from_weights(&vs.root(), &w, 224).unwrap();
+    let back = vit.to_weights().unwrap();
+    for (k, t) in w.tensors() {
+        assert_eq!(back.get(k).unwrap().data, t.data, "{k}");
+    }
+}
+
+#[test]
+fn losses_match_dinov2() {
+    let Some(dir) = reference_dir() else { return };
+    let r = read(&dir, "dinov2_losses.safetensors");
+    let temps = Vec::<f32>::try_from(&r["temps"]).unwrap();
+    let (tt, st) = (temps[0] as f64, temps[1] as f64);
+    let masks = r["masks"].to_kind(Kind::Bool);
+    let b = masks.size()[0];
+    let n_masked = masks.sum(Kind::Int64).int64_value(&[]);
+
+    let sk = sinkhorn_knopp(&r["t_cls"], tt, 3, b as f64);
+    assert!(max_abs_diff(&sk, &r["sk_cls"]) < 1e-6, "sinkhorn cls");
+    // Rows sum to 1 (a distribution per sample); with enough iterations every prototype gets
+    // the same mass, B/K (3 iterations only approach it).
+    let rows = sk.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    assert!(max_abs_diff(&rows, &Tensor::ones_like(&rows)) < 1e-5);
+    let k = sk.size()[1];
+    let converged = sinkhorn_knopp(&r["t_cls"], tt, 100, b as f64);
+    let cols = converged.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+    let d = max_abs_diff(&cols, &(Tensor::ones_like(&cols) * (b as f64 / k as f64)));
+    assert!(d < 1e-4, "column sums off by {d}");
+    let skp = sinkhorn_knopp(&r["t_patch"], tt, 3, n_masked as f64);
+    assert!(
+        max_abs_diff(&skp, &r["sk_patch"]) < 1e-6,
+        "sinkhorn patches"
+    );
+
+    let dino = dino_loss(&r["s_cls"], &sk, st);
+    assert!(
+        max_abs_diff(&dino, &r["dino"].squeeze()) < 1e-5,
+        "dino {dino}"
+    );
+
+    let per_image = masks
+        .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+        .clamp_min(1.0);
+    let weights = per_image
+        .reciprocal()
+        .expand_as(&masks)
+        .flatten(0, 1)
+        .index_select(0, &masks.flatten(0, 1).nonzero().flatten(0, -1));
+    let ibot = ibot_loss(&r["s_patch"], &skp, &weights, b, st);
+    assert!(
+        max_abs_diff(&ibot, &r["ibot"].squeeze()) < 1e-5,
+        "ibot {ibot}"
+    );
+
+    let koleo = koleo_loss(&r["feats"]);
+    assert!(
+        max_abs_diff(&koleo, &r["koleo"].squeeze()) < 1e-5,
+        "koleo {koleo}"
+    );
+
+    // Running-mean centering: first call uses a zero centre -> plain tempered softmax.
+    let mut c = Center::new(k, 0.9, Device::Cpu);
+    let p = c.softmax_centered(&r["t_cls"], tt);
+    assert!(max_abs_diff(&p, &r["centered"]) < 1e-6);
+    c.update(&r["t_cls"]);
+    let _ = c.softmax_centered(&r["t_cls"], tt);
+    let mean = r["t_cls"].mean_dim([0i64].as_slice(), true, Kind::Float);
+    assert!(
+        max_abs_diff(&c.center, &(mean * 0.1)) < 1e-6,
+        "centre after one update"
+    );
+}
