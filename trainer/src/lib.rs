@@ -1,6 +1,7 @@
 //! RedDino trainer: DINOv2 self-supervised pretraining of the RedDino ViT with tch (libtorch),
 //! on CUDA when present and on the CPU otherwise.
 
+pub mod augment;
 pub mod head;
 pub mod loss;
 pub mod masking;
