@@ -483,7 +483,7 @@ fn bessel_j1(x: f64) -> f64 {
         let b = 0.04687499995
             + y * (-0.2002690873e-3
                 + y * (0.8449199096e-5 + y * (-0.88228987e-6 + y * 0.105787412e-6)));
-        let ans = (0.636619772 / ax).sqrt() * (xx.cos() * a - z * xx.sin() * b);
+        let ans = (std::f64::consts::FRAC_2_PI / ax).sqrt() * (xx.cos() * a - z * xx.sin() * b);
         if x < 0.0 {
             -ans
         } else {
@@ -794,7 +794,7 @@ fn sun_flare(x: &Tensor, rng: &mut ChaCha8Rng) -> Tensor {
             let inside = ((&xx - px).square() + (&yy - py).square())
                 .le(r * r)
                 .to_kind(Kind::Float);
-            g = g + inside * a;
+            g += inside * a;
         }
         glows.push(g.clamp(0.0, 1.0));
     }
@@ -835,7 +835,7 @@ fn jpeg_roundtrip(x: &Tensor, quality: &[u8]) -> Tensor {
 // ---------------------------------------------------------------- the pipeline
 
 /// Pipeline settings (RedDino's defaults).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
     /// RandomResizedCrop area range.

@@ -2,10 +2,15 @@
 //! on CUDA when present and on the CPU otherwise.
 
 pub mod augment;
+pub mod config;
+pub mod data;
 pub mod head;
 pub mod loss;
 pub mod masking;
 pub mod optim;
+pub mod probe;
 pub mod schedule;
 pub mod ssl;
+pub mod synth;
+pub mod train;
 pub mod vit;

@@ -205,7 +205,7 @@ impl Optimizer {
                             dst.size()
                         );
                     }
-                    let _ = dst.copy_(src);
+                    dst.copy_(src);
                 }
             }
             Ok(())

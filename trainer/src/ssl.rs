@@ -154,7 +154,7 @@ pub fn forward_losses(
     if cfg.koleo_weight > 0.0 {
         let k = koleo_loss(&out.cls.narrow(0, 0, b)) + koleo_loss(&out.cls.narrow(0, b, b));
         koleo_v = k.double_value(&[]);
-        total = total + k * cfg.koleo_weight;
+        total += k * cfg.koleo_weight;
     }
     let parts = StepLosses {
         total: total.double_value(&[]),

@@ -331,7 +331,7 @@ impl Vit {
         for blk in &self.blocks {
             let mut a = self.attention(blk, &t.apply(&blk.norm1));
             if let Some(g) = &blk.ls1 {
-                a = a * g;
+                a *= g;
             }
             t = &t + self.drop_path(a, train);
             let mut m = t
@@ -340,7 +340,7 @@ impl Vit {
                 .gelu("none")
                 .apply(&blk.fc2);
             if let Some(g) = &blk.ls2 {
-                m = m * g;
+                m *= g;
             }
             t = &t + self.drop_path(m, train);
         }

@@ -1,0 +1,137 @@
+//! `reddino-trainer`: RedDino/DINOv2 self-supervised pretraining.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use reddino_trainer::config::Config;
+use reddino_trainer::data::Dataset;
+use reddino_trainer::train::Trainer;
+
+#[derive(Parser)]
+#[command(
+    name = "reddino-trainer",
+    version,
+    about = "RedDino self-supervised pretraining (tch / libtorch; CUDA when present, CPU otherwise)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pretrain a RedDino backbone (DINOv2 losses) on a folder of smears or crops.
+    Pretrain {
+        /// TOML config (see docs/pretrain.example.toml); `preset` gives every unset key.
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the newest checkpoint in the run's out_dir.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps in total (default: epochs x epoch_length).
+        #[arg(long)]
+        steps: Option<usize>,
+    },
+    /// Print a preset (s, b, l, tiny) as a complete TOML config.
+    Preset { name: String },
+    /// Write synthetic smear fields (PNG) to try pretraining without real data.
+    SynthSmears {
+        #[arg(long)]
+        out: PathBuf,
+        /// Fields per acquisition source.
+        #[arg(long, default_value_t = 4)]
+        per_source: usize,
+        #[arg(long, default_value_t = 896)]
+        width: u32,
+        #[arg(long, default_value_t = 672)]
+        height: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Pretrain {
+            config,
+            resume,
+            steps,
+        } => {
+            let cfg = Config::load(&config)?;
+            let data = Dataset::scan(&cfg.data.path, cfg.data.kind, cfg.data.patch_size as u32)
+                .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
+            log::info!(
+                "{} training samples from {} files in {}{}",
+                data.items.len(),
+                data.files.len(),
+                cfg.data.path.display(),
+                if data.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} unreadable files skipped)", data.skipped.len())
+                }
+            );
+            let mut trainer = Trainer::new(cfg)?;
+            log::info!(
+                "device {:?}, ViT-{} at {} px, batch {}, {} steps",
+                trainer.device,
+                trainer.cfg.model.arch.name(),
+                trainer.cfg.model.img_size,
+                trainer.cfg.train.batch_size,
+                trainer.cfg.total_steps()
+            );
+            if resume {
+                if trainer.resume()? {
+                    log::info!("resumed at step {}", trainer.step);
+                } else {
+                    log::info!(
+                        "--resume: no checkpoint in {}, starting at step 0",
+                        trainer.cfg.train.out_dir.display()
+                    );
+                }
+            }
+            let s = trainer.run(Arc::new(data), steps, std::io::stderr().is_terminal())?;
+            println!(
+                "{} steps, loss {:.4} -> {:.4}, {:.1} images/s; checkpoint {}",
+                s.steps,
+                s.first_loss.unwrap_or(f64::NAN),
+                s.last_loss.unwrap_or(f64::NAN),
+                s.images_per_s,
+                s.checkpoint
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Cmd::Preset { name } => {
+            print!("{}", toml::to_string_pretty(&Config::preset(&name)?)?);
+            Ok(())
+        }
+        Cmd::SynthSmears {
+            out,
+            per_source,
+            width,
+            height,
+            seed,
+        } => {
+            let n = reddino_trainer::synth::write_smears(&out, per_source, width, height, seed)?;
+            println!("{n} fields written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
