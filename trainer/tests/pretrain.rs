@@ -13,7 +13,7 @@ use reddino_trainer::data::{image_files, Dataset};
 use reddino_trainer::probe::{embed_images, knn_accuracy};
 use reddino_trainer::synth::write_smears;
 use reddino_trainer::train::Trainer;
-use tch::{Device, Kind};
+use tch::Device;
 
 /// libtorch's generator and thread pool are process-wide: runs take turns.
 static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -83,23 +83,11 @@ fn probe(trainer: &Trainer, imgs: &[RgbImage], labels: &[i64]) -> f64 {
 fn tiny_preset_learns_on_synthetic_smears() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
+    let smear_dir = smears(dir.path());
     let data = Arc::new(
-        Dataset::scan(
-            &smears(dir.path()),
-            reddino_trainer::config::DataKind::Smears,
-            224,
-        )
-        .unwrap(),
+        Dataset::scan(&smear_dir, reddino_trainer::config::DataKind::Smears, 224).unwrap(),
     );
-    let cfg = tiny(
-        dir.path(),
-        &data.files[0]
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf(),
-    );
+    let cfg = tiny(dir.path(), &smear_dir);
     let (imgs, labels) = crops(dir.path(), 24);
 
     let mut trainer = Trainer::new(cfg).unwrap();
@@ -227,5 +215,4 @@ fn non_finite_loss_stops_with_the_step() {
         err.contains("step_00000003"),
         "names the last good checkpoint: {err}"
     );
-    let _ = Kind::Float;
 }
