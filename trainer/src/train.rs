@@ -275,12 +275,19 @@ impl Trainer {
     /// One optimisation step on `images` ([B, 3, H, W] in [0, 1] on the training device).
     /// Returns the losses and the gradient norms (backbone, head) before clipping.
     pub fn train_step(&mut self, images: &Tensor) -> Result<(StepLosses, f64, f64)> {
+        let batch = self.make_batch(images);
+        self.optimize(&batch)
+    }
+
+    /// The step's two augmented global crops of every image and the iBOT masks. Seeded by
+    /// (seed, step): the same step always sees the same views.
+    pub fn make_batch(&self, images: &Tensor) -> Batch {
         let seed = step_seed(self.cfg.train.seed, self.step);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         tch::manual_seed((seed >> 1) as i64);
         let size = self.cfg.model.img_size as i64;
         let b = images.size()[0] as usize;
-        let (batch, sched) = tch::no_grad(|| {
+        tch::no_grad(|| {
             let (c1, _) = augment(images, size, &self.cfg.augment, &mut rng);
             let (c2, _) = augment(images, size, &self.cfg.augment, &mut rng);
             let masks = self.masker.batch(
@@ -295,14 +302,17 @@ impl Trainer {
                 .view([(2 * b) as i64, n])
                 .to_kind(Kind::Bool)
                 .to_device(self.device);
-            (
-                Batch {
-                    crops: Tensor::cat(&[c1, c2], 0),
-                    masks,
-                },
-                self.schedules.at(self.step),
-            )
-        });
+            Batch {
+                crops: Tensor::cat(&[c1, c2], 0),
+                masks,
+            }
+        })
+    }
+
+    /// Forward, losses, backward, clipping, AdamW and the teacher EMA on a prepared batch.
+    /// Returns the losses and the gradient norms (backbone, head) before clipping.
+    pub fn optimize(&mut self, batch: &Batch) -> Result<(StepLosses, f64, f64)> {
+        let sched = self.schedules.at(self.step);
         self.opt.zero_grad();
         let lcfg = self.loss_config();
         let fp16 = self.scaler.is_some();
@@ -310,7 +320,7 @@ impl Trainer {
             forward_losses(
                 &self.student,
                 &self.teacher,
-                &batch,
+                batch,
                 sched.teacher_temp,
                 &lcfg,
                 &mut self.centers,

@@ -216,3 +216,40 @@ fn non_finite_loss_stops_with_the_step() {
         "names the last good checkpoint: {err}"
     );
 }
+
+#[test]
+fn continued_pretraining_starts_from_the_checkpoint() {
+    use reddino_models::arch::{Preset, VitConfig};
+    use reddino_models::weights::VitWeights;
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny checkpoint at 224 px; the run trains at 112, so the position embedding is resampled.
+    let w = VitWeights::random(&VitConfig::preset(Preset::Tiny, 224).unwrap(), 5, 0.5).unwrap();
+    let path = dir.path().join("init.safetensors");
+    w.save(&path).unwrap();
+    let mut cfg = tiny(dir.path(), dir.path());
+    cfg.model.init = Some(path.clone());
+    let t = Trainer::new(cfg.clone()).unwrap();
+    let mut at112 = w.clone();
+    at112.resize_input(112).unwrap();
+    let got = t.student.backbone.to_weights().unwrap();
+    for (k, v) in at112.tensors() {
+        assert_eq!(got.get(k).unwrap().data, v.data, "{k}");
+    }
+    let teacher = t.teacher.backbone.to_weights().unwrap();
+    assert_eq!(
+        teacher.get("blocks.3.mlp.fc2.weight").unwrap().data,
+        w.get("blocks.3.mlp.fc2.weight").unwrap().data
+    );
+
+    // A checkpoint of another size is refused, naming both.
+    let small = VitWeights::random(&VitConfig::preset(Preset::Small, 56).unwrap(), 1, 0.5).unwrap();
+    let bad = dir.path().join("small.safetensors");
+    small.save(&bad).unwrap();
+    cfg.model.init = Some(bad);
+    let err = Trainer::new(cfg.clone()).err().unwrap().to_string();
+    assert!(err.contains("384-d") && err.contains("192-d"), "{err}");
+    cfg.model.init = Some(dir.path().join("missing.safetensors"));
+    let err = format!("{:#}", Trainer::new(cfg).err().unwrap());
+    assert!(err.contains("missing.safetensors"), "{err}");
+}
