@@ -89,12 +89,22 @@ def main(out):
     centered = F.softmax((t_cls - center) / teacher_temp, dim=-1)
     kol = koleo(feats)
 
+    # DINOv2's interpolate_pos_encoding (vision_transformer.py): patch grid 16 -> 7 (98 px
+    # local crops), bicubic, scale factor (7 + 0.1) / 16, no antialias.
+    pos = torch.randn((1, 1 + 16 * 16, 8), generator=g)
+    patch = pos[:, 1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2)
+    s = (7 + 0.1) / 16
+    patch = F.interpolate(patch, scale_factor=(s, s), mode="bicubic", antialias=False)
+    assert patch.shape[-2:] == (7, 7)
+    pos_7 = torch.cat((pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, 49, 8)), dim=1)
+
     save_file({
         "t_cls": t_cls, "s_cls": s_cls, "masks": masks.to(torch.uint8),
         "t_patch": t_patch, "s_patch": s_patch, "feats": feats,
         "sk_cls": sk_cls, "sk_patch": sk_patch, "centered": centered,
         "dino": dino.reshape(1), "ibot": ibot.reshape(1), "koleo": kol.reshape(1),
         "temps": torch.tensor([teacher_temp, student_temp]),
+        "pos": pos, "pos_7": pos_7.contiguous(),
     }, os.path.join(out, "dinov2_losses.safetensors"))
     print(f"DINOv2 loss references written to {out}")
 

@@ -62,7 +62,11 @@ fn main() {
             .narrow(0, 0, b)
             .narrow(1, 0, (n as f64 * 0.3) as i64)
             .fill_(1);
-        let batch = Batch { crops, masks };
+        let batch = Batch {
+            crops,
+            masks,
+            locals: None,
+        };
         for _ in 0..warmup {
             trainer.optimize(&batch).expect("step");
         }

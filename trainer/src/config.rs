@@ -121,8 +121,12 @@ pub struct SslConfig {
     pub mask_probability: f64,
     /// Range of masked-patch ratios.
     pub mask_ratio: (f64, f64),
-    /// Local crops (RedDino computes no local-crop loss; only 0 is supported).
+    /// Local crops per image (student only, DINO loss against both teacher views); RedDino: 0.
     pub local_crops: usize,
+    /// Side of the local crops (DINOv2: 98).
+    pub local_crop_size: usize,
+    /// RandomResizedCrop area range of the local crops (DINOv2: 0.05-0.32).
+    pub local_crop_scale: (f64, f64),
 }
 
 /// A whole pretraining run.
@@ -222,6 +226,8 @@ impl Config {
                 mask_probability: 0.5,
                 mask_ratio: (0.1, 0.5),
                 local_crops: 0,
+                local_crop_size: 98,
+                local_crop_scale: (0.05, 0.32),
             },
             augment: AugmentConfig::default(),
         })
@@ -306,11 +312,17 @@ impl Config {
                 self.train.precision
             );
         }
-        if self.ssl.local_crops != 0 {
-            bail!(
-                "`ssl.local_crops` = {}: only 0 is supported (RedDino computes no local-crop loss)",
-                self.ssl.local_crops
-            );
+        if self.ssl.local_crops > 0 {
+            let s = self.ssl.local_crop_size;
+            if s == 0 || s % reddino_models::arch::PATCH_SIZE != 0 {
+                bail!(
+                    "`ssl.local_crop_size` = {s}: must be a positive multiple of the patch size 14"
+                );
+            }
+            let (a, b) = self.ssl.local_crop_scale;
+            if !(a > 0.0 && a <= b && b <= 1.0) {
+                bail!("`ssl.local_crop_scale` = ({a}, {b}): expected 0 < min <= max <= 1");
+            }
         }
         let (lo, hi) = self.ssl.mask_ratio;
         if !(0.0..=1.0).contains(&lo) || !(lo..=1.0).contains(&hi) {
@@ -402,7 +414,9 @@ mod tests {
         assert!(err("preset = \"xl\"").contains("unknown preset `xl`"));
         assert!(err("[model]\nimg_size = 100").contains("multiple of the patch size"));
         assert!(err("[train]\nprecision = \"bf16\"").contains("train.precision"));
-        assert!(err("[ssl]\nlocal_crops = 8").contains("ssl.local_crops"));
+        assert!(
+            err("[ssl]\nlocal_crops = 8\nlocal_crop_size = 100").contains("ssl.local_crop_size")
+        );
         assert!(err("this is not toml").contains("TOML"));
     }
 

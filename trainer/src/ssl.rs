@@ -69,6 +69,8 @@ pub struct Batch {
     pub crops: Tensor,
     /// iBOT masks [2B, N] (bool).
     pub masks: Tensor,
+    /// Local crops [L*B, 3, s, s] (crop l of every image, then crop l+1), student only.
+    pub locals: Option<Tensor>,
 }
 
 /// Loss values of one step.
@@ -143,7 +145,20 @@ pub fn forward_losses(
     let s_cls_h = heads.narrow(0, 0, n_images);
     let s_patch_h = heads.narrow(0, n_images, n_masked);
 
-    let dino = dino_loss(&s_cls_h, &t_cls, cfg.student_temp);
+    // DINOv2's scaling: the global term counts 2 pairs, each local crop 2 more.
+    let n_local = batch.locals.as_ref().map(|l| l.size()[0] / b).unwrap_or(0);
+    let terms = 2.0 + 2.0 * n_local as f64;
+    let mut dino = dino_loss(&s_cls_h, &t_cls, cfg.student_temp) * (2.0 / terms);
+    if let Some(locals) = &batch.locals {
+        let l_cls = student.backbone.forward(locals, None, true).cls;
+        let l_h = student.head.forward(&l_cls);
+        for l in 0..n_local {
+            let s = l_h.narrow(0, l * b, b);
+            for g in 0..2 {
+                dino += dino_loss(&s, &t_cls.narrow(0, g * b, b), cfg.student_temp) / terms;
+            }
+        }
+    }
     let ibot = if n_masked > 0 {
         ibot_loss(&s_patch_h, &t_patch, &weights, n_images, cfg.student_temp)
     } else {

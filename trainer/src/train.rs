@@ -302,9 +302,19 @@ impl Trainer {
                 .view([(2 * b) as i64, n])
                 .to_kind(Kind::Bool)
                 .to_device(self.device);
+            let locals = (self.cfg.ssl.local_crops > 0).then(|| {
+                let mut local_cfg = self.cfg.augment.clone();
+                local_cfg.crop_scale = self.cfg.ssl.local_crop_scale;
+                let s = self.cfg.ssl.local_crop_size as i64;
+                let views: Vec<Tensor> = (0..self.cfg.ssl.local_crops)
+                    .map(|_| augment(images, s, &local_cfg, &mut rng).0)
+                    .collect();
+                Tensor::cat(&views, 0)
+            });
             Batch {
                 crops: Tensor::cat(&[c1, c2], 0),
                 masks,
+                locals,
             }
         })
     }

@@ -278,7 +278,8 @@ impl Vit {
                 .where_self(&m.unsqueeze(-1), &t);
         }
         let cls = self.cls_token.expand([b, 1, d], false);
-        let pos = &self.pos_embed;
+        let grid = x.size()[2] / PATCH_SIZE as i64;
+        let pos = &self.pos_for_grid(grid);
         if self.pos_prefix == 1 {
             let t = Tensor::cat(&[cls, t], 1) + pos;
             match &self.reg_token {
@@ -295,6 +296,31 @@ impl Vit {
                 None => Tensor::cat(&[cls, t], 1),
             }
         }
+    }
+
+    /// The position embedding for a `grid x grid` patch grid: as stored for the configured
+    /// input size, otherwise the patch part resampled bicubically as DINOv2's
+    /// `interpolate_pos_encoding` does (scale factor (grid + 0.1) / stored grid, no antialias).
+    pub fn pos_for_grid(&self, grid: i64) -> Tensor {
+        let g0 = self.config.grid() as i64;
+        if grid == g0 {
+            return self.pos_embed.shallow_clone();
+        }
+        let d = self.config.embed_dim as i64;
+        let prefix = self.pos_prefix as i64;
+        let patches = self
+            .pos_embed
+            .narrow(1, prefix, g0 * g0)
+            .reshape([1, g0, g0, d])
+            .permute([0, 3, 1, 2]);
+        let scale = (grid as f64 + 0.1) / g0 as f64;
+        let resized = patches
+            .to_kind(Kind::Float)
+            .upsample_bicubic2d([grid, grid], false, scale, scale)
+            .to_kind(self.pos_embed.kind())
+            .permute([0, 2, 3, 1])
+            .reshape([1, grid * grid, d]);
+        Tensor::cat(&[self.pos_embed.narrow(1, 0, prefix), resized], 1)
     }
 
     fn drop_path(&self, x: Tensor, train: bool) -> Tensor {
@@ -351,7 +377,7 @@ impl Vit {
     pub fn forward(&self, x: &Tensor, masks: Option<&Tensor>, train: bool) -> VitOutput {
         let t = self.forward_tokens(x, masks, train);
         let r = self.config.num_registers as i64;
-        let n = self.config.num_patches() as i64;
+        let n = t.size()[1] - 1 - r;
         VitOutput {
             cls: t.select(1, 0),
             patches: t.narrow(1, 1 + r, n),

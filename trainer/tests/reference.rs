@@ -86,6 +86,38 @@ fn weights_round_trip_through_models() {
 }
 
 #[test]
+fn pos_embed_interpolation_matches_dinov2() {
+    let Some(dir) = reference_dir() else { return };
+    let r = read(&dir, "dinov2_losses.safetensors");
+    let cfg = reddino_models::arch::VitConfig {
+        embed_dim: 8,
+        depth: 1,
+        num_heads: 2,
+        mlp_hidden: 16,
+        num_registers: 0,
+        img_size: 224,
+        layer_scale: true,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = Vit::new(&vs.root(), &cfg, 1).unwrap();
+    tch::no_grad(|| {
+        let (_, p) = vit
+            .named_vars()
+            .into_iter()
+            .find(|(n, _)| n == "pos_embed")
+            .unwrap();
+        p.shallow_clone().copy_(&r["pos"]);
+    });
+    let same = vit.pos_for_grid(16);
+    assert!(same.equal(&r["pos"]));
+    let d = max_abs_diff(&vit.pos_for_grid(7), &r["pos_7"]);
+    assert!(
+        d < 1e-5,
+        "interpolated pos_embed differs from DINOv2's by {d}"
+    );
+}
+
+#[test]
 fn losses_match_dinov2() {
     let Some(dir) = reference_dir() else { return };
     let r = read(&dir, "dinov2_losses.safetensors");
