@@ -10,10 +10,11 @@ export REDDINO_REQUIRE_MOSQUITTO=1
 
 . scripts/torch-env.sh
 
-echo "==> writing timm and DINOv2 reference outputs"
+echo "==> writing timm, DINOv2 and scikit-learn reference outputs"
 REF="$PWD/target/reference"
 "$REDDINO_PYTHON" tests/reference/timm_vit.py "$REF"
 "$REDDINO_PYTHON" tests/reference/dinov2_losses.py "$REF"
+"$REDDINO_PYTHON" tests/reference/sklearn_probes.py "$REF"
 export REDDINO_REFERENCE_DIR="$REF"
 export REDDINO_REQUIRE_REFERENCE=1
 

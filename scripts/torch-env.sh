@@ -7,7 +7,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "==> creating Python venv in $VENV"
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import torch, timm, safetensors, numpy' 2>/dev/null \
+if ! "$VENV/bin/python" -c 'import torch, timm, safetensors, numpy, sklearn' 2>/dev/null \
     || [ tests/reference/requirements.txt -nt "$VENV/.reddino-requirements" ]; then
     echo "==> installing torch and the reference packages (tests/reference/requirements.txt)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/reference/requirements.txt

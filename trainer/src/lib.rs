@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod head;
 pub mod loss;
 pub mod masking;

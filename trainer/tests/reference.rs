@@ -182,3 +182,55 @@ fn losses_match_dinov2() {
         "centre after one update"
     );
 }
+
+#[test]
+fn probes_agree_with_scikit_learn() {
+    use reddino_trainer::eval::{knn_predict, metrics, Knn, LinearProbe};
+    let Some(dir) = reference_dir() else { return };
+    let r = read(&dir, "sklearn_probes.safetensors");
+    let ytr = Vec::<i64>::try_from(&r["y_train"]).unwrap();
+    let yte = Vec::<i64>::try_from(&r["y_test"]).unwrap();
+    let want = Vec::<f64>::try_from(&r["acc"]).unwrap();
+    let l2 = Vec::<f64>::try_from(&r["l2"]).unwrap()[0];
+    let classes = 6;
+    let probe = LinearProbe::fit(&r["x_train"], &ytr, classes, l2, 1000);
+    let lr = metrics(&yte, &probe.predict(&r["x_test"]), classes).accuracy;
+    let k1 = metrics(
+        &yte,
+        &knn_predict(
+            &r["x_train"],
+            &ytr,
+            &r["x_test"],
+            1,
+            Knn::Euclidean,
+            classes,
+        ),
+        classes,
+    )
+    .accuracy;
+    let k20 = metrics(
+        &yte,
+        &knn_predict(
+            &r["x_train"],
+            &ytr,
+            &r["x_test"],
+            20,
+            Knn::Euclidean,
+            classes,
+        ),
+        classes,
+    )
+    .accuracy;
+    eprintln!(
+        "accuracy ours / scikit-learn: logistic {lr:.4} / {:.4} ({} L-BFGS iterations), 1-NN {k1:.4} / {:.4}, 20-NN {k20:.4} / {:.4}",
+        want[0], probe.iterations, want[1], want[2]
+    );
+    assert!(probe.converged);
+    assert!(
+        (lr - want[0]).abs() <= 0.01,
+        "logistic regression {lr} vs {}",
+        want[0]
+    );
+    assert!((k1 - want[1]).abs() <= 0.01, "1-NN {k1} vs {}", want[1]);
+    assert!((k20 - want[2]).abs() <= 0.01, "20-NN {k20} vs {}", want[2]);
+}
