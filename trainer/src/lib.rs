@@ -5,6 +5,7 @@ pub mod augment;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod head;
 pub mod loss;
 pub mod masking;

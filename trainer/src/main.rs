@@ -36,6 +36,34 @@ enum Cmd {
         #[arg(long)]
         steps: Option<usize>,
     },
+    /// Export a backbone (+ optional linear head) to a signed bundle for reddino-edge; the ONNX
+    /// is checked against the tch model (max difference 1e-4) before anything is written.
+    Export {
+        /// Backbone safetensors: this trainer's backbone.safetensors, or a timm / DINOv2 /
+        /// RedDino checkpoint (detected from the keys).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Linear head safetensors (with its class names).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// Model input size (a multiple of 14); the position embedding is resampled.
+        #[arg(long, default_value_t = 224)]
+        input_size: usize,
+        /// Bundle directory to write; `--tar` also packs it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Minisign secret key (reddino-models keygen makes one).
+        #[arg(long)]
+        sign: PathBuf,
+        #[arg(long, default_value = "reddino")]
+        name: String,
+        #[arg(long, default_value = "0.1.0")]
+        version: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        tar: bool,
+    },
     /// Print a preset (s, b, l, tiny) as a complete TOML config.
     Preset { name: String },
     /// Write synthetic smear fields (PNG) to try pretraining without real data.
@@ -105,6 +133,57 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default()
             );
+            Ok(())
+        }
+        Cmd::Export {
+            checkpoint,
+            head,
+            input_size,
+            out,
+            sign,
+            name,
+            version,
+            description,
+            tar,
+        } => {
+            let w = reddino_models::weights::VitWeights::load(&checkpoint)?;
+            let head = head
+                .map(|p| -> Result<_> {
+                    let bytes =
+                        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                    Ok(reddino_models::weights::LinearHead::from_bytes(
+                        &bytes,
+                        &p.display().to_string(),
+                    )?)
+                })
+                .transpose()?;
+            let key = reddino_models::bundle::SigningKey::from_file(&sign, None)?;
+            let (m, diff) = reddino_trainer::export::export(
+                &reddino_trainer::export::ExportSpec {
+                    weights: &w,
+                    head: head.as_ref(),
+                    input_size,
+                    name,
+                    version,
+                    description,
+                },
+                &key,
+                &out,
+            )?;
+            println!(
+                "{}: {} {} (ViT {}-d x {}, input {input_size}, {} classes); ONNX vs tch max diff {diff:.1e}",
+                out.display(),
+                m.name,
+                m.version,
+                w.config.embed_dim,
+                w.config.depth,
+                m.class_names.len()
+            );
+            if tar {
+                let t = out.with_extension("tar");
+                reddino_models::bundle::pack(&out, &t)?;
+                println!("{}", t.display());
+            }
             Ok(())
         }
         Cmd::Preset { name } => {

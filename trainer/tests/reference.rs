@@ -74,6 +74,31 @@ fn vit_small_matches_timm() {
 }
 
 #[test]
+fn timm_small_exports_to_a_bundle_the_edge_opens() {
+    use reddino_models::bundle::{self, Limits, SigningKey, TrustedKeys};
+    let Some(dir) = reference_dir() else { return };
+    let w = VitWeights::load(&dir.join("vit_small.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let k = SigningKey::generate().unwrap();
+    let pubf = tmp.path().join("k.pub");
+    std::fs::write(&pubf, k.public_key_file().unwrap()).unwrap();
+    let mut trusted = TrustedKeys::new();
+    trusted.add_file(&pubf).unwrap();
+    let spec = reddino_trainer::export::ExportSpec {
+        weights: &w,
+        head: None,
+        input_size: 112,
+        name: "timm-small".into(),
+        version: "1".into(),
+        description: String::new(),
+    };
+    let (_, diff) = reddino_trainer::export::export(&spec, &k, &tmp.path().join("b")).unwrap();
+    assert!(diff < 1e-4, "{diff}");
+    let b = bundle::open(&tmp.path().join("b"), &trusted, &Limits::default()).unwrap();
+    assert!(b.self_test().unwrap() < 1e-4);
+}
+
+#[test]
 fn weights_round_trip_through_models() {
     let Some(dir) = reference_dir() else { return };
     let w = VitWeights::load(&dir.join("vit_small.safetensors")).unwrap();

@@ -1,0 +1,91 @@
+//! Export of a backbone (this trainer's, timm's, DINOv2's or RedDino's safetensors) and an
+//! optional linear head to a signed bundle, with the exported ONNX checked against the tch
+//! model it came from.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use reddino_models::bundle::{self, Manifest, NewBundle, SigningKey};
+use reddino_models::preprocess::Normalization;
+use reddino_models::runtime::TractModel;
+use reddino_models::weights::{LinearHead, VitWeights};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::vit::Vit;
+
+/// Largest difference allowed between the ONNX (tract) and tch outputs.
+pub const TOLERANCE: f32 = 1e-4;
+
+/// What to export.
+pub struct ExportSpec<'a> {
+    pub weights: &'a VitWeights,
+    pub head: Option<&'a LinearHead>,
+    pub input_size: usize,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+}
+
+/// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`.
+pub fn check_onnx(weights: &VitWeights, head: Option<&LinearHead>, size: usize) -> Result<f32> {
+    let onnx = reddino_models::onnx::export(weights, head)?;
+    let model = TractModel::new(&onnx, 1, size)?;
+    tch::manual_seed(1234);
+    let x = Tensor::randn([1, 3, size as i64, size as i64], (Kind::Float, Device::Cpu));
+    let pixels = Vec::<f32>::try_from(x.flatten(0, -1))?;
+    let out = model.run(&pixels)?;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = Vit::from_weights(&vs.root(), weights, size)?;
+    let emb = tch::no_grad(|| vit.embed(&x));
+    let ours = Vec::<f32>::try_from(emb.flatten(0, -1))?;
+    let mut diff = max_diff(&out.embedding, &ours);
+    if let Some(h) = head {
+        let w = Tensor::from_slice(&h.weight.data)
+            .view([h.weight.shape[0] as i64, h.weight.shape[1] as i64]);
+        let b = Tensor::from_slice(&h.bias.data);
+        let logits = Vec::<f32>::try_from(emb.matmul(&w.transpose(0, 1)).g_add(&b).flatten(0, -1))?;
+        let Some(theirs) = out.logits.as_ref() else {
+            bail!("the exported graph has no `logits` output although a head was given");
+        };
+        diff = diff.max(max_diff(theirs, &logits));
+    }
+    Ok(diff)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Resamples the checkpoint to the input size, checks the ONNX against tch, and writes the
+/// signed bundle directory `dir` (and `dir.tar` when `tar`).
+pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Manifest, f32)> {
+    let mut w = spec.weights.clone();
+    w.resize_input(spec.input_size)
+        .with_context(|| format!("input size {}", spec.input_size))?;
+    if let Some(h) = spec.head {
+        h.validate(w.config.embed_dim)?;
+    }
+    let diff = check_onnx(&w, spec.head, spec.input_size)?;
+    if diff.is_nan() || diff > TOLERANCE {
+        bail!("the exported ONNX differs from the tch model by {diff:e} (limit {TOLERANCE:e}); nothing written");
+    }
+    let m = bundle::write_dir(
+        &NewBundle {
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+            description: spec.description.clone(),
+            weights: &w,
+            head: spec.head,
+            normalization: Normalization::default(),
+        },
+        dir,
+        key,
+    )?;
+    Ok((m, diff))
+}
