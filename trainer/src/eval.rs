@@ -119,7 +119,7 @@ impl LinearProbe {
             for (s, yv) in s_hist.iter().zip(&y_hist).rev() {
                 let rho = 1.0 / dot(yv, s);
                 let a = rho * dot(s, &q);
-                q = q - yv * a;
+                q -= yv * a;
                 alphas.push((a, rho));
             }
             let gamma = match (s_hist.last(), y_hist.last()) {
@@ -129,7 +129,7 @@ impl LinearProbe {
             let mut r = q * gamma;
             for ((s, yv), (a, rho)) in s_hist.iter().zip(&y_hist).zip(alphas.into_iter().rev()) {
                 let bcoef = rho * dot(yv, &r);
-                r = r + s * (a - bcoef);
+                r += s * (a - bcoef);
             }
             let dir = -r;
             let slope = dot(&g, &dir);
