@@ -11,6 +11,7 @@ pub mod loss;
 pub mod masking;
 pub mod optim;
 pub mod probe;
+pub mod report;
 pub mod schedule;
 pub mod ssl;
 pub mod synth;

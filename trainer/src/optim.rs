@@ -162,14 +162,22 @@ impl Optimizer {
                 }
                 let lr = if p.is_last_layer { last_layer_lr } else { lr } * p.lr_mult;
                 let wd = wd * p.wd_mult;
+                // In place, as torch's single-tensor AdamW: two temporaries per parameter.
                 let mut var = p.var.shallow_clone();
                 let _ = var.g_mul_scalar_(1.0 - lr * wd);
-                // exp_avg.lerp_(grad, 1 - beta1)
-                let _ = p.exp_avg.g_add_(&((&g - &p.exp_avg) * (1.0 - beta1)));
+                let _ = p.exp_avg.lerp_(&g, 1.0 - beta1);
                 let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = p.exp_avg_sq.g_add_(&(&g * &g * (1.0 - beta2)));
-                let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + eps;
-                let _ = var.g_add_(&(&p.exp_avg / denom * (-lr / bc1)));
+                let _ = p.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - beta2)));
+                let step_size = lr / bc1;
+                if step_size == 0.0 {
+                    continue;
+                }
+                // denom = (sqrt(v) / sqrt(bc2) + eps) * (-1 / step_size); var += m / denom
+                let mut denom = p.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bc2.sqrt());
+                let _ = denom.g_add_scalar_(eps);
+                let _ = denom.g_mul_scalar_(-1.0 / step_size);
+                let _ = var.addcdiv_(&p.exp_avg, &denom);
             }
         });
     }
@@ -219,9 +227,7 @@ impl Optimizer {
 pub fn ema_update(teacher: &[Tensor], student: &[Tensor], momentum: f64) {
     tch::no_grad(|| {
         for (t, s) in teacher.iter().zip(student) {
-            let mut t = t.shallow_clone();
-            let _ = t.g_mul_scalar_(momentum);
-            let _ = t.g_add_(&(s * (1.0 - momentum)));
+            let _ = t.shallow_clone().lerp_(s, 1.0 - momentum);
         }
     });
 }
