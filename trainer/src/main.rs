@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use reddino_trainer::config::Config;
 use reddino_trainer::data::Dataset;
+use reddino_trainer::report::LabelledSet;
 use reddino_trainer::train::Trainer;
 
 #[derive(Parser)]
@@ -64,6 +65,32 @@ enum Cmd {
         #[arg(long)]
         tar: bool,
     },
+    /// Write CLS features (after the final norm) of a folder of labelled crops
+    /// ({class}/image or {source}/{class}/image) to FILE.safetensors (+ FILE.json with names).
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder of labelled crops.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Evaluate frozen features with the linear probe and kNN (k = 1, 20) under a fixed split,
+    /// stratified 5-fold CV and leave-one-source-out; writes report.json and report.md.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder of labelled crops.
+        #[arg(long)]
+        data: PathBuf,
+        /// Report folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// kNN with cosine similarity and temperature-weighted votes instead of Euclidean.
+        #[arg(long)]
+        cosine: bool,
+    },
     /// Print a preset (s, b, l, tiny) as a complete TOML config.
     Preset { name: String },
     /// Write synthetic smear fields (PNG) to try pretraining without real data.
@@ -80,6 +107,43 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// The backbone to take features from.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Backbone safetensors (this trainer's, timm's, DINOv2's or RedDino's).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Input size the crops are resized to (position embedding resampled); default: the
+    /// checkpoint's.
+    #[arg(long)]
+    input_size: Option<usize>,
+    /// auto, cpu, cuda, cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+}
+
+impl ModelArgs {
+    fn features(&self, data: &std::path::Path) -> Result<(LabelledSet, tch::Tensor)> {
+        let w = reddino_models::weights::VitWeights::load(&self.checkpoint)?;
+        let size = self.input_size.unwrap_or(w.config.img_size);
+        let device = reddino_trainer::train::device_from(&self.device)?;
+        let vs = tch::nn::VarStore::new(device);
+        let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &w, size)?;
+        let set = LabelledSet::scan(data)?;
+        log::info!(
+            "{} images, {} classes, {} sources; ViT {}-d at {size} px on {device:?}",
+            set.files.len(),
+            set.class_names.len(),
+            set.source_names.len(),
+            w.config.embed_dim
+        );
+        let f = set.embed(&vit, device, self.batch)?;
+        Ok((set, f))
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -184,6 +248,60 @@ fn run(cli: Cli) -> Result<()> {
                 reddino_models::bundle::pack(&out, &t)?;
                 println!("{}", t.display());
             }
+            Ok(())
+        }
+        Cmd::Embed { model, data, out } => {
+            let (set, f) = model.features(&data)?;
+            let labels = tch::Tensor::from_slice(&set.labels);
+            let sources = tch::Tensor::from_slice(&set.sources);
+            tch::Tensor::write_safetensors(
+                &[("features", &f), ("labels", &labels), ("sources", &sources)],
+                &out,
+            )?;
+            let json = out.with_extension("json");
+            std::fs::write(&json, serde_json::to_vec_pretty(&set)?)?;
+            println!(
+                "{} features [{} x {}] -> {} (+ {})",
+                set.files.len(),
+                f.size()[0],
+                f.size()[1],
+                out.display(),
+                json.display()
+            );
+            Ok(())
+        }
+        Cmd::Eval {
+            model,
+            data,
+            out,
+            cosine,
+        } => {
+            use reddino_trainer::report::{evaluate, markdown, Protocol};
+            let (set, f) = model.features(&data)?;
+            let knn = if cosine {
+                reddino_trainer::eval::Knn::Cosine { temperature: 0.07 }
+            } else {
+                reddino_trainer::eval::Knn::Euclidean
+            };
+            let mut reports = vec![
+                evaluate(&f, &set, &Protocol::Split { test_every: 5 }, knn)?,
+                evaluate(&f, &set, &Protocol::KFold { k: 5, seed: 0 }, knn)?,
+            ];
+            if set.source_names.len() > 1 {
+                reports.push(evaluate(&f, &set, &Protocol::LeaveOneSourceOut, knn)?);
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(
+                out.join("report.json"),
+                serde_json::to_vec_pretty(&reports)?,
+            )?;
+            let md = markdown(
+                &format!("Evaluation of {}", model.checkpoint.display()),
+                &set,
+                &reports,
+            );
+            std::fs::write(out.join("report.md"), &md)?;
+            print!("{md}");
             Ok(())
         }
         Cmd::Preset { name } => {

@@ -30,7 +30,11 @@ impl LabelledSet {
         if files.is_empty() {
             bail!("no images under {}", root.display());
         }
-        let depth = |f: &Path| f.strip_prefix(root).map(|r| r.components().count()).unwrap_or(0);
+        let depth = |f: &Path| {
+            f.strip_prefix(root)
+                .map(|r| r.components().count())
+                .unwrap_or(0)
+        };
         let d = depth(&files[0]);
         if !(2..=3).contains(&d) || files.iter().any(|f| depth(f) != d) {
             bail!(
@@ -53,7 +57,11 @@ impl LabelledSet {
             }
         }
         let class_names: Vec<String> = classes.keys().cloned().collect();
-        let source_names: Vec<String> = if d == 3 { sources.keys().cloned().collect() } else { vec!["all".into()] };
+        let source_names: Vec<String> = if d == 3 {
+            sources.keys().cloned().collect()
+        } else {
+            vec!["all".into()]
+        };
         let mut labels = Vec::new();
         let mut srcs = Vec::new();
         for f in &files {
@@ -63,8 +71,20 @@ impl LabelledSet {
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy().to_string())
                 .collect();
-            labels.push(class_names.iter().position(|c| *c == parts[d - 2]).expect("class") as i64);
-            srcs.push(if d == 3 { source_names.iter().position(|s| *s == parts[0]).expect("source") as i64 } else { 0 });
+            labels.push(
+                class_names
+                    .iter()
+                    .position(|c| *c == parts[d - 2])
+                    .expect("class") as i64,
+            );
+            srcs.push(if d == 3 {
+                source_names
+                    .iter()
+                    .position(|s| *s == parts[0])
+                    .expect("source") as i64
+            } else {
+                0
+            });
         }
         Ok(LabelledSet {
             files,
@@ -81,7 +101,11 @@ impl LabelledSet {
         for chunk in self.files.chunks(batch.max(1)) {
             let imgs = chunk
                 .iter()
-                .map(|p| Ok(image::open(p).with_context(|| format!("decoding {}", p.display()))?.to_rgb8()))
+                .map(|p| {
+                    Ok(image::open(p)
+                        .with_context(|| format!("decoding {}", p.display()))?
+                        .to_rgb8())
+                })
                 .collect::<Result<Vec<_>>>()?;
             out.push(embed_images(vit, &imgs, device, batch));
         }
@@ -104,18 +128,31 @@ pub struct ProtocolReport {
 /// Which samples train and which test, per fold.
 pub enum Protocol {
     /// Every `test_every`-th sample of each class is held out.
-    Split { test_every: usize },
-    KFold { k: usize, seed: u64 },
+    Split {
+        test_every: usize,
+    },
+    KFold {
+        k: usize,
+        seed: u64,
+    },
     LeaveOneSourceOut,
 }
 
 fn select(x: &Tensor, idx: &[usize]) -> Tensor {
-    x.index_select(0, &Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()))
+    x.index_select(
+        0,
+        &Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+    )
 }
 
 /// Runs the three probes (linear, 1-NN, 20-NN) under `protocol`, pooling the predictions of
 /// every fold into one set of metrics.
-pub fn evaluate(features: &Tensor, set: &LabelledSet, protocol: &Protocol, knn: Knn) -> Result<ProtocolReport> {
+pub fn evaluate(
+    features: &Tensor,
+    set: &LabelledSet,
+    protocol: &Protocol,
+    knn: Knn,
+) -> Result<ProtocolReport> {
     let n = set.labels.len();
     let classes = set.class_names.len();
     let folds: Vec<usize> = match protocol {
@@ -160,10 +197,22 @@ pub fn evaluate(features: &Tensor, set: &LabelledSet, protocol: &Protocol, knn: 
         let p20 = knn_predict(&xtr, &ytr, &xte, 20, knn, classes);
         if matches!(protocol, Protocol::LeaveOneSourceOut) {
             let mut m = BTreeMap::new();
-            m.insert("linear_weighted_f1".into(), metrics(&yte, &p_lin, classes).weighted_f1);
-            m.insert("knn1_weighted_f1".into(), metrics(&yte, &p1, classes).weighted_f1);
-            m.insert("knn20_weighted_f1".into(), metrics(&yte, &p20, classes).weighted_f1);
-            m.insert("linear_balanced_accuracy".into(), metrics(&yte, &p_lin, classes).balanced_accuracy);
+            m.insert(
+                "linear_weighted_f1".into(),
+                metrics(&yte, &p_lin, classes).weighted_f1,
+            );
+            m.insert(
+                "knn1_weighted_f1".into(),
+                metrics(&yte, &p1, classes).weighted_f1,
+            );
+            m.insert(
+                "knn20_weighted_f1".into(),
+                metrics(&yte, &p20, classes).weighted_f1,
+            );
+            m.insert(
+                "linear_balanced_accuracy".into(),
+                metrics(&yte, &p_lin, classes).balanced_accuracy,
+            );
             per_source.insert(set.source_names[f].clone(), m);
         }
         truth.extend(yte);
@@ -176,7 +225,9 @@ pub fn evaluate(features: &Tensor, set: &LabelledSet, protocol: &Protocol, knn: 
     }
     Ok(ProtocolReport {
         protocol: match protocol {
-            Protocol::Split { test_every } => format!("split (every {test_every}th sample of each class held out)"),
+            Protocol::Split { test_every } => {
+                format!("split (every {test_every}th sample of each class held out)")
+            }
             Protocol::KFold { k, .. } => format!("stratified {k}-fold"),
             Protocol::LeaveOneSourceOut => "leave-one-source-out".into(),
         },
@@ -196,7 +247,11 @@ pub fn markdown(title: &str, set: &LabelledSet, reports: &[ProtocolReport]) -> S
         set.source_names.len()
     );
     for r in reports {
-        for (name, m) in [("linear", &r.linear), ("1-NN", &r.knn1), ("20-NN", &r.knn20)] {
+        for (name, m) in [
+            ("linear", &r.linear),
+            ("1-NN", &r.knn1),
+            ("20-NN", &r.knn20),
+        ] {
             s += &format!(
                 "| {} | {name} | {:.3} | {:.3} | {:.3} |\n",
                 r.protocol, m.accuracy, m.balanced_accuracy, m.weighted_f1
@@ -215,7 +270,10 @@ pub fn markdown(title: &str, set: &LabelledSet, reports: &[ProtocolReport]) -> S
         }
     }
     if let Some(r) = reports.first() {
-        s += &format!("\n## Confusion matrix (linear probe, {}; rows = truth)\n\n|  |", r.protocol);
+        s += &format!(
+            "\n## Confusion matrix (linear probe, {}; rows = truth)\n\n|  |",
+            r.protocol
+        );
         for c in &set.class_names {
             s += &format!(" {c} |");
         }
