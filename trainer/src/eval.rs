@@ -85,7 +85,11 @@ impl LinearProbe {
     /// (history 10, Armijo backtracking). In scikit-learn's terms this is
     /// `LogisticRegression(C = 1 / (l2 * n))`.
     pub fn fit(x: &Tensor, y: &[i64], classes: usize, l2: f64, max_iter: usize) -> LinearProbe {
+        // Centred features: the same optimum (the unpenalised bias absorbs W mu, mapped back
+        // below) without the coupling of W and b that a large feature mean causes.
         let x = x.to_kind(Kind::Double);
+        let mu = x.mean_dim([0i64].as_slice(), true, Kind::Double);
+        let x = &x - &mu;
         let d = x.size()[1];
         let c = classes as i64;
         let yt = Tensor::from_slice(y);
@@ -109,7 +113,7 @@ impl LinearProbe {
         while it < max_iter {
             it += 1;
             let gnorm = g.abs().max().double_value(&[]);
-            if gnorm < 1e-7 {
+            if gnorm < 1e-8 {
                 converged = true;
                 break;
             }
@@ -141,19 +145,34 @@ impl LinearProbe {
             let slope = dot(&g, &dir);
             let mut step = 1.0;
             let (mut new_theta, mut nf, mut ng);
-            loop {
+            let accepted = loop {
                 new_theta = &theta + &dir * step;
                 let r = f(&new_theta);
                 nf = r.0;
                 ng = r.1;
-                if nf <= fx + 1e-4 * step * slope || step < 1e-12 {
-                    break;
+                if nf <= fx + 1e-4 * step * slope {
+                    break true;
+                }
+                if step < 1e-12 {
+                    break false;
                 }
                 step *= 0.5;
+            };
+            if !accepted {
+                // The quasi-Newton direction failed: restart from steepest descent once; if even
+                // that finds no decrease, the optimum is reached to machine precision.
+                if s_hist.is_empty() {
+                    converged = true;
+                    break;
+                }
+                s_hist.clear();
+                y_hist.clear();
+                continue;
             }
             let s = &new_theta - &theta;
             let yv = &ng - &g;
-            if dot(&s, &yv) > 1e-12 {
+            let sy = dot(&s, &yv);
+            if sy > 1e-10 * dot(&yv, &yv).sqrt() * dot(&s, &s).sqrt() {
                 s_hist.push(s);
                 y_hist.push(yv);
                 if s_hist.len() > 10 {
@@ -161,18 +180,15 @@ impl LinearProbe {
                     drop(y_hist.remove(0));
                 }
             }
-            let improvement = fx - nf;
             theta = new_theta;
             fx = nf;
             g = ng;
-            if improvement.abs() < 1e-12 * fx.abs().max(1.0) {
-                converged = true;
-                break;
-            }
         }
+        let w = theta.narrow(0, 0, c * d).view([c, d]);
+        let b = theta.narrow(0, c * d, c) - w.matmul(&mu.squeeze_dim(0));
         LinearProbe {
-            weight: theta.narrow(0, 0, c * d).view([c, d]).to_kind(Kind::Float),
-            bias: theta.narrow(0, c * d, c).to_kind(Kind::Float),
+            weight: w.to_kind(Kind::Float),
+            bias: b.to_kind(Kind::Float),
             iterations: it,
             converged,
         }

@@ -191,7 +191,7 @@ pub fn evaluate(
         let (xtr, xte) = (select(features, &tr), select(features, &te));
         let ytr: Vec<i64> = tr.iter().map(|&i| set.labels[i]).collect();
         let yte: Vec<i64> = te.iter().map(|&i| set.labels[i]).collect();
-        let probe = LinearProbe::fit(&xtr, &ytr, classes, default_l2(d, classes), 1000);
+        let probe = LinearProbe::fit(&xtr, &ytr, classes, default_l2(d, classes), 2000);
         let p_lin = probe.predict(&xte);
         let p1 = knn_predict(&xtr, &ytr, &xte, 1, knn, classes);
         let p20 = knn_predict(&xtr, &ytr, &xte, 20, knn, classes);
