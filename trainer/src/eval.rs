@@ -113,12 +113,12 @@ impl LinearProbe {
         while it < max_iter {
             it += 1;
             let gnorm = g.abs().max().double_value(&[]);
-            if gnorm < 1e-8 {
+            if gnorm < 1e-6 {
                 converged = true;
                 break;
             }
-            // two-loop recursion
-            let mut q = g.shallow_clone();
+            // two-loop recursion (q is updated in place: a copy, not a view of g)
+            let mut q = g.copy();
             let mut alphas = Vec::with_capacity(s_hist.len());
             for (s, yv) in s_hist.iter().zip(&y_hist).rev() {
                 let rho = 1.0 / dot(yv, s);
