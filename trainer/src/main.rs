@@ -310,11 +310,12 @@ fn run(cli: Cli) -> Result<()> {
                 out.join("report.json"),
                 serde_json::to_vec_pretty(&reports)?,
             )?;
-            let md = markdown(
+            let mut md = markdown(
                 &format!("Evaluation of {}", model.checkpoint.display()),
                 &set,
                 &reports,
             );
+            md += &reddino_trainer::report::write_plots(&out, &f, &set, &reports[0])?;
             std::fs::write(out.join("report.md"), &md)?;
             print!("{md}");
             Ok(())

@@ -290,3 +290,146 @@ pub fn markdown(title: &str, set: &LabelledSet, reports: &[ProtocolReport]) -> S
     }
     s
 }
+
+/// Distinct colours (Tableau 20) for classes and sources in the plots.
+pub const PALETTE: [[u8; 3]; 20] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+    [174, 199, 232],
+    [255, 187, 120],
+    [152, 223, 138],
+    [255, 152, 150],
+    [197, 176, 213],
+    [196, 156, 148],
+    [247, 182, 210],
+    [199, 199, 199],
+    [219, 219, 141],
+    [158, 218, 229],
+];
+
+/// `#rrggbb` of palette entry `i`.
+pub fn colour_hex(i: usize) -> String {
+    let c = PALETTE[i % PALETTE.len()];
+    format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
+}
+
+/// The confusion matrix as a heat map: row-normalised, white (0) to dark blue (1), 32 px cells,
+/// rows = truth, columns = prediction, in class order.
+pub fn confusion_png(confusion: &[Vec<usize>]) -> image::RgbImage {
+    let n = confusion.len().max(1) as u32;
+    let cell = 32u32;
+    let mut img =
+        image::RgbImage::from_pixel(n * cell + 1, n * cell + 1, image::Rgb([200, 200, 200]));
+    for (i, row) in confusion.iter().enumerate() {
+        let total: usize = row.iter().sum();
+        for (j, &v) in row.iter().enumerate() {
+            let f = if total == 0 {
+                0.0
+            } else {
+                v as f32 / total as f32
+            };
+            let c = image::Rgb([
+                (255.0 * (1.0 - f) + 8.0 * f) as u8,
+                (255.0 * (1.0 - f) + 48.0 * f) as u8,
+                (255.0 * (1.0 - f) + 107.0 * f) as u8,
+            ]);
+            for y in 1..cell {
+                for x in 1..cell {
+                    img.put_pixel(j as u32 * cell + x, i as u32 * cell + y, c);
+                }
+            }
+        }
+    }
+    img
+}
+
+/// First two principal components of `features` ([N, D]).
+pub fn pca2(features: &Tensor) -> Vec<[f32; 2]> {
+    let x = features.to_kind(tch::Kind::Double).to_device(Device::Cpu);
+    let x = &x - x.mean_dim([0i64].as_slice(), true, tch::Kind::Double);
+    let (_, _, v) = x.svd(true, true); // v: [D, min(N, D)], columns = principal axes
+    let k = v.size()[1].min(2);
+    let p = x.matmul(&v.narrow(1, 0, k));
+    let v = Vec::<f64>::try_from(p.flatten(0, -1)).expect("projection");
+    (0..x.size()[0] as usize)
+        .map(|i| {
+            let a = v[i * k as usize] as f32;
+            let b = if k > 1 {
+                v[i * k as usize + 1] as f32
+            } else {
+                0.0
+            };
+            [a, b]
+        })
+        .collect()
+}
+
+/// A scatter plot of 2-D points coloured by `group` (palette index), 512 x 512.
+pub fn scatter_png(points: &[[f32; 2]], group: &[i64]) -> image::RgbImage {
+    let size = 512u32;
+    let margin = 16.0;
+    let mut img = image::RgbImage::from_pixel(size, size, image::Rgb([255, 255, 255]));
+    let (mut lo, mut hi) = ([f32::MAX; 2], [f32::MIN; 2]);
+    for p in points {
+        for a in 0..2 {
+            lo[a] = lo[a].min(p[a]);
+            hi[a] = hi[a].max(p[a]);
+        }
+    }
+    let span = |a: usize| (hi[a] - lo[a]).max(1e-12);
+    for (p, &g) in points.iter().zip(group) {
+        let x = margin + (p[0] - lo[0]) / span(0) * (size as f32 - 2.0 * margin);
+        let y = size as f32 - margin - (p[1] - lo[1]) / span(1) * (size as f32 - 2.0 * margin);
+        let c = image::Rgb(PALETTE[g as usize % PALETTE.len()]);
+        for dy in -2i32..=2 {
+            for dx in -2i32..=2 {
+                if dx * dx + dy * dy <= 5 {
+                    let (px, py) = (x as i32 + dx, y as i32 + dy);
+                    if px >= 0 && py >= 0 && (px as u32) < size && (py as u32) < size {
+                        img.put_pixel(px as u32, py as u32, c);
+                    }
+                }
+            }
+        }
+    }
+    img
+}
+
+/// Writes confusion.png, pca_class.png and pca_source.png into `dir` and returns the Markdown
+/// that shows them with their colour keys.
+pub fn write_plots(
+    dir: &Path,
+    features: &Tensor,
+    set: &LabelledSet,
+    report: &ProtocolReport,
+) -> Result<String> {
+    confusion_png(&report.linear.confusion).save(dir.join("confusion.png"))?;
+    let pts = pca2(features);
+    scatter_png(&pts, &set.labels).save(dir.join("pca_class.png"))?;
+    scatter_png(&pts, &set.sources).save(dir.join("pca_source.png"))?;
+    let key = |names: &[String]| {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{n} `{}`", colour_hex(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Ok(format!(
+        "\n## Plots\n\nConfusion matrix of the linear probe ({}; rows = truth in class order, \
+         row-normalised, white 0 to dark blue 1):\n\n![confusion](confusion.png)\n\n\
+         Features projected on their first two principal components, coloured by class \
+         ({}):\n\n![pca by class](pca_class.png)\n\nand by source ({}):\n\n![pca by source](pca_source.png)\n",
+        report.protocol,
+        key(&set.class_names),
+        key(&set.source_names)
+    ))
+}

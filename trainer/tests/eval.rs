@@ -46,6 +46,16 @@ fn protocols_on_synthetic_crops() {
     )
     .unwrap();
     assert_eq!(loso.per_source.len(), 2);
+    let plots = reddino_trainer::report::write_plots(dir.path(), &f, &set, &split).unwrap();
+    for png in ["confusion.png", "pca_class.png", "pca_source.png"] {
+        let img = image::open(dir.path().join(png)).unwrap();
+        assert!(img.width() > 100, "{png}");
+    }
+    assert!(plots.contains("![pca by class](pca_class.png)") && plots.contains("#1f77b4"));
+    // The heat map: a perfect diagonal is dark on the diagonal, white elsewhere.
+    let heat = reddino_trainer::report::confusion_png(&[vec![5, 0], vec![0, 3]]);
+    assert_eq!(heat.get_pixel(16, 16).0, [8, 48, 107]);
+    assert_eq!(heat.get_pixel(48, 16).0, [255, 255, 255]);
     let md = markdown("t", &set, &[split, kfold, loso]);
     assert!(
         md.contains("leave-one-source-out per held-out source") && md.contains("| giemsa_60x |")
