@@ -41,7 +41,8 @@ pub struct DinoHead {
 }
 
 impl DinoHead {
-    /// A freshly initialised head (trunc-normal std 0.02 MLP weights, zero biases).
+    /// A freshly initialised head (MLP initialised as the ViT's linear layers: N(0, 0.02), zero
+    /// biases).
     pub fn new(p: &nn::Path, in_dim: usize, cfg: &HeadConfig) -> DinoHead {
         let layers = cfg.layers.max(1);
         let mut dims = vec![in_dim as i64];
@@ -50,21 +51,7 @@ impl DinoHead {
         }
         dims.push(cfg.bottleneck_dim as i64);
         let mlp = (0..layers)
-            .map(|i| {
-                nn::linear(
-                    p / "mlp" / (2 * i),
-                    dims[i],
-                    dims[i + 1],
-                    nn::LinearConfig {
-                        ws_init: nn::Init::Randn {
-                            mean: 0.0,
-                            stdev: 0.02,
-                        },
-                        bs_init: Some(nn::Init::Const(0.0)),
-                        bias: true,
-                    },
-                )
-            })
+            .map(|i| crate::vit::linear(p / "mlp" / (2 * i), dims[i], dims[i + 1]))
             .collect();
         let last = p / "last_layer";
         let k = cfg.prototypes as i64;

@@ -42,50 +42,37 @@ impl LabelledSet {
                 root.display()
             );
         }
-        let mut classes = BTreeMap::new();
-        let mut sources = BTreeMap::new();
-        for f in &files {
-            let parts: Vec<String> = f
-                .strip_prefix(root)
-                .expect("under root")
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().to_string())
-                .collect();
-            classes.entry(parts[d - 2].clone()).or_insert(0);
-            if d == 3 {
-                sources.entry(parts[0].clone()).or_insert(0);
+        // (class, source) folder names of every file, split once.
+        let names: Vec<(String, String)> = files
+            .iter()
+            .map(|f| {
+                let parts: Vec<String> = f
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().to_string())
+                    .collect();
+                let source = if d == 3 {
+                    parts[0].clone()
+                } else {
+                    "all".into()
+                };
+                (parts[d - 2].clone(), source)
+            })
+            .collect();
+        let index = |pick: fn(&(String, String)) -> &String| -> BTreeMap<String, i64> {
+            let mut m: BTreeMap<String, i64> = names.iter().map(|n| (pick(n).clone(), 0)).collect();
+            for (i, v) in m.values_mut().enumerate() {
+                *v = i as i64;
             }
-        }
-        let class_names: Vec<String> = classes.keys().cloned().collect();
-        let source_names: Vec<String> = if d == 3 {
-            sources.keys().cloned().collect()
-        } else {
-            vec!["all".into()]
+            m
         };
-        let mut labels = Vec::new();
-        let mut srcs = Vec::new();
-        for f in &files {
-            let parts: Vec<String> = f
-                .strip_prefix(root)
-                .expect("under root")
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().to_string())
-                .collect();
-            labels.push(
-                class_names
-                    .iter()
-                    .position(|c| *c == parts[d - 2])
-                    .expect("class") as i64,
-            );
-            srcs.push(if d == 3 {
-                source_names
-                    .iter()
-                    .position(|s| *s == parts[0])
-                    .expect("source") as i64
-            } else {
-                0
-            });
-        }
+        let classes = index(|n| &n.0);
+        let sources = index(|n| &n.1);
+        let labels = names.iter().map(|n| classes[&n.0]).collect();
+        let srcs = names.iter().map(|n| sources[&n.1]).collect();
+        let class_names = classes.into_keys().collect();
+        let source_names = sources.into_keys().collect();
         Ok(LabelledSet {
             files,
             labels,

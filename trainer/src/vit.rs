@@ -65,7 +65,8 @@ fn ln(p: nn::Path, d: i64) -> nn::LayerNorm {
     )
 }
 
-fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
+/// A linear layer with timm/DINOv2's init (also used by the DINO head).
+pub(crate) fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
     // timm/DINOv2: trunc_normal(std=0.02) weights, zero biases.
     nn::linear(
         p,

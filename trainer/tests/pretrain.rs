@@ -34,6 +34,13 @@ fn smears(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// Synthetic smears in `dir`, their dataset, and the tiny CPU config reading them.
+fn setup(dir: &Path) -> (Arc<Dataset>, Config) {
+    let smear_dir = smears(dir);
+    let data = Dataset::scan(&smear_dir, reddino_trainer::config::DataKind::Smears, 224).unwrap();
+    (Arc::new(data), tiny(dir, &smear_dir))
+}
+
 /// Labelled cell crops: (images, labels, source names).
 fn crops(dir: &Path, per_class: usize) -> (Vec<RgbImage>, Vec<i64>) {
     let out = dir.join("crops");
@@ -83,11 +90,7 @@ fn probe(trainer: &Trainer, imgs: &[RgbImage], labels: &[i64]) -> f64 {
 fn tiny_preset_learns_on_synthetic_smears() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let smear_dir = smears(dir.path());
-    let data = Arc::new(
-        Dataset::scan(&smear_dir, reddino_trainer::config::DataKind::Smears, 224).unwrap(),
-    );
-    let cfg = tiny(dir.path(), &smear_dir);
+    let (data, cfg) = setup(dir.path());
     let (imgs, labels) = crops(dir.path(), 24);
 
     let mut trainer = Trainer::new(cfg).unwrap();
@@ -133,11 +136,7 @@ fn tiny_preset_learns_on_synthetic_smears() {
 fn resume_is_exact() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let smear_dir = smears(dir.path());
-    let data = Arc::new(
-        Dataset::scan(&smear_dir, reddino_trainer::config::DataKind::Smears, 224).unwrap(),
-    );
-    let mut cfg = tiny(dir.path(), &smear_dir);
+    let (data, mut cfg) = setup(dir.path());
     cfg.train.batch_size = 4;
     cfg.train.epoch_length = 4; // warmup, last-layer freeze and teacher-temp warmup all in play
     cfg.train.epochs = 3;
@@ -190,11 +189,7 @@ fn resume_is_exact() {
 fn non_finite_loss_stops_with_the_step() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let smear_dir = smears(dir.path());
-    let data = Arc::new(
-        Dataset::scan(&smear_dir, reddino_trainer::config::DataKind::Smears, 224).unwrap(),
-    );
-    let mut cfg = tiny(dir.path(), &smear_dir);
+    let (data, mut cfg) = setup(dir.path());
     cfg.train.batch_size = 2;
     cfg.train.checkpoint_every = 2;
     let mut t = Trainer::new(cfg).unwrap();
@@ -258,11 +253,7 @@ fn continued_pretraining_starts_from_the_checkpoint() {
 fn local_crops_train_the_student_at_98_px() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let smear_dir = smears(dir.path());
-    let data = Arc::new(
-        Dataset::scan(&smear_dir, reddino_trainer::config::DataKind::Smears, 224).unwrap(),
-    );
-    let mut cfg = tiny(dir.path(), &smear_dir);
+    let (data, mut cfg) = setup(dir.path());
     cfg.train.batch_size = 4;
     cfg.model.img_size = 112;
     cfg.ssl.local_crops = 2;
