@@ -77,6 +77,12 @@ pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Resul
     let mut trusted = TrustedKeys::new();
     for k in keys {
         trusted.add_file(k)?;
+        if std::fs::read_to_string(k).is_ok_and(|t| crate::demo::is_demo_key(&t)) {
+            log::warn!(
+                "trusted key {} is the published demo key: anyone can sign bundles with it; never trust it on a clinical device",
+                k.display()
+            );
+        }
     }
     let b = bundle::open(path, &trusted, &Limits::default())?;
     if b.manifest().class_names.is_empty() {

@@ -1,7 +1,7 @@
 //! `reddino-edge demo`: the whole service on embedded defaults. An in-process MQTT broker
-//! (rumqttd) on loopback, the synthetic microscope paced like a camera, a signed bundle built
-//! on the spot (random tiny ViT with a random head, until a trained demo model ships), a
-//! subscriber that checks every result arrives, a live view and a summary.
+//! (rumqttd) on loopback, the synthetic microscope paced like a camera, the shipped demo model
+//! (models/demo/, embedded in the binary; or any bundle given), a subscriber that checks every
+//! result arrives, a live view and a summary.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
@@ -38,7 +38,16 @@ pub struct DemoOptions {
     pub width: u32,
     #[arg(long, default_value_t = 540)]
     pub height: u32,
-    /// Model input size (a multiple of 14).
+    /// Model bundle (directory or .tar) to run instead of the shipped demo model.
+    #[arg(long, requires = "trusted_key")]
+    pub model: Option<PathBuf>,
+    /// Public key the `--model` bundle is signed with.
+    #[arg(long)]
+    pub trusted_key: Option<PathBuf>,
+    /// Run a random, untrained tiny ViT instead (exercises the pipeline; counts mean nothing).
+    #[arg(long, conflicts_with = "model")]
+    pub random_model: bool,
+    /// Input size of the `--random-model` (a multiple of 14).
     #[arg(long, default_value_t = 56)]
     pub input_size: usize,
     /// Where the bundle and outbox go.
@@ -47,6 +56,36 @@ pub struct DemoOptions {
     /// Redraw one status line (on a terminal) instead of printing progress lines.
     #[arg(skip = true)]
     pub live: bool,
+}
+
+/// The shipped demo model (models/demo/reddino-demo.tar): a ViT-tiny pretrained and
+/// fine-tuned on synthetic smears only (docs/models/demo.md). For demonstrations and tests;
+/// never for patients.
+pub const DEMO_BUNDLE_TAR: &[u8] = include_bytes!("../../models/demo/reddino-demo.tar");
+
+/// The demo model's signing key: published with the source (its secret too), so a device must
+/// never trust it for clinical use.
+pub const DEMO_PUBLIC_KEY: &str = include_str!("../../models/demo/demo.pub");
+
+/// Writes the shipped demo model and its public key into `dir`; returns (bundle tar, key).
+pub fn demo_model(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tar = dir.join("reddino-demo.tar");
+    let key = dir.join("demo.pub");
+    std::fs::write(&tar, DEMO_BUNDLE_TAR).with_context(|| format!("writing {}", tar.display()))?;
+    std::fs::write(&key, DEMO_PUBLIC_KEY).with_context(|| format!("writing {}", key.display()))?;
+    Ok((tar, key))
+}
+
+/// Whether a public key file's key is the published demo key.
+pub fn is_demo_key(public_key_file: &str) -> bool {
+    let key_line = |s: &str| {
+        s.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
+            .map(str::to_string)
+    };
+    key_line(public_key_file).is_some() && key_line(public_key_file) == key_line(DEMO_PUBLIC_KEY)
 }
 
 /// Writes a signed bundle with a random tiny ViT and a random linear head over the default
@@ -276,6 +315,18 @@ pub struct DemoSummary {
     pub run: RunReport,
     pub observed: Observed,
     pub wall: Duration,
+    pub model: ModelKind,
+}
+
+/// Which model the demo ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// The shipped demo model.
+    Demo,
+    /// A random tiny ViT (`--random-model`).
+    Random,
+    /// A bundle given with `--model`.
+    Given,
 }
 
 /// Runs the demo.
@@ -283,11 +334,21 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&opts.out)?;
     println!("RedDino Edge demo (output in {})", opts.out.display());
-    println!(
-        "- building a signed demo bundle (random tiny ViT, input {} px)",
-        opts.input_size
-    );
-    let (bundle_dir, pub_key) = random_bundle(&opts.out, opts.input_size, 7)?;
+    let (bundle_dir, pub_key, model) = match (&opts.model, &opts.trusted_key) {
+        (Some(m), Some(k)) => (m.clone(), k.clone(), ModelKind::Given),
+        _ if opts.random_model => {
+            println!(
+                "- building a signed bundle with a random tiny ViT (input {} px)",
+                opts.input_size
+            );
+            let (b, k) = random_bundle(&opts.out, opts.input_size, 7)?;
+            (b, k, ModelKind::Random)
+        }
+        _ => {
+            let (b, k) = demo_model(&opts.out)?;
+            (b, k, ModelKind::Demo)
+        }
+    };
     let port = free_port()?;
     start_broker(port)?;
     println!("- MQTT broker (in-process) on 127.0.0.1:{port}");
@@ -330,6 +391,19 @@ path = {outbox:?}
     let cfg = Config::parse(&text, Path::new("<demo>"))?;
     let monitor = Monitor::connect("127.0.0.1", port, "demo-monitor", "reddino/demo-scope")?;
     let b = open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)?;
+    println!(
+        "- model {} {} ({}, input {} px, {} classes){}",
+        b.manifest().name,
+        b.manifest().version,
+        bundle_dir.display(),
+        b.manifest().input_size,
+        b.manifest().class_names.len(),
+        match model {
+            ModelKind::Demo => ": the shipped demo model, trained on synthetic smears only",
+            ModelKind::Random => ": random weights",
+            ModelKind::Given => "",
+        }
+    );
     let backend = TractBackend::from_bundle(&b, cfg.model.batch, cfg.model.threads)?;
     println!(
         "- synthetic microscope: {} frames of {}x{} at {} fps, 4 acquisition sources",
@@ -380,6 +454,7 @@ path = {outbox:?}
         run,
         observed,
         wall: t0.elapsed(),
+        model,
     })
 }
 
@@ -470,7 +545,11 @@ impl DemoSummary {
                 );
             }
         }
-        out += "note: the demo bundle is a random, untrained model; the class counts exercise the\n      pipeline and mean nothing. Train and export a model with reddino-trainer.\n";
+        match self.model {
+            ModelKind::Demo => out += "note: the demo model was trained on synthetic smears only (docs/models/demo.md) and is\n      signed with a published key: for demonstrations, never for patients.\n",
+            ModelKind::Random => out += "note: the model is random and untrained; the class counts exercise the pipeline and\n      mean nothing.\n",
+            ModelKind::Given => {}
+        }
         out += &format!("wall time {:.1} s\n", self.wall.as_secs_f64());
         out
     }

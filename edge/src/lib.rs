@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cells;
 pub mod classify;
 pub mod config;
+pub mod crops;
 pub mod demo;
 pub mod infer;
 pub mod messages;

@@ -34,9 +34,27 @@ enum Cmd {
     /// The whole service on embedded defaults: in-process broker, synthetic microscope,
     /// a demo bundle, a live view and a summary.
     Demo(reddino_edge::demo::DemoOptions),
+    /// Write labelled training crops cut by this service's own cell finder from synthetic
+    /// fields: OUT/{source}/{class}/*.png (each detection labelled by the true cell it lands on).
+    SynthCrops {
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated acquisition-source presets (`reddino-models synth sources`).
+        #[arg(long)]
+        sources: String,
+        /// Crops per class and source.
+        #[arg(long, default_value_t = 100)]
+        per_class: usize,
+        /// Side of the saved crops in pixels.
+        #[arg(long, default_value_t = 96)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Analyse image files offline: one JSON object per image with counts and cells.
     Analyze {
-        /// Model bundle (directory or .tar) with a classification head.
+        /// Model bundle (directory or .tar) with a classification head; default: the shipped
+        /// demo model (synthetic data only).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Trusted minisign public key(s) for the bundle signature.
@@ -98,6 +116,29 @@ fn run(cli: Cli) -> Result<()> {
                 report.publisher.left_in_outbox
             );
         }
+        Cmd::SynthCrops {
+            out,
+            sources,
+            per_class,
+            size,
+            seed,
+        } => {
+            use reddino_edge::crops::{write_detected_crops, DetectedCrops};
+            let sources = sources
+                .split(',')
+                .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut cfg = DetectedCrops::new(out.clone(), sources, per_class, seed);
+            cfg.size = size;
+            let summary = write_detected_crops(&cfg, |src, done, total| {
+                eprint!("\r{src}: {done}/{total} crops");
+            })?;
+            eprintln!();
+            for (src, counts) in &summary {
+                println!("{src}: {} crops", counts.iter().sum::<usize>());
+            }
+            println!("crops in {}", out.display());
+        }
         Cmd::Demo(opts) => {
             let summary = reddino_edge::demo::run(&opts)?;
             print!("{}", summary.render());
@@ -114,12 +155,24 @@ fn run(cli: Cli) -> Result<()> {
             min_confidence,
             images,
         } => {
-            let Some(model) = model else {
-                bail!("no model given: pass --model BUNDLE and --trusted-key KEY.pub");
+            // Without --model: the shipped demo model, unpacked into a private folder.
+            let staging;
+            let (model, trusted_keys) = match model {
+                Some(m) => {
+                    if trusted_keys.is_empty() {
+                        bail!("no trusted key given: pass --trusted-key KEY.pub (the public key the bundle was signed with)");
+                    }
+                    (m, trusted_keys)
+                }
+                None => {
+                    staging = tempfile::tempdir().context("creating a temporary folder")?;
+                    let (tar, key) = reddino_edge::demo::demo_model(staging.path())?;
+                    log::warn!(
+                        "no --model given: using the shipped demo model (trained on synthetic smears only; never for patients)"
+                    );
+                    (tar, vec![key])
+                }
             };
-            if trusted_keys.is_empty() {
-                bail!("no trusted key given: pass --trusted-key KEY.pub (the public key the bundle was signed with)");
-            }
             let mut trusted = TrustedKeys::new();
             for k in &trusted_keys {
                 trusted.add_file(k)?;

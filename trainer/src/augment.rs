@@ -905,6 +905,38 @@ pub fn augment(
     cfg: &AugmentConfig,
     rng: &mut ChaCha8Rng,
 ) -> (Tensor, Applied) {
+    augment_with(images, size, cfg, &Op::ALL, rng)
+}
+
+impl Op {
+    /// The transforms that change stain, colour, exposure and noise but keep the cell's shape
+    /// at small input sizes (no strong blurs, downscaling or occluding overlays): what
+    /// supervised fine-tuning draws from, so that a classifier learns shape, not stain.
+    pub const PHOTOMETRIC: [Op; 13] = [
+        Op::ChannelShuffle,
+        Op::ColorJitter,
+        Op::Equalize,
+        Op::FancyPca,
+        Op::GaussNoise,
+        Op::HueSaturationValue,
+        Op::MultiplicativeNoise,
+        Op::RandomBrightnessContrast,
+        Op::RgbShift,
+        Op::RandomGamma,
+        Op::RandomToneCurve,
+        Op::Sharpen,
+        Op::Clahe,
+    ];
+}
+
+/// [`augment`] drawing the pixel transforms from `ops` (applied in [`Op::ALL`] order).
+pub fn augment_with(
+    images: &Tensor,
+    size: i64,
+    cfg: &AugmentConfig,
+    ops: &[Op],
+    rng: &mut ChaCha8Rng,
+) -> (Tensor, Applied) {
     let s = images.size();
     let (b, h, w) = (s[0], s[2], s[3]);
     let dev = images.device();
@@ -922,11 +954,20 @@ pub fn augment(
         })
         .collect();
     let mut x = Tensor::cat(&crops, 0).clamp(0.0, 1.0);
-    // 4 of 33, uniformly, without replacement.
-    let k = cfg.ops_per_image.min(Op::ALL.len());
+    // 4 of 33, uniformly, without replacement (as indices into Op::ALL).
+    let pool: Vec<usize> = Op::ALL
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| ops.contains(op))
+        .map(|(i, _)| i)
+        .collect();
+    let k = cfg.ops_per_image.min(pool.len());
     let chosen: Vec<Vec<usize>> = (0..b)
         .map(|_| {
-            let mut v = sample(rng, Op::ALL.len(), k).into_vec();
+            let mut v: Vec<usize> = sample(rng, pool.len(), k)
+                .into_iter()
+                .map(|j| pool[j])
+                .collect();
             v.sort_unstable();
             v
         })

@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod finetune;
 pub mod head;
 pub mod loss;
 pub mod masking;

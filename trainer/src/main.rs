@@ -90,6 +90,56 @@ enum Cmd {
         /// kNN with cosine similarity and temperature-weighted votes instead of Euclidean.
         #[arg(long)]
         cosine: bool,
+        /// Features to probe: the checkpoint's, or a baseline (same architecture randomly
+        /// initialised, or raw pixels at the input size).
+        #[arg(long, value_enum, default_value = "model")]
+        features: FeatureKind,
+        /// Leave-one-source-out only (skips the split and 5-fold protocols).
+        #[arg(long)]
+        loso_only: bool,
+    },
+    /// Fine-tune a backbone with a new linear head on labelled crops (cross-entropy, AdamW
+    /// with layer-wise lr decay, RedDino's pixel augmentations); writes backbone.safetensors
+    /// and head.safetensors for `export`.
+    Finetune {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder of labelled crops ({class}/image or {source}/{class}/image).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        /// Peak learning rate (head and last block; earlier blocks decay by --layer-decay).
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.75)]
+        layer_decay: f64,
+        #[arg(long, default_value_t = 0.05)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 0.1)]
+        label_smoothing: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// CPU threads for libtorch (0 = its default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Score a backbone + linear head on labelled crops: accuracy, balanced accuracy, F1 and
+    /// the confusion matrix, overall and per source; writes report.json, report.md and
+    /// confusion.png.
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Linear head safetensors (its class names must include every class of the data).
+        #[arg(long)]
+        head: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Train the linear head the edge uses (multinomial logistic regression on the CLS
     /// features of all crops) and write it with its class names; `export --head` takes it.
@@ -143,22 +193,64 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn features(&self, data: &std::path::Path) -> Result<(LabelledSet, tch::Tensor)> {
+        self.features_of(data, FeatureKind::Model)
+    }
+
+    /// The backbone (with the checkpoint's weights, or freshly initialised) at the input size.
+    fn vit(&self, random_init: bool) -> Result<(tch::nn::VarStore, reddino_trainer::vit::Vit)> {
         let w = reddino_models::weights::VitWeights::load(&self.checkpoint)?;
         let size = self.input_size.unwrap_or(w.config.img_size);
         let device = reddino_trainer::train::device_from(&self.device)?;
         let vs = tch::nn::VarStore::new(device);
-        let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &w, size)?;
+        let vit = if random_init {
+            tch::manual_seed(0);
+            let mut cfg = w.config.clone();
+            cfg.img_size = size;
+            reddino_trainer::vit::Vit::new(&vs.root(), &cfg, w.pos_prefix())?
+        } else {
+            reddino_trainer::vit::Vit::from_weights(&vs.root(), &w, size)?
+        };
+        Ok((vs, vit))
+    }
+
+    fn features_of(
+        &self,
+        data: &std::path::Path,
+        kind: FeatureKind,
+    ) -> Result<(LabelledSet, tch::Tensor)> {
         let set = LabelledSet::scan(data)?;
+        let (vs, vit) = self.vit(kind == FeatureKind::RandomInit)?;
+        let size = vit.config.img_size;
         log::info!(
-            "{} images, {} classes, {} sources; ViT {}-d at {size} px on {device:?}",
+            "{} images, {} classes, {} sources; {} at {size} px on {:?}",
             set.files.len(),
             set.class_names.len(),
             set.source_names.len(),
-            w.config.embed_dim
+            match kind {
+                FeatureKind::Model => format!("ViT {}-d", vit.config.embed_dim),
+                FeatureKind::RandomInit =>
+                    format!("randomly initialised ViT {}-d", vit.config.embed_dim),
+                FeatureKind::Pixels => "raw pixels".to_string(),
+            },
+            vs.device()
         );
-        let f = set.embed(&vit, device, self.batch)?;
+        let f = match kind {
+            FeatureKind::Pixels => set.pixels(size as u32)?,
+            _ => set.embed(&vit, vs.device(), self.batch)?,
+        };
         Ok((set, f))
     }
+}
+
+/// What `eval` probes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FeatureKind {
+    /// CLS features of the checkpoint.
+    Model,
+    /// CLS features of the same architecture, freshly initialised (a baseline).
+    RandomInit,
+    /// The normalised pixels of the crop at the input size (a baseline).
+    Pixels,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -290,18 +382,27 @@ fn run(cli: Cli) -> Result<()> {
             data,
             out,
             cosine,
+            features,
+            loso_only,
         } => {
             use reddino_trainer::report::{evaluate, markdown, Protocol};
-            let (set, f) = model.features(&data)?;
+            let (set, f) = model.features_of(&data, features)?;
             let knn = if cosine {
                 reddino_trainer::eval::Knn::Cosine { temperature: 0.07 }
             } else {
                 reddino_trainer::eval::Knn::Euclidean
             };
-            let mut reports = vec![
-                evaluate(&f, &set, &Protocol::Split { test_every: 5 }, knn)?,
-                evaluate(&f, &set, &Protocol::KFold { k: 5, seed: 0 }, knn)?,
-            ];
+            if loso_only && set.source_names.len() < 2 {
+                anyhow::bail!(
+                    "--loso-only needs crops from two or more sources ({{source}}/{{class}}/image); {} has one",
+                    data.display()
+                );
+            }
+            let mut reports = Vec::new();
+            if !loso_only {
+                reports.push(evaluate(&f, &set, &Protocol::Split { test_every: 5 }, knn)?);
+                reports.push(evaluate(&f, &set, &Protocol::KFold { k: 5, seed: 0 }, knn)?);
+            }
             if set.source_names.len() > 1 {
                 reports.push(evaluate(&f, &set, &Protocol::LeaveOneSourceOut, knn)?);
             }
@@ -310,11 +411,15 @@ fn run(cli: Cli) -> Result<()> {
                 out.join("report.json"),
                 serde_json::to_vec_pretty(&reports)?,
             )?;
-            let mut md = markdown(
-                &format!("Evaluation of {}", model.checkpoint.display()),
-                &set,
-                &reports,
-            );
+            let what = match features {
+                FeatureKind::Model => model.checkpoint.display().to_string(),
+                FeatureKind::RandomInit => format!(
+                    "a randomly initialised ViT shaped as {}",
+                    model.checkpoint.display()
+                ),
+                FeatureKind::Pixels => "raw pixels".to_string(),
+            };
+            let mut md = markdown(&format!("Evaluation of {what}"), &set, &reports);
             md += &reddino_trainer::report::write_plots(&out, &f, &set, &reports[0])?;
             std::fs::write(out.join("report.md"), &md)?;
             print!("{md}");
@@ -362,6 +467,141 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Finetune {
+            model,
+            data,
+            out,
+            epochs,
+            lr,
+            layer_decay,
+            weight_decay,
+            label_smoothing,
+            seed,
+            threads,
+        } => {
+            use reddino_trainer::finetune::{finetune, FinetuneConfig};
+            if threads > 0 {
+                tch::set_num_threads(threads as i32);
+            }
+            let init = reddino_models::weights::VitWeights::load(&model.checkpoint)?;
+            let set = LabelledSet::scan(&data)?;
+            let device = reddino_trainer::train::device_from(&model.device)?;
+            let cfg = FinetuneConfig {
+                input_size: model.input_size.unwrap_or(init.config.img_size),
+                epochs,
+                batch_size: model.batch,
+                lr,
+                layer_decay,
+                weight_decay,
+                label_smoothing,
+                seed,
+                ..FinetuneConfig::default()
+            };
+            log::info!(
+                "fine-tuning ViT {}-d x {} at {} px on {device:?}: {} crops, {} classes, {} sources, {epochs} epochs of batch {}",
+                init.config.embed_dim,
+                init.config.depth,
+                cfg.input_size,
+                set.files.len(),
+                set.class_names.len(),
+                set.source_names.len(),
+                cfg.batch_size
+            );
+            let bar = progress_bar(std::io::stderr().is_terminal());
+            let t0 = std::time::Instant::now();
+            let r = finetune(&init, &set, &cfg, device, 10, |s| {
+                bar.set_length(s.total as u64);
+                bar.set_position(s.step as u64);
+                bar.set_message(format!("loss {:.4} lr {:.2e}", s.loss, s.lr));
+                if bar.is_hidden() {
+                    log::info!(
+                        "step {}/{}: loss {:.4}, lr {:.2e}",
+                        s.step,
+                        s.total,
+                        s.loss,
+                        s.lr
+                    );
+                }
+            })?;
+            bar.finish_and_clear();
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            r.backbone.save(&out.join("backbone.safetensors"))?;
+            std::fs::write(out.join("head.safetensors"), r.head.to_bytes()?)?;
+            let summary = serde_json::json!({
+                "data": data,
+                "init": model.checkpoint,
+                "input_size": cfg.input_size,
+                "epochs": epochs,
+                "batch_size": cfg.batch_size,
+                "lr": lr,
+                "layer_decay": layer_decay,
+                "weight_decay": weight_decay,
+                "label_smoothing": label_smoothing,
+                "seed": seed,
+                "first_loss": r.first_loss,
+                "last_loss": r.last_loss,
+                "seconds": t0.elapsed().as_secs_f64(),
+                "train": r.train,
+            });
+            std::fs::write(
+                out.join("finetune.json"),
+                serde_json::to_vec_pretty(&summary)?,
+            )?;
+            println!(
+                "fine-tuned in {:.0} s: loss {:.4} -> {:.4}, training accuracy {:.3} (balanced {:.3}) -> {}/backbone.safetensors, {}/head.safetensors",
+                t0.elapsed().as_secs_f64(),
+                r.first_loss,
+                r.last_loss,
+                r.train.accuracy,
+                r.train.balanced_accuracy,
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Score {
+            model,
+            head,
+            data,
+            out,
+        } => {
+            let bytes =
+                std::fs::read(&head).with_context(|| format!("reading {}", head.display()))?;
+            let head = reddino_models::weights::LinearHead::from_bytes(
+                &bytes,
+                &head.display().to_string(),
+            )?;
+            let set = LabelledSet::scan(&data)?;
+            let (vs, vit) = model.vit(false)?;
+            head.validate(vit.config.embed_dim)?;
+            let (truth, pred) = reddino_trainer::finetune::classify_set(
+                &vit,
+                &head,
+                &set,
+                vs.device(),
+                model.batch,
+            )?;
+            let report =
+                reddino_trainer::report::score_report(&set, &head.class_names, &truth, &pred);
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+            reddino_trainer::report::confusion_png(&report.overall.confusion)
+                .save(out.join("confusion.png"))
+                .context("writing confusion.png")?;
+            let md = reddino_trainer::report::score_markdown(
+                &format!(
+                    "{} + {} on {}",
+                    model.checkpoint.display(),
+                    "the head",
+                    data.display()
+                ),
+                &head.class_names,
+                &report,
+            );
+            std::fs::write(out.join("report.md"), &md)?;
+            print!("{md}");
+            Ok(())
+        }
         Cmd::Preset { name } => {
             print!("{}", toml::to_string_pretty(&Config::preset(&name)?)?);
             Ok(())
@@ -389,4 +629,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A progress bar on a terminal; hidden otherwise (progress then goes to the log).
+fn progress_bar(terminal: bool) -> indicatif::ProgressBar {
+    if !terminal {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("template"),
+    );
+    pb
 }

@@ -82,6 +82,20 @@ impl LabelledSet {
         })
     }
 
+    /// The normalised pixels of every image at `size` x `size` (the model's preprocessing),
+    /// flattened: the raw-pixel baseline, [N, 3 x size x size].
+    pub fn pixels(&self, size: u32) -> Result<Tensor> {
+        let norm = reddino_models::preprocess::Normalization::default();
+        let mut data = Vec::with_capacity(self.files.len() * 3 * (size * size) as usize);
+        for p in &self.files {
+            let img = image::open(p)
+                .with_context(|| format!("decoding {}", p.display()))?
+                .to_rgb8();
+            data.extend(reddino_models::preprocess::preprocess(&img, size, &norm));
+        }
+        Ok(Tensor::from_slice(&data).view([self.files.len() as i64, -1]))
+    }
+
     /// CLS features of every image, decoded and embedded `batch` at a time.
     pub fn embed(&self, vit: &Vit, device: Device, batch: usize) -> Result<Tensor> {
         let mut out = Vec::new();
@@ -247,34 +261,110 @@ pub fn markdown(title: &str, set: &LabelledSet, reports: &[ProtocolReport]) -> S
     }
     for r in reports {
         if !r.per_source.is_empty() {
-            s += &format!("\n## {} per held-out source\n\n| source | linear F1 | 1-NN F1 | 20-NN F1 |\n|---|---:|---:|---:|\n", r.protocol);
+            s += &format!("\n## {} per held-out source\n\n| source | linear balanced accuracy | linear F1 | 1-NN F1 | 20-NN F1 |\n|---|---:|---:|---:|---:|\n", r.protocol);
             for (src, m) in &r.per_source {
                 s += &format!(
-                    "| {src} | {:.3} | {:.3} | {:.3} |\n",
-                    m["linear_weighted_f1"], m["knn1_weighted_f1"], m["knn20_weighted_f1"]
+                    "| {src} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                    m["linear_balanced_accuracy"],
+                    m["linear_weighted_f1"],
+                    m["knn1_weighted_f1"],
+                    m["knn20_weighted_f1"]
                 );
             }
         }
     }
     if let Some(r) = reports.first() {
         s += &format!(
-            "\n## Confusion matrix (linear probe, {}; rows = truth)\n\n|  |",
+            "\n## Confusion matrix (linear probe, {}; rows = truth)\n\n",
             r.protocol
         );
-        for c in &set.class_names {
-            s += &format!(" {c} |");
+        s += &confusion_markdown(&set.class_names, &r.linear.confusion);
+    }
+    s
+}
+
+/// A confusion matrix as a Markdown table (rows = truth, columns = prediction).
+pub fn confusion_markdown(names: &[String], confusion: &[Vec<usize>]) -> String {
+    let mut s = "|  |".to_string();
+    for c in names {
+        s += &format!(" {c} |");
+    }
+    s += "\n|---|";
+    s += &"---:|".repeat(names.len());
+    s += "\n";
+    for (i, row) in confusion.iter().enumerate() {
+        s += &format!("| {} |", names[i]);
+        for v in row {
+            s += &format!(" {v} |");
         }
-        s += "\n|---|";
-        s += &"---:|".repeat(set.class_names.len());
         s += "\n";
-        for (i, row) in r.linear.confusion.iter().enumerate() {
-            s += &format!("| {} |", set.class_names[i]);
-            for v in row {
-                s += &format!(" {v} |");
-            }
-            s += "\n";
+    }
+    s
+}
+
+/// A classifier's scores on a labelled set, overall and per source.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    pub images: usize,
+    pub overall: Metrics,
+    pub per_source: BTreeMap<String, Metrics>,
+}
+
+/// Scores predictions `pred` against `truth` (both indices into `class_names`).
+pub fn score_report(
+    set: &LabelledSet,
+    class_names: &[String],
+    truth: &[i64],
+    pred: &[i64],
+) -> ScoreReport {
+    let classes = class_names.len();
+    let mut per_source = BTreeMap::new();
+    for (si, name) in set.source_names.iter().enumerate() {
+        let idx: Vec<usize> = (0..truth.len())
+            .filter(|&i| set.sources[i] == si as i64)
+            .collect();
+        let t: Vec<i64> = idx.iter().map(|&i| truth[i]).collect();
+        let p: Vec<i64> = idx.iter().map(|&i| pred[i]).collect();
+        per_source.insert(name.clone(), metrics(&t, &p, classes));
+    }
+    ScoreReport {
+        images: truth.len(),
+        overall: metrics(truth, pred, classes),
+        per_source,
+    }
+}
+
+/// The Markdown summary of a [`ScoreReport`].
+pub fn score_markdown(title: &str, class_names: &[String], r: &ScoreReport) -> String {
+    let mut s = format!(
+        "# {title}\n\n{} images.\n\n| source | images | accuracy | balanced accuracy | weighted F1 |\n|---|---:|---:|---:|---:|\n",
+        r.images
+    );
+    let row = |name: &str, m: &Metrics| {
+        format!(
+            "| {name} | {} | {:.3} | {:.3} | {:.3} |\n",
+            m.support.iter().sum::<usize>(),
+            m.accuracy,
+            m.balanced_accuracy,
+            m.weighted_f1
+        )
+    };
+    if r.per_source.len() > 1 {
+        for (name, m) in &r.per_source {
+            s += &row(name, m);
         }
     }
+    s += &row("all", &r.overall);
+    s += "\n## Per class\n\n| class | support | precision | recall |\n|---|---:|---:|---:|\n";
+    for (i, c) in class_names.iter().enumerate() {
+        s += &format!(
+            "| {c} | {} | {:.3} | {:.3} |\n",
+            r.overall.support[i], r.overall.precision[i], r.overall.recall[i]
+        );
+    }
+    s += "\n## Confusion matrix (rows = truth)\n\n";
+    s += &confusion_markdown(class_names, &r.overall.confusion);
+    s += "\n![confusion](confusion.png)\n";
     s
 }
 

@@ -15,6 +15,55 @@ fn key(dir: &std::path::Path) -> (SigningKey, TrustedKeys) {
     (k, t)
 }
 
+/// timm-layout random weights of a preset (224 px checkpoint, as published) exported at 56 px
+/// with a head: the ONNX matches tch, and the signed bundle opens, verifies and passes its
+/// self-test through the runtime the edge uses.
+fn preset_exports_and_opens(preset: Preset) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VitConfig::preset(preset, 224).unwrap();
+    let w = VitWeights::random(&cfg, 11, 0.5).unwrap();
+    let d = cfg.embed_dim;
+    let head = LinearHead {
+        class_names: vec!["x".into(), "y".into()],
+        weight: Tensor::new(
+            vec![2, d],
+            (0..2 * d).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect(),
+        ),
+        bias: Tensor::new(vec![2], vec![0.0, 0.1]),
+    };
+    let (k, trusted) = key(dir.path());
+    let out = dir.path().join("bundle");
+    let (_, diff) = export(
+        &ExportSpec {
+            weights: &w,
+            head: Some(&head),
+            input_size: 56,
+            name: preset.name().into(),
+            version: "1".into(),
+            description: String::new(),
+        },
+        &k,
+        &out,
+    )
+    .unwrap();
+    drop(w);
+    eprintln!("{}: max |tract - tch| = {diff:e}", preset.name());
+    assert!(diff < 1e-4);
+    let tar = dir.path().join("bundle.tar");
+    bundle::pack(&out, &tar).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    let b = bundle::open(&tar, &trusted, &Limits::default()).unwrap();
+    assert_eq!(b.manifest().arch.embed_dim, d);
+    assert!(b.self_test().unwrap() < 1e-4);
+}
+
+#[test]
+fn timm_small_base_and_large_export_to_bundles_the_edge_opens() {
+    for preset in [Preset::Small, Preset::Base, Preset::Large] {
+        preset_exports_and_opens(preset);
+    }
+}
+
 #[test]
 fn tiny_with_head_exports_at_112_and_verifies() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,235 @@
+//! The shipped demo model (models/demo/) on a synthetic source it was not trained on
+//! (giemsa_60x; training used wright_100x, mgg_100x and field_40x), render seeds outside the
+//! training range. Targets (docs/models/demo.md):
+//! - balanced accuracy >= 0.90 on cell crops cut as the trainer cuts them;
+//! - `analyze` on whole held-out fields: per-class counts within 10% of the truth for every
+//!   class with >= 20 cells.
+//!
+//! The shipped model does not meet them yet (0.81; counts up to 47% off): the `target_*` tests
+//! assert the targets and are ignored until a model meets them (`cargo test -p reddino-edge
+//! --test demo_model -- --ignored`); the `floor_*` tests hold the shipped model's figures so that
+//! a worse model (or a change to the crops or preprocessing) cannot ship unnoticed.
+
+use image::imageops::FilterType;
+use image::RgbImage;
+use reddino_edge::analyze::{analyze_image, classify_crops, AnalyzeConfig};
+use reddino_edge::demo::{demo_model, is_demo_key, DEMO_PUBLIC_KEY};
+use reddino_edge::infer::{Backend, TractBackend};
+use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
+use reddino_models::preprocess::square_crop;
+use reddino_models::synth::{render, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
+use reddino_models::taxonomy::DEFAULT_CLASSES;
+
+const HELD_OUT: &str = "giemsa_60x";
+
+fn open_demo(dir: &std::path::Path) -> Bundle {
+    let (tar, key) = demo_model(dir).unwrap();
+    let mut trusted = TrustedKeys::new();
+    trusted.add_file(&key).unwrap();
+    let b = bundle::open(&tar, &trusted, &Limits::default()).unwrap();
+    b.self_test().unwrap();
+    b
+}
+
+/// Index of every default class in the bundle's class list.
+fn class_map(b: &Bundle) -> Vec<usize> {
+    let names = &b.manifest().class_names;
+    DEFAULT_CLASSES
+        .iter()
+        .map(|c| {
+            names
+                .iter()
+                .position(|n| n == c)
+                .unwrap_or_else(|| panic!("the demo model lacks class {c}"))
+        })
+        .collect()
+}
+
+#[test]
+fn demo_model_is_signed_with_the_marked_demo_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = open_demo(tmp.path());
+    assert_eq!(b.manifest().name, "reddino-demo");
+    assert_eq!(b.manifest().class_names.len(), NUM_CLASSES);
+    assert!(DEMO_PUBLIC_KEY.contains("DEMO key"));
+    assert!(is_demo_key(DEMO_PUBLIC_KEY));
+    // Another key is not the demo key, whatever its comment says.
+    let other = reddino_models::bundle::SigningKey::generate()
+        .unwrap()
+        .public_key_file()
+        .unwrap()
+        .replacen("minisign public key", "RedDino DEMO key", 1);
+    assert!(!is_demo_key(&other));
+}
+
+/// Balanced accuracy of the demo model on held-out crops (40 per class).
+fn held_out_balanced_accuracy() -> f64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = open_demo(tmp.path());
+    let map = class_map(&b);
+    let mut backend = TractBackend::from_bundle(&b, 32, 0).unwrap();
+    let source = SourcePreset::by_name(HELD_OUT).unwrap();
+    // Crops as `reddino-models synth crops` cuts them (box x 1.3, 96 px), uniform class mix.
+    let per_class = 40;
+    let mut crops: Vec<RgbImage> = Vec::new();
+    let mut truth: Vec<usize> = Vec::new();
+    let mut have = [0usize; NUM_CLASSES];
+    let mut seed = 900_000;
+    while have.iter().any(|&n| n < per_class) {
+        let mut spec = FieldSpec::new(1280, 960, seed, source.clone());
+        spec.mix = ClassMix::uniform();
+        let field = render(&spec).unwrap();
+        for cell in &field.cells {
+            if have[cell.class] >= per_class {
+                continue;
+            }
+            let c = square_crop(&field.image, cell.bbox, 1.3);
+            crops.push(image::imageops::resize(&c, 96, 96, FilterType::Triangle));
+            truth.push(cell.class);
+            have[cell.class] += 1;
+        }
+        seed += 1;
+        assert!(
+            seed < 900_050,
+            "could not collect {per_class} crops per class"
+        );
+    }
+    let preds = classify_crops(
+        &crops,
+        &mut backend as &mut dyn Backend,
+        &b.manifest().class_names,
+        &b.manifest().normalization(),
+        0.0,
+    )
+    .unwrap();
+    let mut correct = [0usize; NUM_CLASSES];
+    for (p, &t) in preds.iter().zip(&truth) {
+        if p.class == Some(map[t]) {
+            correct[t] += 1;
+        }
+    }
+    let recall: Vec<f64> = correct
+        .iter()
+        .map(|&c| c as f64 / per_class as f64)
+        .collect();
+    let balanced = recall.iter().sum::<f64>() / NUM_CLASSES as f64;
+    for (c, r) in DEFAULT_CLASSES.iter().zip(&recall) {
+        eprintln!("{c:<12} recall {r:.3}");
+    }
+    eprintln!(
+        "{HELD_OUT}: balanced accuracy {balanced:.3} on {} crops",
+        truth.len()
+    );
+    balanced
+}
+
+#[test]
+fn floor_held_out_crops_balanced_accuracy() {
+    let b = held_out_balanced_accuracy();
+    assert!(
+        b >= 0.80,
+        "balanced accuracy {b:.3} on the held-out source is below 0.80"
+    );
+}
+
+#[test]
+#[ignore = "target not met by the shipped demo model (0.81); see docs/models/demo.md"]
+fn target_held_out_crops_balanced_accuracy_at_least_0_90() {
+    let b = held_out_balanced_accuracy();
+    assert!(
+        b >= 0.90,
+        "balanced accuracy {b:.3} on the held-out source is below 0.90"
+    );
+}
+
+/// Per default class: (name, true count, counted by `analyze`) over four held-out 1920x1080
+/// fields with the default class mix.
+fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = open_demo(tmp.path());
+    let map = class_map(&b);
+    let names = b.manifest().class_names.clone();
+    let mut backend = TractBackend::from_bundle(&b, 32, 0).unwrap();
+    let source = SourcePreset::by_name(HELD_OUT).unwrap();
+    let cfg = AnalyzeConfig::default();
+    let mut truth = [0u64; NUM_CLASSES];
+    let mut counted = vec![0u64; names.len()];
+    let mut uncertain = 0;
+    for seed in 910_000..910_004 {
+        // Full-HD fields with the default (clinical-like) class mix.
+        let field = render(&FieldSpec::new(1920, 1080, seed, source.clone())).unwrap();
+        let (w, h) = (field.image.width(), field.image.height());
+        for cell in &field.cells {
+            // The analysis leaves out cells cut by the frame edge; so does the truth.
+            let [x0, y0, x1, y1] = cell.bbox;
+            if cfg.cells.drop_border && (x0 == 0 || y0 == 0 || x1 >= w || y1 >= h) {
+                continue;
+            }
+            truth[cell.class] += 1;
+        }
+        let report = analyze_image(
+            "field",
+            &field.image,
+            &mut backend as &mut dyn Backend,
+            &names,
+            &b.manifest().normalization(),
+            &cfg,
+        )
+        .unwrap();
+        for (k, n) in &report.counts {
+            match names.iter().position(|c| c == k) {
+                Some(i) => counted[i] += n,
+                None => uncertain += n,
+            }
+        }
+    }
+    eprintln!("class        truth  counted");
+    let rows: Vec<(&'static str, u64, u64)> = DEFAULT_CLASSES
+        .iter()
+        .enumerate()
+        .map(|(c, name)| (*name, truth[c], counted[map[c]]))
+        .collect();
+    for (name, t, n) in &rows {
+        eprintln!(
+            "{name:<12} {t:>6} {n:>8}  {:+.1}%",
+            100.0 * (*n as f64 - *t as f64) / (*t).max(1) as f64
+        );
+    }
+    eprintln!("uncertain {uncertain}");
+    rows
+}
+
+/// Relative count errors of the classes with at least 20 true cells.
+fn count_errors(rows: &[(&'static str, u64, u64)]) -> Vec<(&'static str, f64)> {
+    rows.iter()
+        .filter(|(_, t, _)| *t >= 20)
+        .map(|(name, t, n)| (*name, (*n as f64 - *t as f64) / *t as f64))
+        .collect()
+}
+
+#[test]
+fn floor_analyze_counts_on_held_out_fields() {
+    let errors = count_errors(&held_out_counts());
+    let mean = errors.iter().map(|(_, e)| e.abs()).sum::<f64>() / errors.len() as f64;
+    eprintln!("mean absolute count error {:.1}%", 100.0 * mean);
+    assert!(
+        mean <= 0.25,
+        "mean absolute per-class count error {:.1}% is above 25%",
+        100.0 * mean
+    );
+}
+
+#[test]
+#[ignore = "target not met by the shipped demo model (counts up to 47% off); see docs/models/demo.md"]
+fn target_analyze_counts_on_held_out_fields_within_10_percent() {
+    let failures: Vec<String> = count_errors(&held_out_counts())
+        .into_iter()
+        .filter(|(_, e)| e.abs() > 0.10)
+        .map(|(name, e)| format!("{name} {:+.1}%", 100.0 * e))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "counts more than 10% off the truth: {}",
+        failures.join(", ")
+    );
+}

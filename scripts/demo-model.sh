@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Reproduces the shipped demo model (models/demo/reddino-demo.tar) from scratch and the figures
+# of its model card (docs/models/demo.md): synthetic crops, self-supervised pretraining,
+# fine-tuning with a linear head, evaluation on a held-out source, probe baselines, export
+# signed with the demo key. About 30 minutes on two CPU cores; everything goes under
+# target/demo-model/ (override with DEMO_MODEL_WORK) and the bundle to models/demo/.
+#
+#   ./scripts/demo-model.sh            # reproduce (overwrites models/demo/reddino-demo.tar)
+#   ./scripts/demo-model.sh --no-ship  # everything but replacing the shipped bundle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ship=1
+if [[ "${1:-}" == "--no-ship" ]]; then
+    ship=0
+fi
+
+. scripts/torch-env.sh
+# DEMO_MODEL_PROFILE=dev trains with the debug build (libtorch does the work either way).
+PROFILE=${DEMO_MODEL_PROFILE:-release}
+cargo build --profile "$PROFILE" --locked -p reddino-trainer -p reddino-models -p reddino-edge
+if [[ $PROFILE == dev ]]; then T=target/debug; else T=target/$PROFILE; fi
+W=${DEMO_MODEL_WORK:-target/demo-model}
+TRAIN_SOURCES=wright_100x,mgg_100x,field_40x
+HELD_OUT=giemsa_60x
+SIZE=56
+mkdir -p "$W"
+# Crops depend only on their seeds: kept between runs; everything else starts afresh.
+rm -rf "$W/pretrain" "$W/finetune" "$W"/score-* "$W"/probe-* "$W/bundle" "$W/bundle.tar"
+export RUST_LOG=${RUST_LOG:-info}
+
+echo "== 1/6 synthetic crops"
+# Training crops: three sources, cut by the edge's own cell finder (what the device will
+# crop). Held-out crops: a fourth source, other render seeds, cut around the true cells.
+# Probe crops: all four sources (for leave-one-source-out linear probes).
+crops() { # TOOL DIR ARGS...
+    local tool=$1 dir=$2
+    shift 2
+    if [[ ! -f "$dir/.complete" ]]; then
+        rm -rf "$dir"
+        $tool --out "$dir" "$@"
+        touch "$dir/.complete"
+    fi
+}
+crops "$T/reddino-edge synth-crops" "$W/train" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1
+crops "$T/reddino-models synth crops" "$W/heldout" --per-class 60 --sources "$HELD_OUT" --seed 2
+crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3
+
+echo "== 2/6 self-supervised pretraining (DINOv2 losses, unlabelled training crops)"
+cp docs/models/demo-pretrain.toml "$W/pretrain.toml" # its paths are relative to $W
+$T/reddino-trainer pretrain --config "$W/pretrain.toml"
+PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbone.safetensors"
+
+echo "== 3/6 fine-tuning with a linear head (labelled training crops)"
+$T/reddino-trainer finetune --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/train" \
+    --out "$W/finetune" --epochs 20 --lr 2e-3 --layer-decay 0.9 --threads 2
+
+echo "== 4/6 held-out source: the demo model's own head"
+$T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
+    --head "$W/finetune/head.safetensors" --data "$W/heldout" --out "$W/score-heldout" >/dev/null
+
+echo "== 5/6 linear probes, leave-one-source-out: fine-tuned, pretrained, random init, raw pixels"
+$T/reddino-trainer eval --checkpoint "$W/finetune/backbone.safetensors" --data "$W/probe" \
+    --out "$W/probe-finetuned" --loso-only >/dev/null
+$T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/probe" \
+    --out "$W/probe-pretrained" --loso-only >/dev/null
+$T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/probe" \
+    --out "$W/probe-random" --loso-only --features random-init >/dev/null
+$T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/probe" \
+    --out "$W/probe-pixels" --loso-only --features pixels >/dev/null
+
+echo "== 6/6 export, signed with the demo key"
+$T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
+    --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.0.0 \
+    --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
+    --tar
+$T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test
+if [[ $ship == 1 ]]; then
+    cp "$W/bundle.tar" models/demo/reddino-demo.tar
+    echo "models/demo/reddino-demo.tar replaced"
+fi
+
+echo
+echo "Figures for docs/models/demo.md:"
+for r in score-heldout probe-finetuned probe-pretrained probe-random probe-pixels; do
+    echo "--- $W/$r/report.md"
+    sed -n '1,40p' "$W/$r/report.md"
+done

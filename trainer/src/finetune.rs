@@ -1,0 +1,335 @@
+//! Supervised fine-tuning of a backbone with a linear classification head on labelled crops
+//! (cross-entropy with label smoothing, AdamW with layer-wise lr decay, cosine schedule, the
+//! stain, colour and noise transforms of RedDino's set). The result is the backbone and the linear head the edge runs:
+//! logits = head(CLS after the final norm), the same graph `export` writes.
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use reddino_models::preprocess::{preprocess_into, Normalization};
+use reddino_models::weights::{LinearHead, VitWeights};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::augment::{augment_with, AugmentConfig, Op};
+use crate::eval::{metrics, Metrics};
+use crate::optim::{AdamW, Optimizer};
+use crate::probe::embed_images;
+use crate::report::LabelledSet;
+use crate::schedule::Cosine;
+use crate::vit::{linear, Vit};
+
+/// Fine-tuning settings (the `reddino-trainer finetune` options).
+#[derive(Debug, Clone)]
+pub struct FinetuneConfig {
+    /// Model input side (a multiple of 14); crops are resized to it.
+    pub input_size: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate (after warmup), for the head and the last block.
+    pub lr: f64,
+    pub min_lr: f64,
+    /// Warmup as a fraction of all steps.
+    pub warmup: f64,
+    pub weight_decay: f64,
+    /// Layer-wise lr decay (block i gets `decay^(depth - i)`).
+    pub layer_decay: f64,
+    pub label_smoothing: f64,
+    /// Gradient-norm clip over all parameters; 0 = off.
+    pub clip_grad: f64,
+    pub augment: AugmentConfig,
+    pub seed: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            input_size: 112,
+            epochs: 10,
+            batch_size: 64,
+            lr: 1e-3,
+            min_lr: 1e-6,
+            warmup: 0.1,
+            weight_decay: 0.05,
+            layer_decay: 0.75,
+            label_smoothing: 0.1,
+            clip_grad: 3.0,
+            // Cells must stay whole (a dacrocyte's tail, a schistocyte's corners): mild crops.
+            augment: AugmentConfig {
+                crop_scale: (0.6, 1.0),
+                crop_ratio: (0.8, 1.25),
+                ops_per_image: 3,
+                flip_p: 0.5,
+            },
+            seed: 0,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.input_size == 0 || self.input_size % 14 != 0 {
+            bail!(
+                "input size {} is not a positive multiple of 14",
+                self.input_size
+            );
+        }
+        if self.epochs == 0 || self.batch_size == 0 {
+            bail!("epochs and batch size must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("lr must be positive, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!(
+                "label smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            );
+        }
+        if !(0.0..=1.0).contains(&self.warmup) {
+            bail!("warmup must be a fraction in [0, 1], got {}", self.warmup);
+        }
+        Ok(())
+    }
+}
+
+/// Progress of one logged step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLog {
+    pub step: usize,
+    pub total: usize,
+    pub loss: f64,
+    pub lr: f64,
+}
+
+/// The fine-tuned model.
+pub struct Finetuned {
+    pub backbone: VitWeights,
+    pub head: LinearHead,
+    /// Training-set metrics of the final model (eval mode, no augmentation).
+    pub train: Metrics,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+/// Decodes every image of `set` resized to `size` x `size`, as u8 [N, 3, size, size].
+pub fn load_images(set: &LabelledSet, size: usize) -> Result<Tensor> {
+    let plane = 3 * size * size;
+    let unit = Normalization {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    let mut data = vec![0u8; set.files.len() * plane];
+    let mut buf = vec![0f32; plane];
+    for (i, p) in set.files.iter().enumerate() {
+        let img = image::open(p)
+            .with_context(|| format!("decoding {}", p.display()))?
+            .to_rgb8();
+        // The edge's resize: the crops the model sees in training are the crops it sees there.
+        preprocess_into(&img, size as u32, &unit, &mut buf);
+        for (d, &v) in data[i * plane..(i + 1) * plane].iter_mut().zip(&buf) {
+            *d = (v * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok(Tensor::from_slice(&data).view([set.files.len() as i64, 3, size as i64, size as i64]))
+}
+
+/// Fine-tunes `init` with a new linear head over `set`'s classes. `log` is called every
+/// `log_every` steps and at the last one.
+pub fn finetune(
+    init: &VitWeights,
+    set: &LabelledSet,
+    cfg: &FinetuneConfig,
+    device: Device,
+    log_every: usize,
+    mut log: impl FnMut(StepLog),
+) -> Result<Finetuned> {
+    cfg.validate()?;
+    let classes = set.class_names.len();
+    if classes < 2 {
+        bail!("fine-tuning needs at least two classes, found {classes}");
+    }
+    let n = set.files.len();
+    tch::manual_seed(cfg.seed as i64);
+    let images = load_images(set, cfg.input_size)?;
+    let labels = Tensor::from_slice(&set.labels);
+
+    let vs = nn::VarStore::new(device);
+    let root = vs.root();
+    let vit = Vit::from_weights(&(&root / "backbone"), init, cfg.input_size)?;
+    let d = vit.config.embed_dim as i64;
+    let head = linear(&root / "head", d, classes as i64);
+    let mut named: Vec<(String, Tensor)> = vit
+        .named_vars()
+        .into_iter()
+        .filter(|(name, _)| name != "mask_token")
+        .map(|(name, t)| (format!("backbone.{name}"), t))
+        .collect();
+    named.push(("head.weight".into(), head.ws.shallow_clone()));
+    if let Some(b) = &head.bs {
+        named.push(("head.bias".into(), b.shallow_clone()));
+    }
+    let mut opt = Optimizer::new(
+        named,
+        AdamW::default(),
+        cfg.layer_decay,
+        1.0,
+        vit.config.depth,
+    );
+
+    let b = cfg.batch_size.min(n);
+    let steps_per_epoch = n.div_ceil(b);
+    let total = steps_per_epoch * cfg.epochs;
+    let warmup = (total as f64 * cfg.warmup).round() as usize;
+    let lr = Cosine::new(cfg.lr, cfg.min_lr, total, warmup, 0.0, 0);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let mut step = 0;
+    for _epoch in 0..cfg.epochs {
+        // A fresh permutation per epoch (Fisher-Yates on the seeded stream).
+        let mut order: Vec<i64> = (0..n as i64).collect();
+        for i in (1..n).rev() {
+            order.swap(i, rng.gen_range(0..=i));
+        }
+        for chunk in order.chunks(b) {
+            let idx = Tensor::from_slice(chunk);
+            let x = images
+                .index_select(0, &idx)
+                .to_device(device)
+                .to_kind(Kind::Float)
+                / 255.0;
+            let y = labels.index_select(0, &idx).to_device(device);
+            let (x, _) = augment_with(
+                &x,
+                cfg.input_size as i64,
+                &cfg.augment,
+                &Op::PHOTOMETRIC,
+                &mut rng,
+            );
+            opt.zero_grad();
+            let cls = vit.forward(&x, None, true).cls;
+            let logits = cls.apply(&head);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                cfg.label_smoothing,
+            );
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bail!("loss became {value} at step {step}; lower the learning rate");
+            }
+            loss.backward();
+            if cfg.clip_grad > 0.0 {
+                opt.clip_grad_norm("", cfg.clip_grad);
+            }
+            let l = lr.at(step);
+            opt.update(l, l, cfg.weight_decay);
+            if step == 0 {
+                first_loss = value;
+            }
+            last_loss = value;
+            step += 1;
+            if step % log_every.max(1) == 0 || step == total {
+                log(StepLog {
+                    step,
+                    total,
+                    loss: value,
+                    lr: l,
+                });
+            }
+        }
+    }
+
+    // Training-set metrics in eval mode through the edge's preprocessing.
+    let logits = predict_logits(&vit, &head, &images, device, 128);
+    let pred: Vec<i64> = Vec::try_from(logits.argmax(1, false))?;
+    let train = metrics(&set.labels, &pred, classes);
+    let to_tensor = |t: &Tensor| -> Result<reddino_models::weights::Tensor> {
+        let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float);
+        Ok(reddino_models::weights::Tensor::new(
+            t.size().iter().map(|&s| s as usize).collect(),
+            Vec::<f32>::try_from(t.flatten(0, -1))?,
+        ))
+    };
+    let head_out = LinearHead {
+        class_names: set.class_names.clone(),
+        weight: to_tensor(&head.ws)?,
+        bias: to_tensor(head.bs.as_ref().expect("head has a bias"))?,
+    };
+    head_out.validate(d as usize)?;
+    Ok(Finetuned {
+        backbone: vit.to_weights()?,
+        head: head_out,
+        train,
+        first_loss,
+        last_loss,
+    })
+}
+
+/// Logits of u8 images [N, 3, S, S] (already at the model's size), eval mode.
+fn predict_logits(
+    vit: &Vit,
+    head: &nn::Linear,
+    images: &Tensor,
+    device: Device,
+    batch: i64,
+) -> Tensor {
+    let n = images.size()[0];
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let mut i = 0;
+        while i < n {
+            let len = batch.min(n - i);
+            let x = images
+                .narrow(0, i, len)
+                .to_device(device)
+                .to_kind(Kind::Float)
+                / 255.0;
+            let x = crate::augment::normalize(&x);
+            out.push(vit.embed(&x).apply(head).to_device(Device::Cpu));
+            i += len;
+        }
+    });
+    Tensor::cat(&out, 0)
+}
+
+/// Truth and predictions of a backbone + linear head on `set` (the edge's preprocessing), both
+/// as indices into the head's class names; a class of the data the head lacks is an error.
+pub fn classify_set(
+    vit: &Vit,
+    head: &LinearHead,
+    set: &LabelledSet,
+    device: Device,
+    batch: usize,
+) -> Result<(Vec<i64>, Vec<i64>)> {
+    let mut to_head = Vec::with_capacity(set.class_names.len());
+    for c in &set.class_names {
+        match head.class_names.iter().position(|h| h == c) {
+            Some(i) => to_head.push(i as i64),
+            None => bail!(
+                "the data has class `{c}`, which the head does not know (head classes: {})",
+                head.class_names.join(", ")
+            ),
+        }
+    }
+    let truth = set.labels.iter().map(|&l| to_head[l as usize]).collect();
+    let w = Tensor::from_slice(&head.weight.data)
+        .view([head.weight.shape[0] as i64, head.weight.shape[1] as i64]);
+    let bias = Tensor::from_slice(&head.bias.data);
+    let mut pred = Vec::with_capacity(set.files.len());
+    for chunk in set.files.chunks(batch.max(1)) {
+        let imgs = chunk
+            .iter()
+            .map(|p| {
+                Ok(image::open(p)
+                    .with_context(|| format!("decoding {}", p.display()))?
+                    .to_rgb8())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let f = embed_images(vit, &imgs, device, batch);
+        let logits = f.matmul(&w.tr()) + &bias;
+        pred.extend(Vec::<i64>::try_from(logits.argmax(1, false))?);
+    }
+    Ok((truth, pred))
+}

@@ -1,0 +1,113 @@
+//! Fine-tuning: a small ViT learns two shapes, the head carries the folder's class names, and
+//! the scoring path (the edge's preprocessing) agrees with the training metrics.
+
+use std::path::Path;
+
+use image::{Rgb, RgbImage};
+use reddino_models::arch::VitConfig;
+use reddino_models::weights::VitWeights;
+use reddino_trainer::finetune::{classify_set, finetune, FinetuneConfig};
+use reddino_trainer::report::{score_report, LabelledSet};
+use tch::{nn, Device};
+
+/// `root/{source}/{disc,ring}/*.png`: a dark disc or a dark ring (pale centre) on a light
+/// background, in varying sizes, positions and tones.
+fn shapes(root: &Path, per_class: usize) {
+    for (si, source) in ["a", "b"].iter().enumerate() {
+        for class in ["disc", "ring"] {
+            let dir = root.join(source).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..per_class {
+                let k = (i * 7 + si * 3) as f32;
+                let r = 8.0 + (k % 5.0);
+                let (cx, cy) = (24.0 + (k % 3.0) - 1.0, 24.0 + (k % 4.0) - 1.5);
+                let tone = 60 + ((i * 37 + si * 50) % 80) as u8;
+                let img = RgbImage::from_fn(48, 48, |x, y| {
+                    let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+                    let d2 = dx * dx + dy * dy;
+                    let inside = d2 <= r * r && (class == "disc" || d2 >= 0.3 * r * r);
+                    if inside {
+                        Rgb([tone + 60, tone, tone + 20])
+                    } else {
+                        Rgb([225, 220, 215])
+                    }
+                });
+                img.save(dir.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+fn small_vit() -> VitWeights {
+    let cfg = VitConfig {
+        embed_dim: 48,
+        depth: 2,
+        num_heads: 3,
+        mlp_hidden: 96,
+        num_registers: 0,
+        img_size: 28,
+        layer_scale: true,
+    };
+    VitWeights::random(&cfg, 1, 0.1).unwrap()
+}
+
+#[test]
+fn learns_two_shapes_and_scores_them_the_same_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 24);
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    assert_eq!(set.class_names, ["disc", "ring"]);
+    let cfg = FinetuneConfig {
+        input_size: 28,
+        epochs: 25,
+        batch_size: 16,
+        lr: 2e-3,
+        layer_decay: 1.0,
+        ..FinetuneConfig::default()
+    };
+    let mut logged = 0;
+    let r = finetune(&small_vit(), &set, &cfg, Device::Cpu, 5, |_| logged += 1).unwrap();
+    eprintln!(
+        "loss {:.3} -> {:.3}, training accuracy {:.3}",
+        r.first_loss, r.last_loss, r.train.accuracy
+    );
+    assert!(logged > 0);
+    assert!(r.last_loss < r.first_loss);
+    assert!(r.train.accuracy >= 0.85, "{}", r.train.accuracy);
+    assert_eq!(r.head.class_names, set.class_names);
+    r.head.validate(48).unwrap();
+    // The written backbone + head, through the edge's preprocessing, give the same metrics.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &r.backbone, 28).unwrap();
+    let (truth, pred) = classify_set(&vit, &r.head, &set, Device::Cpu, 16).unwrap();
+    let rep = score_report(&set, &r.head.class_names, &truth, &pred);
+    assert!((rep.overall.accuracy - r.train.accuracy).abs() < 0.03);
+    assert_eq!(rep.per_source.len(), 2);
+}
+
+#[test]
+fn bad_settings_and_unknown_classes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 2);
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    let bad = FinetuneConfig {
+        input_size: 30,
+        ..FinetuneConfig::default()
+    };
+    let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("multiple of 14"), "{e}");
+    // A head that does not know a class of the data.
+    let cfg = FinetuneConfig {
+        input_size: 28,
+        epochs: 1,
+        ..FinetuneConfig::default()
+    };
+    let mut r = finetune(&small_vit(), &set, &cfg, Device::Cpu, 1, |_| {}).unwrap();
+    r.head.class_names[1] = "triangle".into();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &r.backbone, 28).unwrap();
+    let e = classify_set(&vit, &r.head, &set, Device::Cpu, 4).unwrap_err();
+    assert!(e.to_string().contains("`ring`"), "{e}");
+}
