@@ -5,46 +5,9 @@
 //! trained on these sees in training what it will see on the device, including the boxes of
 //! cells touching a neighbour or carrying a platelet.
 
-use std::path::PathBuf;
-
-use image::imageops::FilterType;
-use reddino_models::preprocess::square_crop;
-use reddino_models::synth::{render, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
-use reddino_models::taxonomy::DEFAULT_CLASSES;
+use reddino_models::synth::{export_crops_by, CropExport, CropSummary};
 
 use crate::cells::{self, CellFinderConfig};
-
-/// What to write.
-#[derive(Debug, Clone)]
-pub struct DetectedCrops {
-    pub out_dir: PathBuf,
-    pub sources: Vec<SourcePreset>,
-    /// Crops per class and source.
-    pub per_class: usize,
-    /// Side of the saved crops in pixels.
-    pub size: u32,
-    /// Crop side as a multiple of the detection's box (the service's `analysis.margin`).
-    pub margin: f32,
-    pub seed: u64,
-    pub field_size: (u32, u32),
-    pub finder: CellFinderConfig,
-}
-
-impl DetectedCrops {
-    /// Defaults: 96 px crops, margin 1.3, 1280x960 fields, the service's finder settings.
-    pub fn new(out_dir: PathBuf, sources: Vec<SourcePreset>, per_class: usize, seed: u64) -> Self {
-        DetectedCrops {
-            out_dir,
-            sources,
-            per_class,
-            size: 96,
-            margin: 1.3,
-            seed,
-            field_size: (1280, 960),
-            finder: CellFinderConfig::default(),
-        }
-    }
-}
 
 /// Index of the true cell each detection lands on (centre within half its radius, nearest
 /// first, each true cell at most once).
@@ -74,95 +37,45 @@ pub fn label_detections(
     label
 }
 
-/// Renders fields (uniform class mix) per source until every class has `per_class` crops and
-/// writes `{out}/{source}/{class}/*.png`; returns the crops written per source and class.
-/// `progress(source, done, total)` is called per field.
+/// Writes `{out}/{source}/{class}/*.png` as `reddino-models synth crops` does (same fields,
+/// seeds and crop geometry), but cutting the boxes `finder` detects, each labelled by the true
+/// cell it lands on.
 pub fn write_detected_crops(
-    cfg: &DetectedCrops,
-    mut progress: impl FnMut(&str, usize, usize),
-) -> anyhow::Result<Vec<(String, [usize; NUM_CLASSES])>> {
-    anyhow::ensure!(
-        cfg.size > 0 && cfg.margin >= 1.0,
-        "crop size must be positive and margin at least 1.0"
-    );
-    let total = cfg.per_class * NUM_CLASSES;
-    let mut summary = Vec::new();
-    for (si, source) in cfg.sources.iter().enumerate() {
-        for class in DEFAULT_CLASSES {
-            let d = cfg.out_dir.join(&source.name).join(class);
-            std::fs::create_dir_all(&d)
-                .map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
-        }
-        let mut counts = [0usize; NUM_CLASSES];
-        let mut field_idx = 0u64;
-        while counts.iter().any(|&c| c < cfg.per_class) {
-            anyhow::ensure!(
-                field_idx <= 10_000,
-                "source `{}`: could not collect {} crops per class",
-                source.name,
-                cfg.per_class
-            );
-            let mut spec = FieldSpec::new(
-                cfg.field_size.0,
-                cfg.field_size.1,
-                cfg.seed
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add((si as u64) << 32 | field_idx),
-                source.clone(),
-            );
-            // Favour classes still short of their quota.
-            let mut mix = ClassMix::uniform();
-            for (w, &c) in mix.0.iter_mut().zip(&counts) {
-                if c >= cfg.per_class {
-                    *w = 0.02;
-                }
-            }
-            spec.mix = mix;
-            let field = render(&spec)?;
-            let found = cells::find(&field.image, &cfg.finder);
+    cfg: &CropExport,
+    finder: &CellFinderConfig,
+    progress: impl FnMut(&str, usize, usize),
+) -> Result<CropSummary, reddino_models::Error> {
+    export_crops_by(
+        cfg,
+        |field| {
+            let found = cells::find(&field.image, finder);
             let labels = label_detections(&found, &field.cells);
-            for (ci, (cell, label)) in found.iter().zip(&labels).enumerate() {
-                let Some(j) = label else { continue };
-                let class = field.cells[*j].class;
-                if counts[class] >= cfg.per_class {
-                    continue;
-                }
-                let crop = square_crop(&field.image, cell.bbox, cfg.margin);
-                let crop = image::imageops::resize(&crop, cfg.size, cfg.size, FilterType::Triangle);
-                let path = cfg
-                    .out_dir
-                    .join(&source.name)
-                    .join(DEFAULT_CLASSES[class])
-                    .join(format!("{}_{field_idx:05}_{ci:04}.png", source.name));
-                crop.save(&path)
-                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-                counts[class] += 1;
-            }
-            field_idx += 1;
-            progress(
-                &source.name,
-                counts.iter().map(|&c| c.min(cfg.per_class)).sum(),
-                total,
-            );
-        }
-        summary.push((source.name.clone(), counts));
-    }
-    Ok(summary)
+            found
+                .iter()
+                .zip(labels)
+                .filter_map(|(d, l)| l.map(|j| (field.cells[j].class, d.bbox)))
+                .collect()
+        },
+        progress,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reddino_models::synth::{render, FieldSpec, SourcePreset};
+    use reddino_models::taxonomy::DEFAULT_CLASSES;
 
     #[test]
     fn detections_take_the_class_of_the_cell_they_land_on() {
         let tmp = tempfile::tempdir().unwrap();
         let source = SourcePreset::by_name("wright_100x").unwrap();
-        let mut cfg = DetectedCrops::new(tmp.path().to_path_buf(), vec![source.clone()], 2, 5);
+        let mut cfg = CropExport::new(tmp.path().to_path_buf(), 2, 5);
+        cfg.sources = vec![source.clone()];
         cfg.size = 32;
         cfg.field_size = (640, 480);
-        let s = write_detected_crops(&cfg, |_, _, _| {}).unwrap();
-        assert!(s[0].1.iter().all(|&n| n == 2), "{s:?}");
+        let s = write_detected_crops(&cfg, &CellFinderConfig::default(), |_, _, _| {}).unwrap();
+        assert!(s.counts[&source.name].iter().all(|&n| n == 2), "{s:?}");
         for class in DEFAULT_CLASSES {
             let n = std::fs::read_dir(tmp.path().join(&source.name).join(class))
                 .unwrap()

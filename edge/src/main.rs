@@ -123,18 +123,19 @@ fn run(cli: Cli) -> Result<()> {
             size,
             seed,
         } => {
-            use reddino_edge::crops::{write_detected_crops, DetectedCrops};
-            let sources = sources
+            let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
+            cfg.sources = sources
                 .split(',')
                 .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut cfg = DetectedCrops::new(out.clone(), sources, per_class, seed);
             cfg.size = size;
-            let summary = write_detected_crops(&cfg, |src, done, total| {
-                eprint!("\r{src}: {done}/{total} crops");
-            })?;
+            let summary = reddino_edge::crops::write_detected_crops(
+                &cfg,
+                &reddino_edge::cells::CellFinderConfig::default(),
+                |src, done, total| eprint!("\r{src}: {done}/{total} crops"),
+            )?;
             eprintln!();
-            for (src, counts) in &summary {
+            for (src, counts) in &summary.counts {
                 println!("{src}: {} crops", counts.iter().sum::<usize>());
             }
             println!("crops in {}", out.display());

@@ -13,7 +13,6 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::augment::{augment_with, AugmentConfig, Op};
 use crate::eval::{metrics, Metrics};
 use crate::optim::{AdamW, Optimizer};
-use crate::probe::embed_images;
 use crate::report::LabelledSet;
 use crate::schedule::Cosine;
 use crate::vit::{linear, Vit};
@@ -317,19 +316,7 @@ pub fn classify_set(
     let w = Tensor::from_slice(&head.weight.data)
         .view([head.weight.shape[0] as i64, head.weight.shape[1] as i64]);
     let bias = Tensor::from_slice(&head.bias.data);
-    let mut pred = Vec::with_capacity(set.files.len());
-    for chunk in set.files.chunks(batch.max(1)) {
-        let imgs = chunk
-            .iter()
-            .map(|p| {
-                Ok(image::open(p)
-                    .with_context(|| format!("decoding {}", p.display()))?
-                    .to_rgb8())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let f = embed_images(vit, &imgs, device, batch);
-        let logits = f.matmul(&w.tr()) + &bias;
-        pred.extend(Vec::<i64>::try_from(logits.argmax(1, false))?);
-    }
+    let logits = set.embed(vit, device, batch)?.matmul(&w.tr()) + &bias;
+    let pred = Vec::<i64>::try_from(logits.argmax(1, false))?;
     Ok((truth, pred))
 }

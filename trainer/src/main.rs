@@ -567,10 +567,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let bytes =
                 std::fs::read(&head).with_context(|| format!("reading {}", head.display()))?;
-            let head = reddino_models::weights::LinearHead::from_bytes(
-                &bytes,
-                &head.display().to_string(),
-            )?;
+            let head_name = head.display().to_string();
+            let head = reddino_models::weights::LinearHead::from_bytes(&bytes, &head_name)?;
             let set = LabelledSet::scan(&data)?;
             let (vs, vit) = model.vit(false)?;
             head.validate(vit.config.embed_dim)?;
@@ -590,9 +588,8 @@ fn run(cli: Cli) -> Result<()> {
                 .context("writing confusion.png")?;
             let md = reddino_trainer::report::score_markdown(
                 &format!(
-                    "{} + {} on {}",
+                    "{} + {head_name} on {}",
                     model.checkpoint.display(),
-                    "the head",
                     data.display()
                 ),
                 &head.class_names,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use image::imageops::FilterType;
 
-use super::{render, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
+use super::{render, ClassMix, Field, FieldSpec, SourcePreset, NUM_CLASSES};
 use crate::preprocess::square_crop;
 use crate::taxonomy::DEFAULT_CLASSES;
 use crate::Error;
@@ -49,9 +49,24 @@ pub struct CropSummary {
 }
 
 /// Renders fields (uniform class mix) for every source until each class has `per_class`
-/// crops, and writes them as PNG. `progress(source, done, total)` is called per field.
+/// crops, and writes them as PNG: one crop around every true cell. `progress(source, done,
+/// total)` is called per field.
 pub fn export_crops(
     cfg: &CropExport,
+    progress: impl FnMut(&str, usize, usize),
+) -> Result<CropSummary, Error> {
+    export_crops_by(
+        cfg,
+        |field| field.cells.iter().map(|c| (c.class, c.bbox)).collect(),
+        progress,
+    )
+}
+
+/// [`export_crops`] with the boxes to cut chosen by `boxes(field)`: `(class, bbox)` pairs (e.g.
+/// a cell finder's detections labelled from the field's truth).
+pub fn export_crops_by(
+    cfg: &CropExport,
+    mut boxes: impl FnMut(&Field) -> Vec<(usize, [u32; 4])>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<CropSummary, Error> {
     if cfg.size == 0 || cfg.margin < 1.0 {
@@ -92,20 +107,20 @@ pub fn export_crops(
             }
             spec.mix = mix;
             let field = render(&spec)?;
-            for (ci, cell) in field.cells.iter().enumerate() {
-                if counts[cell.class] >= cfg.per_class {
+            for (ci, (class, bbox)) in boxes(&field).into_iter().enumerate() {
+                if counts[class] >= cfg.per_class {
                     continue;
                 }
-                let crop = square_crop(&field.image, cell.bbox, cfg.margin);
+                let crop = square_crop(&field.image, bbox, cfg.margin);
                 let crop = image::imageops::resize(&crop, cfg.size, cfg.size, FilterType::Triangle);
                 let path = cfg
                     .out_dir
                     .join(&source.name)
-                    .join(DEFAULT_CLASSES[cell.class])
+                    .join(DEFAULT_CLASSES[class])
                     .join(format!("{}_{field_idx:05}_{ci:04}.png", source.name));
                 crop.save(&path)
                     .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-                counts[cell.class] += 1;
+                counts[class] += 1;
             }
             field_idx += 1;
             summary.fields += 1;

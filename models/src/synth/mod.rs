@@ -20,7 +20,7 @@ use crate::taxonomy::DEFAULT_CLASSES;
 use crate::Error;
 use shapes::{coverage, CellShape, Shape};
 
-pub use crops::{export_crops, CropExport, CropSummary};
+pub use crops::{export_crops, export_crops_by, CropExport, CropSummary};
 
 /// Number of classes the generator draws (the default taxonomy).
 pub const NUM_CLASSES: usize = DEFAULT_CLASSES.len();
