@@ -8,10 +8,7 @@
 //! its peaks and keeps two basins apart only when both rise more than `h` above the level
 //! where they meet, with `h` scaled to the typical cell radius of the frame.
 
-use image::{GrayImage, Luma, RgbImage};
-use imageproc::distance_transform::euclidean_squared_distance_transform;
-use imageproc::morphology::open_mut;
-use imageproc::region_labelling::{connected_components, Connectivity};
+use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 /// How cells are found.
@@ -99,12 +96,11 @@ pub fn tiles(width: u32, height: u32, tile: u32) -> Vec<Cell> {
     out
 }
 
-/// Natural log of the background light per pixel and channel, from the 90th percentile of
-/// each block, taking the brightest of the 3x3 neighbouring blocks (so a large cell covering
-/// a block does not pass for background), bilinearly interpolated.
-fn log_background(img: &RgbImage, block: u32) -> [Vec<f32>; 3] {
+/// Natural log of the background light per block and channel: the 90th percentile of each
+/// block, then the brightest of the 3x3 neighbouring blocks (so a large cell covering a block
+/// does not pass for background). Returns the grid (`[gh][gw]` of RGB) and its width.
+fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usize) {
     let (w, h) = img.dimensions();
-    let block = block.max(8);
     let gw = w.div_ceil(block) as usize;
     let gh = h.div_ceil(block) as usize;
     let mut pct = vec![[0f32; 3]; gw * gh];
@@ -117,9 +113,9 @@ fn log_background(img: &RgbImage, block: u32) -> [Vec<f32>; 3] {
             for y in y0..y1 {
                 let row = &raw[((y * w + x0) * 3) as usize..((y * w + x1) * 3) as usize];
                 for px in row.chunks_exact(3) {
-                    for c in 0..3 {
-                        hist[c][px[c] as usize] += 1;
-                    }
+                    hist[0][px[0] as usize] += 1;
+                    hist[1][px[1] as usize] += 1;
+                    hist[2][px[2] as usize] += 1;
                 }
             }
             let n = (x1 - x0) * (y1 - y0);
@@ -152,42 +148,43 @@ fn log_background(img: &RgbImage, block: u32) -> [Vec<f32>; 3] {
             dil[by * gw + bx] = m;
         }
     }
-    let mut out = [
-        vec![0f32; (w * h) as usize],
-        vec![0f32; (w * h) as usize],
-        vec![0f32; (w * h) as usize],
-    ];
-    let coord = |p: u32, n: usize| -> (usize, usize, f32) {
-        let f = ((p as f32 + 0.5) / block as f32 - 0.5).clamp(0.0, (n - 1) as f32);
-        let i0 = f.floor() as usize;
-        let i1 = (i0 + 1).min(n - 1);
-        (i0, i1, f - i0 as f32)
-    };
-    for y in 0..h {
-        let (y0, y1, fy) = coord(y, gh);
-        for x in 0..w {
-            let (x0, x1, fx) = coord(x, gw);
-            let i = (y * w + x) as usize;
-            for c in 0..3 {
-                let a = dil[y0 * gw + x0][c] * (1.0 - fx) + dil[y0 * gw + x1][c] * fx;
-                let b = dil[y1 * gw + x0][c] * (1.0 - fx) + dil[y1 * gw + x1][c] * fx;
-                out[c][i] = a * (1.0 - fy) + b * fy;
-            }
-        }
-    }
-    out
+    (dil, gw, gh)
 }
 
-/// Summed optical density over R, G, B against the estimated background (negative where a
-/// pixel is brighter than the estimate: background noise stays symmetric around its mode).
+/// Summed optical density over R, G, B against the background, bilinearly interpolated
+/// between block centres (negative where a pixel is brighter than the estimate: background
+/// noise stays symmetric around its mode). One pass, row by row.
 fn optical_density(img: &RgbImage, block: u32) -> Vec<f32> {
-    let bg = log_background(img, block);
+    let block = block.max(8);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (grid, gw, gh) = log_background_grid(img, block);
     let ln: Vec<f32> = (0..256).map(|v| (v.max(1) as f32).ln()).collect();
-    img.as_raw()
-        .chunks_exact(3)
+    let coord = |p: usize, n: usize| -> (usize, usize, f32) {
+        let f = ((p as f32 + 0.5) / block as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+        let i0 = f.floor() as usize;
+        (i0, (i0 + 1).min(n - 1), f - i0 as f32)
+    };
+    let xs: Vec<(usize, usize, f32)> = (0..w).map(|x| coord(x, gw)).collect();
+    let mut od = vec![0f32; w * h];
+    let mut col = vec![0f32; gw];
+    for (y, (out, row)) in od
+        .chunks_exact_mut(w)
+        .zip(img.as_raw().chunks_exact(3 * w))
         .enumerate()
-        .map(|(i, px)| (0..3).map(|c| bg[c][i] - ln[px[c] as usize]).sum::<f32>())
-        .collect()
+    {
+        let (y0, y1, fy) = coord(y, gh);
+        // The three channels' background add up: interpolate their sum.
+        for (bx, c) in col.iter_mut().enumerate() {
+            let a: f32 = grid[y0 * gw + bx].iter().sum();
+            let b: f32 = grid[y1 * gw + bx].iter().sum();
+            *c = a * (1.0 - fy) + b * fy;
+        }
+        for ((o, px), &(x0, x1, fx)) in out.iter_mut().zip(row.chunks_exact(3)).zip(&xs) {
+            let bg = col[x0] * (1.0 - fx) + col[x1] * fx;
+            *o = bg - ln[px[0] as usize] - ln[px[1] as usize] - ln[px[2] as usize];
+        }
+    }
+    od
 }
 
 /// Threshold a few noise widths above the background mode of the density histogram.
@@ -217,27 +214,288 @@ fn density_threshold(od: &[f32], cfg: &CellFinderConfig) -> f32 {
     (m + cfg.noise_widths * sigma).max(m + cfg.min_density)
 }
 
-/// Fills background regions that do not reach the frame border (pallor, pale rings).
-fn fill_holes(mask: &mut GrayImage) {
-    let inv = GrayImage::from_fn(mask.width(), mask.height(), |x, y| {
-        Luma([if mask.get_pixel(x, y)[0] == 0 { 255 } else { 0 }])
-    });
-    let labels = connected_components(&inv, Connectivity::Four, Luma([0u8]));
-    let (w, h) = mask.dimensions();
-    let mut border = std::collections::HashSet::new();
-    for x in 0..w {
-        border.insert(labels.get_pixel(x, 0)[0]);
-        border.insert(labels.get_pixel(x, h - 1)[0]);
-    }
-    for y in 0..h {
-        border.insert(labels.get_pixel(0, y)[0]);
-        border.insert(labels.get_pixel(w - 1, y)[0]);
-    }
-    for (x, y, l) in labels.enumerate_pixels() {
-        if l[0] != 0 && !border.contains(&l[0]) {
-            mask.put_pixel(x, y, Luma([255]));
+/// 3x3 minimum (`erode`) or maximum filter of a 0/1 mask over the pixels inside the frame.
+fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
+    let pick = if erode { u8::min } else { u8::max };
+    // Rows: each pixel with its left and right neighbours (the frame edge counts as neither).
+    let mut tmp = mask.to_vec();
+    for (src, dst) in mask.chunks_exact(w).zip(tmp.chunks_exact_mut(w)) {
+        if w > 1 {
+            for (d, (&l, &r)) in dst[1..w - 1]
+                .iter_mut()
+                .zip(src[..w - 2].iter().zip(&src[2..]))
+            {
+                *d = pick(*d, pick(l, r));
+            }
+            dst[0] = pick(src[0], src[1]);
+            dst[w - 1] = pick(src[w - 1], src[w - 2]);
         }
     }
+    // Columns: each row with the rows above and below.
+    let mut out = tmp.clone();
+    let h = mask.len() / w;
+    for y in 0..h {
+        let dst = &mut out[y * w..(y + 1) * w];
+        if y > 0 {
+            for (d, &s) in dst.iter_mut().zip(&tmp[(y - 1) * w..y * w]) {
+                *d = pick(*d, s);
+            }
+        }
+        if y + 1 < h {
+            for (d, &s) in dst.iter_mut().zip(&tmp[(y + 1) * w..(y + 2) * w]) {
+                *d = pick(*d, s);
+            }
+        }
+    }
+    out
+}
+
+/// Fills background regions that do not reach the border of `mask` (pallor, pale rings):
+/// floods the 4-connected background from the border; what it does not reach becomes
+/// foreground. A window of the frame around one object gives that object's holes: an
+/// 8-connected object encloses a 4-connected region in the window exactly when it does in
+/// the frame (the window's edges are background or the frame's).
+fn fill_holes(mask: &mut [u8], w: usize) {
+    let h = mask.len() / w;
+    const OUTSIDE: u8 = 2;
+    let mut stack: Vec<u32> = Vec::new();
+    let seed = |mask: &mut [u8], i: usize, stack: &mut Vec<u32>| {
+        if mask[i] == 0 {
+            mask[i] = OUTSIDE;
+            stack.push(i as u32);
+        }
+    };
+    for x in 0..w {
+        seed(mask, x, &mut stack);
+        seed(mask, (h - 1) * w + x, &mut stack);
+    }
+    for y in 0..h {
+        seed(mask, y * w, &mut stack);
+        seed(mask, y * w + w - 1, &mut stack);
+    }
+    while let Some(i) = stack.pop() {
+        let i = i as usize;
+        let (x, y) = (i % w, i / w);
+        if x > 0 {
+            seed(mask, i - 1, &mut stack);
+        }
+        if x + 1 < w {
+            seed(mask, i + 1, &mut stack);
+        }
+        if y > 0 {
+            seed(mask, i - w, &mut stack);
+        }
+        if y + 1 < h {
+            seed(mask, i + w, &mut stack);
+        }
+    }
+    for v in mask.iter_mut() {
+        *v = (*v != OUTSIDE) as u8;
+    }
+}
+
+/// Exact squared Euclidean distance of each foreground pixel to the nearest background pixel
+/// inside the frame (0 on background; `u32::MAX` where the frame has no background).
+/// Felzenszwalb & Huttenlocher's separable transform: per column, then lower envelopes of
+/// parabolas per row.
+fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
+    let h = mask.len() / w;
+    const INF: u32 = u32::MAX / 4;
+    // Column pass: vertical distance to the nearest background pixel, squared.
+    let mut col = vec![INF; mask.len()];
+    let mut last = vec![None::<usize>; w];
+    for y in 0..h {
+        for x in 0..w {
+            if mask[y * w + x] == 0 {
+                last[x] = Some(y);
+                col[y * w + x] = 0;
+            } else if let Some(ly) = last[x] {
+                col[y * w + x] = (y - ly) as u32;
+            }
+        }
+    }
+    last.iter_mut().for_each(|l| *l = None);
+    for y in (0..h).rev() {
+        for x in 0..w {
+            if mask[y * w + x] == 0 {
+                last[x] = Some(y);
+            } else if let Some(ly) = last[x] {
+                let d = (ly - y) as u32;
+                let c = &mut col[y * w + x];
+                if d < *c {
+                    *c = d;
+                }
+            }
+        }
+    }
+    for c in col.iter_mut() {
+        if *c != INF {
+            *c *= *c;
+        }
+    }
+    // Row pass: lower envelope of the parabolas (x - q)^2 + col[q], per run of foreground.
+    // The nearest background in the row bounds each run pixel's distance, so only the columns
+    // from the background pixel before the run to the one after it can hold its minimum.
+    let mut out = vec![0u32; mask.len()];
+    let mut v = vec![0usize; w + 1];
+    let mut z = vec![0f64; w + 2];
+    for y in 0..h {
+        let f = &col[y * w..(y + 1) * w];
+        let m = &mask[y * w..(y + 1) * w];
+        let row = &mut out[y * w..(y + 1) * w];
+        let mut a = 0;
+        while a < w {
+            if m[a] == 0 {
+                a += 1;
+                continue;
+            }
+            let mut b = a;
+            while b < w && m[b] != 0 {
+                b += 1;
+            }
+            let (lo, hi) = (a.saturating_sub(1), b.min(w - 1));
+            envelope(&f[lo..=hi], &mut v, &mut z, &mut row[lo..=hi]);
+            a = b;
+        }
+    }
+    out
+}
+
+/// 1-D squared distance transform of `f` (`u32::MAX / 4` = no background in that column) into
+/// `out`, by the lower envelope of parabolas.
+fn envelope(f: &[u32], v: &mut [usize], z: &mut [f64], out: &mut [u32]) {
+    const INF: u32 = u32::MAX / 4;
+    let mut k = 0usize;
+    let mut any = false;
+    for (q, &fq) in f.iter().enumerate() {
+        if fq == INF {
+            continue;
+        }
+        if !any {
+            any = true;
+            v[0] = q;
+            z[0] = f64::NEG_INFINITY;
+            z[1] = f64::INFINITY;
+            continue;
+        }
+        let fqq = fq as f64 + (q * q) as f64;
+        let mut s;
+        loop {
+            let p = v[k];
+            s = (fqq - (f[p] as f64 + (p * p) as f64)) / (2.0 * (q - p) as f64);
+            if s <= z[k] {
+                // z[0] is -inf: k never drops below 0 here.
+                k -= 1;
+            } else {
+                break;
+            }
+        }
+        k += 1;
+        v[k] = q;
+        z[k] = s;
+        z[k + 1] = f64::INFINITY;
+    }
+    if !any {
+        out.iter_mut().for_each(|o| *o = u32::MAX);
+        return;
+    }
+    let mut k = 0;
+    for (x, o) in out.iter_mut().enumerate() {
+        while z[k + 1] < x as f64 {
+            k += 1;
+        }
+        let p = v[k];
+        let dx = x.abs_diff(p) as u64;
+        *o = (dx * dx + f[p] as u64).min(u32::MAX as u64) as u32;
+    }
+}
+
+/// One 8-connected object of the foreground mask, in its own window (its box grown by one
+/// pixel, clipped to the frame): a 0/1 mask of the object alone and the exact squared
+/// distance of each of its pixels to the background. The nearest background pixel of any
+/// object pixel touches the object, so it lies inside the window, and other objects never
+/// come closer than the background between them: the window's transform is the frame's.
+struct Object {
+    x0: usize,
+    y0: usize,
+    w: usize,
+    h: usize,
+    dt2: Vec<u32>,
+    /// Largest distance to the background (the object's radius where it is widest).
+    peak: f32,
+}
+
+/// Finds the objects of `mask` (flood fill from each unvisited foreground pixel), fills their
+/// holes and computes their distance transforms.
+fn objects(mask: &[u8], w: usize) -> Vec<Object> {
+    let h = mask.len() / w;
+    let mut seen = vec![false; mask.len()];
+    // (x, y) of the current object's pixels: no divisions in the loops.
+    let mut pixels: Vec<(u32, u32)> = Vec::new();
+    let mut out = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] == 0 || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        pixels.clear();
+        pixels.push(((start % w) as u32, (start / w) as u32));
+        let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+        let mut next = 0;
+        while next < pixels.len() {
+            let (x, y) = (pixels[next].0 as usize, pixels[next].1 as usize);
+            next += 1;
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let j = ny * w + nx;
+                    if mask[j] != 0 && !seen[j] {
+                        seen[j] = true;
+                        pixels.push((nx as u32, ny as u32));
+                    }
+                }
+            }
+        }
+        let (wx0, wy0) = (x0.saturating_sub(1), y0.saturating_sub(1));
+        let (ww, wh) = ((x1 + 2).min(w) - wx0, (y1 + 2).min(h) - wy0);
+        let mut local = vec![0u8; ww * wh];
+        for &(x, y) in &pixels {
+            local[(y as usize - wy0) * ww + (x as usize - wx0)] = 1;
+        }
+        // Background the object encloses (pallor, pale rings) becomes part of it, with
+        // anything inside it (an object enclosed by this one is not counted on its own).
+        fill_holes(&mut local, ww);
+        for ly in 0..wh {
+            for lx in 0..ww {
+                if local[ly * ww + lx] != 0 {
+                    seen[(wy0 + ly) * w + wx0 + lx] = true;
+                }
+            }
+        }
+        let dt2 = squared_distance(&local, ww);
+        let peak = dt2
+            .iter()
+            .map(|&d| {
+                if d == u32::MAX {
+                    f32::INFINITY
+                } else {
+                    (d as f32).sqrt()
+                }
+            })
+            .fold(0f32, f32::max);
+        out.push(Object {
+            x0: wx0,
+            y0: wy0,
+            w: ww,
+            h: wh,
+            dt2,
+            peak,
+        });
+    }
+    out
 }
 
 fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
@@ -249,35 +507,70 @@ fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
     i
 }
 
-/// Watershed of the distance transform by flooding from the peaks; basins whose peak rises
-/// less than `h` above the level where they meet a higher basin are merged into it.
-/// Returns a label per pixel (`u32::MAX` for background).
-fn flood(dist: &[f32], w: usize, h_dyn: f32) -> Vec<u32> {
-    let mut order: Vec<u32> = (0..dist.len() as u32)
-        .filter(|&i| dist[i as usize] > 0.0)
-        .collect();
-    order.sort_unstable_by(|&a, &b| dist[b as usize].total_cmp(&dist[a as usize]));
-    let hgt = dist.len() / w;
-    let mut comp = vec![u32::MAX; dist.len()];
+/// Watershed of an object's distance transform by flooding from its peaks; basins whose peak
+/// rises less than `h_dyn` above the level where they meet a higher basin are merged into it.
+/// Pixels are visited from the highest distance down (a counting sort on the integer squared
+/// distances). Returns a basin index per window pixel (`u32::MAX` off the object) and the
+/// number of basins.
+fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
+    let (w, h) = (obj.w, obj.h);
+    let key = |d: u32| if d == u32::MAX { u32::MAX } else { d };
+    let max_key = obj
+        .dt2
+        .iter()
+        .map(|&d| key(d))
+        .filter(|&d| d != u32::MAX)
+        .max()
+        .unwrap_or(0) as usize;
+    let slot = |d: u32| {
+        if d == u32::MAX {
+            0
+        } else {
+            max_key - d as usize
+        }
+    };
+    // Counting sort, highest distance first, ties in raster order.
+    let mut start = vec![0u32; max_key + 2];
+    for &d in &obj.dt2 {
+        if d > 0 {
+            start[slot(d) + 1] += 1;
+        }
+    }
+    for k in 1..start.len() {
+        start[k] += start[k - 1];
+    }
+    let mut order = vec![(0u32, 0u32); start[max_key + 1] as usize];
+    for (i, &d) in obj.dt2.iter().enumerate() {
+        if d > 0 {
+            let s = &mut start[slot(d)];
+            order[*s as usize] = ((i % w) as u32, (i / w) as u32);
+            *s += 1;
+        }
+    }
+    let level_of = |d: u32| {
+        if d == u32::MAX {
+            f32::INFINITY
+        } else {
+            (d as f32).sqrt()
+        }
+    };
+    let mut comp = vec![u32::MAX; w * h];
     let mut parent: Vec<u32> = Vec::new();
     let mut peak: Vec<f32> = Vec::new();
     let mut roots: Vec<u32> = Vec::with_capacity(8);
-    for &p in &order {
-        let (x, y) = (p as usize % w, p as usize / w);
-        let level = dist[p as usize];
+    for &(x, y) in &order {
+        let (x, y) = (x as usize, y as usize);
+        let p = y * w + x;
+        let level = level_of(obj.dt2[p]);
         roots.clear();
-        for dy in -1i32..=1 {
-            for dx in -1i32..=1 {
-                if dx == 0 && dy == 0 {
-                    continue;
-                }
-                let (nx, ny) = (x as i32 + dx, y as i32 + dy);
-                if nx < 0 || ny < 0 || nx as usize >= w || ny as usize >= hgt {
-                    continue;
-                }
-                let q = ny as usize * w + nx as usize;
-                if comp[q] != u32::MAX {
-                    let r = find_root(&mut parent, comp[q]);
+        let mut last = u32::MAX;
+        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+            for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                let c = comp[ny * w + nx];
+                // Neighbours mostly share one basin: resolve each once.
+                if c != u32::MAX && c != last {
+                    last = c;
+                    let r = find_root(&mut parent, c);
                     if !roots.contains(&r) {
                         roots.push(r);
                     }
@@ -288,7 +581,7 @@ fn flood(dist: &[f32], w: usize, h_dyn: f32) -> Vec<u32> {
             let id = parent.len() as u32;
             parent.push(id);
             peak.push(level);
-            comp[p as usize] = id;
+            comp[p] = id;
             continue;
         }
         roots.sort_unstable_by(|a, b| peak[*b as usize].total_cmp(&peak[*a as usize]));
@@ -303,14 +596,14 @@ fn flood(dist: &[f32], w: usize, h_dyn: f32) -> Vec<u32> {
                 parent[r as usize] = best;
             }
         }
-        comp[p as usize] = best;
+        comp[p] = best;
     }
     for c in comp.iter_mut() {
         if *c != u32::MAX {
             *c = find_root(&mut parent, *c);
         }
     }
-    comp
+    (comp, parent.len())
 }
 
 fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
@@ -318,39 +611,27 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     if w < 3 || h < 3 {
         return vec![];
     }
+    let wu = w as usize;
     let od = optical_density(img, cfg.background_block);
     let t = density_threshold(&od, cfg);
-    let mut mask = GrayImage::from_fn(w, h, |x, y| {
-        Luma([if od[(y * w + x) as usize] > t { 255 } else { 0 }])
-    });
-    open_mut(&mut mask, imageproc::distance_transform::Norm::LInf, 1);
-    fill_holes(&mut mask);
+    let mask: Vec<u8> = od.iter().map(|&v| (v > t) as u8).collect();
+    drop(od);
+    // Opening with a 3x3 square removes specks and one-pixel bridges.
+    let mask = filter3(&filter3(&mask, wu, true), wu, false);
 
-    // Distance of each foreground pixel to the background.
-    let inv = GrayImage::from_fn(w, h, |x, y| {
-        Luma([if mask.get_pixel(x, y)[0] == 0 { 255 } else { 0 }])
-    });
-    let dt2 = euclidean_squared_distance_transform(&inv);
-    let dist: Vec<f32> = dt2.as_raw().iter().map(|v| (*v as f32).sqrt()).collect();
-
+    let objs = objects(&mask, wu);
+    drop(mask);
     // Typical radius: median of the objects' distance peaks.
-    let objects = connected_components(&mask, Connectivity::Eight, Luma([0u8]));
-    let mut peaks: std::collections::HashMap<u32, f32> = std::collections::HashMap::new();
-    for (i, l) in objects.as_raw().iter().enumerate() {
-        if *l != 0 {
-            let e = peaks.entry(*l).or_insert(0.0);
-            *e = e.max(dist[i]);
-        }
-    }
-    let mut pv: Vec<f32> = peaks.into_values().collect();
-    if pv.is_empty() {
+    let mut peaks: Vec<f32> = objs.iter().map(|o| o.peak).collect();
+    if peaks.is_empty() {
         return vec![];
     }
-    pv.sort_unstable_by(f32::total_cmp);
-    let typical_r = pv[pv.len() / 2];
-    let labels = flood(&dist, w as usize, (cfg.split_dynamics * typical_r).max(1.2));
+    peaks.sort_unstable_by(f32::total_cmp);
+    let typical_r = peaks[peaks.len() / 2];
+    let h_dyn = (cfg.split_dynamics * typical_r).max(1.2);
 
-    // Statistics per label.
+    // Statistics per basin.
+    #[derive(Clone)]
     struct Acc {
         x0: u32,
         y0: u32,
@@ -361,37 +642,51 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
         n: u32,
         border: bool,
     }
-    let mut acc: std::collections::HashMap<u32, Acc> = std::collections::HashMap::new();
-    for (i, &l) in labels.iter().enumerate() {
-        if l == u32::MAX {
-            continue;
+    let mut found: Vec<Acc> = Vec::new();
+    for obj in &objs {
+        let (labels, n) = flood(obj, h_dyn);
+        let mut acc = vec![
+            Acc {
+                x0: u32::MAX,
+                y0: u32::MAX,
+                x1: 0,
+                y1: 0,
+                sx: 0.0,
+                sy: 0.0,
+                n: 0,
+                border: false,
+            };
+            n
+        ];
+        for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
+            let y = (obj.y0 + ly) as u32;
+            for (lx, &l) in row.iter().enumerate() {
+                if l == u32::MAX {
+                    continue;
+                }
+                let x = (obj.x0 + lx) as u32;
+                let a = &mut acc[l as usize];
+                a.x0 = a.x0.min(x);
+                a.y0 = a.y0.min(y);
+                a.x1 = a.x1.max(x + 1);
+                a.y1 = a.y1.max(y + 1);
+                a.sx += x as f64 + 0.5;
+                a.sy += y as f64 + 0.5;
+                a.n += 1;
+                a.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+            }
         }
-        let (x, y) = (i as u32 % w, i as u32 / w);
-        let a = acc.entry(l).or_insert(Acc {
-            x0: x,
-            y0: y,
-            x1: x + 1,
-            y1: y + 1,
-            sx: 0.0,
-            sy: 0.0,
-            n: 0,
-            border: false,
-        });
-        a.x0 = a.x0.min(x);
-        a.y0 = a.y0.min(y);
-        a.x1 = a.x1.max(x + 1);
-        a.y1 = a.y1.max(y + 1);
-        a.sx += x as f64 + 0.5;
-        a.sy += y as f64 + 0.5;
-        a.n += 1;
-        a.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+        found.extend(acc.into_iter().filter(|a| a.n > 0));
     }
-    let mut areas: Vec<u32> = acc.values().map(|a| a.n).collect();
+    if found.is_empty() {
+        return vec![];
+    }
+    let mut areas: Vec<u32> = found.iter().map(|a| a.n).collect();
     areas.sort_unstable();
     let median = areas[areas.len() / 2];
     let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
-    let mut cells: Vec<Cell> = acc
-        .into_values()
+    let mut cells: Vec<Cell> = found
+        .into_iter()
         .filter(|a| a.n >= min_area && !(cfg.drop_border && a.border))
         .map(|a| Cell {
             bbox: [a.x0, a.y0, a.x1, a.y1],

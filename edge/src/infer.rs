@@ -1,5 +1,6 @@
 //! Inference backends behind one trait. The tract backend runs an optimised plan for a fixed
-//! batch size on the CPU; partial batches are padded.
+//! batch size on the CPU (in chunks, several threads side by side); a partial batch runs only
+//! the chunks it fills.
 
 use reddino_models::bundle::Bundle;
 use reddino_models::runtime::TractModel;
@@ -29,24 +30,23 @@ pub trait Backend: Send {
 /// CPU inference with tract.
 pub struct TractBackend {
     model: TractModel,
-    padded: Vec<f32>,
 }
 
 impl TractBackend {
-    /// Loads a verified bundle's model for `batch` images per call, its matrix products
-    /// split over `threads` (0 = one per core).
+    /// Loads a verified bundle's model for `batch` images per call, run over `threads`
+    /// threads (0 = one per core; see `TractModel::with_threads`).
     pub fn from_bundle(
         bundle: &Bundle,
         batch: usize,
         threads: usize,
     ) -> Result<Self, reddino_models::Error> {
-        let mut model =
-            TractModel::new(&bundle.read_model()?, batch, bundle.manifest().input_size)?;
-        model.set_threads(threads);
-        Ok(TractBackend {
-            model,
-            padded: Vec::new(),
-        })
+        let model = TractModel::with_threads(
+            &bundle.read_model()?,
+            batch,
+            bundle.manifest().input_size,
+            threads,
+        )?;
+        Ok(TractBackend { model })
     }
 }
 
@@ -68,22 +68,14 @@ impl Backend for TractBackend {
                 pixels.len()
             )));
         }
-        let out = if n == b {
-            self.model.run(pixels)?
-        } else {
-            self.padded.clear();
-            self.padded.extend_from_slice(pixels);
-            self.padded.resize(b * per, 0.0);
-            self.model.run(&self.padded)?
-        };
-        let dim = self.model.embed_dim();
-        let classes = self.model.classes().unwrap_or(0);
+        // A short batch runs only the chunks that hold images (the model pads the last one).
+        let out = self.model.run(pixels)?;
         Ok(BatchOutput {
             n,
-            dim,
-            embeddings: out.embedding[..n * dim].to_vec(),
-            classes,
-            logits: out.logits.map(|l| l[..n * classes].to_vec()),
+            dim: self.model.embed_dim(),
+            embeddings: out.embedding,
+            classes: self.model.classes().unwrap_or(0),
+            logits: out.logits,
         })
     }
 

@@ -13,9 +13,13 @@ fn main() {
     let cfg = VitConfig::preset(preset, size).expect("config");
     let w = VitWeights::random(&cfg, 0, 1e-5).expect("weights");
     let threads: usize = a.get(4).and_then(|v| v.parse().ok()).unwrap_or(1);
-    let mut m =
-        TractModel::new(&onnx::export(&w, None).expect("export"), batch, size).expect("model");
-    m.set_threads(threads);
+    let m = TractModel::with_threads(
+        &onnx::export(&w, None).expect("export"),
+        batch,
+        size,
+        threads,
+    )
+    .expect("model");
     let x = vec![0.1f32; batch * 3 * size * size];
     m.run(&x).expect("warm-up");
     let reps = 3;

@@ -1,5 +1,10 @@
 //! Running an exported RedDino graph on the CPU with tract: an optimised plan for a fixed
 //! batch size and input side.
+//!
+//! A batch runs as chunks of at most [`MAX_CHUNK`] images through one plan built for the chunk
+//! size. With several threads the chunks run side by side, one thread each (every op of the
+//! graph is then parallel, where tract itself splits only the matrix products); a batch that is
+//! a single chunk splits its matrix products over the threads instead.
 
 use tract_onnx::prelude::*;
 
@@ -15,13 +20,19 @@ pub struct Outputs {
     pub logits: Option<Vec<f32>>,
 }
 
+/// Largest chunk of a batch one plan runs: past about 8 images a ViT's attention tensors fall
+/// out of the caches and images/s drop.
+pub const MAX_CHUNK: usize = 8;
+
 /// An optimised tract plan for `[batch, 3, size, size]` inputs.
 pub struct TractModel {
+    /// Plan for `[chunk, 3, size, size]`.
     plan: TypedRunnableModel<TypedModel>,
-    /// Matrix products split over this pool when set (see [`TractModel::set_threads`]).
+    /// Matrix products split over this pool when the batch is one chunk and threads > 1.
     executor: Option<tract_linalg::multithread::Executor>,
     threads: usize,
     batch: usize,
+    chunk: usize,
     size: usize,
     embed_dim: usize,
     classes: Option<usize>,
@@ -34,16 +45,30 @@ fn infer_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl TractModel {
-    /// Loads and optimises an ONNX model for a fixed batch and input side.
+    /// Loads and optimises an ONNX model for a fixed batch and input side, run on the calling
+    /// thread.
     pub fn new(onnx: &[u8], batch: usize, size: usize) -> Result<Self, Error> {
+        Self::with_threads(onnx, batch, size, 1)
+    }
+
+    /// As [`TractModel::new`], for runs over `threads` threads (0 = one per core): the batch is
+    /// cut into chunks so that every thread gets one (at most [`MAX_CHUNK`] images each).
+    pub fn with_threads(
+        onnx: &[u8],
+        batch: usize,
+        size: usize,
+        threads: usize,
+    ) -> Result<Self, Error> {
         if batch == 0 {
             return Err(Error::Config("batch size must be at least 1".into()));
         }
+        let threads = resolve_threads(threads);
+        let chunk = batch.div_ceil(threads).clamp(1, MAX_CHUNK);
         let mut reader = onnx;
         let model = tract_onnx::onnx()
             .model_for_read(&mut reader)
             .map_err(|e| Error::Onnx(format!("cannot load model: {e:#}")))?
-            .with_input_fact(0, f32::fact([batch, 3, size, size]).into())
+            .with_input_fact(0, f32::fact([chunk, 3, size, size]).into())
             .map_err(infer_err)?;
         // tract labels each graph output with its ONNX name and keeps the output order
         // through optimisation, which may rename the nodes.
@@ -74,29 +99,30 @@ impl TractModel {
             .map(|s| fact(s).map(|sh| *sh.last().unwrap_or(&0)))
             .transpose()?;
         let plan = typed.into_runnable().map_err(infer_err)?;
-        Ok(TractModel {
+        let mut m = TractModel {
             plan,
             executor: None,
             threads: 1,
             batch,
+            chunk,
             size,
             embed_dim,
             classes,
             logits_slot,
             embedding_slot,
-        })
+        };
+        m.set_threads(threads);
+        Ok(m)
     }
 
-    /// Splits the matrix products of each run over `n` threads (1 = the calling thread only;
-    /// 0 = one per available core).
+    /// Runs over `n` threads (1 = the calling thread only; 0 = one per available core): the
+    /// chunks side by side, or the matrix products of a single chunk split over them. The
+    /// chunk size stays the one chosen at construction ([`TractModel::with_threads`]).
     pub fn set_threads(&mut self, n: usize) {
-        let n = if n == 0 {
-            std::thread::available_parallelism().map_or(1, |p| p.get())
-        } else {
-            n
-        };
+        let n = resolve_threads(n);
         self.threads = n;
-        self.executor = (n > 1).then(|| {
+        let single_chunk = self.batch <= self.chunk;
+        self.executor = (n > 1 && single_chunk).then(|| {
             tract_linalg::multithread::Executor::multithread_with_name(n, "reddino-tract")
         });
     }
@@ -126,20 +152,81 @@ impl TractModel {
         self.classes
     }
 
-    /// Runs one batch; `pixels` holds `batch * 3 * size * size` values (NCHW).
+    /// Runs `n` images, 1 <= n <= batch: `pixels` holds `n * 3 * size * size` values (NCHW);
+    /// the outputs have `n` rows. Only the chunks holding images run.
     pub fn run(&self, pixels: &[f32]) -> Result<Outputs, Error> {
-        let expected = self.batch * 3 * self.size * self.size;
-        if pixels.len() != expected {
+        let per = 3 * self.size * self.size;
+        let n = pixels.len() / per;
+        if pixels.len() % per != 0 || n == 0 || n > self.batch {
             return Err(Error::Inference(format!(
-                "input has {} values, expected {expected} ([{}, 3, {}, {}])",
+                "input has {} values, expected 1 to {} images of {per} ([n, 3, {}, {}])",
                 pixels.len(),
                 self.batch,
                 self.size,
                 self.size
             )));
         }
-        let input = Tensor::from_shape(&[self.batch, 3, self.size, self.size], pixels)
-            .map_err(infer_err)?;
+        let chunks: Vec<&[f32]> = pixels.chunks(self.chunk * per).collect();
+        let workers = self.threads.min(chunks.len()).max(1);
+        let mut results: Vec<Option<Result<Outputs, Error>>> =
+            (0..chunks.len()).map(|_| None).collect();
+        if workers == 1 {
+            for (r, c) in results.iter_mut().zip(&chunks) {
+                *r = Some(self.run_chunk(c));
+            }
+        } else {
+            // Worker w runs chunks w, w + workers, ...
+            let mut slots: Vec<Vec<(usize, &mut Option<Result<Outputs, Error>>)>> =
+                (0..workers).map(|_| Vec::new()).collect();
+            for (i, r) in results.iter_mut().enumerate() {
+                slots[i % workers].push((i, r));
+            }
+            std::thread::scope(|scope| {
+                let mut slots = slots.into_iter();
+                let own = slots.next().unwrap_or_default();
+                for mine in slots {
+                    let chunks = &chunks;
+                    scope.spawn(move || {
+                        for (i, r) in mine {
+                            *r = Some(self.run_chunk(chunks[i]));
+                        }
+                    });
+                }
+                for (i, r) in own {
+                    *r = Some(self.run_chunk(chunks[i]));
+                }
+            });
+        }
+        let mut out = Outputs {
+            embedding: Vec::with_capacity(n * self.embed_dim),
+            logits: self
+                .logits_slot
+                .map(|_| Vec::with_capacity(n * self.classes.unwrap_or(0))),
+        };
+        for (r, c) in results.into_iter().zip(&chunks) {
+            let r = r.expect("every chunk ran")?;
+            let n = c.len() / per;
+            out.embedding
+                .extend_from_slice(&r.embedding[..n * self.embed_dim]);
+            if let (Some(all), Some(l)) = (out.logits.as_mut(), r.logits) {
+                let k = l.len() / self.chunk;
+                all.extend_from_slice(&l[..n * k]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one chunk of up to `chunk` images (a short last chunk is padded with zeros).
+    fn run_chunk(&self, pixels: &[f32]) -> Result<Outputs, Error> {
+        let full = self.chunk * 3 * self.size * self.size;
+        let input = if pixels.len() == full {
+            Tensor::from_shape(&[self.chunk, 3, self.size, self.size], pixels)
+        } else {
+            let mut padded = pixels.to_vec();
+            padded.resize(full, 0.0);
+            Tensor::from_shape(&[self.chunk, 3, self.size, self.size], &padded)
+        }
+        .map_err(infer_err)?;
         let run = || self.plan.run(tvec!(input.into_tvalue()));
         let out = match &self.executor {
             Some(ex) => tract_linalg::multithread::multithread_tract_scope(ex.clone(), run),
@@ -154,6 +241,15 @@ impl TractModel {
             embedding: take(self.embedding_slot)?,
             logits: self.logits_slot.map(take).transpose()?,
         })
+    }
+}
+
+/// `n`, or one per available core for 0.
+fn resolve_threads(n: usize) -> usize {
+    if n == 0 {
+        std::thread::available_parallelism().map_or(1, |p| p.get())
+    } else {
+        n
     }
 }
 

@@ -4,7 +4,8 @@
 //!   . scripts/torch-env.sh && cargo bench -p reddino-trainer --bench step
 //!
 //! Env: REDDINO_BENCH_THREADS (default "1,2"), REDDINO_BENCH_STEPS (default 20),
-//! REDDINO_BENCH_SMOKE=1 (one step each: CI checks that it runs), REDDINO_PYTHON (the venv's).
+//! REDDINO_BENCH_SMOKE=1 (one step each: CI checks that it runs), REDDINO_PYTHON (the venv's),
+//! REDDINO_BENCH_JSON=FILE (also write the rows as JSON: the suite, scripts/bench.sh, reads it).
 
 use std::process::Command;
 use std::time::Instant;
@@ -51,6 +52,7 @@ fn main() {
     );
     println!("| threads | tch (ms/step) | PyTorch (ms/step) | ratio tch/PyTorch |");
     println!("|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
     for &t in &threads {
         let mut c = cfg.clone();
         c.train.threads = t;
@@ -125,5 +127,12 @@ fn main() {
         let v: serde_json::Value = serde_json::from_str(line.trim()).expect("reference JSON");
         let theirs = v["ms_per_step"].as_f64().expect("ms_per_step");
         println!("| {t} | {ours:.1} | {theirs:.1} | {:.3} |", ours / theirs);
+        rows.push(serde_json::json!({
+            "threads": t, "steps": steps, "tch_ms": ours, "pytorch_ms": theirs,
+        }));
+    }
+    if let Ok(path) = std::env::var("REDDINO_BENCH_JSON") {
+        std::fs::write(&path, serde_json::to_vec(&rows).expect("rows serialise"))
+            .unwrap_or_else(|e| panic!("writing {path}: {e}"));
     }
 }

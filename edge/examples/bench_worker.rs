@@ -1,0 +1,374 @@
+//! The Rust side of the benchmark suite (`./scripts/bench.sh`, docs/benchmarks.md). One
+//! measurement per process, so that the suite can pin its threads and read its peak memory;
+//! every command prints one JSON object on stdout.
+//!
+//! ```text
+//! bench_worker fields   --out DIR --source S --width W --height H --count N --seed S [--density D]
+//! bench_worker model    --preset P --size S --out DIR      (weights.safetensors + model.onnx)
+//! bench_worker infer    --onnx F --size S --batch B --threads T [--min-time SEC] [--min-reps N]
+//! bench_worker cells    --fields DIR [--reps N]
+//! bench_worker pipeline --fields DIR [--model BUNDLE --trusted-key KEY] [--batch B] [--threads T]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use image::RgbImage;
+use reddino_edge::analyze::{classify_crops, AnalyzeConfig};
+use reddino_edge::cells;
+use reddino_edge::infer::{Backend, BatchOutput, TractBackend};
+use reddino_models::arch::{Preset, VitConfig};
+use reddino_models::preprocess::square_crop;
+use reddino_models::runtime::TractModel;
+use reddino_models::synth::{render, FieldSpec, SourcePreset};
+use reddino_models::weights::{tensors_to_bytes, Tensor, VitWeights};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Render synthetic fields: DIR/field-NNN.png and DIR/field-NNN.json (true cells).
+    Fields {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        width: u32,
+        #[arg(long)]
+        height: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        seed: u64,
+        /// Fraction of the field covered by cells (default: the source's).
+        #[arg(long)]
+        density: Option<f32>,
+    },
+    /// Random timm-layout weights of a preset at an input size, and their ONNX export.
+    Model {
+        #[arg(long)]
+        preset: String,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Images/s of an ONNX model in tract.
+    Infer {
+        #[arg(long)]
+        onnx: PathBuf,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long, default_value_t = 2.0)]
+        min_time: f64,
+        #[arg(long, default_value_t = 3)]
+        min_reps: usize,
+    },
+    /// The cell finder alone on each field: best-of-N time and the detected centres.
+    Cells {
+        #[arg(long)]
+        fields: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// The per-frame path of the service (decode, find, crop, preprocess, model, classify) on
+    /// replayed fields, one frame after the other.
+    Pipeline {
+        #[arg(long)]
+        fields: PathBuf,
+        /// Bundle (default: the shipped demo model).
+        #[arg(long, requires = "trusted_key")]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        trusted_key: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("bench_worker: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// PNG files of a fields folder, in name order.
+fn field_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("no .png fields in {}", dir.display());
+    }
+    Ok(v)
+}
+
+fn load(p: &Path) -> Result<RgbImage> {
+    Ok(image::open(p)
+        .with_context(|| format!("decoding {}", p.display()))?
+        .to_rgb8())
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Counts the time spent in the model.
+struct Timed<B> {
+    inner: B,
+    seconds: f64,
+}
+
+impl<B: Backend> Backend for Timed<B> {
+    fn input_size(&self) -> usize {
+        self.inner.input_size()
+    }
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    fn run(&mut self, pixels: &[f32], n: usize) -> Result<BatchOutput, reddino_models::Error> {
+        let t = Instant::now();
+        let r = self.inner.run(pixels, n);
+        self.seconds += t.elapsed().as_secs_f64();
+        r
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Fields {
+            out,
+            source,
+            width,
+            height,
+            count,
+            seed,
+            density,
+        } => {
+            std::fs::create_dir_all(&out)?;
+            let mut preset = SourcePreset::by_name(&source)?;
+            if let Some(d) = density {
+                preset.density = d;
+            }
+            let mut cells_total = 0;
+            for i in 0..count {
+                let f = render(&FieldSpec::new(width, height, seed + i, preset.clone()))?;
+                let stem = out.join(format!("field-{i:03}"));
+                f.image.save(stem.with_extension("png"))?;
+                let truth: Vec<_> = f
+                    .cells
+                    .iter()
+                    .map(|c| json!({"center": [c.center.0, c.center.1], "radius": c.radius}))
+                    .collect();
+                cells_total += truth.len();
+                std::fs::write(
+                    stem.with_extension("json"),
+                    serde_json::to_vec(&json!({ "cells": truth }))?,
+                )?;
+            }
+            println!(
+                "{}",
+                json!({"fields": count, "cells": cells_total, "width": width, "height": height})
+            );
+        }
+        Cmd::Model { preset, size, out } => {
+            std::fs::create_dir_all(&out)?;
+            let cfg = VitConfig::preset(Preset::parse(&preset)?, size)?;
+            let w = VitWeights::random(&cfg, 7, 1e-5)?;
+            w.save(&out.join("weights.safetensors"))?;
+            let onnx = reddino_models::onnx::export(&w, None)?;
+            std::fs::write(out.join("model.onnx"), &onnx)?;
+            // Two images and tract's embeddings of them: every contender checks that it runs
+            // the same model before it is timed.
+            let pixels = input(2 * 3 * size * size);
+            let emb = TractModel::new(&onnx, 2, size)?.run(&pixels)?.embedding;
+            let probe = std::collections::BTreeMap::from([
+                (
+                    "pixels".to_string(),
+                    Tensor::new(vec![2, 3, size, size], pixels),
+                ),
+                (
+                    "embedding".to_string(),
+                    Tensor::new(vec![2, cfg.embed_dim], emb),
+                ),
+            ]);
+            std::fs::write(out.join("probe.safetensors"), tensors_to_bytes(&probe)?)?;
+            println!(
+                "{}",
+                json!({
+                    "embed_dim": cfg.embed_dim,
+                    "depth": cfg.depth,
+                    "heads": cfg.num_heads,
+                    "macs_per_image": cfg.macs_per_image(),
+                })
+            );
+        }
+        Cmd::Infer {
+            onnx,
+            size,
+            batch,
+            threads,
+            min_time,
+            min_reps,
+        } => {
+            let bytes =
+                std::fs::read(&onnx).with_context(|| format!("reading {}", onnx.display()))?;
+            let t = Instant::now();
+            let m = TractModel::with_threads(&bytes, batch, size, threads)?;
+            let load_s = t.elapsed().as_secs_f64();
+            let x = input(batch * 3 * size * size);
+            m.run(&x)?;
+            let (mut reps, t) = (0usize, Instant::now());
+            while reps < min_reps || t.elapsed().as_secs_f64() < min_time {
+                m.run(&x)?;
+                reps += 1;
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{}",
+                json!({
+                    "images_per_s": batch as f64 / s,
+                    "ms_per_batch": s * 1e3,
+                    "reps": reps,
+                    "load_s": load_s,
+                })
+            );
+        }
+        Cmd::Cells { fields, reps } => {
+            let cfg = cells::CellFinderConfig::default();
+            let mut rows = Vec::new();
+            for p in field_files(&fields)? {
+                let img = load(&p)?;
+                let mut best = f64::MAX;
+                let mut found = Vec::new();
+                for _ in 0..reps.max(1) {
+                    let t = Instant::now();
+                    found = cells::find(&img, &cfg);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let centres: Vec<[f32; 2]> =
+                    found.iter().map(|c| [c.center.0, c.center.1]).collect();
+                rows.push(json!({
+                    "field": p.file_name().map(|n| n.to_string_lossy().to_string()),
+                    "ms": best * 1e3,
+                    "centres": centres,
+                }));
+            }
+            println!("{}", json!({ "fields": rows }));
+        }
+        Cmd::Pipeline {
+            fields,
+            model,
+            trusted_key,
+            batch,
+            threads,
+        } => {
+            let staging = tempfile::tempdir()?;
+            let (bundle_path, key) = match (model, trusted_key) {
+                (Some(m), Some(k)) => (m, k),
+                _ => reddino_edge::demo::demo_model(staging.path())?,
+            };
+            let bundle = reddino_edge::app::open_bundle(&bundle_path, &[key])?;
+            let names = bundle.manifest().class_names.clone();
+            let norm = bundle.manifest().normalization();
+            let mut backend = Timed {
+                inner: TractBackend::from_bundle(&bundle, batch, threads)?,
+                seconds: 0.0,
+            };
+            let cfg = AnalyzeConfig::default();
+            let files = field_files(&fields)?;
+            // One warm-up frame (first-run allocations), not counted.
+            let warm = load(&files[0])?;
+            let crops: Vec<RgbImage> = cells::find(&warm, &cfg.cells)
+                .iter()
+                .map(|c| square_crop(&warm, c.bbox, cfg.margin))
+                .collect();
+            classify_crops(&crops, &mut backend, &names, &norm, cfg.min_confidence)?;
+            backend.seconds = 0.0;
+
+            let mut frames = Vec::new();
+            let t_all = Instant::now();
+            for p in &files {
+                let t0 = Instant::now();
+                let img = load(p)?;
+                let t1 = Instant::now();
+                let found = cells::find(&img, &cfg.cells);
+                let t2 = Instant::now();
+                let crops: Vec<RgbImage> = found
+                    .iter()
+                    .map(|c| square_crop(&img, c.bbox, cfg.margin))
+                    .collect();
+                let t3 = Instant::now();
+                let model_before = backend.seconds;
+                let preds =
+                    classify_crops(&crops, &mut backend, &names, &norm, cfg.min_confidence)?;
+                let t4 = Instant::now();
+                let model_s = backend.seconds - model_before;
+                let classify_s = (t4 - t3).as_secs_f64();
+                frames.push(json!({
+                    "cells": preds.len(),
+                    "width": img.width(),
+                    "height": img.height(),
+                    "latency_ms": (t4 - t0).as_secs_f64() * 1e3,
+                    "decode_ms": (t1 - t0).as_secs_f64() * 1e3,
+                    "find_ms": (t2 - t1).as_secs_f64() * 1e3,
+                    "crop_ms": (t3 - t2).as_secs_f64() * 1e3,
+                    "model_ms": model_s * 1e3,
+                    "preprocess_classify_ms": (classify_s - model_s) * 1e3,
+                }));
+            }
+            let wall = t_all.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                json!({
+                    "model": format!("{} {}", bundle.manifest().name, bundle.manifest().version),
+                    "input_size": bundle.manifest().input_size,
+                    "batch": batch,
+                    "threads": threads,
+                    "wall_s": wall,
+                    "frames": frames,
+                    "peak_rss_mib": peak_rss_mib(),
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic pixel values in about [-2, 2] (what normalised crops look like).
+fn input(n: usize) -> Vec<f32> {
+    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
