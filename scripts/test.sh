@@ -21,4 +21,7 @@ export REDDINO_REQUIRE_REFERENCE=1
 echo "==> cargo test (all targets; benchmarks run once on tiny inputs)"
 export REDDINO_BENCH_SMOKE=1
 cargo test --workspace --locked --all-targets "$@"
+
+echo "==> benchmark suite once on tiny inputs (the figures: ./scripts/bench.sh)"
+./scripts/bench.sh --smoke
 echo "all tests passed"

@@ -168,15 +168,14 @@ impl TractModel {
         }
         let chunks: Vec<&[f32]> = pixels.chunks(self.chunk * per).collect();
         let workers = self.threads.min(chunks.len()).max(1);
-        let mut results: Vec<Option<Result<Outputs, Error>>> =
-            (0..chunks.len()).map(|_| None).collect();
+        let mut results: Vec<Option<ChunkResult>> = (0..chunks.len()).map(|_| None).collect();
         if workers == 1 {
             for (r, c) in results.iter_mut().zip(&chunks) {
                 *r = Some(self.run_chunk(c));
             }
         } else {
             // Worker w runs chunks w, w + workers, ...
-            let mut slots: Vec<Vec<(usize, &mut Option<Result<Outputs, Error>>)>> =
+            let mut slots: Vec<Vec<(usize, &mut Option<ChunkResult>)>> =
                 (0..workers).map(|_| Vec::new()).collect();
             for (i, r) in results.iter_mut().enumerate() {
                 slots[i % workers].push((i, r));
@@ -243,6 +242,9 @@ impl TractModel {
         })
     }
 }
+
+/// What one chunk's run gives.
+type ChunkResult = Result<Outputs, Error>;
 
 /// `n`, or one per available core for 0.
 fn resolve_threads(n: usize) -> usize {
