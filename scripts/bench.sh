@@ -2,7 +2,7 @@
 # The benchmark suite (docs/benchmarks.md): RedDino Edge side by side with onnxruntime, PyTorch
 # + timm and OpenCV, release builds, equal thread pinning; writes docs/benchmarks/results.{json,md},
 # the plots, and the generated part of docs/benchmarks.md.
-#   ./scripts/bench.sh                 # everything (about 40 min on 2 cores, builds included)
+#   ./scripts/bench.sh                 # everything (about 15 min on 2 cores after the release builds)
 #   ./scripts/bench.sh --only cells    # some of infer,cells,pipeline,trainer
 #   ./scripts/bench.sh --smoke         # once on tiny inputs, into target/bench-smoke (CI)
 set -euo pipefail
