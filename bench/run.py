@@ -72,7 +72,9 @@ def run_json(cmd, threads, extra_env=None):
 
 def cargo_executable(profile, args, kind, name):
     """Builds with cargo and returns the path of the `kind` target `name` (an example, a
-    bench) built by `args`."""
+    bench) built by `args`. The suite builds with `--workspace`: features then resolve as for
+    `cargo test --workspace`, so the smoke run reuses the test build instead of rebuilding every
+    dependency."""
     cmd = ["cargo", "build", "--locked", "--profile", profile, "--message-format=json-render-diagnostics"] + args
     log("building: " + " ".join(cmd[1:]))
     p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, check=False)
@@ -568,10 +570,10 @@ def main():
 
     ctx = {"smoke": args.smoke, "work": work, "machine": machine(),
            "timing": ["--min-time", "0", "--min-reps", "1"] if args.smoke else ["--min-time", "3", "--min-reps", "2"]}
-    ctx["worker"] = cargo_executable(profile, ["-p", "reddino-edge", "--example", "bench_worker"],
+    ctx["worker"] = cargo_executable(profile, ["--workspace", "--example", "bench_worker"],
                                      "example", "bench_worker")
     if "trainer" in only:
-        ctx["trainer_step"] = cargo_executable(profile, ["-p", "reddino-trainer", "--bench", "step"],
+        ctx["trainer_step"] = cargo_executable(profile, ["--workspace", "--bench", "step"],
                                                "bench", "step")
     plan = plans(args.smoke)
     res = {"date": time.strftime("%Y-%m-%d"), "machine": ctx["machine"], "profile": profile, "smoke": args.smoke,
