@@ -14,6 +14,7 @@ printing {"images_per_s": ...} for one configuration).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -248,8 +249,9 @@ def bench_cells(ctx, plan):
 
 
 def pct(v, q):
+    """The q-quantile by nearest rank (as the edge's `service::percentile`)."""
     s = sorted(v)
-    return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 1)) - 1))] if s else None
+    return s[min(len(s), max(1, math.ceil(q * len(s)))) - 1] if s else None
 
 
 def summarise_pipeline(r, rss):

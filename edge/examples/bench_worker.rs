@@ -127,14 +127,6 @@ fn load(p: &Path) -> Result<RgbImage> {
         .to_rgb8())
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// Counts the time spent in the model.
 struct Timed<B> {
     inner: B,
@@ -302,12 +294,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let cfg = AnalyzeConfig::default();
             let files = field_files(&fields)?;
+            let crops_of = |img: &RgbImage, found: &[cells::Cell]| -> Vec<RgbImage> {
+                found
+                    .iter()
+                    .map(|c| square_crop(img, c.bbox, cfg.margin))
+                    .collect()
+            };
             // One warm-up frame (first-run allocations), not counted.
             let warm = load(&files[0])?;
-            let crops: Vec<RgbImage> = cells::find(&warm, &cfg.cells)
-                .iter()
-                .map(|c| square_crop(&warm, c.bbox, cfg.margin))
-                .collect();
+            let crops = crops_of(&warm, &cells::find(&warm, &cfg.cells));
             classify_crops(&crops, &mut backend, &names, &norm, cfg.min_confidence)?;
             backend.seconds = 0.0;
 
@@ -319,10 +314,7 @@ fn run(cli: Cli) -> Result<()> {
                 let t1 = Instant::now();
                 let found = cells::find(&img, &cfg.cells);
                 let t2 = Instant::now();
-                let crops: Vec<RgbImage> = found
-                    .iter()
-                    .map(|c| square_crop(&img, c.bbox, cfg.margin))
-                    .collect();
+                let crops = crops_of(&img, &found);
                 let t3 = Instant::now();
                 let model_before = backend.seconds;
                 let preds =
@@ -352,7 +344,6 @@ fn run(cli: Cli) -> Result<()> {
                     "threads": threads,
                     "wall_s": wall,
                     "frames": frames,
-                    "peak_rss_mib": peak_rss_mib(),
                 })
             );
         }

@@ -514,11 +514,10 @@ fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
 /// number of basins.
 fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
     let (w, h) = (obj.w, obj.h);
-    let key = |d: u32| if d == u32::MAX { u32::MAX } else { d };
     let max_key = obj
         .dt2
         .iter()
-        .map(|&d| key(d))
+        .copied()
         .filter(|&d| d != u32::MAX)
         .max()
         .unwrap_or(0) as usize;
