@@ -2,7 +2,7 @@
 # Reproduces the shipped demo model (models/demo/reddino-demo.tar) from scratch and the figures
 # of its model card (docs/models/demo.md): synthetic crops, self-supervised pretraining,
 # fine-tuning with a linear head, evaluation on a held-out source, probe baselines, export
-# signed with the demo key. About 30 minutes on two CPU cores; everything goes under
+# signed with the demo key. About 35 minutes on two CPU cores; everything goes under
 # target/demo-model/ (override with DEMO_MODEL_WORK) and the bundle to models/demo/.
 #
 #   ./scripts/demo-model.sh            # reproduce (overwrites models/demo/reddino-demo.tar)
@@ -43,6 +43,18 @@ crops() { # TOOL DIR ARGS...
     fi
 }
 crops "$T/reddino-edge synth-crops" "$W/train" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1
+# The same sources cut around the true cells too (other seeds): the finder's boxes are tighter
+# around spiculated cells than the true boxes, and the model must know both framings.
+crops "$T/reddino-models synth crops" "$W/train-truth" --per-class 150 --sources "$TRAIN_SOURCES" --seed 4
+rm -rf "$W/train-all"
+for dir in "$W"/train/*/*/; do
+    rel=${dir#"$W/train/"}
+    mkdir -p "$W/train-all/$rel"
+    cp -l "$dir"*.png "$W/train-all/$rel"
+    for f in "$W/train-truth/$rel"*.png; do
+        cp -l "$f" "$W/train-all/${rel}t_$(basename "$f")"
+    done
+done
 crops "$T/reddino-models synth crops" "$W/heldout" --per-class 60 --sources "$HELD_OUT" --seed 2
 crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3
 
@@ -52,7 +64,7 @@ $T/reddino-trainer pretrain --config "$W/pretrain.toml"
 PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbone.safetensors"
 
 echo "== 3/6 fine-tuning with a linear head (labelled training crops)"
-$T/reddino-trainer finetune --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/train" \
+$T/reddino-trainer finetune --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/train-all" \
     --out "$W/finetune" --epochs 20 --lr 2e-3 --layer-decay 0.9 --threads 2
 
 echo "== 4/6 held-out source: the demo model's own head"
@@ -72,7 +84,7 @@ $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W
 echo "== 6/6 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-demo --version 1.0.0 \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.1.0 \
     --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

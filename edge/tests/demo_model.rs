@@ -5,10 +5,12 @@
 //! - `analyze` on whole held-out fields: per-class counts within 10% of the truth for every
 //!   class with >= 20 cells.
 //!
-//! The shipped model does not meet them yet (0.81; counts up to 47% off): the `target_*` tests
-//! assert the targets and are ignored until a model meets them (`cargo test -p reddino-edge
-//! --test demo_model -- --ignored`); the `floor_*` tests hold the shipped model's figures so that
-//! a worse model (or a change to the crops or preprocessing) cannot ship unnoticed.
+//! The shipped model meets the first (0.91 on these crops); the second is not met yet (counts up
+//! to 53% off, mostly cells touching a neighbour read as dacrocytes and cells left `uncertain`):
+//! `target_analyze_counts_*` asserts it and is ignored until a model meets it (`cargo test -p
+//! reddino-edge --test demo_model -- --ignored`); `floor_analyze_counts_*` holds the shipped
+//! model's figure so that a worse model (or a change to the finder, crops or preprocessing)
+//! cannot ship unnoticed.
 
 use image::imageops::FilterType;
 use image::RgbImage;
@@ -124,16 +126,6 @@ fn held_out_balanced_accuracy() -> f64 {
 }
 
 #[test]
-fn floor_held_out_crops_balanced_accuracy() {
-    let b = held_out_balanced_accuracy();
-    assert!(
-        b >= 0.80,
-        "balanced accuracy {b:.3} on the held-out source is below 0.80"
-    );
-}
-
-#[test]
-#[ignore = "target not met by the shipped demo model (0.81); see docs/models/demo.md"]
 fn target_held_out_crops_balanced_accuracy_at_least_0_90() {
     let b = held_out_balanced_accuracy();
     assert!(
@@ -155,6 +147,9 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
     let mut truth = [0u64; NUM_CLASSES];
     let mut counted = vec![0u64; names.len()];
     let mut uncertain = 0;
+    // Where each true cell went: row = truth, columns = the classes, `uncertain`, not found.
+    let mut fate = vec![vec![0u64; names.len() + 2]; NUM_CLASSES];
+    let mut unmatched = vec![0u64; names.len() + 1];
     for seed in 910_000..910_004 {
         // Full-HD fields with the default (clinical-like) class mix.
         let field = render(&FieldSpec::new(1920, 1080, seed, source.clone())).unwrap();
@@ -182,7 +177,58 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
                 None => uncertain += n,
             }
         }
+        // Detections matched to true cells: a detection's box must hold the cell's centroid
+        // (the centre of a box is far from the centroid of a sickle or a tear drop); nearest
+        // first, one to one.
+        let truths: Vec<usize> = (0..field.cells.len())
+            .filter(|&j| {
+                let [x0, y0, x1, y1] = field.cells[j].bbox;
+                !(x0 == 0 || y0 == 0 || x1 >= w || y1 >= h)
+            })
+            .collect();
+        let mut pairs = Vec::new();
+        for (i, c) in report.cells.iter().enumerate() {
+            let [x0, y0, x1, y1] = c.bbox;
+            let (cx, cy) = ((x0 + x1) as f32 / 2.0, (y0 + y1) as f32 / 2.0);
+            for &j in &truths {
+                let t = &field.cells[j];
+                let inside = (x0 as f32..x1 as f32).contains(&t.center.0)
+                    && (y0 as f32..y1 as f32).contains(&t.center.1);
+                let d = ((cx - t.center.0).powi(2) + (cy - t.center.1).powi(2)).sqrt();
+                if inside {
+                    pairs.push((d, i, j));
+                }
+            }
+        }
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut used_d = vec![false; report.cells.len()];
+        let mut used_t = vec![false; field.cells.len()];
+        let column = |class: &str| names.iter().position(|c| c == class).unwrap_or(names.len());
+        for (_, i, j) in pairs {
+            if !used_d[i] && !used_t[j] {
+                used_d[i] = true;
+                used_t[j] = true;
+                fate[field.cells[j].class][column(&report.cells[i].class)] += 1;
+            }
+        }
+        for &j in &truths {
+            if !used_t[j] {
+                fate[field.cells[j].class][names.len() + 1] += 1;
+            }
+        }
+        for (i, c) in report.cells.iter().enumerate() {
+            if !used_d[i] {
+                unmatched[column(&c.class)] += 1;
+            }
+        }
     }
+    eprintln!(
+        "where the true cells went (rows = truth; columns = {names:?}, uncertain, not found):"
+    );
+    for (c, row) in fate.iter().enumerate() {
+        eprintln!("{:<12} {row:?}", DEFAULT_CLASSES[c]);
+    }
+    eprintln!("detections on no true cell: {unmatched:?}");
     eprintln!("class        truth  counted");
     let rows: Vec<(&'static str, u64, u64)> = DEFAULT_CLASSES
         .iter()
@@ -213,14 +259,14 @@ fn floor_analyze_counts_on_held_out_fields() {
     let mean = errors.iter().map(|(_, e)| e.abs()).sum::<f64>() / errors.len() as f64;
     eprintln!("mean absolute count error {:.1}%", 100.0 * mean);
     assert!(
-        mean <= 0.25,
-        "mean absolute per-class count error {:.1}% is above 25%",
+        mean <= 0.16,
+        "mean absolute per-class count error {:.1}% is above 16%",
         100.0 * mean
     );
 }
 
 #[test]
-#[ignore = "target not met by the shipped demo model (counts up to 47% off); see docs/models/demo.md"]
+#[ignore = "target not met by the shipped demo model (counts up to 53% off); see docs/models/demo.md"]
 fn target_analyze_counts_on_held_out_fields_within_10_percent() {
     let failures: Vec<String> = count_errors(&held_out_counts())
         .into_iter()

@@ -927,6 +927,26 @@ impl Op {
         Op::Sharpen,
         Op::Clahe,
     ];
+
+    /// What supervised fine-tuning draws from: [`Op::PHOTOMETRIC`] and a mild Gaussian focus
+    /// blur (sigma 0.8-1.4 px), so that a classifier trained on sharp 100x sources still knows
+    /// a cell behind the softer optics of another microscope.
+    pub const FINETUNE: [Op; 14] = [
+        Op::ChannelShuffle,
+        Op::ColorJitter,
+        Op::Equalize,
+        Op::FancyPca,
+        Op::GaussNoise,
+        Op::GaussianBlur,
+        Op::HueSaturationValue,
+        Op::MultiplicativeNoise,
+        Op::RandomBrightnessContrast,
+        Op::RgbShift,
+        Op::RandomGamma,
+        Op::RandomToneCurve,
+        Op::Sharpen,
+        Op::Clahe,
+    ];
 }
 
 /// [`augment`] drawing the pixel transforms from `ops` (applied in [`Op::ALL`] order).

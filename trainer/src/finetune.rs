@@ -1,6 +1,6 @@
 //! Supervised fine-tuning of a backbone with a linear classification head on labelled crops
 //! (cross-entropy with label smoothing, AdamW with layer-wise lr decay, cosine schedule, the
-//! stain, colour and noise transforms of RedDino's set). The result is the backbone and the linear head the edge runs:
+//! stain, colour, noise and focus-blur transforms of RedDino's set). The result is the backbone and the linear head the edge runs:
 //! logits = head(CLS after the final norm), the same graph `export` writes.
 
 use anyhow::{bail, Context, Result};
@@ -201,7 +201,7 @@ pub fn finetune(
                 &x,
                 cfg.input_size as i64,
                 &cfg.augment,
-                &Op::PHOTOMETRIC,
+                &Op::FINETUNE,
                 &mut rng,
             );
             opt.zero_grad();

@@ -583,7 +583,7 @@ fn run(cli: Cli) -> Result<()> {
                 reddino_trainer::report::score_report(&set, &head.class_names, &truth, &pred);
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
-            reddino_trainer::report::confusion_png(&report.overall.confusion)
+            reddino_trainer::report::confusion_png(&report.overall.confusion, &head.class_names)
                 .save(out.join("confusion.png"))
                 .context("writing confusion.png")?;
             let md = reddino_trainer::report::score_markdown(

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -398,13 +399,90 @@ pub fn colour_hex(i: usize) -> String {
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
 
-/// The confusion matrix as a heat map: row-normalised, white (0) to dark blue (1), 32 px cells,
-/// rows = truth, columns = prediction, in class order.
-pub fn confusion_png(confusion: &[Vec<usize>]) -> image::RgbImage {
-    let n = confusion.len().max(1) as u32;
-    let cell = 32u32;
-    let mut img =
-        image::RgbImage::from_pixel(n * cell + 1, n * cell + 1, image::Rgb([200, 200, 200]));
+/// Draws `text` in the 8 x 8 bitmap font with its top-left corner at (`x`, `y`), or, when
+/// `upward`, rotated to read bottom to top with its bottom-left corner at (`x`, `y`). Pixels
+/// outside the image are skipped; characters the font lacks are drawn as `?`.
+pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, colour: Rgb<u8>, upward: bool) {
+    use font8x8::UnicodeFonts;
+    for (i, ch) in text.chars().enumerate() {
+        let glyph = font8x8::BASIC_FONTS
+            .get(ch)
+            .or_else(|| font8x8::BASIC_FONTS.get('?'))
+            .unwrap_or([0; 8]);
+        for (r, bits) in glyph.iter().enumerate() {
+            for c in 0..8 {
+                if bits & (1 << c) == 0 {
+                    continue;
+                }
+                let (px, py) = if upward {
+                    (x + r as i64, y - 8 * i as i64 - c as i64)
+                } else {
+                    (x + 8 * i as i64 + c as i64, y + r as i64)
+                };
+                if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
+                    img.put_pixel(px as u32, py as u32, colour);
+                }
+            }
+        }
+    }
+}
+
+/// Width in pixels of `text` in the 8 x 8 font.
+fn text_width(text: &str) -> u32 {
+    8 * text.chars().count() as u32
+}
+
+/// Where [`confusion_png`] puts its grid: the top-left pixel of the matrix and the side of one
+/// cell, for `names` and the largest count in the matrix.
+pub fn confusion_layout(names: &[String], max_count: usize) -> (u32, u32, u32) {
+    let label = names.iter().map(|n| text_width(n)).max().unwrap_or(0);
+    let cell = 32u32.max(text_width(&max_count.to_string()) + 6);
+    // Left: "truth" written upward, then the row names; top: the title, "prediction", then
+    // the column names written upward.
+    (12 + label + 8, 12 + 12 + label + 8, cell)
+}
+
+/// The confusion matrix as a labelled heat map: rows = truth, columns = prediction, in the
+/// order of `names`; row-normalised shading, white (0) to dark blue (1), with the count in
+/// every non-empty cell.
+pub fn confusion_png(confusion: &[Vec<usize>], names: &[String]) -> RgbImage {
+    let n = confusion.len() as u32;
+    let max_count = confusion.iter().flatten().copied().max().unwrap_or(0);
+    let (ox, oy, cell) = confusion_layout(names, max_count);
+    let (w, h) = (ox + n * cell + 9, oy + n * cell + 9);
+    let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let black = Rgb([0, 0, 0]);
+    draw_text(&mut img, ox as i64, 4, "prediction", black, false);
+    draw_text(
+        &mut img,
+        2,
+        (oy + n * cell / 2 + text_width("truth") / 2) as i64,
+        "truth",
+        black,
+        true,
+    );
+    let name = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
+    for i in 0..n as usize {
+        let label = name(i);
+        let centre = (i as u32 * cell + cell / 2) as i64;
+        // Row names right-aligned against the grid; column names upward above it.
+        let x = ox as i64 - 6 - text_width(&label) as i64;
+        draw_text(&mut img, x, oy as i64 + centre - 4, &label, black, false);
+        draw_text(
+            &mut img,
+            ox as i64 + centre - 4,
+            oy as i64 - 6,
+            &label,
+            black,
+            true,
+        );
+    }
+    // Grid lines, then the cells.
+    for y in oy..=oy + n * cell {
+        for x in ox..=ox + n * cell {
+            img.put_pixel(x, y, Rgb([200, 200, 200]));
+        }
+    }
     for (i, row) in confusion.iter().enumerate() {
         let total: usize = row.iter().sum();
         for (j, &v) in row.iter().enumerate() {
@@ -413,15 +491,29 @@ pub fn confusion_png(confusion: &[Vec<usize>]) -> image::RgbImage {
             } else {
                 v as f32 / total as f32
             };
-            let c = image::Rgb([
+            let c = Rgb([
                 (255.0 * (1.0 - f) + 8.0 * f) as u8,
                 (255.0 * (1.0 - f) + 48.0 * f) as u8,
                 (255.0 * (1.0 - f) + 107.0 * f) as u8,
             ]);
+            let (x0, y0) = (ox + j as u32 * cell, oy + i as u32 * cell);
             for y in 1..cell {
                 for x in 1..cell {
-                    img.put_pixel(j as u32 * cell + x, i as u32 * cell + y, c);
+                    img.put_pixel(x0 + x, y0 + y, c);
                 }
+            }
+            if v > 0 {
+                let text = v.to_string();
+                let ink = if f > 0.5 { Rgb([255, 255, 255]) } else { black };
+                let tx = x0 + (cell - text_width(&text)) / 2;
+                draw_text(
+                    &mut img,
+                    tx as i64,
+                    (y0 + cell / 2 - 4) as i64,
+                    &text,
+                    ink,
+                    false,
+                );
             }
         }
     }
@@ -449,11 +541,14 @@ pub fn pca2(features: &Tensor) -> Vec<[f32; 2]> {
         .collect()
 }
 
-/// A scatter plot of 2-D points coloured by `group` (palette index), 512 x 512.
-pub fn scatter_png(points: &[[f32; 2]], group: &[i64]) -> image::RgbImage {
+/// A scatter plot of 2-D points coloured by `group` (palette index into `names`), 512 x 512,
+/// with a colour key of `names` on its right.
+pub fn scatter_png(points: &[[f32; 2]], group: &[i64], names: &[String]) -> RgbImage {
     let size = 512u32;
     let margin = 16.0;
-    let mut img = image::RgbImage::from_pixel(size, size, image::Rgb([255, 255, 255]));
+    let key_width = 28 + names.iter().map(|n| text_width(n)).max().unwrap_or(0);
+    let height = size.max(16 + 14 * names.len() as u32);
+    let mut img = RgbImage::from_pixel(size + key_width, height, Rgb([255, 255, 255]));
     let (mut lo, mut hi) = ([f32::MAX; 2], [f32::MIN; 2]);
     for p in points {
         for a in 0..2 {
@@ -465,7 +560,7 @@ pub fn scatter_png(points: &[[f32; 2]], group: &[i64]) -> image::RgbImage {
     for (p, &g) in points.iter().zip(group) {
         let x = margin + (p[0] - lo[0]) / span(0) * (size as f32 - 2.0 * margin);
         let y = size as f32 - margin - (p[1] - lo[1]) / span(1) * (size as f32 - 2.0 * margin);
-        let c = image::Rgb(PALETTE[g as usize % PALETTE.len()]);
+        let c = Rgb(PALETTE[g as usize % PALETTE.len()]);
         for dy in -2i32..=2 {
             for dx in -2i32..=2 {
                 if dx * dx + dy * dy <= 5 {
@@ -476,6 +571,23 @@ pub fn scatter_png(points: &[[f32; 2]], group: &[i64]) -> image::RgbImage {
                 }
             }
         }
+    }
+    for (i, name) in names.iter().enumerate() {
+        let y = 12 + 14 * i as u32;
+        let c = Rgb(PALETTE[i % PALETTE.len()]);
+        for dy in 0..8 {
+            for dx in 0..8 {
+                img.put_pixel(size + 4 + dx, y + dy, c);
+            }
+        }
+        draw_text(
+            &mut img,
+            (size + 16) as i64,
+            y as i64,
+            name,
+            Rgb([0, 0, 0]),
+            false,
+        );
     }
     img
 }
@@ -488,10 +600,10 @@ pub fn write_plots(
     set: &LabelledSet,
     report: &ProtocolReport,
 ) -> Result<String> {
-    confusion_png(&report.linear.confusion).save(dir.join("confusion.png"))?;
+    confusion_png(&report.linear.confusion, &set.class_names).save(dir.join("confusion.png"))?;
     let pts = pca2(features);
-    scatter_png(&pts, &set.labels).save(dir.join("pca_class.png"))?;
-    scatter_png(&pts, &set.sources).save(dir.join("pca_source.png"))?;
+    scatter_png(&pts, &set.labels, &set.class_names).save(dir.join("pca_class.png"))?;
+    scatter_png(&pts, &set.sources, &set.source_names).save(dir.join("pca_source.png"))?;
     let key = |names: &[String]| {
         names
             .iter()
@@ -501,8 +613,8 @@ pub fn write_plots(
             .join(", ")
     };
     Ok(format!(
-        "\n## Plots\n\nConfusion matrix of the linear probe ({}; rows = truth in class order, \
-         row-normalised, white 0 to dark blue 1):\n\n![confusion](confusion.png)\n\n\
+        "\n## Plots\n\nConfusion matrix of the linear probe ({}; rows = truth, columns = \
+         prediction, counts in the cells, shading row-normalised from white 0 to dark blue 1):\n\n![confusion](confusion.png)\n\n\
          Features projected on their first two principal components, coloured by class \
          ({}):\n\n![pca by class](pca_class.png)\n\nand by source ({}):\n\n![pca by source](pca_source.png)\n",
         report.protocol,
