@@ -909,28 +909,10 @@ pub fn augment(
 }
 
 impl Op {
-    /// The transforms that change stain, colour, exposure and noise but keep the cell's shape
-    /// at small input sizes (no strong blurs, downscaling or occluding overlays): what
-    /// supervised fine-tuning draws from, so that a classifier learns shape, not stain.
-    pub const PHOTOMETRIC: [Op; 13] = [
-        Op::ChannelShuffle,
-        Op::ColorJitter,
-        Op::Equalize,
-        Op::FancyPca,
-        Op::GaussNoise,
-        Op::HueSaturationValue,
-        Op::MultiplicativeNoise,
-        Op::RandomBrightnessContrast,
-        Op::RgbShift,
-        Op::RandomGamma,
-        Op::RandomToneCurve,
-        Op::Sharpen,
-        Op::Clahe,
-    ];
-
-    /// What supervised fine-tuning draws from: [`Op::PHOTOMETRIC`] and a mild Gaussian focus
-    /// blur (sigma 0.8-1.4 px), so that a classifier trained on sharp 100x sources still knows
-    /// a cell behind the softer optics of another microscope.
+    /// What supervised fine-tuning draws from: the transforms that change stain, colour,
+    /// exposure and noise but keep the cell's shape at small input sizes (no strong blurs,
+    /// downscaling or occluding overlays), so that a classifier learns shape, not stain, and a
+    /// mild Gaussian focus blur (sigma 0.8-1.4 px) for the softer optics of other microscopes.
     pub const FINETUNE: [Op; 14] = [
         Op::ChannelShuffle,
         Op::ColorJitter,
