@@ -730,22 +730,33 @@ pub fn match_centres(found: &[(f32, f32)], truth: &[((f32, f32), f32)]) -> Match
             }
         }
     }
+    Match {
+        true_positives: greedy_pairs(pairs, found.len(), truth.len()).len(),
+        detections: found.len(),
+        truths: truth.len(),
+    }
+}
+
+/// One-to-one matching of `found` detections to `truths` true cells from candidate pairs
+/// `(distance, detection, truth)`: nearest first, each side used at most once. Returns the
+/// matched (detection, truth) pairs.
+pub fn greedy_pairs(
+    mut pairs: Vec<(f32, usize, usize)>,
+    found: usize,
+    truths: usize,
+) -> Vec<(usize, usize)> {
     pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut used_d = vec![false; found.len()];
-    let mut used_t = vec![false; truth.len()];
-    let mut tp = 0;
+    let mut used_d = vec![false; found];
+    let mut used_t = vec![false; truths];
+    let mut matched = Vec::new();
     for (_, i, j) in pairs {
         if !used_d[i] && !used_t[j] {
             used_d[i] = true;
             used_t[j] = true;
-            tp += 1;
+            matched.push((i, j));
         }
     }
-    Match {
-        true_positives: tp,
-        detections: found.len(),
-        truths: truth.len(),
-    }
+    matched
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 use image::imageops::FilterType;
 use image::RgbImage;
 use reddino_edge::analyze::{analyze_image, classify_crops, AnalyzeConfig};
+use reddino_edge::cells::greedy_pairs;
 use reddino_edge::demo::{demo_model, is_demo_key, DEMO_PUBLIC_KEY};
 use reddino_edge::infer::{Backend, TractBackend};
 use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
@@ -154,13 +155,15 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
         // Full-HD fields with the default (clinical-like) class mix.
         let field = render(&FieldSpec::new(1920, 1080, seed, source.clone())).unwrap();
         let (w, h) = (field.image.width(), field.image.height());
-        for cell in &field.cells {
-            // The analysis leaves out cells cut by the frame edge; so does the truth.
-            let [x0, y0, x1, y1] = cell.bbox;
-            if cfg.cells.drop_border && (x0 == 0 || y0 == 0 || x1 >= w || y1 >= h) {
-                continue;
-            }
-            truth[cell.class] += 1;
+        // The analysis leaves out cells cut by the frame edge; so does the truth.
+        let truths: Vec<usize> = (0..field.cells.len())
+            .filter(|&j| {
+                let [x0, y0, x1, y1] = field.cells[j].bbox;
+                !(cfg.cells.drop_border && (x0 == 0 || y0 == 0 || x1 >= w || y1 >= h))
+            })
+            .collect();
+        for &j in &truths {
+            truth[field.cells[j].class] += 1;
         }
         let report = analyze_image(
             "field",
@@ -180,12 +183,6 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
         // Detections matched to true cells: a detection's box must hold the cell's centroid
         // (the centre of a box is far from the centroid of a sickle or a tear drop); nearest
         // first, one to one.
-        let truths: Vec<usize> = (0..field.cells.len())
-            .filter(|&j| {
-                let [x0, y0, x1, y1] = field.cells[j].bbox;
-                !(x0 == 0 || y0 == 0 || x1 >= w || y1 >= h)
-            })
-            .collect();
         let mut pairs = Vec::new();
         for (i, c) in report.cells.iter().enumerate() {
             let [x0, y0, x1, y1] = c.bbox;
@@ -200,16 +197,13 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
                 }
             }
         }
-        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut used_d = vec![false; report.cells.len()];
         let mut used_t = vec![false; field.cells.len()];
         let column = |class: &str| names.iter().position(|c| c == class).unwrap_or(names.len());
-        for (_, i, j) in pairs {
-            if !used_d[i] && !used_t[j] {
-                used_d[i] = true;
-                used_t[j] = true;
-                fate[field.cells[j].class][column(&report.cells[i].class)] += 1;
-            }
+        for (i, j) in greedy_pairs(pairs, report.cells.len(), field.cells.len()) {
+            used_d[i] = true;
+            used_t[j] = true;
+            fate[field.cells[j].class][column(&report.cells[i].class)] += 1;
         }
         for &j in &truths {
             if !used_t[j] {
