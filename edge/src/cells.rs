@@ -6,7 +6,8 @@
 //! block (so vignetting and stain tone do not move the threshold); the threshold sits a few
 //! noise widths above the background mode. The watershed floods the distance transform from
 //! its peaks and keeps two basins apart only when both rise more than `h` above the level
-//! where they meet, with `h` scaled to the typical cell radius of the frame.
+//! where they meet, with `h` scaled to the typical cell radius of the frame; a pixel joins the
+//! basin of its neighbour highest on the distance map.
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -563,9 +564,16 @@ fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
         let level = level_of(obj.dt2[p]);
         roots.clear();
         let mut last = u32::MAX;
+        // The labelled neighbour highest on the distance map: the pixel drains to its basin.
+        // (Taking the basin with the highest peak instead lets a big cell creep along the rim
+        // of a smaller touching one, pixel by pixel at the rim's level.)
+        let mut uphill = (0u32, u32::MAX);
         for ny in y.saturating_sub(1)..(y + 2).min(h) {
             for nx in x.saturating_sub(1)..(x + 2).min(w) {
                 let c = comp[ny * w + nx];
+                if c != u32::MAX && (obj.dt2[ny * w + nx] > uphill.0 || uphill.1 == u32::MAX) {
+                    uphill = (obj.dt2[ny * w + nx], c);
+                }
                 // Neighbours mostly share one basin: resolve each once.
                 if c != u32::MAX && c != last {
                     last = c;
@@ -595,7 +603,7 @@ fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
                 parent[r as usize] = best;
             }
         }
-        comp[p] = best;
+        comp[p] = find_root(&mut parent, uphill.1);
     }
     for c in comp.iter_mut() {
         if *c != u32::MAX {
@@ -811,6 +819,49 @@ mod tests {
             total.recall(),
             total.precision()
         );
+    }
+
+    #[test]
+    fn touching_cells_of_different_sizes_keep_their_own_pixels() {
+        // A big and a small disc overlapping by 3 px, and lone discs for the typical size.
+        let discs = [
+            (90.0, 100.0, 22.0),
+            (124.0, 100.0, 15.0),
+            (240.0, 60.0, 18.0),
+            (240.0, 150.0, 18.0),
+            (40.0, 160.0, 18.0),
+        ];
+        let img = RgbImage::from_fn(320, 210, |x, y| {
+            let inside = discs.iter().any(|&(cx, cy, r): &(f32, f32, f32)| {
+                (x as f32 + 0.5 - cx).hypot(y as f32 + 0.5 - cy) <= r
+            });
+            image::Rgb(if inside {
+                [185, 95, 115]
+            } else {
+                [235, 228, 232]
+            })
+        });
+        let found = find(&img, &CellFinderConfig::default());
+        assert_eq!(found.len(), discs.len(), "{found:?}");
+        for &(cx, cy, r) in &discs[..2] {
+            let cell = found
+                .iter()
+                .find(|c| (c.center.0 - cx).hypot(c.center.1 - cy) < 0.3 * r)
+                .unwrap_or_else(|| panic!("no cell at ({cx}, {cy}): {found:?}"));
+            // The box is the disc's (cut at the contact line on the neighbour's side), never
+            // a box reaching around the neighbour.
+            let [x0, y0, x1, y1] = cell.bbox;
+            assert!(
+                (y0 as f32 - (cy - r)).abs() <= 2.0 && (y1 as f32 - (cy + r)).abs() <= 2.0,
+                "cell at ({cx}, {cy}) r {r}: box {:?}",
+                cell.bbox
+            );
+            assert!(
+                x0 as f32 >= cx - r - 2.0 && x1 as f32 <= cx + r + 2.0,
+                "{:?}",
+                cell.bbox
+            );
+        }
     }
 
     #[test]

@@ -913,8 +913,9 @@ impl Op {
     /// exposure and noise but keep the cell's shape at small input sizes (no strong blurs,
     /// downscaling or occluding overlays), so that a classifier learns shape, not stain, and a
     /// mild Gaussian focus blur (sigma 0.8-1.4 px) for the softer optics of other microscopes.
-    pub const FINETUNE: [Op; 14] = [
-        Op::ChannelShuffle,
+    /// Channel shuffling is left out: it turns red cells blue, and a blue platelet must not be
+    /// read as a red-cell fragment of the same outline.
+    pub const FINETUNE: [Op; 13] = [
         Op::ColorJitter,
         Op::Equalize,
         Op::FancyPca,
