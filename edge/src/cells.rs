@@ -570,9 +570,11 @@ fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
         let mut uphill = (0u32, u32::MAX);
         for ny in y.saturating_sub(1)..(y + 2).min(h) {
             for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                let c = comp[ny * w + nx];
-                if c != u32::MAX && (obj.dt2[ny * w + nx] > uphill.0 || uphill.1 == u32::MAX) {
-                    uphill = (obj.dt2[ny * w + nx], c);
+                let q = ny * w + nx;
+                let c = comp[q];
+                // Labelled pixels lie on the object, where the distance is positive.
+                if c != u32::MAX && obj.dt2[q] > uphill.0 {
+                    uphill = (obj.dt2[q], c);
                 }
                 // Neighbours mostly share one basin: resolve each once.
                 if c != u32::MAX && c != last {
