@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 if ! "$REDDINO_PYTHON" -c 'import onnxruntime, cv2, matplotlib' 2>/dev/null \
     || [ bench/requirements.txt -nt "$VENV/.reddino-bench-requirements" ]; then
     echo "==> installing the benchmark contenders (bench/requirements.txt)"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r bench/requirements.txt
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir \
+        -r bench/requirements.txt
     touch "$VENV/.reddino-bench-requirements"
 fi
 exec "$REDDINO_PYTHON" bench/run.py "$@"

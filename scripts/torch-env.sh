@@ -10,7 +10,8 @@ fi
 if ! "$VENV/bin/python" -c 'import torch, timm, safetensors, numpy, sklearn' 2>/dev/null \
     || [ tests/reference/requirements.txt -nt "$VENV/.reddino-requirements" ]; then
     echo "==> installing torch and the reference packages (tests/reference/requirements.txt)"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir \
+        -r tests/reference/requirements.txt
     touch "$VENV/.reddino-requirements"
 fi
 # tch's build script finds libtorch through `python`: the venv's comes first.
