@@ -36,6 +36,10 @@ pub struct CellFinderConfig {
     pub min_density: f32,
     /// Basins split when both rise this fraction of the typical radius above their meeting level.
     pub split_dynamics: f32,
+    /// A blue-stained part at the edge of a cell (a platelet lying against or on a red cell)
+    /// becomes a cell of its own when its red-minus-blue optical density exceeds this and it
+    /// covers at most a quarter of the cell; 0 = off.
+    pub split_blue: f32,
     /// Objects smaller than this fraction of the median object area are dropped as debris.
     pub min_area_fraction: f32,
     /// Objects touching the frame border are dropped (they are counted in the next field).
@@ -52,6 +56,7 @@ impl Default for CellFinderConfig {
             noise_widths: 6.0,
             min_density: 0.10,
             split_dynamics: 0.14,
+            split_blue: 0.25,
             min_area_fraction: 0.02,
             drop_border: true,
             tile: 224,
@@ -97,9 +102,36 @@ pub fn tiles(width: u32, height: u32, tile: u32) -> Vec<Cell> {
     out
 }
 
-/// Natural log of the background light per block and channel: the 90th percentile of each
-/// block, then the brightest of the 3x3 neighbouring blocks (so a large cell covering a block
-/// does not pass for background). Returns the grid (`[gh][gw]` of RGB) and its width.
+/// The background light of a frame: natural log per block and channel.
+struct Background {
+    /// `[gh][gw]` of RGB.
+    grid: Vec<[f32; 3]>,
+    gw: usize,
+    gh: usize,
+    block: u32,
+}
+
+impl Background {
+    /// The 90th percentile of each block, then the brightest of the 3x3 neighbouring blocks
+    /// (so a large cell covering a block does not pass for background).
+    fn of(img: &RgbImage, block: u32) -> Background {
+        let block = block.max(8);
+        let (grid, gw, gh) = log_background_grid(img, block);
+        Background {
+            grid,
+            gw,
+            gh,
+            block,
+        }
+    }
+
+    /// The block's log background at pixel (x, y).
+    fn at(&self, x: usize, y: usize) -> [f32; 3] {
+        let b = self.block as usize;
+        self.grid[(y / b).min(self.gh - 1) * self.gw + (x / b).min(self.gw - 1)]
+    }
+}
+
 fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usize) {
     let (w, h) = img.dimensions();
     let gw = w.div_ceil(block) as usize;
@@ -155,11 +187,11 @@ fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usi
 /// Summed optical density over R, G, B against the background, bilinearly interpolated
 /// between block centres (negative where a pixel is brighter than the estimate: background
 /// noise stays symmetric around its mode). One pass, row by row.
-fn optical_density(img: &RgbImage, block: u32) -> Vec<f32> {
-    let block = block.max(8);
+fn optical_density(img: &RgbImage, bg: &Background) -> Vec<f32> {
+    let block = bg.block;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let (grid, gw, gh) = log_background_grid(img, block);
-    let ln: Vec<f32> = (0..256).map(|v| (v.max(1) as f32).ln()).collect();
+    let (grid, gw, gh) = (&bg.grid, bg.gw, bg.gh);
+    let ln = ln_table();
     let coord = |p: usize, n: usize| -> (usize, usize, f32) {
         let f = ((p as f32 + 0.5) / block as f32 - 0.5).clamp(0.0, (n - 1) as f32);
         let i0 = f.floor() as usize;
@@ -186,6 +218,11 @@ fn optical_density(img: &RgbImage, block: u32) -> Vec<f32> {
         }
     }
     od
+}
+
+/// `ln(max(v, 1))` for every 8-bit value.
+fn ln_table() -> [f32; 256] {
+    std::array::from_fn(|v| (v.max(1) as f32).ln())
 }
 
 /// Threshold a few noise widths above the background mode of the density histogram.
@@ -621,7 +658,8 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
         return vec![];
     }
     let wu = w as usize;
-    let od = optical_density(img, cfg.background_block);
+    let bg = Background::of(img, cfg.background_block);
+    let od = optical_density(img, &bg);
     let t = density_threshold(&od, cfg);
     let mask: Vec<u8> = od.iter().map(|&v| (v > t) as u8).collect();
     drop(od);
@@ -654,6 +692,7 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     let mut found: Vec<Acc> = Vec::new();
     for obj in &objs {
         let (labels, n) = flood(obj, h_dyn);
+        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue);
         let mut acc = vec![
             Acc {
                 x0: u32::MAX,
@@ -709,6 +748,102 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
             .unwrap_or(std::cmp::Ordering::Equal)
     });
     cells
+}
+
+/// Blue-stained parts at the edge of a cell become basins of their own: a platelet lying
+/// against a red cell (or on its rim) is one object with it, and the distance map has no peak
+/// for it. Pixels whose red-minus-blue optical density exceeds `threshold` are grouped
+/// (8-connected); a group that reaches the object's edge and covers at most a quarter of the
+/// basin holding most of it is split off. Blue parts inside a cell (a parasite, a white cell's
+/// nucleus) and cells blue all over (platelets and white cells on their own) stay as they are.
+fn split_blue_parts(
+    img: &RgbImage,
+    bg: &Background,
+    obj: &Object,
+    mut labels: Vec<u32>,
+    mut n: usize,
+    threshold: f32,
+) -> (Vec<u32>, usize) {
+    if threshold <= 0.0 {
+        return (labels, n);
+    }
+    let (w, h) = (obj.w, obj.h);
+    let ln = ln_table();
+    let mut blue = vec![false; w * h];
+    let mut any = false;
+    for (i, &l) in labels.iter().enumerate() {
+        if l == u32::MAX {
+            continue;
+        }
+        let (x, y) = (obj.x0 + i % w, obj.y0 + i / w);
+        let px = img.get_pixel(x as u32, y as u32).0;
+        let g = bg.at(x, y);
+        let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
+        if red_minus_blue > threshold {
+            blue[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return (labels, n);
+    }
+    let mut area = vec![0u32; n];
+    for &l in &labels {
+        if l != u32::MAX {
+            area[l as usize] += 1;
+        }
+    }
+    let mut seen = vec![false; w * h];
+    let mut stack = Vec::new();
+    let mut group = Vec::new();
+    let mut hosts: Vec<(u32, u32)> = Vec::new();
+    for start in 0..w * h {
+        if !blue[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        group.clear();
+        let mut at_edge = false;
+        while let Some(i) = stack.pop() {
+            group.push(i);
+            let (x, y) = (i % w, i / w);
+            // The window's frame is off the object but for objects at the frame's border.
+            at_edge |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let j = ny * w + nx;
+                    at_edge |= labels[j] == u32::MAX && (nx == x || ny == y);
+                    if blue[j] && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        if !at_edge || group.len() < 6 {
+            continue;
+        }
+        hosts.clear();
+        for &i in &group {
+            let l = labels[i];
+            match hosts.iter_mut().find(|(h, _)| *h == l) {
+                Some((_, c)) => *c += 1,
+                None => hosts.push((l, 1)),
+            }
+        }
+        let host = hosts.iter().max_by_key(|(_, c)| *c).map_or(0, |(h, _)| *h);
+        // A quarter at most: a blurred platelet's core is about half of it, a white cell's
+        // nucleus more.
+        if 4 * group.len() <= area[host as usize] as usize {
+            let id = n as u32;
+            n += 1;
+            for &i in &group {
+                labels[i] = id;
+            }
+        }
+    }
+    (labels, n)
 }
 
 /// Detection quality against ground truth: a detection matches a true cell when its centre is
@@ -864,6 +999,64 @@ mod tests {
                 cell.bbox
             );
         }
+    }
+
+    #[test]
+    fn a_platelet_on_a_red_cells_rim_is_a_cell_of_its_own() {
+        // Red discs (one with a platelet on its rim, one with a parasite inside), a lone
+        // platelet, and a white cell: pale blue cytoplasm around a dark blue nucleus.
+        const RED: [u8; 3] = [185, 95, 115];
+        const BLUE: [u8; 3] = [80, 90, 180];
+        let red = [
+            (60.0, 60.0, 18.0),
+            (140.0, 60.0, 18.0),
+            (60.0, 150.0, 18.0),
+            (140.0, 150.0, 18.0),
+        ];
+        let platelet_on_rim = (60.0 + 18.0, 60.0, 4.5);
+        let parasite = (140.0, 150.0, 4.0);
+        let lone_platelet = (220.0, 60.0, 4.5);
+        let (wbc, nucleus) = ((240.0, 150.0, 24.0), (240.0, 150.0, 12.0));
+        let within = |(cx, cy, r): (f32, f32, f32), x: u32, y: u32| {
+            (x as f32 + 0.5 - cx).hypot(y as f32 + 0.5 - cy) <= r
+        };
+        let img = RgbImage::from_fn(300, 210, |x, y| {
+            image::Rgb(
+                if [platelet_on_rim, parasite, lone_platelet, nucleus]
+                    .iter()
+                    .any(|&d| within(d, x, y))
+                {
+                    BLUE
+                } else if within(wbc, x, y) {
+                    [190, 200, 228]
+                } else if red.iter().any(|&d| within(d, x, y)) {
+                    RED
+                } else {
+                    [235, 228, 232]
+                },
+            )
+        });
+        let found = find(&img, &CellFinderConfig::default());
+        let at = |(cx, cy, _): (f32, f32, f32)| {
+            found
+                .iter()
+                .filter(|c| (c.center.0 - cx).hypot(c.center.1 - cy) < 3.0)
+                .count()
+        };
+        assert_eq!(found.len(), 7, "{found:?}");
+        for d in red
+            .iter()
+            .copied()
+            .chain([platelet_on_rim, lone_platelet, wbc])
+        {
+            assert_eq!(at(d), 1, "{d:?}: {found:?}");
+        }
+        // Without the split the platelet stays part of its red cell.
+        let off = CellFinderConfig {
+            split_blue: 0.0,
+            ..CellFinderConfig::default()
+        };
+        assert_eq!(find(&img, &off).len(), 6);
     }
 
     #[test]
