@@ -187,11 +187,10 @@ fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usi
 /// Summed optical density over R, G, B against the background, bilinearly interpolated
 /// between block centres (negative where a pixel is brighter than the estimate: background
 /// noise stays symmetric around its mode). One pass, row by row.
-fn optical_density(img: &RgbImage, bg: &Background) -> Vec<f32> {
+fn optical_density(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> Vec<f32> {
     let block = bg.block;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (grid, gw, gh) = (&bg.grid, bg.gw, bg.gh);
-    let ln = ln_table();
     let coord = |p: usize, n: usize| -> (usize, usize, f32) {
         let f = ((p as f32 + 0.5) / block as f32 - 0.5).clamp(0.0, (n - 1) as f32);
         let i0 = f.floor() as usize;
@@ -659,7 +658,8 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     }
     let wu = w as usize;
     let bg = Background::of(img, cfg.background_block);
-    let od = optical_density(img, &bg);
+    let ln = ln_table();
+    let od = optical_density(img, &bg, &ln);
     let t = density_threshold(&od, cfg);
     let mask: Vec<u8> = od.iter().map(|&v| (v > t) as u8).collect();
     drop(od);
@@ -692,7 +692,7 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     let mut found: Vec<Acc> = Vec::new();
     for obj in &objs {
         let (labels, n) = flood(obj, h_dyn);
-        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue);
+        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
         let mut acc = vec![
             Acc {
                 x0: u32::MAX,
@@ -763,25 +763,34 @@ fn split_blue_parts(
     mut labels: Vec<u32>,
     mut n: usize,
     threshold: f32,
+    ln: &[f32; 256],
 ) -> (Vec<u32>, usize) {
     if threshold <= 0.0 {
         return (labels, n);
     }
     let (w, h) = (obj.w, obj.h);
-    let ln = ln_table();
     let mut blue = vec![false; w * h];
     let mut any = false;
-    for (i, &l) in labels.iter().enumerate() {
-        if l == u32::MAX {
-            continue;
-        }
-        let (x, y) = (obj.x0 + i % w, obj.y0 + i / w);
-        let px = img.get_pixel(x as u32, y as u32).0;
-        let g = bg.at(x, y);
-        let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
-        if red_minus_blue > threshold {
-            blue[i] = true;
-            any = true;
+    let raw = img.as_raw();
+    let stride = 3 * img.width() as usize;
+    for (ly, (row, out)) in labels
+        .chunks_exact(w)
+        .zip(blue.chunks_exact_mut(w))
+        .enumerate()
+    {
+        let y = obj.y0 + ly;
+        let pixels = &raw[y * stride + 3 * obj.x0..y * stride + 3 * (obj.x0 + w)];
+        for (lx, ((&l, b), px)) in row.iter().zip(out).zip(pixels.chunks_exact(3)).enumerate() {
+            if l == u32::MAX {
+                continue;
+            }
+            let g = bg.at(obj.x0 + lx, y);
+            // ln(bg_r / r) - ln(bg_b / b)
+            let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
+            if red_minus_blue > threshold {
+                *b = true;
+                any = true;
+            }
         }
     }
     if !any {
