@@ -125,10 +125,10 @@ impl Background {
         }
     }
 
-    /// The block's log background at pixel (x, y).
-    fn at(&self, x: usize, y: usize) -> [f32; 3] {
-        let b = self.block as usize;
-        self.grid[(y / b).min(self.gh - 1) * self.gw + (x / b).min(self.gw - 1)]
+    /// The blocks of the row holding pixel row `y`, left to right.
+    fn row(&self, y: usize) -> &[[f32; 3]] {
+        let gy = (y / self.block as usize).min(self.gh - 1);
+        &self.grid[gy * self.gw..(gy + 1) * self.gw]
     }
 }
 
@@ -780,11 +780,13 @@ fn split_blue_parts(
     {
         let y = obj.y0 + ly;
         let pixels = &raw[y * stride + 3 * obj.x0..y * stride + 3 * (obj.x0 + w)];
+        let blocks = bg.row(y);
+        let block = bg.block as usize;
         for (lx, ((&l, b), px)) in row.iter().zip(out).zip(pixels.chunks_exact(3)).enumerate() {
             if l == u32::MAX {
                 continue;
             }
-            let g = bg.at(obj.x0 + lx, y);
+            let g = blocks[((obj.x0 + lx) / block).min(blocks.len() - 1)];
             // ln(bg_r / r) - ln(bg_b / b)
             let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
             if red_minus_blue > threshold {
