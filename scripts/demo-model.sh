@@ -24,6 +24,11 @@ W=${DEMO_MODEL_WORK:-target/demo-model}
 TRAIN_SOURCES=wright_100x,mgg_100x,field_40x
 HELD_OUT=giemsa_60x
 SIZE=56
+# Crops no smaller than this multiple of the frame's median cell (x the 1.3 margin), so that
+# platelets and fragments keep their size next to the red cells (bundle manifest
+# `crop_min_side`). The shipped model: 0 (each crop scaled to its cell); see docs/models/demo.md
+# for 0.8 and 1.0.
+MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0}
 mkdir -p "$W"
 # Crops depend only on their seeds: kept between runs; everything else starts afresh.
 rm -rf "$W/pretrain" "$W/finetune" "$W"/score-* "$W"/probe-* "$W/bundle" "$W/bundle.tar"
@@ -33,19 +38,21 @@ echo "== 1/6 synthetic crops"
 # Training crops: three sources, cut by the edge's own cell finder (what the device will
 # crop). Held-out crops: a fourth source, other render seeds, cut around the true cells.
 # Probe crops: all four sources (for leave-one-source-out linear probes).
-crops() { # TOOL DIR ARGS...
+crops() { # TOOL DIR ARGS... (redone when the arguments change)
     local tool=$1 dir=$2
     shift 2
-    if [[ ! -f "$dir/.complete" ]]; then
+    if [[ ! -f "$dir/.complete" || "$(cat "$dir/.complete")" != "$*" ]]; then
         rm -rf "$dir"
         $tool --out "$dir" "$@"
-        touch "$dir/.complete"
+        echo "$*" >"$dir/.complete"
     fi
 }
-crops "$T/reddino-edge synth-crops" "$W/train" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1
+crops "$T/reddino-edge synth-crops" "$W/train" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1 \
+    --min-side $MIN_SIDE
 # The same sources cut around the true cells too (other seeds): the finder's boxes are tighter
 # around spiculated cells than the true boxes, and the model must know both framings.
-crops "$T/reddino-models synth crops" "$W/train-truth" --per-class 150 --sources "$TRAIN_SOURCES" --seed 4
+crops "$T/reddino-models synth crops" "$W/train-truth" --per-class 150 --sources "$TRAIN_SOURCES" --seed 4 \
+    --min-side $MIN_SIDE
 rm -rf "$W/train-all"
 for dir in "$W"/train/*/*/; do
     rel=${dir#"$W/train/"}
@@ -55,8 +62,9 @@ for dir in "$W"/train/*/*/; do
         cp -l "$f" "$W/train-all/${rel}t_$(basename "$f")"
     done
 done
-crops "$T/reddino-models synth crops" "$W/heldout" --per-class 60 --sources "$HELD_OUT" --seed 2
-crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3
+crops "$T/reddino-models synth crops" "$W/heldout" --per-class 60 --sources "$HELD_OUT" --seed 2 \
+    --min-side $MIN_SIDE
+crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3 --min-side $MIN_SIDE
 
 echo "== 2/6 self-supervised pretraining (DINOv2 losses, unlabelled training crops)"
 cp docs/models/demo-pretrain.toml "$W/pretrain.toml" # its paths are relative to $W
@@ -84,7 +92,7 @@ $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W
 echo "== 6/6 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-demo --version 1.2.0 \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.2.0 --crop-min-side $MIN_SIDE \
     --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

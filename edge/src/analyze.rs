@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use image::RgbImage;
-use reddino_models::preprocess::{preprocess_into, square_crop, Normalization};
+use reddino_models::preprocess::{cell_crops, preprocess_into, Normalization};
 use serde::Serialize;
 
 use crate::cells::{self, CellFinderConfig};
@@ -17,6 +17,9 @@ pub struct AnalyzeConfig {
     pub cells: CellFinderConfig,
     /// Crop side as a multiple of the cell's box.
     pub margin: f32,
+    /// The model's crop policy, from its manifest (`Manifest::crop_min_side`): no crop smaller
+    /// than this multiple of the frame's median cell; 0 = each crop scaled to its cell.
+    pub crop_min_side: f32,
     /// Below this top probability a cell counts as uncertain.
     pub min_confidence: f32,
 }
@@ -26,6 +29,7 @@ impl Default for AnalyzeConfig {
         AnalyzeConfig {
             cells: CellFinderConfig::default(),
             margin: 1.3,
+            crop_min_side: 0.0,
             min_confidence: 0.5,
         }
     }
@@ -60,10 +64,8 @@ pub fn analyze_image(
     cfg: &AnalyzeConfig,
 ) -> Result<ImageReport, reddino_models::Error> {
     let found = cells::find(img, &cfg.cells);
-    let crops: Vec<RgbImage> = found
-        .iter()
-        .map(|c| square_crop(img, c.bbox, cfg.margin))
-        .collect();
+    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+    let crops = cell_crops(img, &boxes, cfg.margin, cfg.crop_min_side);
     let predictions = classify_crops(&crops, backend, class_names, norm, cfg.min_confidence)?;
     let mut counts = Counts::new(class_names.len());
     let reports = found

@@ -147,6 +147,7 @@ impl Service {
             backend: backend.describe(),
             class_names: m.class_names.clone(),
             normalization: m.normalization(),
+            crop_min_side: m.crop_min_side,
         };
         {
             let ob = &outbox;

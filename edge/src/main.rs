@@ -48,6 +48,10 @@ enum Cmd {
         /// Side of the saved crops in pixels.
         #[arg(long, default_value_t = 96)]
         size: u32,
+        /// No crop smaller than this multiple of the median cell (the model's
+        /// `crop_min_side`); 0 = each crop scaled to its own cell.
+        #[arg(long, default_value_t = 0.0)]
+        min_side: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -121,9 +125,11 @@ fn run(cli: Cli) -> Result<()> {
             sources,
             per_class,
             size,
+            min_side,
             seed,
         } => {
             let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
+            cfg.min_side = min_side;
             cfg.sources = sources
                 .split(',')
                 .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
@@ -137,6 +143,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!();
             for (src, counts) in &summary.counts {
                 println!("{src}: {} crops", counts.iter().sum::<usize>());
+            }
+            for (src, m) in &summary.median_side {
+                println!(
+                    "{src}: median cell {m:.1} px, crops at least {:.0} px",
+                    m * min_side * cfg.margin
+                );
             }
             println!("crops in {}", out.display());
         }
@@ -194,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             let cfg = AnalyzeConfig {
                 min_confidence,
+                crop_min_side: b.manifest().crop_min_side,
                 ..AnalyzeConfig::default()
             };
             let mut failed = 0;

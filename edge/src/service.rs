@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use image::RgbImage;
-use reddino_models::preprocess::{square_crop, Normalization};
+use reddino_models::preprocess::{cell_crops, Normalization};
 
 use crate::analyze::classify_crops;
 use crate::capture::{Frame, FrameSource};
@@ -52,6 +52,8 @@ pub struct ModelInfo {
     pub backend: String,
     pub class_names: Vec<String>,
     pub normalization: Normalization,
+    /// The model's crop policy (`Manifest::crop_min_side`).
+    pub crop_min_side: f32,
 }
 
 struct ActiveSession {
@@ -405,10 +407,13 @@ impl Pipeline {
                         continue;
                     }
                     let found = cells::find(&frame.image, &cfg);
-                    let crops = found
-                        .iter()
-                        .map(|c| square_crop(&frame.image, c.bbox, sh.settings.margin))
-                        .collect();
+                    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+                    let crops = cell_crops(
+                        &frame.image,
+                        &boxes,
+                        sh.settings.margin,
+                        sh.model.crop_min_side,
+                    );
                     let job = Job {
                         frame,
                         arrived,

@@ -36,6 +36,7 @@ fn analyze_counts_every_found_cell_once() {
             weights: &w,
             head: Some(&head),
             normalization: Normalization::default(),
+            crop_min_side: 0.0,
         },
         &dir,
         &key,

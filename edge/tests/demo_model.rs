@@ -19,7 +19,7 @@ use reddino_edge::cells::greedy_pairs;
 use reddino_edge::demo::{demo_model, is_demo_key, DEMO_PUBLIC_KEY};
 use reddino_edge::infer::{Backend, TractBackend};
 use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
-use reddino_models::preprocess::square_crop;
+use reddino_models::preprocess::{median_box_side, square_crop_at_least};
 use reddino_models::synth::{render, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
 use reddino_models::taxonomy::DEFAULT_CLASSES;
 
@@ -72,7 +72,17 @@ fn held_out_balanced_accuracy() -> f64 {
     let map = class_map(&b);
     let mut backend = TractBackend::from_bundle(&b, 32, 0).unwrap();
     let source = SourcePreset::by_name(HELD_OUT).unwrap();
-    // Crops as `reddino-models synth crops` cuts them (box x 1.3, 96 px), uniform class mix.
+    // Crops as `reddino-models synth crops` cuts them (box x 1.3, 96 px, the model's minimum
+    // side against the median cell of a default-mix field), uniform class mix.
+    let floor = b.manifest().crop_min_side
+        * median_box_side(
+            &render(&FieldSpec::new(1280, 960, 899_999, source.clone()))
+                .unwrap()
+                .cells
+                .iter()
+                .map(|c| c.bbox)
+                .collect::<Vec<_>>(),
+        );
     let per_class = 40;
     let mut crops: Vec<RgbImage> = Vec::new();
     let mut truth: Vec<usize> = Vec::new();
@@ -86,7 +96,7 @@ fn held_out_balanced_accuracy() -> f64 {
             if have[cell.class] >= per_class {
                 continue;
             }
-            let c = square_crop(&field.image, cell.bbox, 1.3);
+            let c = square_crop_at_least(&field.image, cell.bbox, 1.3, floor);
             crops.push(image::imageops::resize(&c, 96, 96, FilterType::Triangle));
             truth.push(cell.class);
             have[cell.class] += 1;
@@ -144,7 +154,10 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
     let names = b.manifest().class_names.clone();
     let mut backend = TractBackend::from_bundle(&b, 32, 0).unwrap();
     let source = SourcePreset::by_name(HELD_OUT).unwrap();
-    let cfg = AnalyzeConfig::default();
+    let cfg = AnalyzeConfig {
+        crop_min_side: b.manifest().crop_min_side,
+        ..AnalyzeConfig::default()
+    };
     let mut truth = [0u64; NUM_CLASSES];
     let mut counted = vec![0u64; names.len()];
     let mut uncertain = 0;

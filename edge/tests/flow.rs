@@ -66,6 +66,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             backend: "slow".into(),
             class_names: names,
             normalization: Normalization::default(),
+            crop_min_side: 0.0,
         },
         Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
         Arc::new(AtomicBool::new(false)),

@@ -76,9 +76,29 @@ pub struct Manifest {
     pub std: [f32; 3],
     /// Class names of the head, by logit index; empty for an embedding-only model.
     pub class_names: Vec<String>,
+    /// How cells are cut for this model: no crop smaller than this multiple of the frame's
+    /// median cell (times the margin), see [`crate::preprocess::cell_crops`]; 0 (or absent) =
+    /// each crop scaled to its own cell.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub crop_min_side: f32,
     /// Every file of the bundle except the manifest and its signature.
     pub files: BTreeMap<String, FileEntry>,
     pub self_test: SelfTestSpec,
+}
+
+/// `crop_min_side` is 0 (off) or a multiple of the median cell in 0.25..=4.
+pub fn check_crop_min_side(x: f32) -> Result<(), String> {
+    if x == 0.0 || (0.25..=4.0).contains(&x) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`crop_min_side` {x} is neither 0 (off) nor in 0.25..=4 (multiples of the median cell)"
+        ))
+    }
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }
 
 impl Manifest {
@@ -339,6 +359,8 @@ pub struct NewBundle<'a> {
     pub weights: &'a VitWeights,
     pub head: Option<&'a LinearHead>,
     pub normalization: Normalization,
+    /// The crop policy the model was trained with ([`Manifest::crop_min_side`]).
+    pub crop_min_side: f32,
 }
 
 fn sha256_file(path: &Path) -> Result<(String, u64), Error> {
@@ -358,6 +380,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// directory at `dir` (which must not exist yet or be empty).
 pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Manifest, Error> {
     let cfg = &new.weights.config;
+    check_crop_min_side(new.crop_min_side).map_err(Error::Config)?;
     if dir.exists()
         && fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -403,6 +426,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         mean: new.normalization.mean,
         std: new.normalization.std,
         class_names: new.head.map(|h| h.class_names.clone()).unwrap_or_default(),
+        crop_min_side: new.crop_min_side,
         files,
         self_test: SelfTestSpec {
             file: SELF_TEST.into(),
@@ -777,6 +801,7 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
         .arch
         .validate()
         .map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    check_crop_min_side(manifest.crop_min_side).map_err(BundleError::BadManifest)?;
     for required in [MODEL, manifest.self_test.file.as_str()] {
         if !manifest.files.contains_key(required) {
             return Err(

@@ -86,6 +86,11 @@ enum SynthCmd {
         /// Crop side in pixels.
         #[arg(long, default_value_t = 96)]
         size: u32,
+        /// No crop smaller than this multiple of the median cell (the model's
+        /// `crop_min_side`; `reddino-trainer export --crop-min-side`); 0 = each crop scaled to
+        /// its own cell.
+        #[arg(long, default_value_t = 0.0)]
+        min_side: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -253,9 +258,11 @@ fn run(cli: Cli) -> Result<()> {
             per_class,
             sources,
             size,
+            min_side,
             seed,
         }) => {
             let mut cfg = CropExport::new(out.clone(), per_class, seed);
+            cfg.min_side = min_side;
             if !sources.is_empty() {
                 cfg.sources = sources
                     .iter()
@@ -274,6 +281,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!();
             for (src, counts) in &summary.counts {
                 println!("{src}: {} crops", counts.iter().sum::<usize>());
+            }
+            for (src, m) in &summary.median_side {
+                println!(
+                    "{src}: median cell {m:.1} px, crops at least {:.0} px",
+                    m * min_side * cfg.margin
+                );
             }
             println!(
                 "{} fields rendered; crops in {}",
@@ -334,6 +347,7 @@ fn run(cli: Cli) -> Result<()> {
                     weights: &w,
                     head: head.as_ref(),
                     normalization: Normalization::default(),
+                    crop_min_side: 0.0,
                 },
                 &out,
                 &key,

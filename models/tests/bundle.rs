@@ -49,6 +49,7 @@ fn fixture() -> Fixture {
             weights: &w,
             head: Some(&h),
             normalization: Normalization::default(),
+            crop_min_side: 0.0,
         },
         &dir,
         &key,
@@ -409,6 +410,23 @@ fn refuses_unlisted_files_and_bad_manifest() {
         matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("unexpected_key"),
         "{e}"
     );
+}
+
+#[test]
+fn crop_policy_is_read_from_the_manifest_and_checked() {
+    let f = fixture();
+    // Absent: each crop scaled to its own cell.
+    assert_eq!(open(&f, &f.dir).unwrap().manifest().crop_min_side, 0.0);
+    edit_manifest(&f, |v| v["crop_min_side"] = 1.0.into());
+    assert_eq!(open(&f, &f.dir).unwrap().manifest().crop_min_side, 1.0);
+    for bad in [-1.0, 0.1, 9.0] {
+        edit_manifest(&f, |v| v["crop_min_side"] = bad.into());
+        let e = refusal(open(&f, &f.dir));
+        assert!(
+            matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("crop_min_side"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

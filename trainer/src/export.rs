@@ -24,6 +24,8 @@ pub struct ExportSpec<'a> {
     pub name: String,
     pub version: String,
     pub description: String,
+    /// The crop policy the model was trained with (`Manifest::crop_min_side`; 0 = off).
+    pub crop_min_side: f32,
 }
 
 /// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`.
@@ -83,6 +85,7 @@ pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Ma
             weights: &w,
             head: spec.head,
             normalization: Normalization::default(),
+            crop_min_side: spec.crop_min_side,
         },
         dir,
         key,

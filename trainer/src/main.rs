@@ -62,6 +62,10 @@ enum Cmd {
         version: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// The crops the model was trained on: none smaller than this multiple of the frame's
+        /// median cell (`--min-side` of the crop tools); 0 = each crop scaled to its cell.
+        #[arg(long, default_value_t = 0.0)]
+        crop_min_side: f32,
         #[arg(long)]
         tar: bool,
     },
@@ -315,6 +319,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             version,
             description,
+            crop_min_side,
             tar,
         } => {
             let w = reddino_models::weights::VitWeights::load(&checkpoint)?;
@@ -337,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     version,
                     description,
+                    crop_min_side,
                 },
                 &key,
                 &out,

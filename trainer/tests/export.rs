@@ -41,6 +41,7 @@ fn preset_exports_and_opens(preset: Preset) {
             name: preset.name().into(),
             version: "1".into(),
             description: String::new(),
+            crop_min_side: 0.0,
         },
         &k,
         &out,
@@ -92,6 +93,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
             name: "t".into(),
             version: "1".into(),
             description: "test".into(),
+            crop_min_side: 1.0,
         },
         &k,
         &out,
@@ -102,6 +104,8 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     assert_eq!(m.class_names.len(), 3);
     let b = bundle::open(&out, &trusted, &Limits::default()).unwrap();
     assert!(b.self_test().unwrap() < 1e-4);
+    // The crop policy travels in the signed manifest.
+    assert_eq!(b.manifest().crop_min_side, 1.0);
 }
 
 #[test]
@@ -122,6 +126,7 @@ fn mismatching_head_is_refused_before_writing() {
         name: "t".into(),
         version: "1".into(),
         description: String::new(),
+        crop_min_side: 0.0,
     };
     assert!(export(&spec, &k, &out).is_err());
     assert!(!out.exists());

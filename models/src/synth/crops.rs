@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use image::imageops::FilterType;
 
 use super::{render, ClassMix, Field, FieldSpec, SourcePreset, NUM_CLASSES};
-use crate::preprocess::square_crop;
+use crate::preprocess::{median_box_side, square_crop_at_least};
 use crate::taxonomy::DEFAULT_CLASSES;
 use crate::Error;
 
@@ -24,6 +24,12 @@ pub struct CropExport {
     pub seed: u64,
     /// Size of the fields the crops are cut from.
     pub field_size: (u32, u32),
+    /// No crop smaller than this multiple of the median cell (times the margin), as the edge
+    /// cuts for a model whose manifest has this `crop_min_side`; 0 = each crop scaled to its
+    /// own cell. The median is taken, per source, over the boxes of a field with the default
+    /// (clinical) class mix, the kind of frame the edge takes its median from; the crop fields
+    /// themselves have a skewed mix (classes still short of their quota).
+    pub min_side: f32,
 }
 
 impl CropExport {
@@ -37,6 +43,7 @@ impl CropExport {
             margin: 1.3,
             seed,
             field_size: (1280, 960),
+            min_side: 0.0,
         }
     }
 }
@@ -46,6 +53,9 @@ impl CropExport {
 pub struct CropSummary {
     pub counts: BTreeMap<String, [usize; NUM_CLASSES]>,
     pub fields: usize,
+    /// Per source: the median cell side (pixels) the crops' minimum side is taken from; only
+    /// with `min_side` > 0.
+    pub median_side: BTreeMap<String, f32>,
 }
 
 /// Renders fields (uniform class mix) for every source until each class has `per_class`
@@ -74,6 +84,7 @@ pub fn export_crops_by(
             "crop size must be positive and margin at least 1.0".into(),
         ));
     }
+    crate::bundle::check_crop_min_side(cfg.min_side).map_err(Error::Config)?;
     let mut summary = CropSummary::default();
     let total = cfg.per_class * NUM_CLASSES;
     for (si, source) in cfg.sources.iter().enumerate() {
@@ -82,6 +93,20 @@ pub fn export_crops_by(
             let d = cfg.out_dir.join(&source.name).join(class);
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
+        let floor = if cfg.min_side > 0.0 {
+            let reference = render(&FieldSpec::new(
+                cfg.field_size.0,
+                cfg.field_size.1,
+                cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_F1E1D ^ (si as u64) << 48,
+                source.clone(),
+            ))?;
+            let sides: Vec<[u32; 4]> = boxes(&reference).into_iter().map(|(_, b)| b).collect();
+            let median = median_box_side(&sides);
+            summary.median_side.insert(source.name.clone(), median);
+            cfg.min_side * median
+        } else {
+            0.0
+        };
         let mut field_idx = 0u64;
         while counts.iter().any(|&c| c < cfg.per_class) {
             if field_idx > 10_000 {
@@ -111,7 +136,7 @@ pub fn export_crops_by(
                 if counts[class] >= cfg.per_class {
                     continue;
                 }
-                let crop = square_crop(&field.image, bbox, cfg.margin);
+                let crop = square_crop_at_least(&field.image, bbox, cfg.margin, floor);
                 let crop = image::imageops::resize(&crop, cfg.size, cfg.size, FilterType::Triangle);
                 let path = cfg
                     .out_dir
@@ -158,5 +183,51 @@ mod tests {
                 assert_eq!((img.width(), img.height()), (32, 32));
             }
         }
+        assert!(s.median_side.is_empty());
+    }
+
+    #[test]
+    fn small_cells_are_cut_with_the_context_of_the_median_cell() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = SourcePreset::by_name("wright_100x").unwrap();
+        let platelets = |min_side: f32| -> f32 {
+            let dir = tmp.path().join(format!("m{min_side}"));
+            let mut cfg = CropExport::new(dir.clone(), 4, 9);
+            cfg.sources = vec![source.clone()];
+            cfg.size = 48;
+            cfg.field_size = (640, 480);
+            cfg.min_side = min_side;
+            let s = export_crops(&cfg, |_, _, _| {}).unwrap();
+            if min_side > 0.0 {
+                // The median cell is a red cell: about its diameter.
+                let m = s.median_side[&source.name];
+                let d = 2.0 * source.rbc_radius.0;
+                assert!(
+                    (0.8 * d..1.4 * 2.0 * source.rbc_radius.1).contains(&m),
+                    "{m}"
+                );
+            }
+            // Share of dark (stained) pixels in the platelet crops.
+            let mut dark = 0usize;
+            let mut all = 0usize;
+            for f in std::fs::read_dir(dir.join(&source.name).join("platelet")).unwrap() {
+                let img = image::open(f.unwrap().path()).unwrap().to_rgb8();
+                for p in img.pixels() {
+                    all += 1;
+                    if (p.0[0] as u32 + p.0[1] as u32 + p.0[2] as u32) < 3 * 150 {
+                        dark += 1;
+                    }
+                }
+            }
+            dark as f32 / all as f32
+        };
+        let scaled = platelets(0.0);
+        let sized = platelets(1.0);
+        // A platelet fills its own crop; in a crop the size of a red cell's it is a small dot.
+        assert!(sized < 0.5 * scaled, "dark share {sized} vs {scaled}");
+        // Out-of-range settings are refused.
+        let mut cfg = CropExport::new(tmp.path().join("bad"), 1, 0);
+        cfg.min_side = 9.0;
+        assert!(export_crops(&cfg, |_, _, _| {}).is_err());
     }
 }
