@@ -121,7 +121,7 @@ pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBu
             weights: &w,
             head: Some(&head),
             normalization: Normalization::default(),
-        crop_min_side: 0.0,
+            crop_min_side: 0.0,
         },
         &out,
         &key,

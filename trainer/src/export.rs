@@ -67,6 +67,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Resamples the checkpoint to the input size, checks the ONNX against tch, and writes the
 /// signed bundle directory `dir` (and `dir.tar` when `tar`).
 pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Manifest, f32)> {
+    // Refused before the (slow) ONNX check, not after it.
+    bundle::check_crop_min_side(spec.crop_min_side).map_err(anyhow::Error::msg)?;
     let mut w = spec.weights.clone();
     w.resize_input(spec.input_size)
         .with_context(|| format!("input size {}", spec.input_size))?;
