@@ -29,6 +29,8 @@ SIZE=56
 # `crop_min_side`). The shipped model: 0 (each crop scaled to its cell); see docs/models/demo.md
 # for 0.8 and 1.0.
 MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0}
+# Fine-tuning seed (data order, augmentations, head initialisation); the shipped model: 0.
+SEED=${DEMO_MODEL_SEED:-0}
 mkdir -p "$W"
 # Crops depend only on their seeds: kept between runs; everything else starts afresh.
 rm -rf "$W/pretrain" "$W/finetune" "$W"/score-* "$W"/probe-* "$W/bundle" "$W/bundle.tar"
@@ -73,7 +75,7 @@ PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbo
 
 echo "== 3/6 fine-tuning with a linear head (labelled training crops)"
 $T/reddino-trainer finetune --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/train-all" \
-    --out "$W/finetune" --epochs 20 --lr 2e-3 --layer-decay 0.9 --threads 2
+    --out "$W/finetune" --epochs 20 --lr 2e-3 --layer-decay 0.9 --threads 2 --seed "$SEED"
 
 echo "== 4/6 held-out source: the demo model's own head"
 $T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
