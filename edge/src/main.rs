@@ -52,6 +52,10 @@ enum Cmd {
         /// `crop_min_side`); 0 = each crop scaled to its own cell.
         #[arg(long, default_value_t = 0.0)]
         min_side: f32,
+        /// Fraction of cells placed touching a neighbour, for every source (default: each
+        /// source's own).
+        #[arg(long)]
+        touching: Option<f32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -126,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
             per_class,
             size,
             min_side,
+            touching,
             seed,
         } => {
             let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
@@ -134,6 +139,9 @@ fn run(cli: Cli) -> Result<()> {
                 .split(',')
                 .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(t) = touching {
+                reddino_models::synth::set_touching(&mut cfg.sources, t)?;
+            }
             cfg.size = size;
             let summary = reddino_edge::crops::write_detected_crops(
                 &cfg,

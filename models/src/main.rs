@@ -91,6 +91,10 @@ enum SynthCmd {
         /// its own cell.
         #[arg(long, default_value_t = 0.0)]
         min_side: f32,
+        /// Fraction of cells placed touching a neighbour, for every source (default: each
+        /// source's own).
+        #[arg(long)]
+        touching: Option<f32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -259,6 +263,7 @@ fn run(cli: Cli) -> Result<()> {
             sources,
             size,
             min_side,
+            touching,
             seed,
         }) => {
             let mut cfg = CropExport::new(out.clone(), per_class, seed);
@@ -268,6 +273,9 @@ fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|s| SourcePreset::by_name(s))
                     .collect::<Result<_, _>>()?;
+            }
+            if let Some(t) = touching {
+                synth::set_touching(&mut cfg.sources, t)?;
             }
             cfg.size = size;
             let mut last = String::new();

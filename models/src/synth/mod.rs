@@ -168,6 +168,20 @@ impl SourcePreset {
     }
 }
 
+/// Sets the fraction of cells placed touching a neighbour on every preset (crowded smears for
+/// training crops); refused outside 0..=1.
+pub fn set_touching(sources: &mut [SourcePreset], touching: f32) -> Result<(), Error> {
+    if !(0.0..=1.0).contains(&touching) {
+        return Err(Error::Config(format!(
+            "touching fraction {touching} is not in 0..=1"
+        )));
+    }
+    for s in sources {
+        s.touching = touching;
+    }
+    Ok(())
+}
+
 /// Relative class frequencies; the default keeps every class present.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassMix(pub [f32; NUM_CLASSES]);
@@ -668,9 +682,13 @@ mod tests {
             counts[c.class] += 1;
         }
         assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
-        // Touching or overlapping: masks of two cells meet.
-        let touching = f
-            .cells
+        let touching = touching_cells(&f);
+        assert!(touching >= 3, "only {touching} touching pairs");
+    }
+
+    /// Cells whose mask meets (touches or overlaps) the mask of a cell listed after them.
+    fn touching_cells(f: &Field) -> usize {
+        f.cells
             .iter()
             .enumerate()
             .filter(|(i, a)| {
@@ -689,8 +707,27 @@ mod tests {
                     })
                 })
             })
-            .count();
-        assert!(touching >= 3, "only {touching} touching pairs");
+            .count()
+    }
+
+    #[test]
+    fn crowded_presets_place_more_cells_against_a_neighbour() {
+        let touching_at = |t: f32| {
+            let mut sources = vec![SourcePreset::by_name("mgg_100x").unwrap()];
+            set_touching(&mut sources, t).unwrap();
+            assert_eq!(sources[0].touching, t);
+            touching_cells(&render(&FieldSpec::new(1280, 960, 8, sources.remove(0))).unwrap())
+        };
+        let (none, crowded) = (touching_at(0.0), touching_at(0.6));
+        assert!(
+            crowded > 3 * none.max(1),
+            "touching cells: {none} apart, {crowded} crowded"
+        );
+        let mut sources = SourcePreset::all();
+        for bad in [-0.1, 1.5, f32::NAN] {
+            let err = set_touching(&mut sources, bad).unwrap_err().to_string();
+            assert!(err.contains("not in 0..=1"), "{err}");
+        }
     }
 
     #[test]
