@@ -27,7 +27,7 @@ SIZE=56
 # Crops no smaller than this multiple of the frame's median cell (x the 1.3 margin), so that
 # platelets and fragments keep their size next to the red cells (bundle manifest
 # `crop_min_side`). The shipped model: 0 (each crop scaled to its cell); see docs/models/demo.md
-# for 0.8 and 1.0.
+# for 0.6, 0.8 and 1.0.
 MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0}
 # Fine-tuning seed (data order, augmentations, head initialisation); the shipped model: 0.
 SEED=${DEMO_MODEL_SEED:-0}

@@ -683,7 +683,7 @@ mod tests {
         }
         assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
         let touching = touching_cells(&f);
-        assert!(touching >= 3, "only {touching} touching pairs");
+        assert!(touching >= 3, "only {touching} cells against a neighbour");
     }
 
     /// Cells whose mask meets (touches or overlaps) the mask of a cell listed after them.
