@@ -135,13 +135,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
             cfg.min_side = min_side;
+            cfg.touching = touching;
             cfg.sources = sources
                 .split(',')
                 .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
                 .collect::<Result<Vec<_>, _>>()?;
-            if let Some(t) = touching {
-                reddino_models::synth::set_touching(&mut cfg.sources, t)?;
-            }
             cfg.size = size;
             let summary = reddino_edge::crops::write_detected_crops(
                 &cfg,
@@ -155,7 +153,7 @@ fn run(cli: Cli) -> Result<()> {
             for (src, m) in &summary.median_side {
                 println!(
                     "{src}: median cell {m:.1} px, crops at least {:.0} px",
-                    m * min_side * cfg.margin
+                    cfg.min_crop_side(*m)
                 );
             }
             println!("crops in {}", out.display());

@@ -268,14 +268,12 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let mut cfg = CropExport::new(out.clone(), per_class, seed);
             cfg.min_side = min_side;
+            cfg.touching = touching;
             if !sources.is_empty() {
                 cfg.sources = sources
                     .iter()
                     .map(|s| SourcePreset::by_name(s))
                     .collect::<Result<_, _>>()?;
-            }
-            if let Some(t) = touching {
-                synth::set_touching(&mut cfg.sources, t)?;
             }
             cfg.size = size;
             let mut last = String::new();
@@ -293,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             for (src, m) in &summary.median_side {
                 println!(
                     "{src}: median cell {m:.1} px, crops at least {:.0} px",
-                    m * min_side * cfg.margin
+                    cfg.min_crop_side(*m)
                 );
             }
             println!(

@@ -30,6 +30,9 @@ pub struct CropExport {
     /// (clinical) class mix, the kind of frame the edge takes its median from; the crop fields
     /// themselves have a skewed mix (classes still short of their quota).
     pub min_side: f32,
+    /// Fraction of cells placed touching a neighbour, for every source (crowded training
+    /// smears); `None` = each source's own.
+    pub touching: Option<f32>,
 }
 
 impl CropExport {
@@ -44,7 +47,14 @@ impl CropExport {
             seed,
             field_size: (1280, 960),
             min_side: 0.0,
+            touching: None,
         }
+    }
+
+    /// The smallest crop side (pixels, before resizing) for a source whose median cell side is
+    /// `median`: `margin x min_side x median`.
+    pub fn min_crop_side(&self, median: f32) -> f32 {
+        self.min_side * median * self.margin
     }
 }
 
@@ -85,9 +95,13 @@ pub fn export_crops_by(
         ));
     }
     crate::bundle::check_crop_min_side(cfg.min_side).map_err(Error::Config)?;
+    let mut sources = cfg.sources.clone();
+    if let Some(t) = cfg.touching {
+        super::set_touching(&mut sources, t)?;
+    }
     let mut summary = CropSummary::default();
     let total = cfg.per_class * NUM_CLASSES;
-    for (si, source) in cfg.sources.iter().enumerate() {
+    for (si, source) in sources.iter().enumerate() {
         let mut counts = [0usize; NUM_CLASSES];
         for class in DEFAULT_CLASSES {
             let d = cfg.out_dir.join(&source.name).join(class);
