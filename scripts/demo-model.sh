@@ -31,6 +31,14 @@ SIZE=56
 MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0}
 # Fine-tuning seed (data order, augmentations, head initialisation); the shipped model: 0.
 SEED=${DEMO_MODEL_SEED:-0}
+# DEMO_MODEL_BLANK=1: every crop with its neighbours blanked out (bundle manifest
+# `blank_neighbours`), so a cell touching another is seen as if it lay on its own.
+CROP_ARGS=(--min-side "$MIN_SIDE")
+EXPORT_ARGS=(--crop-min-side "$MIN_SIDE")
+if [[ ${DEMO_MODEL_BLANK:-0} == 1 ]]; then
+    CROP_ARGS+=(--blank-neighbours)
+    EXPORT_ARGS+=(--blank-neighbours)
+fi
 mkdir -p "$W"
 # Crops depend only on their seeds: kept between runs; everything else starts afresh.
 rm -rf "$W/pretrain" "$W/finetune" "$W"/score-* "$W"/probe-* "$W/bundle" "$W/bundle.tar"
@@ -50,11 +58,11 @@ crops() { # TOOL DIR ARGS... (redone when the arguments change)
     fi
 }
 crops "$T/reddino-edge synth-crops" "$W/train" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1 \
-    --min-side $MIN_SIDE
+    "${CROP_ARGS[@]}"
 # The same sources cut around the true cells too (other seeds): the finder's boxes are tighter
 # around spiculated cells than the true boxes, and the model must know both framings.
 crops "$T/reddino-models synth crops" "$W/train-truth" --per-class 150 --sources "$TRAIN_SOURCES" --seed 4 \
-    --min-side $MIN_SIDE
+    "${CROP_ARGS[@]}"
 rm -rf "$W/train-all"
 for dir in "$W"/train/*/*/; do
     rel=${dir#"$W/train/"}
@@ -65,8 +73,8 @@ for dir in "$W"/train/*/*/; do
     done
 done
 crops "$T/reddino-models synth crops" "$W/heldout" --per-class 60 --sources "$HELD_OUT" --seed 2 \
-    --min-side $MIN_SIDE
-crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3 --min-side $MIN_SIDE
+    "${CROP_ARGS[@]}"
+crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3 "${CROP_ARGS[@]}"
 
 echo "== 2/6 self-supervised pretraining (DINOv2 losses, unlabelled training crops)"
 cp docs/models/demo-pretrain.toml "$W/pretrain.toml" # its paths are relative to $W
@@ -94,7 +102,7 @@ $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W
 echo "== 6/6 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-demo --version 1.2.0 --crop-min-side $MIN_SIDE \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.2.0 "${EXPORT_ARGS[@]}" \
     --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

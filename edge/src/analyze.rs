@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use image::RgbImage;
-use reddino_models::preprocess::{cell_crops, preprocess_into, Normalization};
+use reddino_models::preprocess::{cell_crops, cell_crops_blanked, preprocess_into, Normalization};
 use serde::Serialize;
 
 use crate::cells::{self, CellFinderConfig};
@@ -20,6 +20,9 @@ pub struct AnalyzeConfig {
     /// The model's crop policy, from its manifest (`Manifest::crop_min_side`): no crop smaller
     /// than this multiple of the frame's median cell; 0 = each crop scaled to its cell.
     pub crop_min_side: f32,
+    /// The model's crop policy for neighbours (`Manifest::blank_neighbours`): other cells in a
+    /// crop are blanked out.
+    pub blank_neighbours: bool,
     /// Below this top probability a cell counts as uncertain.
     pub min_confidence: f32,
 }
@@ -30,6 +33,7 @@ impl Default for AnalyzeConfig {
             cells: CellFinderConfig::default(),
             margin: 1.3,
             crop_min_side: 0.0,
+            blank_neighbours: false,
             min_confidence: 0.5,
         }
     }
@@ -63,9 +67,13 @@ pub fn analyze_image(
     norm: &Normalization,
     cfg: &AnalyzeConfig,
 ) -> Result<ImageReport, reddino_models::Error> {
-    let found = cells::find(img, &cfg.cells);
-    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-    let crops = cell_crops(img, &boxes, cfg.margin, cfg.crop_min_side);
+    let (found, crops) = find_and_crop(
+        img,
+        &cfg.cells,
+        cfg.margin,
+        cfg.crop_min_side,
+        cfg.blank_neighbours,
+    );
     let predictions = classify_crops(&crops, backend, class_names, norm, cfg.min_confidence)?;
     let mut counts = Counts::new(class_names.len());
     let reports = found
@@ -91,6 +99,27 @@ pub fn analyze_image(
         counts: by_name,
         cells: reports,
     })
+}
+
+/// The cells of a frame and their crops, as a model with this crop policy takes them.
+pub fn find_and_crop(
+    img: &RgbImage,
+    finder: &CellFinderConfig,
+    margin: f32,
+    min_side: f32,
+    blank_neighbours: bool,
+) -> (Vec<cells::Cell>, Vec<RgbImage>) {
+    if blank_neighbours {
+        let (found, owners) = cells::find_with_owners(img, finder);
+        let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+        let crops = cell_crops_blanked(img, &boxes, &owners, margin, min_side);
+        (found, crops)
+    } else {
+        let found = cells::find(img, finder);
+        let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+        let crops = cell_crops(img, &boxes, margin, min_side);
+        (found, crops)
+    }
 }
 
 /// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the

@@ -148,6 +148,7 @@ impl Service {
             class_names: m.class_names.clone(),
             normalization: m.normalization(),
             crop_min_side: m.crop_min_side,
+            blank_neighbours: m.blank_neighbours,
         };
         {
             let ob = &outbox;

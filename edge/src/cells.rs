@@ -10,6 +10,7 @@
 //! basin of its neighbour highest on the distance map.
 
 use image::RgbImage;
+use reddino_models::preprocess::OwnerMap;
 use serde::{Deserialize, Serialize};
 
 /// How cells are found.
@@ -78,9 +79,21 @@ pub struct Cell {
 /// Finds cells (or tiles) in an RGB frame.
 pub fn find(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     match cfg.mode {
-        Mode::Cells => find_cells(img, cfg),
+        Mode::Cells => find_cells(img, cfg, None),
         Mode::Tiles => tiles(img.width(), img.height(), cfg.tile),
     }
+}
+
+/// [`find`], and which found cell each pixel belongs to (indices into the returned cells;
+/// [`OwnerMap::OTHER`] for objects left out: debris, cells at the frame's border). Tiles own
+/// no pixels.
+pub fn find_with_owners(img: &RgbImage, cfg: &CellFinderConfig) -> (Vec<Cell>, OwnerMap) {
+    let mut owners = OwnerMap::new(img.width(), img.height());
+    let cells = match cfg.mode {
+        Mode::Cells => find_cells(img, cfg, Some(&mut owners)),
+        Mode::Tiles => tiles(img.width(), img.height(), cfg.tile),
+    };
+    (cells, owners)
 }
 
 /// Non-overlapping `tile` x `tile` tiles covering the frame (partial edge tiles dropped).
@@ -651,7 +664,11 @@ fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
     (comp, parent.len())
 }
 
-fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
+fn find_cells(
+    img: &RgbImage,
+    cfg: &CellFinderConfig,
+    mut owners: Option<&mut OwnerMap>,
+) -> Vec<Cell> {
     let (w, h) = img.dimensions();
     if w < 3 || h < 3 {
         return vec![];
@@ -693,6 +710,8 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
     for obj in &objs {
         let (labels, n) = flood(obj, h_dyn);
         let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
+        // Basin `l` of this object is `found[base + l]`.
+        let base = found.len() as u32;
         let mut acc = vec![
             Acc {
                 x0: u32::MAX,
@@ -722,32 +741,49 @@ fn find_cells(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
                 a.sy += y as f64 + 0.5;
                 a.n += 1;
                 a.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+                if let Some(o) = owners.as_deref_mut() {
+                    o.ids[y as usize * wu + x as usize] = base + l;
+                }
             }
         }
-        found.extend(acc.into_iter().filter(|a| a.n > 0));
+        // Empty basins stay (their indices are in the owner map); the area filter drops them.
+        found.extend(acc);
     }
-    if found.is_empty() {
+    let mut areas: Vec<u32> = found.iter().map(|a| a.n).filter(|&n| n > 0).collect();
+    if areas.is_empty() {
         return vec![];
     }
-    let mut areas: Vec<u32> = found.iter().map(|a| a.n).collect();
     areas.sort_unstable();
     let median = areas[areas.len() / 2];
     let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
-    let mut cells: Vec<Cell> = found
-        .into_iter()
-        .filter(|a| a.n >= min_area && !(cfg.drop_border && a.border))
-        .map(|a| Cell {
-            bbox: [a.x0, a.y0, a.x1, a.y1],
-            center: ((a.sx / a.n as f64) as f32, (a.sy / a.n as f64) as f32),
-            area: a.n,
+    let mut cells: Vec<(usize, Cell)> = found
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.n >= min_area && !(cfg.drop_border && a.border))
+        .map(|(k, a)| {
+            let cell = Cell {
+                bbox: [a.x0, a.y0, a.x1, a.y1],
+                center: ((a.sx / a.n as f64) as f32, (a.sy / a.n as f64) as f32),
+                area: a.n,
+            };
+            (k, cell)
         })
         .collect();
-    cells.sort_by(|a, b| {
+    cells.sort_by(|(_, a), (_, b)| {
         (a.center.1, a.center.0)
             .partial_cmp(&(b.center.1, b.center.0))
             .unwrap_or(std::cmp::Ordering::Equal)
     });
-    cells
+    if let Some(o) = owners {
+        let mut index = vec![OwnerMap::OTHER; found.len()];
+        for (i, (k, _)) in cells.iter().enumerate() {
+            index[*k] = i as u32;
+        }
+        for id in o.ids.iter_mut().filter(|id| **id != OwnerMap::BACKGROUND) {
+            *id = index[*id as usize];
+        }
+    }
+    cells.into_iter().map(|(_, c)| c).collect()
 }
 
 /// Blue-stained parts at the edge of a cell become basins of their own: a platelet lying
@@ -1010,6 +1046,51 @@ mod tests {
                 cell.bbox
             );
         }
+    }
+
+    #[test]
+    fn the_owner_map_gives_each_cell_its_own_pixels() {
+        let field = render(&FieldSpec::new(
+            640,
+            480,
+            21,
+            SourcePreset::by_name("field_40x").unwrap(),
+        ))
+        .unwrap();
+        // Cut off the field's margins, so that cells lie across the frame's edge.
+        let img = image::imageops::crop_imm(&field.image, 37, 29, 640 - 74, 480 - 58).to_image();
+        let cfg = CellFinderConfig::default();
+        let (found, owners) = find_with_owners(&img, &cfg);
+        assert_eq!(found, find(&img, &cfg));
+        let w = img.width() as usize;
+        assert_eq!(owners.ids.len(), w * img.height() as usize);
+        let mut area = vec![0u32; found.len()];
+        let mut other = 0;
+        for (p, &id) in owners.ids.iter().enumerate() {
+            let (x, y) = ((p % w) as u32, (p / w) as u32);
+            match id {
+                OwnerMap::BACKGROUND => {}
+                OwnerMap::OTHER => other += 1,
+                i => {
+                    let [x0, y0, x1, y1] = found[i as usize].bbox;
+                    assert!((x0..x1).contains(&x) && (y0..y1).contains(&y), "cell {i}");
+                    area[i as usize] += 1;
+                }
+            }
+        }
+        for (c, a) in found.iter().zip(&area) {
+            assert_eq!(c.area, *a, "{c:?}");
+        }
+        // Cells cut by the frame's edge are left out but still own their pixels.
+        assert!(other > 0);
+        // Tiles own nothing.
+        let tiles = CellFinderConfig {
+            mode: Mode::Tiles,
+            ..cfg
+        };
+        let (t, owners) = find_with_owners(&img, &tiles);
+        assert!(!t.is_empty());
+        assert!(owners.ids.iter().all(|&id| id == OwnerMap::BACKGROUND));
     }
 
     #[test]

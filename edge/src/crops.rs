@@ -5,7 +5,7 @@
 //! trained on these sees in training what it will see on the device, including the boxes of
 //! cells touching a neighbour or carrying a platelet.
 
-use reddino_models::synth::{export_crops_by, CropExport, CropSummary};
+use reddino_models::synth::{export_crops_by, CropExport, CropSummary, Cuts};
 
 use crate::cells::{self, CellFinderConfig};
 
@@ -48,13 +48,21 @@ pub fn write_detected_crops(
     export_crops_by(
         cfg,
         |field| {
-            let found = cells::find(&field.image, finder);
+            let (found, owners) = if cfg.blank_neighbours {
+                let (found, owners) = cells::find_with_owners(&field.image, finder);
+                (found, Some(owners))
+            } else {
+                (cells::find(&field.image, finder), None)
+            };
             let labels = label_detections(&found, &field.cells);
-            found
-                .iter()
-                .zip(labels)
-                .filter_map(|(d, l)| l.map(|j| (field.cells[j].class, d.bbox)))
-                .collect()
+            Cuts {
+                boxes: found
+                    .iter()
+                    .zip(labels)
+                    .map(|(d, l)| (l.map(|j| field.cells[j].class), d.bbox))
+                    .collect(),
+                owners,
+            }
         },
         progress,
     )

@@ -122,6 +122,7 @@ pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBu
             head: Some(&head),
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            blank_neighbours: false,
         },
         &out,
         &key,

@@ -56,6 +56,10 @@ enum Cmd {
         /// source's own).
         #[arg(long)]
         touching: Option<f32>,
+        /// Blank out the neighbours in each crop (the model's `blank_neighbours`; `reddino-trainer
+        /// export --blank-neighbours`).
+        #[arg(long)]
+        blank_neighbours: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -131,11 +135,13 @@ fn run(cli: Cli) -> Result<()> {
             size,
             min_side,
             touching,
+            blank_neighbours,
             seed,
         } => {
             let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
             cfg.min_side = min_side;
             cfg.touching = touching;
+            cfg.blank_neighbours = blank_neighbours;
             cfg.sources = sources
                 .split(',')
                 .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
@@ -213,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = AnalyzeConfig {
                 min_confidence,
                 crop_min_side: b.manifest().crop_min_side,
+                blank_neighbours: b.manifest().blank_neighbours,
                 ..AnalyzeConfig::default()
             };
             let mut failed = 0;

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use image::RgbImage;
-use reddino_models::preprocess::{cell_crops, Normalization};
+use reddino_models::preprocess::Normalization;
 
-use crate::analyze::classify_crops;
+use crate::analyze::{classify_crops, find_and_crop};
 use crate::capture::{Frame, FrameSource};
-use crate::cells::{self, CellFinderConfig};
+use crate::cells::CellFinderConfig;
 use crate::classify::{Counts, Session};
 use crate::config::valid_id;
 use crate::infer::Backend;
@@ -54,6 +54,8 @@ pub struct ModelInfo {
     pub normalization: Normalization,
     /// The model's crop policy (`Manifest::crop_min_side`).
     pub crop_min_side: f32,
+    /// The model's crop policy (`Manifest::blank_neighbours`).
+    pub blank_neighbours: bool,
 }
 
 struct ActiveSession {
@@ -406,13 +408,12 @@ impl Pipeline {
                     if sh.stopping() {
                         continue;
                     }
-                    let found = cells::find(&frame.image, &cfg);
-                    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-                    let crops = cell_crops(
+                    let (_, crops) = find_and_crop(
                         &frame.image,
-                        &boxes,
+                        &cfg,
                         sh.settings.margin,
                         sh.model.crop_min_side,
+                        sh.model.blank_neighbours,
                     );
                     let job = Job {
                         frame,

@@ -1,11 +1,11 @@
 //! `analyze` end to end on a synthetic field with a small signed bundle.
 
-use reddino_edge::analyze::{analyze_image, AnalyzeConfig};
+use reddino_edge::analyze::{analyze_image, find_and_crop, AnalyzeConfig};
 use reddino_edge::cells;
 use reddino_edge::infer::TractBackend;
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys};
-use reddino_models::preprocess::Normalization;
+use reddino_models::preprocess::{square_crop_rect, Normalization, OwnerMap};
 use reddino_models::synth::{render, FieldSpec, SourcePreset};
 use reddino_models::taxonomy::default_class_names;
 use reddino_models::weights::{LinearHead, Tensor, VitWeights};
@@ -37,6 +37,7 @@ fn analyze_counts_every_found_cell_once() {
             head: Some(&head),
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            blank_neighbours: false,
         },
         &dir,
         &key,
@@ -77,4 +78,40 @@ fn analyze_counts_every_found_cell_once() {
     }
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["cells"][0]["bbox"].as_array().unwrap().len() == 4);
+}
+
+#[test]
+fn a_model_trained_on_blanked_crops_gets_blanked_crops() {
+    let mut source = SourcePreset::by_name("mgg_100x").unwrap();
+    reddino_models::synth::set_touching(std::slice::from_mut(&mut source), 0.6).unwrap();
+    let field = render(&FieldSpec::new(640, 480, 11, source)).unwrap();
+    let finder = cells::CellFinderConfig::default();
+    let (found, plain) = find_and_crop(&field.image, &finder, 1.3, 0.6, false);
+    let (same_cells, blanked) = find_and_crop(&field.image, &finder, 1.3, 0.6, true);
+    assert_eq!(found, same_cells);
+    assert_eq!(plain.len(), blanked.len());
+    let (_, owners) = cells::find_with_owners(&field.image, &finder);
+    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+    let floor = 0.6 * reddino_models::preprocess::median_box_side(&boxes);
+    let (mut alone, mut crowded) = (0, 0);
+    for (i, (p, b)) in plain.iter().zip(&blanked).enumerate() {
+        let [left, top, side] = square_crop_rect(640, 480, boxes[i], 1.3, floor);
+        let neighbour = (top..top + side).any(|y| {
+            (left..left + side).any(|x| {
+                let o = owners.ids[(y * 640 + x) as usize];
+                o != OwnerMap::BACKGROUND && o != i as u32
+            })
+        });
+        if neighbour {
+            crowded += 1;
+            assert_ne!(
+                p, b,
+                "cell {i}: a neighbour in the crop, and the crop unchanged"
+            );
+        } else {
+            alone += 1;
+            assert_eq!(p, b, "cell {i}: alone in its crop, and the crop changed");
+        }
+    }
+    assert!(alone > 0 && crowded > 0, "{alone} alone, {crowded} crowded");
 }

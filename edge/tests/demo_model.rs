@@ -156,6 +156,7 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
     let source = SourcePreset::by_name(HELD_OUT).unwrap();
     let cfg = AnalyzeConfig {
         crop_min_side: b.manifest().crop_min_side,
+        blank_neighbours: b.manifest().blank_neighbours,
         ..AnalyzeConfig::default()
     };
     let mut truth = [0u64; NUM_CLASSES];

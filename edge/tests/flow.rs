@@ -67,6 +67,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             class_names: names,
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            blank_neighbours: false,
         },
         Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
         Arc::new(AtomicBool::new(false)),

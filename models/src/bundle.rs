@@ -81,6 +81,10 @@ pub struct Manifest {
     /// each crop scaled to its own cell.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub crop_min_side: f32,
+    /// How cells are cut for this model: the other cells in a crop are blanked out, see
+    /// [`crate::preprocess::cell_crops_blanked`]; false (or absent) = crops as they are.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub blank_neighbours: bool,
     /// Every file of the bundle except the manifest and its signature.
     pub files: BTreeMap<String, FileEntry>,
     pub self_test: SelfTestSpec,
@@ -99,6 +103,10 @@ pub fn check_crop_min_side(x: f32) -> Result<(), String> {
 
 fn is_zero(x: &f32) -> bool {
     *x == 0.0
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 impl Manifest {
@@ -361,6 +369,8 @@ pub struct NewBundle<'a> {
     pub normalization: Normalization,
     /// The crop policy the model was trained with ([`Manifest::crop_min_side`]).
     pub crop_min_side: f32,
+    /// ([`Manifest::blank_neighbours`]).
+    pub blank_neighbours: bool,
 }
 
 fn sha256_file(path: &Path) -> Result<(String, u64), Error> {
@@ -427,6 +437,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         std: new.normalization.std,
         class_names: new.head.map(|h| h.class_names.clone()).unwrap_or_default(),
         crop_min_side: new.crop_min_side,
+        blank_neighbours: new.blank_neighbours,
         files,
         self_test: SelfTestSpec {
             file: SELF_TEST.into(),

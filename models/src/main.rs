@@ -95,6 +95,10 @@ enum SynthCmd {
         /// source's own).
         #[arg(long)]
         touching: Option<f32>,
+        /// Blank out the neighbours in each crop (the model's `blank_neighbours`; `reddino-trainer
+        /// export --blank-neighbours`).
+        #[arg(long)]
+        blank_neighbours: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -264,11 +268,13 @@ fn run(cli: Cli) -> Result<()> {
             size,
             min_side,
             touching,
+            blank_neighbours,
             seed,
         }) => {
             let mut cfg = CropExport::new(out.clone(), per_class, seed);
             cfg.min_side = min_side;
             cfg.touching = touching;
+            cfg.blank_neighbours = blank_neighbours;
             if !sources.is_empty() {
                 cfg.sources = sources
                     .iter()
@@ -354,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
                     head: head.as_ref(),
                     normalization: Normalization::default(),
                     crop_min_side: 0.0,
+                    blank_neighbours: false,
                 },
                 &out,
                 &key,

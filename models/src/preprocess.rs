@@ -65,22 +65,34 @@ pub fn square_crop_at_least(
     margin: f32,
     min_side: f32,
 ) -> RgbImage {
+    let [left, top, side] = square_crop_rect(img.width(), img.height(), bbox, margin, min_side);
+    image::imageops::crop_imm(img, left, top, side, side).to_image()
+}
+
+/// Where [`square_crop_at_least`] cuts in a `width` x `height` image: `[left, top, side]`.
+pub fn square_crop_rect(
+    width: u32,
+    height: u32,
+    bbox: [u32; 4],
+    margin: f32,
+    min_side: f32,
+) -> [u32; 3] {
     let [x0, y0, x1, y1] = bbox;
     let bw = x1.saturating_sub(x0).max(1) as f32;
     let bh = y1.saturating_sub(y0).max(1) as f32;
     let side = ((bw.max(bh).max(min_side) * margin).round() as u32)
         .max(1)
-        .min(img.width())
-        .min(img.height());
+        .min(width)
+        .min(height);
     let cx = (x0 + x1) as f32 / 2.0;
     let cy = (y0 + y1) as f32 / 2.0;
     let left = (cx - side as f32 / 2.0)
         .round()
-        .clamp(0.0, (img.width() - side) as f32) as u32;
+        .clamp(0.0, width.saturating_sub(side) as f32) as u32;
     let top = (cy - side as f32 / 2.0)
         .round()
-        .clamp(0.0, (img.height() - side) as f32) as u32;
-    image::imageops::crop_imm(img, left, top, side, side).to_image()
+        .clamp(0.0, height.saturating_sub(side) as f32) as u32;
+    [left, top, side]
 }
 
 /// Median of the longer sides of `boxes` (0 for none).
@@ -116,6 +128,136 @@ pub fn cell_crops(img: &RgbImage, boxes: &[[u32; 4]], margin: f32, min_side: f32
         .iter()
         .map(|&b| square_crop_at_least(img, b, margin, floor))
         .collect()
+}
+
+/// Which object each pixel of a frame belongs to, as the cell finder left it: the index of a
+/// cell in the frame's list of boxes, [`OwnerMap::BACKGROUND`], or [`OwnerMap::OTHER`] (an
+/// object that is not in the list: debris, a cell cut by the frame's edge).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnerMap {
+    pub width: u32,
+    pub height: u32,
+    /// Row-major, `width * height`.
+    pub ids: Vec<u32>,
+}
+
+impl OwnerMap {
+    pub const BACKGROUND: u32 = u32::MAX;
+    pub const OTHER: u32 = u32::MAX - 1;
+
+    /// All background.
+    pub fn new(width: u32, height: u32) -> Self {
+        OwnerMap {
+            width,
+            height,
+            ids: vec![Self::BACKGROUND; (width * height) as usize],
+        }
+    }
+}
+
+/// How far (pixels) a neighbour's blanked area reaches past its found outline: the blurred rim
+/// below the finder's threshold goes with it.
+pub const NEIGHBOUR_RIM: u32 = 2;
+
+/// [`cell_crops`] with the neighbours blanked out (bundle manifest `crop_neighbours =
+/// "blank"`): in each crop, the pixels of every other object in `owners` (and the background
+/// within [`NEIGHBOUR_RIM`] of them) take the mean colour of the crop's remaining background,
+/// so the model sees the cell as if it lay on its own. The cell's own pixels and its
+/// background are left as they are.
+pub fn cell_crops_blanked(
+    img: &RgbImage,
+    boxes: &[[u32; 4]],
+    owners: &OwnerMap,
+    margin: f32,
+    min_side: f32,
+) -> Vec<RgbImage> {
+    assert_eq!(
+        (owners.width, owners.height),
+        img.dimensions(),
+        "owner map and image differ in size"
+    );
+    let floor = if min_side > 0.0 {
+        min_side * median_box_side(boxes)
+    } else {
+        0.0
+    };
+    boxes
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| blanked_crop(img, owners, i as u32, b, margin, floor))
+        .collect()
+}
+
+/// One crop of [`cell_crops_blanked`]: the cell `own` of `owners`, its box `bbox`, cut as
+/// [`square_crop_at_least`] cuts it.
+pub fn blanked_crop(
+    img: &RgbImage,
+    owners: &OwnerMap,
+    own: u32,
+    bbox: [u32; 4],
+    margin: f32,
+    min_side: f32,
+) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let [left, top, side] = square_crop_rect(w, h, bbox, margin, min_side);
+    let mut crop = image::imageops::crop_imm(img, left, top, side, side).to_image();
+    let s = side as usize;
+    let owner =
+        |x: usize, y: usize| owners.ids[(top as usize + y) * w as usize + left as usize + x];
+    // The neighbours' pixels, then grown by the rim into the background.
+    let core: Vec<bool> = (0..s * s)
+        .map(|p| {
+            let o = owner(p % s, p / s);
+            o != OwnerMap::BACKGROUND && o != own
+        })
+        .collect();
+    if !core.iter().any(|&b| b) {
+        return crop;
+    }
+    let r = NEIGHBOUR_RIM as usize;
+    let mut blank = core.clone();
+    for y in 0..s {
+        for x in 0..s {
+            if blank[y * s + x] || owner(x, y) != OwnerMap::BACKGROUND {
+                continue;
+            }
+            blank[y * s + x] = (y.saturating_sub(r)..(y + r + 1).min(s))
+                .any(|ny| (x.saturating_sub(r)..(x + r + 1).min(s)).any(|nx| core[ny * s + nx]));
+        }
+    }
+    let background = crop
+        .pixels()
+        .enumerate()
+        .filter(|(p, _)| !blank[*p] && owner(p % s, p / s) == OwnerMap::BACKGROUND)
+        .map(|(_, px)| px);
+    let fill = mean_colour(background).unwrap_or_else(|| {
+        // No background in the crop: the frame's (white when it has none).
+        let frame = img
+            .pixels()
+            .zip(&owners.ids)
+            .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
+            .map(|(px, _)| px);
+        mean_colour(frame).unwrap_or([255; 3])
+    });
+    for (p, px) in crop.pixels_mut().enumerate() {
+        if blank[p] {
+            px.0 = fill;
+        }
+    }
+    crop
+}
+
+/// Mean colour of `pixels` (None for none).
+fn mean_colour<'a>(pixels: impl Iterator<Item = &'a image::Rgb<u8>>) -> Option<[u8; 3]> {
+    let mut sum = [0u64; 3];
+    let mut n = 0u64;
+    for px in pixels {
+        for (s, &v) in sum.iter_mut().zip(&px.0) {
+            *s += v as u64;
+        }
+        n += 1;
+    }
+    (n > 0).then(|| sum.map(|v| ((v + n / 2) / n) as u8))
 }
 
 /// [`preprocess_into`] into a new buffer.
@@ -170,6 +312,56 @@ mod tests {
             .map(|c| c.width())
             .collect();
         assert_eq!(sides, [60, 10, 10]);
+    }
+
+    #[test]
+    fn blanked_crops_keep_their_cell_and_lose_the_neighbours() {
+        // Grey background 200; cell 0 (red, 20x20) touching cell 1 (blue, 20x20) on its
+        // right; cell 2 far away; an unlisted object (OTHER) below cell 0.
+        let (w, h) = (120u32, 80u32);
+        let mut img = RgbImage::from_pixel(w, h, image::Rgb([200, 200, 200]));
+        let mut owners = OwnerMap::new(w, h);
+        let mut paint = |x0: u32, y0: u32, x1: u32, y1: u32, id: u32, c: [u8; 3]| {
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    img.put_pixel(x, y, image::Rgb(c));
+                    owners.ids[(y * w + x) as usize] = id;
+                }
+            }
+        };
+        paint(20, 20, 40, 40, 0, [200, 40, 40]);
+        paint(40, 20, 60, 40, 1, [40, 40, 200]);
+        paint(90, 20, 110, 40, 2, [40, 200, 40]);
+        paint(25, 42, 35, 48, OwnerMap::OTHER, [10, 10, 10]);
+        let boxes = [[20, 20, 40, 40], [40, 20, 60, 40], [90, 20, 110, 40]];
+        let plain = cell_crops(&img, &boxes, 1.6, 0.0);
+        let blanked = cell_crops_blanked(&img, &boxes, &owners, 1.6, 0.0);
+        for (i, (p, b)) in plain.iter().zip(&blanked).enumerate() {
+            assert_eq!(p.dimensions(), b.dimensions(), "crop {i}");
+            let [left, top, side] = square_crop_rect(w, h, boxes[i], 1.6, 0.0);
+            assert_eq!(p.width(), side);
+            for (x, y, px) in b.enumerate_pixels() {
+                let o = owners.ids[((top + y) * w + left + x) as usize];
+                if o == i as u32 {
+                    // Its own pixels are untouched.
+                    assert_eq!(px, p.get_pixel(x, y), "crop {i} at ({x}, {y})");
+                } else if o != OwnerMap::BACKGROUND {
+                    // Neighbours and other objects take the background's colour.
+                    assert_eq!(px.0, [200, 200, 200], "crop {i} at ({x}, {y}), owner {o}");
+                }
+            }
+        }
+        // The lone cell's crop is the plain crop; the touching ones are not.
+        assert_eq!(plain[2], blanked[2]);
+        assert_ne!(plain[0], blanked[0]);
+        assert_ne!(plain[1], blanked[1]);
+        // A rim of background around a neighbour is filled too: a dark halo pixel one pixel
+        // right of cell 1 in cell 0's crop is not.
+        let mut halo = img.clone();
+        halo.put_pixel(60, 30, image::Rgb([120, 120, 120]));
+        let c = &cell_crops_blanked(&halo, &boxes, &owners, 3.5, 0.0)[0];
+        let [left, top, _] = square_crop_rect(w, h, boxes[0], 3.5, 0.0);
+        assert_eq!(c.get_pixel(60 - left, 30 - top).0, [200, 200, 200]);
     }
 
     #[test]

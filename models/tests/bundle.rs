@@ -50,6 +50,7 @@ fn fixture() -> Fixture {
             head: Some(&h),
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            blank_neighbours: false,
         },
         &dir,
         &key,
@@ -419,6 +420,17 @@ fn crop_policy_is_read_from_the_manifest_and_checked() {
     assert_eq!(open(&f, &f.dir).unwrap().manifest().crop_min_side, 0.0);
     edit_manifest(&f, |v| v["crop_min_side"] = 1.0.into());
     assert_eq!(open(&f, &f.dir).unwrap().manifest().crop_min_side, 1.0);
+    // Blanked neighbours: absent = off.
+    assert!(!open(&f, &f.dir).unwrap().manifest().blank_neighbours);
+    edit_manifest(&f, |v| v["blank_neighbours"] = true.into());
+    assert!(open(&f, &f.dir).unwrap().manifest().blank_neighbours);
+    edit_manifest(&f, |v| v["blank_neighbours"] = "yes".into());
+    let e = refusal(open(&f, &f.dir));
+    assert!(
+        matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("bool"),
+        "{e}"
+    );
+    edit_manifest(&f, |v| v["blank_neighbours"] = false.into());
     for bad in [-1.0, 0.1, 9.0] {
         edit_manifest(&f, |v| v["crop_min_side"] = bad.into());
         let e = refusal(open(&f, &f.dir));

@@ -26,6 +26,8 @@ pub struct ExportSpec<'a> {
     pub description: String,
     /// The crop policy the model was trained with (`Manifest::crop_min_side`; 0 = off).
     pub crop_min_side: f32,
+    /// Whether it was trained on crops with blanked neighbours (`Manifest::blank_neighbours`).
+    pub blank_neighbours: bool,
 }
 
 /// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`.
@@ -88,6 +90,7 @@ pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Ma
             head: spec.head,
             normalization: Normalization::default(),
             crop_min_side: spec.crop_min_side,
+            blank_neighbours: spec.blank_neighbours,
         },
         dir,
         key,

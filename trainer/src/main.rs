@@ -66,6 +66,10 @@ enum Cmd {
         /// median cell (`--min-side` of the crop tools); 0 = each crop scaled to its cell.
         #[arg(long, default_value_t = 0.0)]
         crop_min_side: f32,
+        /// The crops the model was trained on had their neighbours blanked out
+        /// (`--blank-neighbours` of the crop tools); the edge then cuts them so too.
+        #[arg(long)]
+        blank_neighbours: bool,
         #[arg(long)]
         tar: bool,
     },
@@ -320,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
             version,
             description,
             crop_min_side,
+            blank_neighbours,
             tar,
         } => {
             let w = reddino_models::weights::VitWeights::load(&checkpoint)?;
@@ -343,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
                     version,
                     description,
                     crop_min_side,
+                    blank_neighbours,
                 },
                 &key,
                 &out,

@@ -42,6 +42,7 @@ fn preset_exports_and_opens(preset: Preset) {
             version: "1".into(),
             description: String::new(),
             crop_min_side: 0.0,
+            blank_neighbours: false,
         },
         &k,
         &out,
@@ -94,6 +95,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
             version: "1".into(),
             description: "test".into(),
             crop_min_side: 1.0,
+            blank_neighbours: true,
         },
         &k,
         &out,
@@ -106,6 +108,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     assert!(b.self_test().unwrap() < 1e-4);
     // The crop policy travels in the signed manifest.
     assert_eq!(b.manifest().crop_min_side, 1.0);
+    assert!(b.manifest().blank_neighbours);
 }
 
 #[test]
@@ -127,6 +130,7 @@ fn mismatching_head_is_refused_before_writing() {
         version: "1".into(),
         description: String::new(),
         crop_min_side: 0.0,
+        blank_neighbours: false,
     };
     assert!(export(&spec, &k, &out).is_err());
     assert!(!out.exists());

@@ -92,6 +92,7 @@ fn timm_small_exports_to_a_bundle_the_edge_opens() {
         version: "1".into(),
         description: String::new(),
         crop_min_side: 0.0,
+        blank_neighbours: false,
     };
     let (_, diff) = reddino_trainer::export::export(&spec, &k, &tmp.path().join("b")).unwrap();
     assert!(diff < 1e-4, "{diff}");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use image::imageops::FilterType;
 
 use super::{render, ClassMix, Field, FieldSpec, SourcePreset, NUM_CLASSES};
-use crate::preprocess::{median_box_side, square_crop_at_least};
+use crate::preprocess::{blanked_crop, median_box_side, square_crop_at_least, OwnerMap};
 use crate::taxonomy::DEFAULT_CLASSES;
 use crate::Error;
 
@@ -33,6 +33,9 @@ pub struct CropExport {
     /// Fraction of cells placed touching a neighbour, for every source (crowded training
     /// smears); `None` = each source's own.
     pub touching: Option<f32>,
+    /// Blank out the neighbours in each crop (bundle manifest `blank_neighbours`), as the edge
+    /// does for such a model; see [`crate::preprocess::cell_crops_blanked`].
+    pub blank_neighbours: bool,
 }
 
 impl CropExport {
@@ -48,6 +51,7 @@ impl CropExport {
             field_size: (1280, 960),
             min_side: 0.0,
             touching: None,
+            blank_neighbours: false,
         }
     }
 
@@ -68,8 +72,18 @@ pub struct CropSummary {
     pub median_side: BTreeMap<String, f32>,
 }
 
+/// The boxes to cut in one field.
+#[derive(Debug, Clone)]
+pub struct Cuts {
+    /// `(class, bbox)`; a box without a class is not cut (but still owns its pixels).
+    pub boxes: Vec<(Option<usize>, [u32; 4])>,
+    /// Which box owns each pixel (indices into `boxes`), for blanked crops.
+    pub owners: Option<OwnerMap>,
+}
+
 /// Renders fields (uniform class mix) for every source until each class has `per_class`
-/// crops, and writes them as PNG: one crop around every true cell. `progress(source, done,
+/// crops, and writes them as PNG: one crop around every true cell (with blanked neighbours,
+/// each cell's footprint is its own; see [`Field::owner_map`]). `progress(source, done,
 /// total)` is called per field.
 pub fn export_crops(
     cfg: &CropExport,
@@ -77,16 +91,24 @@ pub fn export_crops(
 ) -> Result<CropSummary, Error> {
     export_crops_by(
         cfg,
-        |field| field.cells.iter().map(|c| (c.class, c.bbox)).collect(),
+        |field| Cuts {
+            boxes: field
+                .cells
+                .iter()
+                .map(|c| (Some(c.class), c.bbox))
+                .collect(),
+            owners: cfg.blank_neighbours.then(|| field.owner_map()),
+        },
         progress,
     )
 }
 
-/// [`export_crops`] with the boxes to cut chosen by `boxes(field)`: `(class, bbox)` pairs (e.g.
-/// a cell finder's detections labelled from the field's truth).
+/// [`export_crops`] with the boxes to cut chosen by `cuts(field)` (e.g. a cell finder's
+/// detections labelled from the field's truth). With `blank_neighbours` the cuts must come
+/// with their owner map.
 pub fn export_crops_by(
     cfg: &CropExport,
-    mut boxes: impl FnMut(&Field) -> Vec<(usize, [u32; 4])>,
+    mut cuts: impl FnMut(&Field) -> Cuts,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<CropSummary, Error> {
     if cfg.size == 0 || cfg.margin < 1.0 {
@@ -114,7 +136,11 @@ pub fn export_crops_by(
                 cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_F1E1D ^ (si as u64) << 48,
                 source.clone(),
             ))?;
-            let sides: Vec<[u32; 4]> = boxes(&reference).into_iter().map(|(_, b)| b).collect();
+            let sides: Vec<[u32; 4]> = cuts(&reference)
+                .boxes
+                .into_iter()
+                .filter_map(|(class, b)| class.map(|_| b))
+                .collect();
             let median = median_box_side(&sides);
             summary.median_side.insert(source.name.clone(), median);
             cfg.min_side * median
@@ -146,11 +172,23 @@ pub fn export_crops_by(
             }
             spec.mix = mix;
             let field = render(&spec)?;
-            for (ci, (class, bbox)) in boxes(&field).into_iter().enumerate() {
+            let cut = cuts(&field);
+            if cfg.blank_neighbours && cut.owners.is_none() {
+                return Err(Error::Config(
+                    "blanked neighbours need the field's owner map".into(),
+                ));
+            }
+            for (ci, &(class, bbox)) in cut.boxes.iter().enumerate() {
+                let Some(class) = class else { continue };
                 if counts[class] >= cfg.per_class {
                     continue;
                 }
-                let crop = square_crop_at_least(&field.image, bbox, cfg.margin, floor);
+                let crop = match (&cut.owners, cfg.blank_neighbours) {
+                    (Some(owners), true) => {
+                        blanked_crop(&field.image, owners, ci as u32, bbox, cfg.margin, floor)
+                    }
+                    _ => square_crop_at_least(&field.image, bbox, cfg.margin, floor),
+                };
                 let crop = image::imageops::resize(&crop, cfg.size, cfg.size, FilterType::Triangle);
                 let path = cfg
                     .out_dir
@@ -243,5 +281,85 @@ mod tests {
         let mut cfg = CropExport::new(tmp.path().join("bad"), 1, 0);
         cfg.min_side = 9.0;
         assert!(export_crops(&cfg, |_, _, _| {}).is_err());
+    }
+
+    #[test]
+    fn blanked_crops_are_the_same_crops_with_the_neighbours_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = SourcePreset::by_name("wright_100x").unwrap();
+        let export = |blank: bool| {
+            let dir = tmp.path().join(format!("b{blank}"));
+            let mut cfg = CropExport::new(dir.clone(), 3, 5);
+            cfg.sources = vec![source.clone()];
+            cfg.size = 48;
+            cfg.field_size = (640, 480);
+            cfg.touching = Some(0.6);
+            cfg.blank_neighbours = blank;
+            export_crops(&cfg, |_, _, _| {}).unwrap();
+            let mut files: Vec<_> = walk(&dir);
+            files.sort();
+            (dir, files)
+        };
+        let (plain_dir, plain) = export(false);
+        let (blank_dir, blanked) = export(true);
+        let rel =
+            |d: &std::path::Path, f: &std::path::PathBuf| f.strip_prefix(d).unwrap().to_owned();
+        let names: Vec<_> = plain.iter().map(|f| rel(&plain_dir, f)).collect();
+        assert_eq!(
+            names,
+            blanked
+                .iter()
+                .map(|f| rel(&blank_dir, f))
+                .collect::<Vec<_>>()
+        );
+        let (mut same, mut changed) = (0, 0);
+        for (a, b) in plain.iter().zip(&blanked) {
+            let (a, b) = (
+                image::open(a).unwrap().to_rgb8(),
+                image::open(b).unwrap().to_rgb8(),
+            );
+            assert_eq!(a.dimensions(), b.dimensions());
+            // The centre (the cell itself) is the same.
+            let c = a.width() / 2;
+            assert_eq!(a.get_pixel(c, c), b.get_pixel(c, c));
+            if a == b {
+                same += 1;
+            } else {
+                changed += 1;
+            }
+        }
+        // Crowded fields: many crops had a neighbour, and cells on their own are untouched.
+        assert!(
+            changed >= 5 && same >= 1,
+            "{changed} changed, {same} the same"
+        );
+        // Cuts without an owner map cannot be blanked.
+        let mut cfg = CropExport::new(tmp.path().join("none"), 1, 0);
+        cfg.sources = vec![source.clone()];
+        cfg.field_size = (640, 480);
+        cfg.blank_neighbours = true;
+        let e = export_crops_by(
+            &cfg,
+            |f| Cuts {
+                boxes: f.cells.iter().map(|c| (Some(c.class), c.bbox)).collect(),
+                owners: None,
+            },
+            |_, _, _| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("owner map"), "{e}");
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 }

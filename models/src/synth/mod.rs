@@ -16,11 +16,12 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use crate::preprocess::OwnerMap;
 use crate::taxonomy::DEFAULT_CLASSES;
 use crate::Error;
 use shapes::{coverage, CellShape, Shape};
 
-pub use crops::{export_crops, export_crops_by, CropExport, CropSummary};
+pub use crops::{export_crops, export_crops_by, CropExport, CropSummary, Cuts};
 
 /// Number of classes the generator draws (the default taxonomy).
 pub const NUM_CLASSES: usize = DEFAULT_CLASSES.len();
@@ -288,6 +289,34 @@ pub struct Field {
     pub source: String,
     /// Background intensity per channel before noise (for tests and cell finders' checks).
     pub background: [f32; 3],
+}
+
+impl Field {
+    /// Which true cell owns each pixel (indices into `cells`): its footprint; where footprints
+    /// overlap, the cell whose centre is nearer.
+    pub fn owner_map(&self) -> OwnerMap {
+        let mut owners = OwnerMap::new(self.image.width(), self.image.height());
+        let w = self.image.width() as usize;
+        for (j, cell) in self.cells.iter().enumerate() {
+            let m = &cell.mask;
+            for y in m.y0..m.y0 + m.height {
+                for x in m.x0..m.x0 + m.width {
+                    if !m.bits[((y - m.y0) * m.width + (x - m.x0)) as usize] {
+                        continue;
+                    }
+                    let id = &mut owners.ids[y as usize * w + x as usize];
+                    let d2 = |c: &CellTruth| {
+                        (c.center.0 - x as f32 - 0.5).powi(2)
+                            + (c.center.1 - y as f32 - 0.5).powi(2)
+                    };
+                    if *id == OwnerMap::BACKGROUND || d2(cell) < d2(&self.cells[*id as usize]) {
+                        *id = j as u32;
+                    }
+                }
+            }
+        }
+        owners
+    }
 }
 
 /// Renders a field.
@@ -708,6 +737,39 @@ mod tests {
                 })
             })
             .count()
+    }
+
+    #[test]
+    fn the_owner_map_splits_the_footprints_between_the_cells() {
+        let mut source = SourcePreset::by_name("mgg_100x").unwrap();
+        set_touching(std::slice::from_mut(&mut source), 0.6).unwrap();
+        let field = render(&FieldSpec::new(640, 480, 8, source)).unwrap();
+        let owners = field.owner_map();
+        let w = 640usize;
+        let mut shared = 0;
+        for (j, c) in field.cells.iter().enumerate() {
+            let m = &c.mask;
+            for y in m.y0..m.y0 + m.height {
+                for x in m.x0..m.x0 + m.width {
+                    let id = owners.ids[y as usize * w + x as usize];
+                    if m.contains(x, y) {
+                        // Every footprint pixel has an owner whose footprint holds it.
+                        assert!(field.cells[id as usize].mask.contains(x, y));
+                        shared += (id != j as u32) as usize;
+                    } else if id == j as u32 {
+                        panic!("cell {j} owns ({x}, {y}) outside its footprint");
+                    }
+                }
+            }
+        }
+        // Crowded cells overlap: some of their pixels went to the neighbour.
+        assert!(shared > 0);
+        let owned = owners
+            .ids
+            .iter()
+            .filter(|&&id| id != OwnerMap::BACKGROUND)
+            .count();
+        assert!(owned > 0 && owned < owners.ids.len());
     }
 
     #[test]
