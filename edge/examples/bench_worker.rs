@@ -20,7 +20,7 @@ use reddino_edge::analyze::{classify_crops, AnalyzeConfig};
 use reddino_edge::cells;
 use reddino_edge::infer::{Backend, BatchOutput, TractBackend};
 use reddino_models::arch::{Preset, VitConfig};
-use reddino_models::preprocess::square_crop;
+use reddino_models::preprocess::{cell_crops, cell_crops_blanked, OwnerMap};
 use reddino_models::runtime::TractModel;
 use reddino_models::synth::{render, FieldSpec, SourcePreset};
 use reddino_models::weights::{tensors_to_bytes, Tensor, VitWeights};
@@ -82,6 +82,17 @@ enum Cmd {
         fields: PathBuf,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+    },
+    /// Cell finding and cropping with and without blanked neighbours, side by side on each
+    /// field (best of N each, alternating): the cost of the `blank_neighbours` crop policy.
+    Crops {
+        #[arg(long)]
+        fields: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// The crop policy's minimum side (multiple of the median cell).
+        #[arg(long, default_value_t = 0.6)]
+        min_side: f32,
     },
     /// The per-frame path of the service (decode, find, crop, preprocess, model, classify) on
     /// replayed fields, one frame after the other.
@@ -273,6 +284,40 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", json!({ "fields": rows }));
         }
+        Cmd::Crops {
+            fields,
+            reps,
+            min_side,
+        } => {
+            let cfg = cells::CellFinderConfig::default();
+            let margin = AnalyzeConfig::default().margin;
+            let mut out = Vec::new();
+            for p in field_files(&fields)? {
+                let img = load(&p)?;
+                let (mut plain, mut blanked) = (f64::INFINITY, f64::INFINITY);
+                let mut n = (0, 0);
+                for _ in 0..reps.max(1) {
+                    let t = Instant::now();
+                    let found = cells::find(&img, &cfg);
+                    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+                    n.0 = cell_crops(&img, &boxes, margin, min_side).len();
+                    plain = plain.min(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    let (found, owners) = cells::find_with_owners(&img, &cfg);
+                    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+                    n.1 = cell_crops_blanked(&img, &boxes, &owners, margin, min_side).len();
+                    blanked = blanked.min(t.elapsed().as_secs_f64());
+                }
+                anyhow::ensure!(n.0 == n.1, "{}: {} vs {} crops", p.display(), n.0, n.1);
+                out.push(json!({
+                    "field": p.file_name().map(|f| f.to_string_lossy().into_owned()),
+                    "cells": n.0,
+                    "plain_ms": plain * 1e3,
+                    "blanked_ms": blanked * 1e3,
+                }));
+            }
+            println!("{}", json!({ "fields": out }));
+        }
         Cmd::Pipeline {
             fields,
             model,
@@ -292,17 +337,33 @@ fn run(cli: Cli) -> Result<()> {
                 inner: TractBackend::from_bundle(&bundle, batch, threads)?,
                 seconds: 0.0,
             };
-            let cfg = AnalyzeConfig::default();
+            let m = bundle.manifest();
+            let cfg = AnalyzeConfig {
+                crop_min_side: m.crop_min_side,
+                blank_neighbours: m.blank_neighbours,
+                ..AnalyzeConfig::default()
+            };
             let files = field_files(&fields)?;
-            let crops_of = |img: &RgbImage, found: &[cells::Cell]| -> Vec<RgbImage> {
-                found
-                    .iter()
-                    .map(|c| square_crop(img, c.bbox, cfg.margin))
-                    .collect()
+            // The model's crop policy, as the service cuts.
+            let find = |img: &RgbImage| {
+                if cfg.blank_neighbours {
+                    let (found, owners) = cells::find_with_owners(img, &cfg.cells);
+                    (found, Some(owners))
+                } else {
+                    (cells::find(img, &cfg.cells), None)
+                }
+            };
+            let crops_of = |img: &RgbImage, found: &[cells::Cell], owners: &Option<OwnerMap>| {
+                let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+                match owners {
+                    Some(o) => cell_crops_blanked(img, &boxes, o, cfg.margin, cfg.crop_min_side),
+                    None => cell_crops(img, &boxes, cfg.margin, cfg.crop_min_side),
+                }
             };
             // One warm-up frame (first-run allocations), not counted.
             let warm = load(&files[0])?;
-            let crops = crops_of(&warm, &cells::find(&warm, &cfg.cells));
+            let (found, owners) = find(&warm);
+            let crops = crops_of(&warm, &found, &owners);
             classify_crops(&crops, &mut backend, &names, &norm, cfg.min_confidence)?;
             backend.seconds = 0.0;
 
@@ -312,9 +373,9 @@ fn run(cli: Cli) -> Result<()> {
                 let t0 = Instant::now();
                 let img = load(p)?;
                 let t1 = Instant::now();
-                let found = cells::find(&img, &cfg.cells);
+                let (found, owners) = find(&img);
                 let t2 = Instant::now();
-                let crops = crops_of(&img, &found);
+                let crops = crops_of(&img, &found, &owners);
                 let t3 = Instant::now();
                 let model_before = backend.seconds;
                 let preds =
@@ -338,8 +399,10 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "{}",
                 json!({
-                    "model": format!("{} {}", bundle.manifest().name, bundle.manifest().version),
-                    "input_size": bundle.manifest().input_size,
+                    "model": format!("{} {}", m.name, m.version),
+                    "crop_min_side": m.crop_min_side,
+                    "blank_neighbours": m.blank_neighbours,
+                    "input_size": m.input_size,
                     "batch": batch,
                     "threads": threads,
                     "wall_s": wall,

@@ -19,7 +19,7 @@ use reddino_edge::cells::greedy_pairs;
 use reddino_edge::demo::{demo_model, is_demo_key, DEMO_PUBLIC_KEY};
 use reddino_edge::infer::{Backend, TractBackend};
 use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
-use reddino_models::preprocess::{median_box_side, square_crop_at_least};
+use reddino_models::preprocess::{blanked_crop, median_box_side, square_crop_at_least};
 use reddino_models::synth::{render, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
 use reddino_models::taxonomy::DEFAULT_CLASSES;
 
@@ -73,7 +73,8 @@ fn held_out_balanced_accuracy() -> f64 {
     let mut backend = TractBackend::from_bundle(&b, 32, 0).unwrap();
     let source = SourcePreset::by_name(HELD_OUT).unwrap();
     // Crops as `reddino-models synth crops` cuts them (box x 1.3, 96 px, the model's minimum
-    // side against the median cell of a default-mix field), uniform class mix.
+    // side against the median cell of a default-mix field, neighbours blanked when the model
+    // says so), uniform class mix.
     let floor = b.manifest().crop_min_side
         * median_box_side(
             &render(&FieldSpec::new(1280, 960, 899_999, source.clone()))
@@ -92,11 +93,15 @@ fn held_out_balanced_accuracy() -> f64 {
         let mut spec = FieldSpec::new(1280, 960, seed, source.clone());
         spec.mix = ClassMix::uniform();
         let field = render(&spec).unwrap();
-        for cell in &field.cells {
+        let owners = b.manifest().blank_neighbours.then(|| field.owner_map());
+        for (j, cell) in field.cells.iter().enumerate() {
             if have[cell.class] >= per_class {
                 continue;
             }
-            let c = square_crop_at_least(&field.image, cell.bbox, 1.3, floor);
+            let c = match &owners {
+                Some(o) => blanked_crop(&field.image, o, j as u32, cell.bbox, 1.3, floor),
+                None => square_crop_at_least(&field.image, cell.bbox, 1.3, floor),
+            };
             crops.push(image::imageops::resize(&c, 96, 96, FilterType::Triangle));
             truth.push(cell.class);
             have[cell.class] += 1;
