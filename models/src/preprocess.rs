@@ -159,8 +159,8 @@ impl OwnerMap {
 /// below the finder's threshold goes with it.
 pub const NEIGHBOUR_RIM: u32 = 2;
 
-/// [`cell_crops`] with the neighbours blanked out (bundle manifest `crop_neighbours =
-/// "blank"`): in each crop, the pixels of every other object in `owners` (and the background
+/// [`cell_crops`] with the neighbours blanked out (bundle manifest `blank_neighbours`): in
+/// each crop, the pixels of every other object in `owners` (and the background
 /// within [`NEIGHBOUR_RIM`] of them) take the mean colour of the crop's remaining background,
 /// so the model sees the cell as if it lay on its own. The cell's own pixels and its
 /// background are left as they are.
@@ -171,11 +171,6 @@ pub fn cell_crops_blanked(
     margin: f32,
     min_side: f32,
 ) -> Vec<RgbImage> {
-    assert_eq!(
-        (owners.width, owners.height),
-        img.dimensions(),
-        "owner map and image differ in size"
-    );
     let floor = if min_side > 0.0 {
         min_side * median_box_side(boxes)
     } else {
@@ -189,7 +184,7 @@ pub fn cell_crops_blanked(
 }
 
 /// One crop of [`cell_crops_blanked`]: the cell `own` of `owners`, its box `bbox`, cut as
-/// [`square_crop_at_least`] cuts it.
+/// [`square_crop_at_least`] cuts it. Panics when `owners` is not the image's size.
 pub fn blanked_crop(
     img: &RgbImage,
     owners: &OwnerMap,
@@ -199,6 +194,12 @@ pub fn blanked_crop(
     min_side: f32,
 ) -> RgbImage {
     let (w, h) = img.dimensions();
+    assert!(
+        owners.width == w && owners.height == h && owners.ids.len() == (w * h) as usize,
+        "owner map {}x{} for an image {w}x{h}",
+        owners.width,
+        owners.height
+    );
     let [left, top, side] = square_crop_rect(w, h, bbox, margin, min_side);
     let mut crop = image::imageops::crop_imm(img, left, top, side, side).to_image();
     let s = side as usize;
