@@ -113,17 +113,23 @@ pub fn median_box_side(boxes: &[[u32; 4]]) -> f32 {
     }
 }
 
+/// The smallest box side a frame's crops are cut for: `min_side` x the median box side, or 0
+/// (off) when `min_side` is 0.
+fn side_floor(boxes: &[[u32; 4]], min_side: f32) -> f32 {
+    if min_side > 0.0 {
+        min_side * median_box_side(boxes)
+    } else {
+        0.0
+    }
+}
+
 /// The crops of every cell found in one frame, as the model's manifest asks: `margin` around
 /// each box, and with `min_side` > 0 no crop smaller than that multiple of the frame's median
 /// cell ([`median_box_side`]) times the margin. With it, a platelet or a fragment shows its size
 /// next to the frame's typical (red) cell, whatever the magnification; with 0 each crop is
 /// scaled to its own cell. The trainer's crop tools and the edge both cut through here.
 pub fn cell_crops(img: &RgbImage, boxes: &[[u32; 4]], margin: f32, min_side: f32) -> Vec<RgbImage> {
-    let floor = if min_side > 0.0 {
-        min_side * median_box_side(boxes)
-    } else {
-        0.0
-    };
+    let floor = side_floor(boxes, min_side);
     boxes
         .iter()
         .map(|&b| square_crop_at_least(img, b, margin, floor))
@@ -171,11 +177,7 @@ pub fn cell_crops_blanked(
     margin: f32,
     min_side: f32,
 ) -> Vec<RgbImage> {
-    let floor = if min_side > 0.0 {
-        min_side * median_box_side(boxes)
-    } else {
-        0.0
-    };
+    let floor = side_floor(boxes, min_side);
     boxes
         .iter()
         .enumerate()
