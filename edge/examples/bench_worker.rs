@@ -345,14 +345,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let files = field_files(&fields)?;
             // The model's crop policy, as the service cuts.
-            let find = |img: &RgbImage| {
-                if cfg.blank_neighbours {
-                    let (found, owners) = cells::find_with_owners(img, &cfg.cells);
-                    (found, Some(owners))
-                } else {
-                    (cells::find(img, &cfg.cells), None)
-                }
-            };
+            let find =
+                |img: &RgbImage| cells::find_maybe_owners(img, &cfg.cells, cfg.blank_neighbours);
             let crops_of = |img: &RgbImage, found: &[cells::Cell], owners: &Option<OwnerMap>| {
                 let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
                 match owners {

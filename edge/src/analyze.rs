@@ -109,17 +109,13 @@ pub fn find_and_crop(
     min_side: f32,
     blank_neighbours: bool,
 ) -> (Vec<cells::Cell>, Vec<RgbImage>) {
-    if blank_neighbours {
-        let (found, owners) = cells::find_with_owners(img, finder);
-        let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-        let crops = cell_crops_blanked(img, &boxes, &owners, margin, min_side);
-        (found, crops)
-    } else {
-        let found = cells::find(img, finder);
-        let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-        let crops = cell_crops(img, &boxes, margin, min_side);
-        (found, crops)
-    }
+    let (found, owners) = cells::find_maybe_owners(img, finder, blank_neighbours);
+    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+    let crops = match &owners {
+        Some(o) => cell_crops_blanked(img, &boxes, o, margin, min_side),
+        None => cell_crops(img, &boxes, margin, min_side),
+    };
+    (found, crops)
 }
 
 /// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the

@@ -96,6 +96,20 @@ pub fn find_with_owners(img: &RgbImage, cfg: &CellFinderConfig) -> (Vec<Cell>, O
     (cells, owners)
 }
 
+/// [`find_with_owners`] when `owners`, else [`find`] (and no map).
+pub fn find_maybe_owners(
+    img: &RgbImage,
+    cfg: &CellFinderConfig,
+    owners: bool,
+) -> (Vec<Cell>, Option<OwnerMap>) {
+    if owners {
+        let (cells, map) = find_with_owners(img, cfg);
+        (cells, Some(map))
+    } else {
+        (find(img, cfg), None)
+    }
+}
+
 /// Non-overlapping `tile` x `tile` tiles covering the frame (partial edge tiles dropped).
 pub fn tiles(width: u32, height: u32, tile: u32) -> Vec<Cell> {
     if tile == 0 {

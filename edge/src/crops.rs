@@ -48,12 +48,8 @@ pub fn write_detected_crops(
     export_crops_by(
         cfg,
         |field| {
-            let (found, owners) = if cfg.blank_neighbours {
-                let (found, owners) = cells::find_with_owners(&field.image, finder);
-                (found, Some(owners))
-            } else {
-                (cells::find(&field.image, finder), None)
-            };
+            let (found, owners) =
+                cells::find_maybe_owners(&field.image, finder, cfg.blank_neighbours);
             let labels = label_detections(&found, &field.cells);
             Cuts {
                 boxes: found
