@@ -26,9 +26,9 @@ HELD_OUT=giemsa_60x
 SIZE=56
 # Crops no smaller than this multiple of the frame's median cell (x the 1.3 margin), so that
 # platelets and fragments keep their size next to the red cells (bundle manifest
-# `crop_min_side`). The shipped model: 0 (each crop scaled to its cell); see docs/models/demo.md
-# for 0.6, 0.8 and 1.0.
-MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0}
+# `crop_min_side`). The shipped model: 0.6 (1.2.0 had 0, each crop scaled to its cell); see
+# docs/models/demo.md for 0.8 and 1.0.
+MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0.6}
 # Fine-tuning seed (data order, augmentations, head initialisation); the shipped model: 0.
 SEED=${DEMO_MODEL_SEED:-0}
 # DEMO_MODEL_BLANK=1: every crop with its neighbours blanked out (bundle manifest
@@ -102,7 +102,7 @@ $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W
 echo "== 6/6 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-demo --version 1.2.0 "${EXPORT_ARGS[@]}" \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.3.0 "${EXPORT_ARGS[@]}" \
     --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

@@ -5,12 +5,15 @@
 //! - `analyze` on whole held-out fields: per-class counts within 10% of the truth for every
 //!   class with >= 20 cells.
 //!
-//! The shipped model meets the first (0.91 on these crops); the second is not met yet (counts up
-//! to 53% off, mostly cells touching a neighbour read as dacrocytes and cells left `uncertain`):
+//! The shipped model meets the first; the second is not met yet (docs/models/demo.md):
 //! `target_analyze_counts_*` asserts it and is ignored until a model meets it (`cargo test -p
 //! reddino-edge --test demo_model -- --ignored`); `floor_analyze_counts_*` holds the shipped
 //! model's figure so that a worse model (or a change to the finder, crops or preprocessing)
 //! cannot ship unnoticed.
+//!
+//! The counts are taken over twelve fields (about 9 300 cells): on four, which model looked
+//! best depended on the render seeds (1.2.0 had 10 of 13 classes within 10% on 910 000-910 003
+//! and 7 of 13 on 920 000-920 003).
 
 use image::imageops::FilterType;
 use image::RgbImage;
@@ -150,7 +153,7 @@ fn target_held_out_crops_balanced_accuracy_at_least_0_90() {
     );
 }
 
-/// Per default class: (name, true count, counted by `analyze`) over four held-out 1920x1080
+/// Per default class: (name, true count, counted by `analyze`) over twelve held-out 1920x1080
 /// fields with the default class mix.
 fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
     let tmp = tempfile::tempdir().unwrap();
@@ -170,7 +173,7 @@ fn held_out_counts() -> Vec<(&'static str, u64, u64)> {
     // Where each true cell went: row = truth, columns = the classes, `uncertain`, not found.
     let mut fate = vec![vec![0u64; names.len() + 2]; NUM_CLASSES];
     let mut unmatched = vec![0u64; names.len() + 1];
-    for seed in 910_000..910_004 {
+    for seed in 910_000..910_012 {
         // Full-HD fields with the default (clinical-like) class mix.
         let field = render(&FieldSpec::new(1920, 1080, seed, source.clone())).unwrap();
         let (w, h) = (field.image.width(), field.image.height());
@@ -279,7 +282,7 @@ fn floor_analyze_counts_on_held_out_fields() {
 }
 
 #[test]
-#[ignore = "target not met by the shipped demo model (3 of 13 classes 13-20% off); see docs/models/demo.md"]
+#[ignore = "target not met by the shipped demo model (3 of 13 classes 10-20% off); see docs/models/demo.md"]
 fn target_analyze_counts_on_held_out_fields_within_10_percent() {
     let failures: Vec<String> = count_errors(&held_out_counts())
         .into_iter()
