@@ -31,13 +31,28 @@ SIZE=56
 MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0.6}
 # Fine-tuning seed (data order, augmentations, head initialisation); the shipped model: 0.
 SEED=${DEMO_MODEL_SEED:-0}
-# DEMO_MODEL_BLANK=1: every crop with its neighbours blanked out (bundle manifest
-# `blank_neighbours`), so a cell touching another is seen as if it lay on its own.
+# Neighbours blanked out of each crop (bundle manifest `blank_neighbours`), so that a cell
+# touching another is seen as if it lay on its own. DEMO_MODEL_BLANK=edge (the shipped model):
+# the bundle asks the edge for blanked crops, the model is trained on plain ones; =1: trained
+# on blanked crops too; =0: never.
+BLANK=${DEMO_MODEL_BLANK:-edge}
 CROP_ARGS=(--min-side "$MIN_SIDE")
 EXPORT_ARGS=(--crop-min-side "$MIN_SIDE")
-if [[ ${DEMO_MODEL_BLANK:-0} == 1 ]]; then
-    CROP_ARGS+=(--blank-neighbours)
+case $BLANK in
+1) CROP_ARGS+=(--blank-neighbours) ;;
+edge | 0) ;;
+*)
+    echo "DEMO_MODEL_BLANK must be 0, 1 or edge, not '$BLANK'" >&2
+    exit 2
+    ;;
+esac
+# The held-out crops are cut as the edge will cut them.
+HELD_OUT_ARGS=("${CROP_ARGS[@]}")
+if [[ $BLANK != 0 ]]; then
     EXPORT_ARGS+=(--blank-neighbours)
+fi
+if [[ $BLANK == edge ]]; then
+    HELD_OUT_ARGS+=(--blank-neighbours)
 fi
 mkdir -p "$W"
 # Crops depend only on their seeds: kept between runs; everything else starts afresh.
@@ -73,7 +88,7 @@ for dir in "$W"/train/*/*/; do
     done
 done
 crops "$T/reddino-models synth crops" "$W/heldout" --per-class 60 --sources "$HELD_OUT" --seed 2 \
-    "${CROP_ARGS[@]}"
+    "${HELD_OUT_ARGS[@]}"
 crops "$T/reddino-models synth crops" "$W/probe" --per-class 60 --seed 3 "${CROP_ARGS[@]}"
 
 echo "== 2/6 self-supervised pretraining (DINOv2 losses, unlabelled training crops)"
