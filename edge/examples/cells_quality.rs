@@ -1,5 +1,6 @@
 //! Cell-finding recall and precision per synthetic source:
-//! `cargo run --release -p reddino-edge --example cells_quality [FIELDS_PER_SOURCE]`.
+//! `cargo run --release -p reddino-edge --example cells_quality [FIELDS_PER_SOURCE] [SETTINGS]`,
+//! SETTINGS being finder settings as in the config's `[cells]` table, e.g. `'split_necks = 0'`.
 
 use std::time::Instant;
 
@@ -11,7 +12,13 @@ fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let cfg = CellFinderConfig::default();
+    let cfg: CellFinderConfig = match std::env::args().nth(2) {
+        Some(settings) => toml::from_str(&settings).unwrap_or_else(|e| {
+            eprintln!("finder settings: {e}");
+            std::process::exit(2)
+        }),
+        None => CellFinderConfig::default(),
+    };
     println!("| source | fields | cells | recall | precision | ms per 1280x960 field |");
     println!("|---|---|---|---|---|---|");
     for source in SourcePreset::all() {
