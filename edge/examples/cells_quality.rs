@@ -1,6 +1,6 @@
 //! Cell-finding recall and precision per synthetic source:
 //! `cargo run --release -p reddino-edge --example cells_quality [FIELDS_PER_SOURCE] [SETTINGS]`,
-//! SETTINGS being finder settings as in the config's `[cells]` table, e.g. `'split_necks = 0'`.
+//! SETTINGS being `CellFinderConfig` fields in TOML, e.g. `'split_necks = 0'`.
 
 use std::time::Instant;
 
