@@ -37,23 +37,25 @@ SEED=${DEMO_MODEL_SEED:-0}
 # on blanked crops too; =0: never.
 BLANK=${DEMO_MODEL_BLANK:-edge}
 CROP_ARGS=(--min-side "$MIN_SIDE")
+# The held-out crops are cut as the edge will cut them.
+HELD_OUT_ARGS=(--min-side "$MIN_SIDE")
 EXPORT_ARGS=(--crop-min-side "$MIN_SIDE")
 case $BLANK in
-1) CROP_ARGS+=(--blank-neighbours) ;;
-edge | 0) ;;
+1)
+    CROP_ARGS+=(--blank-neighbours)
+    HELD_OUT_ARGS+=(--blank-neighbours)
+    EXPORT_ARGS+=(--blank-neighbours)
+    ;;
+edge)
+    HELD_OUT_ARGS+=(--blank-neighbours)
+    EXPORT_ARGS+=(--blank-neighbours)
+    ;;
+0) ;;
 *)
     echo "DEMO_MODEL_BLANK must be 0, 1 or edge, not '$BLANK'" >&2
     exit 2
     ;;
 esac
-# The held-out crops are cut as the edge will cut them.
-HELD_OUT_ARGS=("${CROP_ARGS[@]}")
-if [[ $BLANK != 0 ]]; then
-    EXPORT_ARGS+=(--blank-neighbours)
-fi
-if [[ $BLANK == edge ]]; then
-    HELD_OUT_ARGS+=(--blank-neighbours)
-fi
 mkdir -p "$W"
 # Crops depend only on their seeds: kept between runs; everything else starts afresh.
 rm -rf "$W/pretrain" "$W/finetune" "$W"/score-* "$W"/probe-* "$W/bundle" "$W/bundle.tar"

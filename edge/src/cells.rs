@@ -1264,12 +1264,13 @@ mod tests {
         assert!(owners.ids.iter().all(|&id| id == OwnerMap::BACKGROUND));
     }
 
-    /// Detections and their quality against the truth, with and without the neck split.
-    fn with_and_without_necks(spec: &FieldSpec) -> [(usize, Match); 2] {
+    /// The field's true cells, and the detections and their quality against the truth without
+    /// and with the neck split.
+    fn with_and_without_necks(spec: &FieldSpec) -> (usize, [(usize, Match); 2]) {
         let field = render(spec).unwrap();
         let truth: Vec<((f32, f32), f32)> =
             field.cells.iter().map(|c| (c.center, c.radius)).collect();
-        [0.0, CellFinderConfig::default().split_necks].map(|split_necks| {
+        let runs = [0.0, CellFinderConfig::default().split_necks].map(|split_necks| {
             let cfg = CellFinderConfig {
                 split_necks,
                 drop_border: false,
@@ -1278,7 +1279,8 @@ mod tests {
             let found: Vec<(f32, f32)> =
                 find(&field.image, &cfg).iter().map(|c| c.center).collect();
             (found.len(), match_centres(&found, &truth))
-        })
+        });
+        (truth.len(), runs)
     }
 
     #[test]
@@ -1294,7 +1296,7 @@ mod tests {
         for seed in 0..2 {
             let mut spec = FieldSpec::new(1280, 960, 300 + seed, source.clone());
             spec.mix = ClassMix(mix);
-            let [(_, a), (_, b)] = with_and_without_necks(&spec);
+            let (_, [(_, a), (_, b)]) = with_and_without_necks(&spec);
             off = (off.0 + a.true_positives, off.1 + a.truths);
             on = (on.0 + b.true_positives, on.1 + b.truths);
         }
@@ -1330,8 +1332,7 @@ mod tests {
             mix[class] = 1.0;
             let mut spec = FieldSpec::new(1280, 960, 400 + class as u64, source.clone());
             spec.mix = ClassMix(mix);
-            let truth = render(&spec).unwrap().cells.len();
-            let [(off, _), (on, _)] = with_and_without_necks(&spec);
+            let (truth, [(off, _), (on, _)]) = with_and_without_necks(&spec);
             eprintln!(
                 "{name}: {truth} cells, {off} detections without the neck split, {on} with it"
             );
