@@ -29,6 +29,13 @@ SIZE=56
 # `crop_min_side`). The shipped model: 0.6 (1.2.0 had 0, each crop scaled to its cell); see
 # docs/models/demo.md for 0.8 and 1.0.
 MIN_SIDE=${DEMO_MODEL_MIN_SIDE:-0.6}
+# Fine-tuning crops are cut wider than the edge cuts (1.3 x the cell's box), and fine-tuning
+# takes random crops of 75-100% of their area: each cell is framed between 1.21 and 1.4 times
+# its box, around the edge's 1.3, so that a box a pixel looser or tighter than the cell does not
+# change its reading. The shipped model: 1.4 and 0.75 (1.3.0 was fine-tuned at 1.3 and 0.6, so
+# only on framings between 1.0 and 1.3; docs/models/demo.md). Pretraining keeps crops cut at 1.3.
+TRAIN_MARGIN=${DEMO_MODEL_TRAIN_MARGIN:-1.4}
+CROP_SCALE=${DEMO_MODEL_CROP_SCALE:-0.75}
 # Fine-tuning seed (data order, augmentations, head initialisation); the shipped model: 0.
 SEED=${DEMO_MODEL_SEED:-0}
 # Neighbours blanked out of each crop (bundle manifest `blank_neighbours`), so that a cell
@@ -62,9 +69,11 @@ rm -rf "$W/pretrain" "$W/finetune" "$W"/score-* "$W"/probe-* "$W/bundle" "$W/bun
 export RUST_LOG=${RUST_LOG:-info}
 
 echo "== 1/6 synthetic crops"
-# Training crops: three sources, cut by the edge's own cell finder (what the device will
-# crop). Held-out crops: a fourth source, other render seeds, cut around the true cells.
-# Probe crops: all four sources (for leave-one-source-out linear probes).
+# Pretraining crops: three sources, cut by the edge's own cell finder (what the device will
+# crop). Fine-tuning crops: the same fields cut at the training margin, and the same sources
+# cut around the true cells. Held-out crops: a fourth source, other render seeds, cut around
+# the true cells as the edge cuts. Probe crops: all four sources (for leave-one-source-out
+# linear probes).
 crops() { # TOOL DIR ARGS... (redone when the arguments change)
     local tool=$1 dir=$2
     shift 2
@@ -76,13 +85,15 @@ crops() { # TOOL DIR ARGS... (redone when the arguments change)
 }
 crops "$T/reddino-edge synth-crops" "$W/train" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1 \
     "${CROP_ARGS[@]}"
-# The same sources cut around the true cells too (other seeds): the finder's boxes are tighter
-# around spiculated cells than the true boxes, and the model must know both framings.
+crops "$T/reddino-edge synth-crops" "$W/train-wide" --per-class 300 --sources "$TRAIN_SOURCES" --seed 1 \
+    "${CROP_ARGS[@]}" --margin "$TRAIN_MARGIN"
+# Other seeds, cut around the true cells: the finder's boxes are tighter around spiculated
+# cells than the true boxes, and the model must know both framings.
 crops "$T/reddino-models synth crops" "$W/train-truth" --per-class 150 --sources "$TRAIN_SOURCES" --seed 4 \
-    "${CROP_ARGS[@]}"
+    "${CROP_ARGS[@]}" --margin "$TRAIN_MARGIN"
 rm -rf "$W/train-all"
-for dir in "$W"/train/*/*/; do
-    rel=${dir#"$W/train/"}
+for dir in "$W"/train-wide/*/*/; do
+    rel=${dir#"$W/train-wide/"}
     mkdir -p "$W/train-all/$rel"
     cp -l "$dir"*.png "$W/train-all/$rel"
     for f in "$W/train-truth/$rel"*.png; do
@@ -100,7 +111,8 @@ PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbo
 
 echo "== 3/6 fine-tuning with a linear head (labelled training crops)"
 $T/reddino-trainer finetune --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W/train-all" \
-    --out "$W/finetune" --epochs 20 --lr 2e-3 --layer-decay 0.9 --threads 2 --seed "$SEED"
+    --out "$W/finetune" --epochs 20 --lr 2e-3 --layer-decay 0.9 --threads 2 --seed "$SEED" \
+    --crop-scale "$CROP_SCALE"
 
 echo "== 4/6 held-out source: the demo model's own head"
 $T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
@@ -119,7 +131,7 @@ $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W
 echo "== 6/6 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-demo --version 1.3.0 "${EXPORT_ARGS[@]}" \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.4.0 "${EXPORT_ARGS[@]}" \
     --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

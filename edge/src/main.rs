@@ -48,6 +48,11 @@ enum Cmd {
         /// Side of the saved crops in pixels.
         #[arg(long, default_value_t = 96)]
         size: u32,
+        /// Crop side as a multiple of the cell's box. The edge cuts at 1.3 (`analysis.margin`);
+        /// training crops cut wider let the fine-tuning's random crops frame the cells on
+        /// either side of it.
+        #[arg(long, default_value_t = 1.3)]
+        margin: f32,
         /// No crop smaller than this multiple of the median cell (the model's
         /// `crop_min_side`); 0 = each crop scaled to its own cell.
         #[arg(long, default_value_t = 0.0)]
@@ -133,12 +138,14 @@ fn run(cli: Cli) -> Result<()> {
             sources,
             per_class,
             size,
+            margin,
             min_side,
             touching,
             blank_neighbours,
             seed,
         } => {
             let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
+            cfg.margin = margin;
             cfg.min_side = min_side;
             cfg.touching = touching;
             cfg.blank_neighbours = blank_neighbours;

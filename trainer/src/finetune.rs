@@ -84,6 +84,10 @@ impl FinetuneConfig {
                 self.label_smoothing
             );
         }
+        let (lo, hi) = self.augment.crop_scale;
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            bail!("the random crop's area must be a range within (0, 1], got {lo}..{hi}");
+        }
         if !(0.0..=1.0).contains(&self.warmup) {
             bail!("warmup must be a fraction in [0, 1], got {}", self.warmup);
         }

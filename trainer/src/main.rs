@@ -129,6 +129,11 @@ enum Cmd {
         weight_decay: f64,
         #[arg(long, default_value_t = 0.1)]
         label_smoothing: f64,
+        /// Smallest area of the random crop taken from each training crop, as a fraction of
+        /// it (the largest is 1): the cells are framed between sqrt(this) and 1 times the
+        /// margin the crops were cut at.
+        #[arg(long, default_value_t = 0.6)]
+        crop_scale: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// CPU threads for libtorch (0 = its default).
@@ -488,6 +493,7 @@ fn run(cli: Cli) -> Result<()> {
             layer_decay,
             weight_decay,
             label_smoothing,
+            crop_scale,
             seed,
             threads,
         } => {
@@ -498,6 +504,7 @@ fn run(cli: Cli) -> Result<()> {
             let init = reddino_models::weights::VitWeights::load(&model.checkpoint)?;
             let set = LabelledSet::scan(&data)?;
             let device = reddino_trainer::train::device_from(&model.device)?;
+            let defaults = FinetuneConfig::default();
             let cfg = FinetuneConfig {
                 input_size: model.input_size.unwrap_or(init.config.img_size),
                 epochs,
@@ -506,8 +513,12 @@ fn run(cli: Cli) -> Result<()> {
                 layer_decay,
                 weight_decay,
                 label_smoothing,
+                augment: reddino_trainer::augment::AugmentConfig {
+                    crop_scale: (crop_scale, 1.0),
+                    ..defaults.augment
+                },
                 seed,
-                ..FinetuneConfig::default()
+                ..defaults
             };
             log::info!(
                 "fine-tuning ViT {}-d x {} at {} px on {device:?}: {} crops, {} classes, {} sources, {epochs} epochs of batch {}",
@@ -549,6 +560,7 @@ fn run(cli: Cli) -> Result<()> {
                 "layer_decay": layer_decay,
                 "weight_decay": weight_decay,
                 "label_smoothing": label_smoothing,
+                "crop_scale": crop_scale,
                 "seed": seed,
                 "first_loss": r.first_loss,
                 "last_loss": r.last_loss,

@@ -98,6 +98,17 @@ fn bad_settings_and_unknown_classes_are_refused() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("multiple of 14"), "{e}");
+    for scale in [(0.0, 1.0), (0.8, 0.6), (0.6, 1.2), (f64::NAN, 1.0)] {
+        let mut bad = FinetuneConfig::default();
+        bad.augment.crop_scale = scale;
+        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("random crop's area"),
+            "{scale:?}: {e}"
+        );
+    }
     // A head that does not know a class of the data.
     let cfg = FinetuneConfig {
         input_size: 28,
