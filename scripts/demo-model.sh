@@ -131,7 +131,7 @@ $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size $SIZE --data "$W
 echo "== 6/6 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-demo --version 1.4.0 "${EXPORT_ARGS[@]}" \
+    --sign models/demo/demo.sec --name reddino-demo --version 1.5.0 "${EXPORT_ARGS[@]}" \
     --description "ViT-tiny pretrained and fine-tuned on synthetic smears only (docs/models/demo.md); demo key; never for patients" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

@@ -47,6 +47,15 @@ pub struct CellFinderConfig {
     /// that line is shorter than this multiple of the two bays' depths together (and both parts
     /// hold at least a fifth of it); 0 = off.
     pub split_necks: f32,
+    /// Thin and faint parts of a cell that the opening cuts off or that stay below the
+    /// threshold (a fragment's sharp corners, a spicule's tip, a tail) join the cell they touch:
+    /// stained pixels above `grow_widths` noise widths, at most this many pixels out from the
+    /// cell's opened outline, are added to it (its box, area, centre and owned pixels). Which
+    /// cells are found is decided before: debris does not grow. 0 = off.
+    pub grow_steps: u32,
+    /// Threshold for `grow_steps`, in noise widths above the background mode (at most
+    /// `noise_widths`; `min_density` still applies).
+    pub grow_widths: f32,
     /// Objects smaller than this fraction of the median object area are dropped as debris.
     pub min_area_fraction: f32,
     /// Objects touching the frame border are dropped (they are counted in the next field).
@@ -65,6 +74,8 @@ impl Default for CellFinderConfig {
             split_dynamics: 0.14,
             split_blue: 0.25,
             split_necks: 1.0,
+            grow_steps: 3,
+            grow_widths: 4.0,
             min_area_fraction: 0.02,
             drop_border: true,
             tile: 224,
@@ -258,8 +269,13 @@ fn ln_table() -> [f32; 256] {
     std::array::from_fn(|v| (v.max(1) as f32).ln())
 }
 
-/// Threshold a few noise widths above the background mode of the density histogram.
-fn density_threshold(od: &[f32], cfg: &CellFinderConfig) -> f32 {
+/// Thresholds `widths` noise widths above the background mode of the density histogram (and
+/// at least `min_density` above it), one per entry of `widths`.
+fn density_thresholds<const N: usize>(
+    od: &[f32],
+    cfg: &CellFinderConfig,
+    widths: [f32; N],
+) -> [f32; N] {
     const BINS: usize = 1024;
     const SCALE: f32 = 128.0;
     const OFFSET: f32 = 2.0;
@@ -282,7 +298,7 @@ fn density_threshold(od: &[f32], cfg: &CellFinderConfig) -> f32 {
     }
     let sigma = hw as f32 / 1.1774 / SCALE;
     let m = (mode as f32 + 0.5) / SCALE - OFFSET;
-    (m + cfg.noise_widths * sigma).max(m + cfg.min_density)
+    widths.map(|k| (m + k * sigma).max(m + cfg.min_density))
 }
 
 /// 3x3 minimum (`erode`) or maximum filter of a 0/1 mask over the pixels inside the frame.
@@ -698,8 +714,15 @@ fn find_cells(
     let bg = Background::of(img, cfg.background_block);
     let ln = ln_table();
     let od = optical_density(img, &bg, &ln);
-    let t = density_threshold(&od, cfg);
+    let [t, t_grow] = density_thresholds(&od, cfg, [cfg.noise_widths, cfg.grow_widths]);
     let mask: Vec<u8> = od.iter().map(|&v| (v > t) as u8).collect();
+    // Stained pixels a cell may grow into (see `grow_steps`).
+    let grow: Vec<u8> = if cfg.grow_steps > 0 {
+        let t_grow = t_grow.min(t);
+        od.iter().map(|&v| (v > t_grow) as u8).collect()
+    } else {
+        Vec::new()
+    };
     drop(od);
     // Opening with a 3x3 square removes specks and one-pixel bridges.
     let mask = filter3(&filter3(&mask, wu, true), wu, false);
@@ -715,6 +738,44 @@ fn find_cells(
     let typical_r = peaks[peaks.len() / 2];
     let h_dyn = (cfg.split_dynamics * typical_r).max(1.2);
 
+    // The basin of each pixel over the frame (`NONE` off every basin).
+    const NONE: u32 = u32::MAX;
+    let mut basin = vec![NONE; wu * h as usize];
+    let mut n_basins = 0u32;
+    for obj in &objs {
+        let (labels, n) = flood(obj, h_dyn);
+        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
+        let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
+        for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
+            let start = (obj.y0 + ly) * wu + obj.x0;
+            for (b, &l) in basin[start..start + obj.w].iter_mut().zip(row) {
+                if l != NONE {
+                    *b = n_basins + l;
+                }
+            }
+        }
+        // Empty basins keep their index (in the owner map too); the area filter drops them.
+        n_basins += n as u32;
+    }
+    // Debris: basins smaller than a fraction of the median basin (before growing, so that
+    // growing changes boxes, never which cells are found).
+    let mut size = vec![0u32; n_basins as usize];
+    for &l in basin.iter().filter(|&&l| l != NONE) {
+        size[l as usize] += 1;
+    }
+    let mut areas: Vec<u32> = size.iter().copied().filter(|&n| n > 0).collect();
+    if areas.is_empty() {
+        return vec![];
+    }
+    areas.sort_unstable();
+    let median = areas[areas.len() / 2];
+    let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
+    let kept: Vec<bool> = size.iter().map(|&n| n >= min_area).collect();
+    if cfg.grow_steps > 0 {
+        grow_basins(&mut basin, &grow, wu, cfg.grow_steps, &kept);
+    }
+    drop(grow);
+
     // Statistics per basin.
     #[derive(Clone)]
     struct Acc {
@@ -727,61 +788,49 @@ fn find_cells(
         n: u32,
         border: bool,
     }
-    let mut found: Vec<Acc> = Vec::new();
-    for obj in &objs {
-        let (labels, n) = flood(obj, h_dyn);
-        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
-        let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
-        // Basin `l` of this object is `found[base + l]`.
-        let base = found.len() as u32;
-        let mut acc = vec![
-            Acc {
-                x0: u32::MAX,
-                y0: u32::MAX,
-                x1: 0,
-                y1: 0,
-                sx: 0.0,
-                sy: 0.0,
-                n: 0,
-                border: false,
-            };
-            n
-        ];
-        for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
-            let y = (obj.y0 + ly) as u32;
-            for (lx, &l) in row.iter().enumerate() {
-                if l == u32::MAX {
-                    continue;
-                }
-                let x = (obj.x0 + lx) as u32;
-                let a = &mut acc[l as usize];
-                a.x0 = a.x0.min(x);
-                a.y0 = a.y0.min(y);
-                a.x1 = a.x1.max(x + 1);
-                a.y1 = a.y1.max(y + 1);
-                a.sx += x as f64 + 0.5;
-                a.sy += y as f64 + 0.5;
-                a.n += 1;
-                a.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
-                if let Some(o) = owners.as_deref_mut() {
-                    o.ids[y as usize * wu + x as usize] = base + l;
-                }
+    let mut found = vec![
+        Acc {
+            x0: u32::MAX,
+            y0: u32::MAX,
+            x1: 0,
+            y1: 0,
+            sx: 0.0,
+            sy: 0.0,
+            n: 0,
+            border: false,
+        };
+        n_basins as usize
+    ];
+    for (y, row) in basin.chunks_exact(wu).enumerate() {
+        let y = y as u32;
+        for (x, &l) in row.iter().enumerate() {
+            if l == NONE {
+                continue;
+            }
+            let x = x as u32;
+            let a = &mut found[l as usize];
+            a.x0 = a.x0.min(x);
+            a.y0 = a.y0.min(y);
+            a.x1 = a.x1.max(x + 1);
+            a.y1 = a.y1.max(y + 1);
+            a.sx += x as f64 + 0.5;
+            a.sy += y as f64 + 0.5;
+            a.n += 1;
+            a.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+        }
+    }
+    if let Some(o) = owners.as_deref_mut() {
+        for (id, &l) in o.ids.iter_mut().zip(&basin) {
+            if l != NONE {
+                *id = l;
             }
         }
-        // Empty basins stay (their indices are in the owner map); the area filter drops them.
-        found.extend(acc);
     }
-    let mut areas: Vec<u32> = found.iter().map(|a| a.n).filter(|&n| n > 0).collect();
-    if areas.is_empty() {
-        return vec![];
-    }
-    areas.sort_unstable();
-    let median = areas[areas.len() / 2];
-    let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
+    drop(basin);
     let mut cells: Vec<(usize, Cell)> = found
         .iter()
         .enumerate()
-        .filter(|(_, a)| a.n >= min_area && !(cfg.drop_border && a.border))
+        .filter(|(k, a)| kept[*k] && !(cfg.drop_border && a.border))
         .map(|(k, a)| {
             let cell = Cell {
                 bbox: [a.x0, a.y0, a.x1, a.y1],
@@ -806,6 +855,52 @@ fn find_cells(
         }
     }
     cells.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Grows the basins that `grows` marks into the unclaimed pixels of `grow` (8-connected), one
+/// ring per step for `steps` steps; a pixel reached by two basins in the same step joins the
+/// first one scanned.
+fn grow_basins(basin: &mut [u32], grow: &[u8], w: usize, steps: u32, grows: &[bool]) {
+    const NONE: u32 = u32::MAX;
+    let h = basin.len() / w;
+    let claimable = |basin: &[u32], j: usize| grow[j] != 0 && basin[j] == NONE;
+    // Pixels of a basin with a claimable neighbour.
+    let mut front: Vec<u32> = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            if basin[i] == NONE || !grows[basin[i] as usize] {
+                continue;
+            }
+            let near = (y.saturating_sub(1)..(y + 2).min(h)).any(|ny| {
+                (x.saturating_sub(1)..(x + 2).min(w)).any(|nx| claimable(basin, ny * w + nx))
+            });
+            if near {
+                front.push(i as u32);
+            }
+        }
+    }
+    let mut next: Vec<u32> = Vec::new();
+    for _ in 0..steps {
+        if front.is_empty() {
+            break;
+        }
+        next.clear();
+        for &i in &front {
+            let i = i as usize;
+            let (x, y, l) = (i % w, i / w, basin[i]);
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let j = ny * w + nx;
+                    if claimable(basin, j) {
+                        basin[j] = l;
+                        next.push(j as u32);
+                    }
+                }
+            }
+        }
+        std::mem::swap(&mut front, &mut next);
+    }
 }
 
 /// Cuts basins at a neck (see `CellFinderConfig::split_necks`). Only basins of at least 0.6 of
@@ -1401,6 +1496,121 @@ mod tests {
             ..CellFinderConfig::default()
         };
         assert_eq!(find(&img, &off).len(), 6);
+    }
+
+    #[test]
+    fn a_thin_tip_cut_by_the_opening_rejoins_its_cell() {
+        // A red disc with a two-pixel-wide spike pointing right, and a lone two-pixel speck.
+        const RED: [u8; 3] = [185, 95, 115];
+        let img = RgbImage::from_fn(160, 120, |x, y| {
+            let disc = (x as f32 + 0.5 - 60.0).hypot(y as f32 + 0.5 - 60.0) <= 18.0;
+            let spike = (70..90).contains(&x) && (59..61).contains(&y);
+            let speck = (120..122).contains(&x) && (30..32).contains(&y);
+            image::Rgb(if disc || spike || speck {
+                RED
+            } else {
+                [235, 228, 232]
+            })
+        });
+        let off = CellFinderConfig {
+            grow_steps: 0,
+            ..CellFinderConfig::default()
+        };
+        let (plain, grown) = (find(&img, &off), find(&img, &CellFinderConfig::default()));
+        let ([plain], [grown]) = (&plain[..], &grown[..]) else {
+            panic!("one cell each: {plain:?} {grown:?}")
+        };
+        // The opening leaves the disc alone; the spike grows back three pixels.
+        assert_eq!(plain.bbox, [42, 42, 78, 78]);
+        assert_eq!(grown.bbox, [42, 42, 81, 78]);
+        assert_eq!(grown.area, plain.area + 2 * 3);
+    }
+
+    #[test]
+    fn growing_changes_boxes_not_which_cells_are_found() {
+        // Fields with white cells, whose grainy cytoplasm leaves specks around them: a speck
+        // too small to count stays out even when it could grow. Cells at the frame's border
+        // kept, so that both runs keep the same objects.
+        let source = SourcePreset::by_name("giemsa_60x").unwrap();
+        let plain_cfg = CellFinderConfig {
+            grow_steps: 0,
+            drop_border: false,
+            ..CellFinderConfig::default()
+        };
+        let grown_cfg = CellFinderConfig {
+            drop_border: false,
+            ..CellFinderConfig::default()
+        };
+        for seed in [1000, 1001, 1003] {
+            let field = render(&FieldSpec::new(1280, 960, seed, source.clone())).unwrap();
+            let plain = find(&field.image, &plain_cfg);
+            let grown = find(&field.image, &grown_cfg);
+            assert_eq!(plain.len(), grown.len(), "seed {seed}");
+            let inside = |a: [u32; 4], b: [u32; 4]| {
+                b[0] <= a[0] && b[1] <= a[1] && a[2] <= b[2] && a[3] <= b[3]
+            };
+            for p in &plain {
+                assert!(
+                    grown
+                        .iter()
+                        .any(|g| inside(p.bbox, g.bbox) && g.area >= p.area),
+                    "seed {seed}: no grown cell holds {p:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn grown_boxes_of_irregular_cells_come_closer_to_their_true_boxes() {
+        // Fragments, crenated cells and tear drops, apart, at the two magnifications where thin
+        // parts are a pixel or two wide.
+        let ratio = |cfg: &CellFinderConfig, source: &SourcePreset, class: usize| {
+            let mut mix = [0.0; NUM_CLASSES];
+            mix[class] = 1.0;
+            let mut spec = FieldSpec::new(1280, 960, 500 + class as u64, source.clone());
+            spec.mix = ClassMix(mix);
+            let field = render(&spec).unwrap();
+            let found = find(&field.image, cfg);
+            let mut pairs = Vec::new();
+            for (i, c) in found.iter().enumerate() {
+                let [x0, y0, x1, y1] = c.bbox;
+                for (j, t) in field.cells.iter().enumerate() {
+                    if (x0 as f32..x1 as f32).contains(&t.center.0)
+                        && (y0 as f32..y1 as f32).contains(&t.center.1)
+                    {
+                        let d = (c.center.0 - t.center.0).hypot(c.center.1 - t.center.1);
+                        pairs.push((d, i, j));
+                    }
+                }
+            }
+            let side = |b: [u32; 4]| (b[2] - b[0]).max(b[3] - b[1]) as f64;
+            let matched = greedy_pairs(pairs, found.len(), field.cells.len());
+            let sum: f64 = matched
+                .iter()
+                .map(|&(i, j)| side(found[i].bbox) / side(field.cells[j].bbox))
+                .sum();
+            sum / matched.len() as f64
+        };
+        let off = CellFinderConfig {
+            grow_steps: 0,
+            ..CellFinderConfig::default()
+        };
+        for name in ["giemsa_60x", "field_40x"] {
+            let mut source = SourcePreset::by_name(name).unwrap();
+            set_touching(std::slice::from_mut(&mut source), 0.0).unwrap();
+            for class in ["schistocyte", "echinocyte", "dacrocyte"] {
+                let c = DEFAULT_CLASSES.iter().position(|n| *n == class).unwrap();
+                let (plain, grown) = (
+                    ratio(&off, &source, c),
+                    ratio(&CellFinderConfig::default(), &source, c),
+                );
+                eprintln!("{name} {class}: box side / true side {plain:.3} -> {grown:.3}");
+                assert!(
+                    grown > plain + 0.01 && grown < 1.01,
+                    "{name} {class}: {plain:.3} -> {grown:.3}"
+                );
+            }
+        }
     }
 
     #[test]
