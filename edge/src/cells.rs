@@ -716,14 +716,6 @@ fn find_cells(
     let od = optical_density(img, &bg, &ln);
     let [t, t_grow] = density_thresholds(&od, cfg, [cfg.noise_widths, cfg.grow_widths]);
     let mask: Vec<u8> = od.iter().map(|&v| (v > t) as u8).collect();
-    // Stained pixels a cell may grow into (see `grow_steps`).
-    let grow: Vec<u8> = if cfg.grow_steps > 0 {
-        let t_grow = t_grow.min(t);
-        od.iter().map(|&v| (v > t_grow) as u8).collect()
-    } else {
-        Vec::new()
-    };
-    drop(od);
     // Opening with a 3x3 square removes specks and one-pixel bridges.
     let mask = filter3(&filter3(&mask, wu, true), wu, false);
 
@@ -738,95 +730,68 @@ fn find_cells(
     let typical_r = peaks[peaks.len() / 2];
     let h_dyn = (cfg.split_dynamics * typical_r).max(1.2);
 
-    // The basin of each pixel over the frame (`NONE` off every basin).
     const NONE: u32 = u32::MAX;
-    let mut basin = vec![NONE; wu * h as usize];
-    let mut n_basins = 0u32;
+    let growing = cfg.grow_steps > 0;
+    // The basin of each pixel over the frame (`NONE` off every basin), for growing.
+    let mut basin = if growing {
+        vec![NONE; wu * h as usize]
+    } else {
+        Vec::new()
+    };
+    // Statistics per basin; basin `l` of an object is `found[base + l]`.
+    let mut found: Vec<Acc> = Vec::new();
     for obj in &objs {
         let (labels, n) = flood(obj, h_dyn);
         let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
         let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
+        let base = found.len() as u32;
+        let mut acc = vec![Acc::EMPTY; n];
         for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
-            let start = (obj.y0 + ly) * wu + obj.x0;
-            for (b, &l) in basin[start..start + obj.w].iter_mut().zip(row) {
-                if l != NONE {
-                    *b = n_basins + l;
+            let y = obj.y0 + ly;
+            for (lx, &l) in row.iter().enumerate() {
+                if l == NONE {
+                    continue;
+                }
+                let x = obj.x0 + lx;
+                acc[l as usize].add(x as u32, y as u32, w, h);
+                if growing {
+                    basin[y * wu + x] = base + l;
+                }
+                if let Some(o) = owners.as_deref_mut() {
+                    o.ids[y * wu + x] = base + l;
                 }
             }
         }
-        // Empty basins keep their index (in the owner map too); the area filter drops them.
-        n_basins += n as u32;
+        // Empty basins stay (their indices are in the owner map); the area filter drops them.
+        found.extend(acc);
     }
     // Debris: basins smaller than a fraction of the median basin (before growing, so that
     // growing changes boxes, never which cells are found).
-    let mut size = vec![0u32; n_basins as usize];
-    for &l in basin.iter().filter(|&&l| l != NONE) {
-        size[l as usize] += 1;
-    }
-    let mut areas: Vec<u32> = size.iter().copied().filter(|&n| n > 0).collect();
+    let mut areas: Vec<u32> = found.iter().map(|a| a.n).filter(|&n| n > 0).collect();
     if areas.is_empty() {
         return vec![];
     }
     areas.sort_unstable();
     let median = areas[areas.len() / 2];
     let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
-    let kept: Vec<bool> = size.iter().map(|&n| n >= min_area).collect();
-    if cfg.grow_steps > 0 {
-        grow_basins(&mut basin, &grow, wu, cfg.grow_steps, &kept);
-    }
-    drop(grow);
-
-    // Statistics per basin.
-    #[derive(Clone)]
-    struct Acc {
-        x0: u32,
-        y0: u32,
-        x1: u32,
-        y1: u32,
-        sx: f64,
-        sy: f64,
-        n: u32,
-        border: bool,
-    }
-    let mut found = vec![
-        Acc {
-            x0: u32::MAX,
-            y0: u32::MAX,
-            x1: 0,
-            y1: 0,
-            sx: 0.0,
-            sy: 0.0,
-            n: 0,
-            border: false,
+    let kept: Vec<bool> = found.iter().map(|a| a.n >= min_area).collect();
+    if growing {
+        let grow = Grow {
+            od: &od,
+            threshold: t_grow.min(t),
+            w: wu,
+            grows: &kept,
         };
-        n_basins as usize
-    ];
-    for (y, row) in basin.chunks_exact(wu).enumerate() {
-        let y = y as u32;
-        for (x, &l) in row.iter().enumerate() {
-            if l == NONE {
-                continue;
-            }
-            let x = x as u32;
-            let a = &mut found[l as usize];
-            a.x0 = a.x0.min(x);
-            a.y0 = a.y0.min(y);
-            a.x1 = a.x1.max(x + 1);
-            a.y1 = a.y1.max(y + 1);
-            a.sx += x as f64 + 0.5;
-            a.sy += y as f64 + 0.5;
-            a.n += 1;
-            a.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
-        }
-    }
-    if let Some(o) = owners.as_deref_mut() {
-        for (id, &l) in o.ids.iter_mut().zip(&basin) {
-            if l != NONE {
-                *id = l;
+        for (i, l) in grow.run(&mut basin, &objs, cfg.grow_steps) {
+            let (x, y) = (i % w, i / w);
+            found[l as usize].add(x, y, w, h);
+            if let Some(o) = owners.as_deref_mut() {
+                o.ids[i as usize] = l;
             }
         }
     }
     drop(basin);
+    drop(od);
     let mut cells: Vec<(usize, Cell)> = found
         .iter()
         .enumerate()
@@ -857,49 +822,134 @@ fn find_cells(
     cells.into_iter().map(|(_, c)| c).collect()
 }
 
-/// Grows the basins that `grows` marks into the unclaimed pixels of `grow` (8-connected), one
-/// ring per step for `steps` steps; a pixel reached by two basins in the same step joins the
-/// first one scanned.
-fn grow_basins(basin: &mut [u32], grow: &[u8], w: usize, steps: u32, grows: &[bool]) {
-    const NONE: u32 = u32::MAX;
-    let h = basin.len() / w;
-    let claimable = |basin: &[u32], j: usize| grow[j] != 0 && basin[j] == NONE;
-    // Pixels of a basin with a claimable neighbour.
-    let mut front: Vec<u32> = Vec::new();
-    for y in 0..h {
-        for x in 0..w {
-            let i = y * w + x;
-            if basin[i] == NONE || !grows[basin[i] as usize] {
-                continue;
-            }
-            let near = (y.saturating_sub(1)..(y + 2).min(h)).any(|ny| {
-                (x.saturating_sub(1)..(x + 2).min(w)).any(|nx| claimable(basin, ny * w + nx))
-            });
-            if near {
-                front.push(i as u32);
-            }
-        }
+/// Where a cell is and how big: a basin's statistics.
+#[derive(Clone)]
+struct Acc {
+    x0: u32,
+    y0: u32,
+    x1: u32,
+    y1: u32,
+    sx: f64,
+    sy: f64,
+    n: u32,
+    /// A pixel on the frame's border.
+    border: bool,
+}
+
+impl Acc {
+    const EMPTY: Acc = Acc {
+        x0: u32::MAX,
+        y0: u32::MAX,
+        x1: 0,
+        y1: 0,
+        sx: 0.0,
+        sy: 0.0,
+        n: 0,
+        border: false,
+    };
+
+    /// Adds pixel (`x`, `y`) of a `w` x `h` frame.
+    fn add(&mut self, x: u32, y: u32, w: u32, h: u32) {
+        self.x0 = self.x0.min(x);
+        self.y0 = self.y0.min(y);
+        self.x1 = self.x1.max(x + 1);
+        self.y1 = self.y1.max(y + 1);
+        self.sx += x as f64 + 0.5;
+        self.sy += y as f64 + 0.5;
+        self.n += 1;
+        self.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
     }
-    let mut next: Vec<u32> = Vec::new();
-    for _ in 0..steps {
-        if front.is_empty() {
-            break;
-        }
-        next.clear();
-        for &i in &front {
-            let i = i as usize;
-            let (x, y, l) = (i % w, i / w, basin[i]);
-            for ny in y.saturating_sub(1)..(y + 2).min(h) {
-                for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                    let j = ny * w + nx;
-                    if claimable(basin, j) {
-                        basin[j] = l;
-                        next.push(j as u32);
+}
+
+/// Growing basins into the stained pixels around them (see `CellFinderConfig::grow_steps`).
+struct Grow<'a> {
+    /// Optical density of the frame.
+    od: &'a [f32],
+    /// A pixel can be claimed when its density is above this.
+    threshold: f32,
+    w: usize,
+    /// Which basins grow (the others are debris).
+    grows: &'a [bool],
+}
+
+impl Grow<'_> {
+    const NONE: u32 = u32::MAX;
+    /// Marks a pixel claimed in the current step: claimed, but no source for its neighbours
+    /// until the next step.
+    const FRESH: u32 = 1 << 31;
+
+    /// Grows the basins into the unclaimed pixels above the threshold (8-connected), one ring
+    /// per step for `steps` steps; a pixel that two basins reach in the same step joins the
+    /// first growing basin among its neighbours (scanned row by row). Scans only the objects'
+    /// windows and then the rings, not the frame. Returns the claimed pixels with their basins.
+    fn run(&self, basin: &mut [u32], objs: &[Object], steps: u32) -> Vec<(u32, u32)> {
+        // First ring: unclaimed pixels next to a growing basin. A basin's pixels lie inside its
+        // object's window, and so do their neighbours (the window is the box grown by one).
+        let mut ring: Vec<u32> = Vec::new();
+        for obj in objs {
+            for y in obj.y0..obj.y0 + obj.h {
+                for j in y * self.w + obj.x0..y * self.w + obj.x0 + obj.w {
+                    if let Some(l) = self.claim(basin, j) {
+                        basin[j] = l | Self::FRESH;
+                        ring.push(j as u32);
                     }
                 }
             }
         }
-        std::mem::swap(&mut front, &mut next);
+        let mut all = Vec::new();
+        let mut next = Vec::new();
+        for step in 0..steps {
+            for &j in &ring {
+                let b = &mut basin[j as usize];
+                *b &= !Self::FRESH;
+                all.push((j, *b));
+            }
+            if step + 1 == steps {
+                break;
+            }
+            next.clear();
+            for &j in &ring {
+                self.around(j as usize, |k| {
+                    if let Some(l) = self.claim(basin, k) {
+                        basin[k] = l | Self::FRESH;
+                        next.push(k as u32);
+                    }
+                });
+            }
+            std::mem::swap(&mut ring, &mut next);
+            if ring.is_empty() {
+                break;
+            }
+        }
+        all
+    }
+
+    /// The basin that unclaimed pixel `j` above the threshold joins: the first growing basin
+    /// among its neighbours (claimed before this step); `None` if it is claimed, below the
+    /// threshold or next to none.
+    fn claim(&self, basin: &[u32], j: usize) -> Option<u32> {
+        if basin[j] != Self::NONE || self.od[j] <= self.threshold {
+            return None;
+        }
+        let mut found = None;
+        self.around(j, |k| {
+            let l = basin[k];
+            if found.is_none() && l & Self::FRESH == 0 && self.grows[l as usize] {
+                found = Some(l);
+            }
+        });
+        found
+    }
+
+    /// Calls `f` on the 3x3 neighbourhood of pixel `j` inside the frame (`j` included).
+    fn around(&self, j: usize, mut f: impl FnMut(usize)) {
+        let h = self.od.len() / self.w;
+        let (x, y) = (j % self.w, j / self.w);
+        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+            for nx in x.saturating_sub(1)..(x + 2).min(self.w) {
+                f(ny * self.w + nx);
+            }
+        }
     }
 }
 
