@@ -1,13 +1,15 @@
 //! Cell finding: stain-robust foreground, hole filling, distance transform and a
-//! dynamics-based watershed that splits touching cells, size filters, boxes for cropping.
-//! Also the tile mode (non-overlapping model-size tiles).
+//! dynamics-based watershed that splits touching cells, size filters, each cell grown back into
+//! its thin parts, boxes for cropping. Also the tile mode (non-overlapping model-size tiles).
 //!
 //! Foreground is optical density summed over R, G and B against a background estimated per
 //! block (so vignetting and stain tone do not move the threshold); the threshold sits a few
 //! noise widths above the background mode. The watershed floods the distance transform from
 //! its peaks and keeps two basins apart only when both rise more than `h` above the level
 //! where they meet, with `h` scaled to the typical cell radius of the frame; a pixel joins the
-//! basin of its neighbour highest on the distance map.
+//! basin of its neighbour highest on the distance map. The opening that removes specks also
+//! removes parts of a cell one or two pixels wide (a fragment's corners, a spicule's tip): each
+//! cell then claims the stained pixels around it above a lower threshold, a few pixels out.
 
 use image::RgbImage;
 use reddino_models::preprocess::OwnerMap;
