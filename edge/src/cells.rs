@@ -936,6 +936,7 @@ impl Grow<'_> {
         let mut found = None;
         self.around(j, |k| {
             let l = basin[k];
+            // `NONE` has the `FRESH` bit too: unclaimed and fresh pixels are no source.
             if found.is_none() && l & Self::FRESH == 0 && self.grows[l as usize] {
                 found = Some(l);
             }
