@@ -34,6 +34,39 @@ enum Cmd {
     /// The whole service on embedded defaults: in-process broker, synthetic microscope,
     /// a demo bundle, a live view and a summary.
     Demo(reddino_edge::demo::DemoOptions),
+    /// Cell-finder quality against labelled cells: recall (interior and border apart),
+    /// cell-sized detections per label on densely labelled fields, merged cells, ms per field.
+    /// On a point-labelled data set (DIR/images, DIR/labels: `x y class` per line), on the
+    /// synthetic sources, or both.
+    FinderQuality {
+        /// A point-labelled data set (e.g. Chula RBC-12).
+        #[arg(long)]
+        points: Option<PathBuf>,
+        /// Which of its fields: the development fields, the held-out ones, or all.
+        #[arg(long, value_enum, default_value = "dev")]
+        fields: reddino_edge::quality::Fields,
+        /// Class ids in the data set (labels with a larger id are refused).
+        #[arg(long, default_value_t = 13)]
+        classes: usize,
+        /// Rescale each field by these factors (simulated magnifications), comma-separated.
+        #[arg(long, default_value = "1")]
+        scales: String,
+        /// Synthetic fields per acquisition source (0 = none).
+        #[arg(long, default_value_t = 0)]
+        synthetic: u64,
+        /// Finder settings (`CellFinderConfig` fields in TOML, e.g. 'split_necks = 0').
+        #[arg(long)]
+        settings: Option<String>,
+        /// Also print one line per field.
+        #[arg(long)]
+        per_field: bool,
+        /// Print the summaries as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write each scored field with its detections and labels drawn into this folder.
+        #[arg(long)]
+        overlays: Option<PathBuf>,
+    },
     /// Write labelled training crops cut by this service's own cell finder from synthetic
     /// fields: OUT/{source}/{class}/*.png (each detection labelled by the true cell it lands on).
     SynthCrops {
@@ -170,6 +203,68 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("crops in {}", out.display());
+        }
+        Cmd::FinderQuality {
+            points,
+            fields,
+            classes,
+            scales,
+            synthetic,
+            settings,
+            per_field,
+            json,
+            overlays,
+        } => {
+            use reddino_edge::quality::{self, Summary};
+            let cfg: reddino_edge::cells::CellFinderConfig = match settings {
+                Some(s) => toml::from_str(&s).context("finder settings")?,
+                None => Default::default(),
+            };
+            let scales = scales
+                .split(',')
+                .map(|s| s.trim().parse::<f32>())
+                .collect::<Result<Vec<_>, _>>()
+                .context("--scales: comma-separated numbers")?;
+            if let Some(o) = &overlays {
+                std::fs::create_dir_all(o)
+                    .with_context(|| format!("creating {}", o.display()))?;
+            }
+            if points.is_none() && synthetic == 0 {
+                bail!("nothing to score: give --points DIR and/or --synthetic N");
+            }
+            let mut rows: Vec<(String, Summary, Vec<quality::FieldScore>)> = Vec::new();
+            if let Some(dir) = &points {
+                for &scale in &scales {
+                    if !(scale > 0.0 && scale <= 8.0) {
+                        bail!("--scales: {scale} is not in (0, 8]");
+                    }
+                    let scores =
+                        quality::score_point_set(dir, fields, scale, classes, &cfg, overlays.as_deref(), |d, n| {
+                            eprint!("\rscale {scale}: {d}/{n} fields")
+                        })?;
+                    eprintln!();
+                    let name = format!("{} x{scale}", dir.display());
+                    rows.push((name, Summary::of(&scores), scores));
+                }
+            }
+            for (source, scores) in quality::score_synthetic(synthetic, &cfg) {
+                rows.push((source, Summary::of(&scores), scores));
+            }
+            if !json {
+                println!("{}", Summary::HEADER);
+            }
+            for (name, summary, scores) in &rows {
+                if json {
+                    println!("{}", serde_json::json!({ "set": name, "summary": summary }));
+                } else {
+                    println!("{}", summary.row(name));
+                }
+                if per_field {
+                    for s in scores {
+                        println!("{}", serde_json::to_string(s)?);
+                    }
+                }
+            }
         }
         Cmd::Demo(opts) => {
             let summary = reddino_edge::demo::run(&opts)?;

@@ -1,0 +1,433 @@
+//! Cell-finder quality against labelled cells (point labels of real fields, or the true centres
+//! of synthetic ones): recall of labelled cells in the interior and at the frame's border apart,
+//! the ratio of cell-sized detections to labelled cells on densely labelled fields, merged
+//! detections (one cell's pixels holding two labelled centres), and time per field.
+//!
+//! A label is found when a detection owns its pixel (or, for a centre marked just off its
+//! cell, a pixel within two of it); each detection finds at most one label, nearest centre
+//! first, so a merged pair counts one cell found and one missed. Border cells are scored too:
+//! the finder runs with `drop_border` off here.
+
+use std::path::Path;
+use std::time::Instant;
+
+use image::RgbImage;
+use reddino_models::preprocess::OwnerMap;
+use serde::Serialize;
+
+use crate::cells::{self, greedy_pairs, CellFinderConfig};
+use crate::labelled::{self, LabelError, PointLabel, Split};
+
+/// Fields with at least this many labels are taken as labelled in full (count ratios and
+/// merges are scored on them only).
+pub const DENSE_LABELS: usize = 60;
+
+/// A detection is cell-sized when its area is at least this fraction of the frame's median
+/// detection area (smaller ones are fragments or debris).
+pub const CELL_SIZED: f32 = 0.3;
+
+/// The score of one field.
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldScore {
+    pub name: String,
+    pub labels: usize,
+    pub interior: usize,
+    pub interior_found: usize,
+    pub border: usize,
+    pub border_found: usize,
+    /// Every detection, border cells included.
+    pub detections: usize,
+    /// Detections of at least [`CELL_SIZED`] of the median area.
+    pub cell_sized: usize,
+    /// Detections owning two or more labelled centres.
+    pub merged: usize,
+    /// Labels in merged detections beyond the first.
+    pub merged_labels: usize,
+    pub ms: f64,
+}
+
+impl FieldScore {
+    pub fn dense(&self) -> bool {
+        self.labels >= DENSE_LABELS
+    }
+    /// Cell-sized detections per labelled cell.
+    pub fn ratio(&self) -> f64 {
+        self.cell_sized as f64 / self.labels.max(1) as f64
+    }
+}
+
+/// Runs the finder on `img` (border cells kept) and scores it against `points` (x, y).
+pub fn score_field(
+    name: &str,
+    img: &RgbImage,
+    points: &[(f32, f32)],
+    cfg: &CellFinderConfig,
+) -> FieldScore {
+    let cfg = CellFinderConfig {
+        drop_border: false,
+        ..cfg.clone()
+    };
+    let t = Instant::now();
+    let (found, owners) = cells::find_with_owners(img, &cfg);
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    score_detections(name, img.width(), img.height(), &found, &owners, points, ms)
+}
+
+/// Scores detections `found` (with their owner map) against labelled centres `points`.
+pub fn score_detections(
+    name: &str,
+    width: u32,
+    height: u32,
+    found: &[cells::Cell],
+    owners: &OwnerMap,
+    points: &[(f32, f32)],
+    ms: f64,
+) -> FieldScore {
+    let mut areas: Vec<u32> = found.iter().map(|c| c.area).collect();
+    areas.sort_unstable();
+    let median = areas.get(areas.len() / 2).copied().unwrap_or(0) as f32;
+    let cell_sized = found
+        .iter()
+        .filter(|c| c.area as f32 >= CELL_SIZED * median)
+        .count();
+    // A label is at the border when its cell may be cut by the frame: within a typical
+    // radius (from the median area) of an edge.
+    let radius = (median / std::f32::consts::PI).sqrt().max(1.0);
+    let at_border = |&(x, y): &(f32, f32)| {
+        x < radius || y < radius || x >= width as f32 - radius || y >= height as f32 - radius
+    };
+    let mut pairs = Vec::new();
+    let mut holders: Vec<Vec<usize>> = vec![Vec::new(); found.len()];
+    for (j, p) in points.iter().enumerate() {
+        if let Some(i) = owner_near(owners, p.0, p.1) {
+            let c = found[i].center;
+            pairs.push(((c.0 - p.0).hypot(c.1 - p.1), i, j));
+            holders[i].push(j);
+        }
+    }
+    let matched = greedy_pairs(pairs, found.len(), points.len());
+    let mut hit = vec![false; points.len()];
+    for (_, j) in matched {
+        hit[j] = true;
+    }
+    let (mut interior, mut interior_found, mut border, mut border_found) = (0, 0, 0, 0);
+    for (p, &h) in points.iter().zip(&hit) {
+        if at_border(p) {
+            border += 1;
+            border_found += h as usize;
+        } else {
+            interior += 1;
+            interior_found += h as usize;
+        }
+    }
+    let merged = holders.iter().filter(|h| h.len() >= 2).count();
+    let merged_labels = holders.iter().map(|h| h.len().saturating_sub(1)).sum();
+    FieldScore {
+        name: name.to_string(),
+        labels: points.len(),
+        interior,
+        interior_found,
+        border,
+        border_found,
+        detections: found.len(),
+        cell_sized,
+        merged,
+        merged_labels,
+        ms,
+    }
+}
+
+/// The detection owning pixel (x, y), or the nearest pixel within two that one owns.
+fn owner_near(owners: &OwnerMap, x: f32, y: f32) -> Option<usize> {
+    let (w, h) = (owners.width as i64, owners.height as i64);
+    let (cx, cy) = (x as i64, y as i64);
+    let mut best: Option<(i64, usize)> = None;
+    for dy in -2i64..=2 {
+        for dx in -2i64..=2 {
+            let (px, py) = (cx + dx, cy + dy);
+            let d = dx * dx + dy * dy;
+            if px < 0 || py < 0 || px >= w || py >= h || d > 4 {
+                continue;
+            }
+            let id = owners.ids[(py * w + px) as usize];
+            if id < OwnerMap::OTHER && best.is_none_or(|(bd, _)| d < bd) {
+                best = Some((d, id as usize));
+            }
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// The figures over many fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub fields: usize,
+    pub labels: usize,
+    pub interior_recall: f64,
+    pub border_recall: f64,
+    pub dense_fields: usize,
+    /// Median of the dense fields' cell-sized detections per label.
+    pub median_ratio: f64,
+    /// Dense fields whose ratio is off by more than 30%.
+    pub dense_off: usize,
+    /// Merged detections per labelled cell on dense fields.
+    pub merged_share: f64,
+    pub ms_per_field: f64,
+}
+
+impl Summary {
+    pub fn of(scores: &[FieldScore]) -> Summary {
+        let sum = |f: fn(&FieldScore) -> usize| scores.iter().map(f).sum::<usize>();
+        let ratio = |a: usize, b: usize| a as f64 / b.max(1) as f64;
+        let dense: Vec<&FieldScore> = scores.iter().filter(|s| s.dense()).collect();
+        let mut ratios: Vec<f64> = dense.iter().map(|s| s.ratio()).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median_ratio = match ratios.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => 0.5 * (ratios[n / 2 - 1] + ratios[n / 2]),
+        };
+        let dense_labels: usize = dense.iter().map(|s| s.labels).sum();
+        let dense_merged: usize = dense.iter().map(|s| s.merged).sum();
+        Summary {
+            fields: scores.len(),
+            labels: sum(|s| s.labels),
+            interior_recall: ratio(sum(|s| s.interior_found), sum(|s| s.interior)),
+            border_recall: ratio(sum(|s| s.border_found), sum(|s| s.border)),
+            dense_fields: dense.len(),
+            median_ratio,
+            dense_off: ratios.iter().filter(|r| (**r - 1.0).abs() > 0.3).count(),
+            merged_share: ratio(dense_merged, dense_labels),
+            ms_per_field: scores.iter().map(|s| s.ms).sum::<f64>() / scores.len().max(1) as f64,
+        }
+    }
+
+    /// The markdown table header matching [`Summary::row`].
+    pub const HEADER: &'static str = "| set | fields | labels | interior recall | border recall | dense fields | median ratio | dense off >30% | merged | ms/field |\n|---|---|---|---|---|---|---|---|---|---|";
+
+    /// One markdown table row named `set`.
+    pub fn row(&self, set: &str) -> String {
+        format!(
+            "| {set} | {} | {} | {:.4} | {:.4} | {} | {:.3} | {} | {:.2}% | {:.1} |",
+            self.fields,
+            self.labels,
+            self.interior_recall,
+            self.border_recall,
+            self.dense_fields,
+            self.median_ratio,
+            self.dense_off,
+            100.0 * self.merged_share,
+            self.ms_per_field
+        )
+    }
+}
+
+/// `img` with the finder's detections drawn as boxes (green: holds a label, yellow: holds two
+/// or more, grey: holds none) and the labels as dots (blue: found, red: missed), for looking at
+/// what the finder does on a field.
+pub fn overlay(img: &RgbImage, points: &[(f32, f32)], cfg: &CellFinderConfig) -> RgbImage {
+    use image::Rgb;
+    use imageproc::drawing::{draw_filled_circle_mut, draw_hollow_rect_mut};
+    use imageproc::rect::Rect;
+    let cfg = CellFinderConfig {
+        drop_border: false,
+        ..cfg.clone()
+    };
+    let (found, owners) = cells::find_with_owners(img, &cfg);
+    let mut holds = vec![0usize; found.len()];
+    let owner: Vec<Option<usize>> = points
+        .iter()
+        .map(|p| owner_near(&owners, p.0, p.1))
+        .collect();
+    for i in owner.iter().flatten() {
+        holds[*i] += 1;
+    }
+    let mut out = img.clone();
+    for (c, n) in found.iter().zip(&holds) {
+        let colour = match n {
+            0 => Rgb([128, 128, 128]),
+            1 => Rgb([0, 200, 0]),
+            _ => Rgb([255, 220, 0]),
+        };
+        let [x0, y0, x1, y1] = c.bbox;
+        let r = Rect::at(x0 as i32, y0 as i32).of_size((x1 - x0).max(1), (y1 - y0).max(1));
+        draw_hollow_rect_mut(&mut out, r, colour);
+    }
+    for (p, o) in points.iter().zip(&owner) {
+        let colour = if o.is_some() {
+            Rgb([0, 0, 255])
+        } else {
+            Rgb([255, 0, 0])
+        };
+        draw_filled_circle_mut(&mut out, (p.0 as i32, p.1 as i32), 2, colour);
+    }
+    out
+}
+
+/// Which fields of a labelled data set to score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fields {
+    /// Every field.
+    All,
+    /// The development fields (train and val of [`labelled::split_of`]).
+    Dev,
+    /// The held-out fields (test of [`labelled::split_of`]).
+    Test,
+}
+
+impl Fields {
+    pub fn holds(self, name: &str) -> bool {
+        match self {
+            Fields::All => true,
+            Fields::Dev => labelled::split_of(name) != Split::Test,
+            Fields::Test => labelled::split_of(name) == Split::Test,
+        }
+    }
+}
+
+/// Scores the finder on the labelled fields of a point-labelled data set (`dir/images`,
+/// `dir/labels`), each image and its labels rescaled by `scale` (a simulated magnification).
+/// Fields without labels are skipped. `progress(done, total)` after each field.
+pub fn score_point_set(
+    dir: &Path,
+    which: Fields,
+    scale: f32,
+    classes: usize,
+    cfg: &CellFinderConfig,
+    overlays: Option<&Path>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<FieldScore>, LabelError> {
+    let fields: Vec<labelled::Field> = labelled::point_fields(dir)?
+        .into_iter()
+        .filter(|f| f.labels_file.is_some() && which.holds(&f.name))
+        .collect();
+    let mut out = Vec::with_capacity(fields.len());
+    for (k, f) in fields.iter().enumerate() {
+        let img = labelled::open_image(&f.image)?;
+        let points = f.points(img.width(), img.height(), classes)?;
+        let (img, points) = rescale(img, &points, scale);
+        out.push(score_field(&f.name, &img, &points, cfg));
+        if let Some(dir) = overlays {
+            let path = dir.join(format!("{}_x{scale}.png", f.name));
+            overlay(&img, &points, cfg)
+                .save(&path)
+                .map_err(|e| LabelError::Image {
+                    path,
+                    why: e.to_string(),
+                })?;
+        }
+        progress(k + 1, fields.len());
+    }
+    Ok(out)
+}
+
+/// `img` and the centres of `points` rescaled by `scale` (1 = unchanged).
+pub fn rescale(img: RgbImage, points: &[PointLabel], scale: f32) -> (RgbImage, Vec<(f32, f32)>) {
+    if (scale - 1.0).abs() < 1e-6 {
+        return (img, points.iter().map(|p| (p.x, p.y)).collect());
+    }
+    let (w, h) = (
+        ((img.width() as f32 * scale).round() as u32).max(1),
+        ((img.height() as f32 * scale).round() as u32).max(1),
+    );
+    let img = image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
+    let at = |v: f32| (v + 0.5) * scale - 0.5;
+    let points = points
+        .iter()
+        .map(|p| (at(p.x).max(0.0), at(p.y).max(0.0)))
+        .collect();
+    (img, points)
+}
+
+/// Scores the finder on `fields` synthetic fields of 1280x960 per acquisition source, their
+/// true centres as labels. Returns the scores per source.
+pub fn score_synthetic(fields: u64, cfg: &CellFinderConfig) -> Vec<(String, Vec<FieldScore>)> {
+    use reddino_models::synth::{render, FieldSpec, SourcePreset};
+    SourcePreset::all()
+        .into_iter()
+        .map(|source| {
+            let scores = (0..fields)
+                .map(|seed| {
+                    let field = render(&FieldSpec::new(1280, 960, 1000 + seed, source.clone()))
+                        .expect("synthetic field");
+                    let points: Vec<(f32, f32)> = field.cells.iter().map(|c| c.center).collect();
+                    score_field(&seed.to_string(), &field.image, &points, cfg)
+                })
+                .collect();
+            (source.name.clone(), scores)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disc_field(centres: &[(f32, f32)], r: f32) -> RgbImage {
+        RgbImage::from_fn(200, 120, |x, y| {
+            let inside = centres
+                .iter()
+                .any(|c| (x as f32 - c.0).hypot(y as f32 - c.1) <= r);
+            if inside {
+                image::Rgb([170, 90, 110])
+            } else {
+                image::Rgb([235, 235, 230])
+            }
+        })
+    }
+
+    #[test]
+    fn scores_found_missed_and_merged_cells() {
+        let centres = [(40.0, 40.0), (120.0, 40.0), (60.0, 90.0)];
+        let img = disc_field(&centres, 14.0);
+        let cfg = CellFinderConfig::default();
+        // Every disc labelled, plus one label on empty background: 3 of 4 found.
+        let mut points = centres.to_vec();
+        points.push((170.0, 100.0));
+        let s = score_field("f", &img, &points, &cfg);
+        assert_eq!(s.labels, 4);
+        assert_eq!(s.interior_found + s.border_found, 3);
+        assert_eq!(s.detections, 3);
+        assert_eq!(s.merged, 0);
+        // Two labels in one disc: one found, one merged.
+        let s = score_field("f", &img, &[(36.0, 40.0), (44.0, 40.0)], &cfg);
+        assert_eq!(s.interior_found, 1);
+        assert_eq!(s.merged, 1);
+        assert_eq!(s.merged_labels, 1);
+    }
+
+    #[test]
+    fn border_cells_are_scored_apart() {
+        let img = disc_field(&[(5.0, 60.0), (100.0, 60.0)], 14.0);
+        let s = score_field(
+            "f",
+            &img,
+            &[(5.0, 60.0), (100.0, 60.0)],
+            &CellFinderConfig::default(),
+        );
+        assert_eq!((s.border, s.border_found), (1, 1));
+        assert_eq!((s.interior, s.interior_found), (1, 1));
+    }
+
+    #[test]
+    fn summary_medians_and_counts_dense_fields() {
+        let field = |labels, cell_sized| FieldScore {
+            name: String::new(),
+            labels,
+            interior: labels,
+            interior_found: labels,
+            border: 0,
+            border_found: 0,
+            detections: cell_sized,
+            cell_sized,
+            merged: 0,
+            merged_labels: 0,
+            ms: 1.0,
+        };
+        let s = Summary::of(&[field(100, 100), field(100, 140), field(100, 90), field(10, 50)]);
+        assert_eq!(s.dense_fields, 3);
+        assert!((s.median_ratio - 1.0).abs() < 1e-9);
+        assert_eq!(s.dense_off, 1);
+        assert_eq!(s.interior_recall, 1.0);
+    }
+}
