@@ -35,6 +35,30 @@ pub struct CellFinderConfig {
     pub background_block: u32,
     /// Threshold = background mode + this many noise widths (and at least `min_density`).
     pub noise_widths: f32,
+    /// Weigh the colour channels by their contrast over noise in each frame (see
+    /// `channel_weights`) instead of summing them.
+    pub weigh_channels: bool,
+    /// Threshold the density's 3x3 mean (JPEG and sensor noise averaged out).
+    pub smooth: bool,
+    /// Pallor behind a rim broken by gaps up to twice this many pixels wide is filled (see
+    /// `close_rings`); 0 = off.
+    pub close_gaps: u32,
+    /// Background enclosed by an object is filled (a cell's pallor) when its area is at most
+    /// that of a disc of this fraction of the typical radius; larger enclosed regions (the
+    /// space inside a ring of touching cells) stay background; 0 = every hole filled.
+    pub max_pallor: f32,
+    /// The least dynamics (pixels) that keeps two basins apart, whatever the cell size.
+    pub min_split: f32,
+    /// Objects larger than this many typical cells are clumps: see `flood_clump`; 0 = off.
+    pub clump_area: f32,
+    /// Micrometres per pixel of the camera, when known: the cells' size follows from it (a red
+    /// cell is 7.5 um across). 0 = the typical cell size is found in each frame.
+    pub um_per_px: f32,
+    /// With `smooth`, a pixel must also be this many noise widths above the background on its
+    /// own (unsmoothed); 0 = off.
+    pub raw_widths: f32,
+    /// `smooth` only when the typical cell radius is at least this many pixels.
+    pub smooth_min_radius: f32,
     /// Smallest summed optical density counted as stained.
     pub min_density: f32,
     /// Basins split when both rise this fraction of the typical radius above their meeting level.
@@ -72,8 +96,17 @@ impl Default for CellFinderConfig {
             mode: Mode::Cells,
             background_block: 96,
             noise_widths: 6.0,
+            weigh_channels: true,
+            smooth: true,
+            close_gaps: 2,
+            max_pallor: 0.8,
+            clump_area: 1.3,
+            min_split: 1.2,
+            um_per_px: 0.0,
+            smooth_min_radius: 11.0,
+            raw_widths: 4.0,
             min_density: 0.10,
-            split_dynamics: 0.14,
+            split_dynamics: 0.07,
             split_blue: 0.25,
             split_necks: 1.0,
             grow_steps: 3,
@@ -231,10 +264,15 @@ fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usi
     (dil, gw, gh)
 }
 
-/// Summed optical density over R, G, B against the background, bilinearly interpolated
-/// between block centres (negative where a pixel is brighter than the estimate: background
-/// noise stays symmetric around its mode). One pass, row by row.
-fn optical_density(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> Vec<f32> {
+/// Optical density against the background, its channels weighted by `weights`, bilinearly
+/// interpolated between block centres (negative where a pixel is brighter than the estimate:
+/// background noise stays symmetric around its mode). One pass, row by row.
+fn optical_density(
+    img: &RgbImage,
+    bg: &Background,
+    ln: &[f32; 256],
+    weights: [f32; 3],
+) -> Vec<f32> {
     let block = bg.block;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (grid, gw, gh) = (&bg.grid, bg.gw, bg.gh);
@@ -244,6 +282,9 @@ fn optical_density(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> Vec<f32>
         (i0, (i0 + 1).min(n - 1), f - i0 as f32)
     };
     let xs: Vec<(usize, usize, f32)> = (0..w).map(|x| coord(x, gw)).collect();
+    // One table per channel: ln of each 8-bit value times the channel's weight.
+    let tables: [[f32; 256]; 3] = std::array::from_fn(|c| ln.map(|v| v * weights[c]));
+    let weighted = |b: &[f32; 3]| b[0] * weights[0] + b[1] * weights[1] + b[2] * weights[2];
     let mut od = vec![0f32; w * h];
     let mut col = vec![0f32; gw];
     for (y, (out, row)) in od
@@ -252,18 +293,139 @@ fn optical_density(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> Vec<f32>
         .enumerate()
     {
         let (y0, y1, fy) = coord(y, gh);
-        // The three channels' background add up: interpolate their sum.
+        // The channels' weighted backgrounds add up: interpolate their sum.
         for (bx, c) in col.iter_mut().enumerate() {
-            let a: f32 = grid[y0 * gw + bx].iter().sum();
-            let b: f32 = grid[y1 * gw + bx].iter().sum();
+            let a = weighted(&grid[y0 * gw + bx]);
+            let b = weighted(&grid[y1 * gw + bx]);
             *c = a * (1.0 - fy) + b * fy;
         }
         for ((o, px), &(x0, x1, fx)) in out.iter_mut().zip(row.chunks_exact(3)).zip(&xs) {
             let bg = col[x0] * (1.0 - fx) + col[x1] * fx;
-            *o = bg - ln[px[0] as usize] - ln[px[1] as usize] - ln[px[2] as usize];
+            *o = bg
+                - tables[0][px[0] as usize]
+                - tables[1][px[1] as usize]
+                - tables[2][px[2] as usize];
         }
     }
     od
+}
+
+/// Channel weights that bring the cells out of the noise best (a matched filter): each
+/// channel's cell contrast over its noise variance, scaled so that a typical stained pixel
+/// keeps the density it has summed over R, G and B. Haemoglobin absorbs green most; on a pale
+/// field red carries almost no contrast and only adds noise. Estimated on 2x2 means of the
+/// frame (8-bit steps quantise single pixels' densities); (1, 1, 1) when the frame shows no
+/// stain.
+fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> [f32; 3] {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    let mut samples: Vec<[f32; 3]> = Vec::with_capacity((w / 2) * (h / 2));
+    for y in (0..h.saturating_sub(1)).step_by(2) {
+        let b = bg.row(y);
+        for x in (0..w.saturating_sub(1)).step_by(2) {
+            let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
+            let mut v = [0f32; 3];
+            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let i = ((y + dy) * w + x + dx) * 3;
+                for c in 0..3 {
+                    v[c] += bb[c] - ln[raw[i + c] as usize];
+                }
+            }
+            samples.push(v.map(|s| s * 0.25));
+        }
+    }
+    const PLAIN: [f32; 3] = [1.0, 1.0, 1.0];
+    if samples.len() < 64 {
+        return PLAIN;
+    }
+    let sums: Vec<f32> = samples.iter().map(|v| v[0] + v[1] + v[2]).collect();
+    let (mode, sigma) = mode_and_noise(&sums);
+    let stained = mode + 6.0 * sigma.max(1e-3);
+    let mut signal = [0f64; 3];
+    let mut n = 0usize;
+    for (v, &s) in samples.iter().zip(&sums) {
+        if s > stained {
+            n += 1;
+            for c in 0..3 {
+                signal[c] += v[c] as f64;
+            }
+        }
+    }
+    if n < 64 {
+        return PLAIN;
+    }
+    let mut weights = [0f32; 3];
+    let (mut kept, mut total) = (0f32, 0f32);
+    for c in 0..3 {
+        let channel: Vec<f32> = samples.iter().map(|v| v[c]).collect();
+        let (m, noise) = mode_and_noise(&channel);
+        let contrast = (signal[c] / n as f64) as f32 - m;
+        total += contrast.max(0.0);
+        if noise > 0.0 && contrast > 0.0 {
+            weights[c] = contrast / (noise * noise);
+            kept += weights[c] * contrast;
+        }
+    }
+    if kept <= 0.0 || total <= 0.0 {
+        return PLAIN;
+    }
+    weights.map(|v| v * total / kept)
+}
+
+/// The mode of `values` (the background's density) and the noise around it: the median
+/// distance below the mode, as a normal's sigma (the upper side mixes with faint cell edges).
+fn mode_and_noise(values: &[f32]) -> (f32, f32) {
+    const BINS: usize = 8192;
+    const SCALE: f32 = 1024.0;
+    const OFFSET: f32 = 2.0;
+    let mut hist = vec![0u32; BINS];
+    for &v in values {
+        hist[(((v + OFFSET) * SCALE).max(0.0) as usize).min(BINS - 1)] += 1;
+    }
+    // The mode of a lightly smoothed histogram (single bins are spiky).
+    let smooth: Vec<u32> = (0..BINS)
+        .map(|i| hist[i.saturating_sub(4)..(i + 5).min(BINS)].iter().sum())
+        .collect();
+    let mode = smooth
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, c)| **c)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let below: u32 = hist[..mode].iter().sum();
+    let mut acc = 0;
+    let mut k = 0;
+    while k < mode && acc < below / 2 {
+        acc += hist[mode - 1 - k];
+        k += 1;
+    }
+    let m = (mode as f32 + 0.5) / SCALE - OFFSET;
+    (m, k as f32 / SCALE * 1.4826)
+}
+
+/// 3x3 mean of a frame-sized map (edges use the pixels inside the frame).
+fn box3(v: &[f32], w: usize) -> Vec<f32> {
+    let h = v.len() / w;
+    let mut rows = vec![0f32; v.len()];
+    for (src, dst) in v.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        for x in 0..w {
+            let (a, b) = (x.saturating_sub(1), (x + 2).min(w));
+            dst[x] = src[a..b].iter().sum::<f32>() / (b - a) as f32;
+        }
+    }
+    let mut out = vec![0f32; v.len()];
+    for y in 0..h {
+        let (a, b) = (y.saturating_sub(1), (y + 2).min(h));
+        let k = 1.0 / (b - a) as f32;
+        let dst = &mut out[y * w..(y + 1) * w];
+        for yy in a..b {
+            for (d, s) in dst.iter_mut().zip(&rows[yy * w..(yy + 1) * w]) {
+                *d += s;
+            }
+        }
+        dst.iter_mut().for_each(|d| *d *= k);
+    }
+    out
 }
 
 /// `ln(max(v, 1))` for every 8-bit value.
@@ -271,35 +433,14 @@ fn ln_table() -> [f32; 256] {
     std::array::from_fn(|v| (v.max(1) as f32).ln())
 }
 
-/// Thresholds `widths` noise widths above the background mode of the density histogram (and
-/// at least `min_density` above it), one per entry of `widths`.
+/// Thresholds `widths` noise widths above the background mode of the density (and at least
+/// `min_density` above it), one per entry of `widths`.
 fn density_thresholds<const N: usize>(
     od: &[f32],
     cfg: &CellFinderConfig,
     widths: [f32; N],
 ) -> [f32; N] {
-    const BINS: usize = 1024;
-    const SCALE: f32 = 128.0;
-    const OFFSET: f32 = 2.0;
-    let mut hist = vec![0u32; BINS];
-    for &v in od {
-        hist[(((v + OFFSET) * SCALE).max(0.0) as usize).min(BINS - 1)] += 1;
-    }
-    let mode = hist
-        .iter()
-        .enumerate()
-        .max_by_key(|(_, c)| **c)
-        .map(|(i, _)| i)
-        .unwrap_or(0);
-    // Noise width from the lower half-width at half maximum of the background mode (the
-    // upper side mixes with faint cell edges).
-    let half = hist[mode] / 2;
-    let mut hw = 1;
-    while hw < mode && hist[mode - hw] > half {
-        hw += 1;
-    }
-    let sigma = hw as f32 / 1.1774 / SCALE;
-    let m = (mode as f32 + 0.5) / SCALE - OFFSET;
+    let (m, sigma) = mode_and_noise(od);
     widths.map(|k| (m + k * sigma).max(m + cfg.min_density))
 }
 
@@ -339,12 +480,40 @@ fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
     out
 }
 
+/// Fills the pallor of a cell whose stained rim is broken by gaps up to `2 x radius` pixels
+/// wide: the background that a closing of the object's mask (dilation then erosion, `radius`
+/// times 3x3) encloses becomes part of it. The closing's bridges themselves are not added, so
+/// the outline stays as it is. `mask` holds one object, with at least `radius` pixels of
+/// background around it.
+fn close_rings(mask: &mut [u8], w: usize, radius: u32) {
+    let mut closed = mask.to_vec();
+    for _ in 0..radius {
+        closed = filter3(&closed, w, false);
+    }
+    for _ in 0..radius {
+        closed = filter3(&closed, w, true);
+    }
+    let mut filled = closed.clone();
+    fill_holes(&mut filled, w);
+    for ((m, &c), &f) in mask.iter_mut().zip(&closed).zip(&filled) {
+        if c == 0 && f != 0 {
+            *m = 1;
+        }
+    }
+}
+
 /// Fills background regions that do not reach the border of `mask` (pallor, pale rings):
 /// floods the 4-connected background from the border; what it does not reach becomes
 /// foreground. A window of the frame around one object gives that object's holes: an
 /// 8-connected object encloses a 4-connected region in the window exactly when it does in
 /// the frame (the window's edges are background or the frame's).
 fn fill_holes(mask: &mut [u8], w: usize) {
+    fill_holes_upto(mask, w, usize::MAX);
+}
+
+/// [`fill_holes`] for the holes of at most `max_area` pixels (larger enclosed regions stay
+/// background: the space a ring of touching cells closes in). Returns the largest hole's area.
+fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usize {
     let h = mask.len() / w;
     const OUTSIDE: u8 = 2;
     let mut stack: Vec<u32> = Vec::new();
@@ -378,9 +547,52 @@ fn fill_holes(mask: &mut [u8], w: usize) {
             seed(mask, i + w, &mut stack);
         }
     }
+    // The holes: 4-connected regions of background the flood did not reach.
+    let mut largest = 0;
+    let mut region: Vec<u32> = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] != 0 {
+            continue;
+        }
+        const HOLE: u8 = 3;
+        mask[start] = HOLE;
+        region.clear();
+        region.push(start as u32);
+        let mut next = 0;
+        while next < region.len() {
+            let i = region[next] as usize;
+            next += 1;
+            let (x, y) = (i % w, i / w);
+            let mut visit = |j: usize| {
+                if mask[j] == 0 {
+                    mask[j] = HOLE;
+                    region.push(j as u32);
+                }
+            };
+            if x > 0 {
+                visit(i - 1);
+            }
+            if x + 1 < w {
+                visit(i + 1);
+            }
+            if y > 0 {
+                visit(i - w);
+            }
+            if y + 1 < h {
+                visit(i + w);
+            }
+        }
+        largest = largest.max(region.len());
+        if region.len() > max_area {
+            for &i in &region {
+                mask[i as usize] = OUTSIDE;
+            }
+        }
+    }
     for v in mask.iter_mut() {
         *v = (*v != OUTSIDE) as u8;
     }
+    largest
 }
 
 /// Exact squared Euclidean distance of each foreground pixel to the nearest background pixel
@@ -512,11 +724,15 @@ struct Object {
     dt2: Vec<u32>,
     /// Largest distance to the background (the object's radius where it is widest).
     peak: f32,
+    /// Area of the largest hole the object encloses (filled or not).
+    largest_hole: usize,
+    /// Pixels of the object (holes filled).
+    area: usize,
 }
 
 /// Finds the objects of `mask` (flood fill from each unvisited foreground pixel), fills their
 /// holes and computes their distance transforms.
-fn objects(mask: &[u8], w: usize) -> Vec<Object> {
+fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -> Vec<Object> {
     let h = mask.len() / w;
     let mut seen = vec![false; mask.len()];
     // (x, y) of the current object's pixels: no divisions in the loops.
@@ -548,15 +764,20 @@ fn objects(mask: &[u8], w: usize) -> Vec<Object> {
                 }
             }
         }
-        let (wx0, wy0) = (x0.saturating_sub(1), y0.saturating_sub(1));
-        let (ww, wh) = ((x1 + 2).min(w) - wx0, (y1 + 2).min(h) - wy0);
+        // The window: the box grown by one pixel, and by the closing's reach.
+        let pad = 1 + close_gaps as usize;
+        let (wx0, wy0) = (x0.saturating_sub(pad), y0.saturating_sub(pad));
+        let (ww, wh) = ((x1 + 1 + pad).min(w) - wx0, (y1 + 1 + pad).min(h) - wy0);
         let mut local = vec![0u8; ww * wh];
         for &(x, y) in &pixels {
             local[(y as usize - wy0) * ww + (x as usize - wx0)] = 1;
         }
+        if close_gaps > 0 {
+            close_rings(&mut local, ww, close_gaps);
+        }
         // Background the object encloses (pallor, pale rings) becomes part of it, with
         // anything inside it (an object enclosed by this one is not counted on its own).
-        fill_holes(&mut local, ww);
+        let largest_hole = fill_holes_upto(&mut local, ww, max_hole);
         for ly in 0..wh {
             for lx in 0..ww {
                 if local[ly * ww + lx] != 0 {
@@ -582,9 +803,191 @@ fn objects(mask: &[u8], w: usize) -> Vec<Object> {
             h: wh,
             dt2,
             peak,
+            largest_hole,
+            area: local.iter().filter(|&&v| v != 0).count(),
         });
     }
     out
+}
+
+/// [`flood`], and for a clump (an object of more than `clump_area` typical cells' area `cell`)
+/// the split that makes the most of its parts look like one cell: the flood with the dynamics
+/// `h_dyn`, halved and quartered and eighthed, each with basins under two fifths of a cell
+/// merged into the neighbour they share most outline with, scored by the parts of 0.5 to 1.6
+/// cells' area; 0 = off. Overlapping cells leave only a shallow saddle between their distance
+/// peaks, and a clump's outline raises spurious ones.
+fn flood_clump(obj: &Object, h_dyn: f32, cell: f32, clump_area: f32) -> (Vec<u32>, usize) {
+    let first = flood(obj, h_dyn);
+    if clump_area <= 0.0 || cell <= 0.0 || (obj.area as f32) < clump_area * cell {
+        return first;
+    }
+    let score = |labels: &[u32], n: usize| {
+        let mut size = vec![0usize; n];
+        for &l in labels {
+            if l != u32::MAX {
+                size[l as usize] += 1;
+            }
+        }
+        size.iter()
+            .filter(|&&a| (0.5 * cell..=1.6 * cell).contains(&(a as f32)))
+            .count()
+    };
+    let min_px = (0.4 * cell) as usize;
+    let mut best: Option<(usize, Vec<u32>, usize)> = None;
+    for k in 0..4 {
+        let (mut labels, n) = if k == 0 {
+            first.clone()
+        } else {
+            flood(obj, h_dyn / (1u32 << k) as f32)
+        };
+        let n = merge_small(&mut labels, n, obj.w, min_px);
+        let sc = score(&labels, n);
+        if best.as_ref().is_none_or(|b| sc > b.0) {
+            best = Some((sc, labels, n));
+        }
+    }
+    best.map(|(_, l, n)| (l, n)).unwrap_or(first)
+}
+
+/// Merges each basin of fewer than `min_px` pixels into the neighbouring basin it shares the
+/// most 4-connected outline with (smallest first), and renumbers the basins `0..n`. Returns
+/// the new number of basins.
+fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
+    const NONE: u32 = u32::MAX;
+    let h = labels.len() / w;
+    loop {
+        let mut size = vec![0usize; n];
+        for &l in labels.iter() {
+            if l != NONE {
+                size[l as usize] += 1;
+            }
+        }
+        let Some(small) = (0..n)
+            .filter(|&l| size[l] > 0 && size[l] < min_px)
+            .min_by_key(|&l| size[l])
+        else {
+            break;
+        };
+        let mut shared = std::collections::HashMap::<u32, usize>::new();
+        for y in 0..h {
+            for x in 0..w {
+                if labels[y * w + x] as usize != small {
+                    continue;
+                }
+                let mut see = |j: usize| {
+                    let l = labels[j];
+                    if l != NONE && l as usize != small {
+                        *shared.entry(l).or_default() += 1;
+                    }
+                };
+                if x > 0 {
+                    see(y * w + x - 1);
+                }
+                if x + 1 < w {
+                    see(y * w + x + 1);
+                }
+                if y > 0 {
+                    see((y - 1) * w + x);
+                }
+                if y + 1 < h {
+                    see((y + 1) * w + x);
+                }
+            }
+        }
+        let Some((&into, _)) = shared.iter().max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
+        else {
+            // An isolated small basin: it stays (the debris filter judges it).
+            size[small] = min_px;
+            break;
+        };
+        for l in labels.iter_mut() {
+            if *l as usize == small {
+                *l = into;
+            }
+        }
+    }
+    // Renumber the basins left.
+    let mut map = vec![NONE; n];
+    let mut next = 0u32;
+    for l in labels.iter_mut() {
+        if *l == NONE {
+            continue;
+        }
+        let m = &mut map[*l as usize];
+        if *m == NONE {
+            *m = next;
+            next += 1;
+        }
+        *l = *m;
+    }
+    next as usize
+}
+
+/// The thresholds (cells, growing), the opened mask, its objects and the typical cell radius
+/// (`known_r`, or found from the objects; `None` when there are none) of a density map.
+#[allow(clippy::type_complexity)]
+fn foreground(
+    od: &[f32],
+    gate: Option<(&[f32], f32)>,
+    w: usize,
+    cfg: &CellFinderConfig,
+    known_r: Option<f32>,
+) -> (f32, f32, Vec<u8>, Vec<Object>, Option<f32>) {
+    let [t, t_grow] = density_thresholds(od, cfg, [cfg.noise_widths, cfg.grow_widths]);
+    let mask: Vec<u8> = match gate {
+        Some((raw, tr)) => od
+            .iter()
+            .zip(raw)
+            .map(|(&v, &r)| (v > t && r > tr) as u8)
+            .collect(),
+        None => od.iter().map(|&v| (v > t) as u8).collect(),
+    };
+    // Opening with a 3x3 square removes specks and one-pixel bridges.
+    let mask = filter3(&filter3(&mask, w, true), w, false);
+    let mut objs = objects(&mask, w, cfg.close_gaps, usize::MAX);
+    let Some(mut typical_r) = known_r.or_else(|| median_peak(&objs)) else {
+        return (t, t_grow, mask, objs, None);
+    };
+    // Holes bigger than a pallor are the background a ring of touching cells closes in: find
+    // the objects again with those left open (and whatever lies inside them found on its own).
+    if cfg.max_pallor > 0.0 {
+        let max_hole = (std::f32::consts::PI * (cfg.max_pallor * typical_r).powi(2)) as usize;
+        if objs.iter().any(|o| o.largest_hole > max_hole) {
+            objs = objects(&mask, w, cfg.close_gaps, max_hole);
+            match known_r.or_else(|| median_peak(&objs)) {
+                Some(r) => typical_r = r,
+                None => return (t, t_grow, mask, objs, None),
+            }
+        }
+    }
+    (t, t_grow, mask, objs, Some(typical_r))
+}
+
+/// Typical radius of the frame's cells: the median of the objects' distance peaks, specks left
+/// out (objects whose peak is under a third of the area-weighted median peak: however many
+/// specks of stain or noise a frame holds, they weigh little by area). Each clump counts once.
+fn median_peak(objs: &[Object]) -> Option<f32> {
+    let mut peaks: Vec<(f32, u64)> = objs.iter().map(|o| (o.peak, o.area as u64)).collect();
+    if peaks.is_empty() {
+        return None;
+    }
+    peaks.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let total: u64 = peaks.iter().map(|p| p.1).sum();
+    let mut acc = 0;
+    let mut weighted = peaks[peaks.len() - 1].0;
+    for &(peak, area) in &peaks {
+        acc += area;
+        if 2 * acc >= total {
+            weighted = peak;
+            break;
+        }
+    }
+    let kept: Vec<f32> = peaks
+        .iter()
+        .map(|p| p.0)
+        .filter(|&p| p >= weighted / 3.0)
+        .collect();
+    Some(kept[kept.len() / 2])
 }
 
 fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
@@ -703,6 +1106,9 @@ fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
     (comp, parent.len())
 }
 
+/// Radius of a red cell in micrometres (7.5 um across).
+pub const CELL_RADIUS_UM: f32 = 3.75;
+
 fn find_cells(
     img: &RgbImage,
     cfg: &CellFinderConfig,
@@ -715,22 +1121,46 @@ fn find_cells(
     let wu = w as usize;
     let bg = Background::of(img, cfg.background_block);
     let ln = ln_table();
-    let od = optical_density(img, &bg, &ln);
-    let [t, t_grow] = density_thresholds(&od, cfg, [cfg.noise_widths, cfg.grow_widths]);
-    let mask: Vec<u8> = od.iter().map(|&v| (v > t) as u8).collect();
-    // Opening with a 3x3 square removes specks and one-pixel bridges.
-    let mask = filter3(&filter3(&mask, wu, true), wu, false);
+    let weights = if cfg.weigh_channels {
+        channel_weights(img, &bg, &ln)
+    } else {
+        [1.0; 3]
+    };
+    let raw = optical_density(img, &bg, &ln, weights);
+    let known_r = (cfg.um_per_px > 0.0).then(|| CELL_RADIUS_UM / cfg.um_per_px);
+    // Smoothing blurs the gaps between small touching cells shut: only for cells of at least
+    // `smooth_min_radius` (known, or found by a first look with smoothing).
+    let mut smooth = cfg.smooth && known_r.is_none_or(|r| r >= cfg.smooth_min_radius);
 
-    let objs = objects(&mask, wu);
+    let (od, t, t_grow, mask, objs, typical_r) = loop {
+        let od = if smooth { box3(&raw, wu) } else { raw.clone() };
+        // Smoothed, a pixel must also stand out on its own (the gap between touching cells
+        // stays open though its neighbours raise its mean).
+        let gate = (smooth && cfg.raw_widths > 0.0).then(|| {
+            let [t] = density_thresholds(&raw, cfg, [cfg.raw_widths]);
+            (raw.as_slice(), t)
+        });
+        let (t, t_grow, mask, objs, r) = foreground(&od, gate, wu, cfg, known_r);
+        let Some(r) = r else {
+            return vec![];
+        };
+        if smooth && known_r.is_none() && r < cfg.smooth_min_radius {
+            smooth = false;
+            continue;
+        }
+        break (od, t, t_grow, mask, objs, r);
+    };
+    drop(raw);
     drop(mask);
-    // Typical radius: median of the objects' distance peaks.
-    let mut peaks: Vec<f32> = objs.iter().map(|o| o.peak).collect();
-    if peaks.is_empty() {
-        return vec![];
-    }
-    peaks.sort_unstable_by(f32::total_cmp);
-    let typical_r = peaks[peaks.len() / 2];
-    let h_dyn = (cfg.split_dynamics * typical_r).max(1.2);
+    let h_dyn = (cfg.split_dynamics * typical_r).max(cfg.min_split);
+    // Typical cell area: the median area of the objects as wide as a cell.
+    let mut cell_areas: Vec<usize> = objs
+        .iter()
+        .filter(|o| o.peak >= 0.5 * typical_r)
+        .map(|o| o.area)
+        .collect();
+    cell_areas.sort_unstable();
+    let typical_area = cell_areas.get(cell_areas.len() / 2).copied().unwrap_or(0) as f32;
 
     const NONE: u32 = u32::MAX;
     let growing = cfg.grow_steps > 0;
@@ -743,7 +1173,7 @@ fn find_cells(
     // Statistics per basin; basin `l` of an object is `found[base + l]`.
     let mut found: Vec<Acc> = Vec::new();
     for obj in &objs {
-        let (labels, n) = flood(obj, h_dyn);
+        let (labels, n) = flood_clump(obj, h_dyn, typical_area, cfg.clump_area);
         let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
         let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
         let base = found.len() as u32;

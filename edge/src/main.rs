@@ -247,7 +247,11 @@ fn run(cli: Cli) -> Result<()> {
                     rows.push((name, Summary::of(&scores), scores));
                 }
             }
-            for (source, scores) in quality::score_synthetic(synthetic, &cfg) {
+            let synthetic = match synthetic {
+                0 => vec![],
+                n => quality::score_synthetic(n, &cfg),
+            };
+            for (source, scores) in synthetic {
                 rows.push((source, Summary::of(&scores), scores));
             }
             if !json {

@@ -39,6 +39,10 @@ pub struct FieldScore {
     pub detections: usize,
     /// Detections of at least [`CELL_SIZED`] of the median area.
     pub cell_sized: usize,
+    /// Typical cell radius in pixels (from the median detection area).
+    pub radius: f32,
+    /// Cell-sized detections whose centre lies in the interior (as for labels).
+    pub interior_cell_sized: usize,
     /// Detections owning two or more labelled centres.
     pub merged: usize,
     /// Labels in merged detections beyond the first.
@@ -53,6 +57,11 @@ impl FieldScore {
     /// Cell-sized detections per labelled cell.
     pub fn ratio(&self) -> f64 {
         self.cell_sized as f64 / self.labels.max(1) as f64
+    }
+    /// [`FieldScore::ratio`] over the interior alone (cells cut by the frame's edge are the
+    /// ones labelled least consistently).
+    pub fn interior_ratio(&self) -> f64 {
+        self.interior_cell_sized as f64 / self.interior.max(1) as f64
     }
 }
 
@@ -86,16 +95,18 @@ pub fn score_detections(
     let mut areas: Vec<u32> = found.iter().map(|c| c.area).collect();
     areas.sort_unstable();
     let median = areas.get(areas.len() / 2).copied().unwrap_or(0) as f32;
-    let cell_sized = found
-        .iter()
-        .filter(|c| c.area as f32 >= CELL_SIZED * median)
-        .count();
     // A label is at the border when its cell may be cut by the frame: within a typical
     // radius (from the median area) of an edge.
     let radius = (median / std::f32::consts::PI).sqrt().max(1.0);
     let at_border = |&(x, y): &(f32, f32)| {
         x < radius || y < radius || x >= width as f32 - radius || y >= height as f32 - radius
     };
+    let sized: Vec<&cells::Cell> = found
+        .iter()
+        .filter(|c| c.area as f32 >= CELL_SIZED * median)
+        .collect();
+    let cell_sized = sized.len();
+    let interior_cell_sized = sized.iter().filter(|c| !at_border(&c.center)).count();
     let mut pairs = Vec::new();
     let mut holders: Vec<Vec<usize>> = vec![Vec::new(); found.len()];
     for (j, p) in points.iter().enumerate() {
@@ -131,6 +142,8 @@ pub fn score_detections(
         border_found,
         detections: found.len(),
         cell_sized,
+        radius,
+        interior_cell_sized,
         merged,
         merged_labels,
         ms,
@@ -158,6 +171,15 @@ fn owner_near(owners: &OwnerMap, x: f32, y: f32) -> Option<usize> {
     best.map(|(_, i)| i)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
 /// The figures over many fields.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -170,6 +192,9 @@ pub struct Summary {
     pub median_ratio: f64,
     /// Dense fields whose ratio is off by more than 30%.
     pub dense_off: usize,
+    /// The median ratio and the fields off by more than 30%, over the interior alone.
+    pub median_interior_ratio: f64,
+    pub dense_off_interior: usize,
     /// Merged detections per labelled cell on dense fields.
     pub merged_share: f64,
     pub ms_per_field: f64,
@@ -180,13 +205,9 @@ impl Summary {
         let sum = |f: fn(&FieldScore) -> usize| scores.iter().map(f).sum::<usize>();
         let ratio = |a: usize, b: usize| a as f64 / b.max(1) as f64;
         let dense: Vec<&FieldScore> = scores.iter().filter(|s| s.dense()).collect();
-        let mut ratios: Vec<f64> = dense.iter().map(|s| s.ratio()).collect();
-        ratios.sort_by(f64::total_cmp);
-        let median_ratio = match ratios.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => ratios[n / 2],
-            n => 0.5 * (ratios[n / 2 - 1] + ratios[n / 2]),
-        };
+        let ratios: Vec<f64> = dense.iter().map(|s| s.ratio()).collect();
+        let inner: Vec<f64> = dense.iter().map(|s| s.interior_ratio()).collect();
+        let off = |r: &[f64]| r.iter().filter(|r| (**r - 1.0).abs() > 0.3).count();
         let dense_labels: usize = dense.iter().map(|s| s.labels).sum();
         let dense_merged: usize = dense.iter().map(|s| s.merged).sum();
         Summary {
@@ -195,27 +216,31 @@ impl Summary {
             interior_recall: ratio(sum(|s| s.interior_found), sum(|s| s.interior)),
             border_recall: ratio(sum(|s| s.border_found), sum(|s| s.border)),
             dense_fields: dense.len(),
-            median_ratio,
-            dense_off: ratios.iter().filter(|r| (**r - 1.0).abs() > 0.3).count(),
+            median_ratio: median(ratios.clone()),
+            dense_off: off(&ratios),
+            median_interior_ratio: median(inner.clone()),
+            dense_off_interior: off(&inner),
             merged_share: ratio(dense_merged, dense_labels),
             ms_per_field: scores.iter().map(|s| s.ms).sum::<f64>() / scores.len().max(1) as f64,
         }
     }
 
     /// The markdown table header matching [`Summary::row`].
-    pub const HEADER: &'static str = "| set | fields | labels | interior recall | border recall | dense fields | median ratio | dense off >30% | merged | ms/field |\n|---|---|---|---|---|---|---|---|---|---|";
+    pub const HEADER: &'static str = "| set | fields | labels | interior recall | border recall | dense fields | median ratio (interior) | dense off >30% (interior) | merged | ms/field |\n|---|---|---|---|---|---|---|---|---|---|";
 
     /// One markdown table row named `set`.
     pub fn row(&self, set: &str) -> String {
         format!(
-            "| {set} | {} | {} | {:.4} | {:.4} | {} | {:.3} | {} | {:.2}% | {:.1} |",
+            "| {set} | {} | {} | {:.4} | {:.4} | {} | {:.3} ({:.3}) | {} ({}) | {:.2}% | {:.1} |",
             self.fields,
             self.labels,
             self.interior_recall,
             self.border_recall,
             self.dense_fields,
             self.median_ratio,
+            self.median_interior_ratio,
             self.dense_off,
+            self.dense_off_interior,
             100.0 * self.merged_share,
             self.ms_per_field
         )
@@ -243,6 +268,12 @@ pub fn overlay(img: &RgbImage, points: &[(f32, f32)], cfg: &CellFinderConfig) ->
         holds[*i] += 1;
     }
     let mut out = img.clone();
+    // Merged detections' pixels tinted yellow.
+    for (px, &id) in out.pixels_mut().zip(&owners.ids) {
+        if id < OwnerMap::OTHER && holds[id as usize] >= 2 {
+            px.0 = [px.0[0] / 2 + 127, px.0[1] / 2 + 110, px.0[2] / 2];
+        }
+    }
     for (c, n) in found.iter().zip(&holds) {
         let colour = match n {
             0 => Rgb([128, 128, 128]),
@@ -420,6 +451,8 @@ mod tests {
             border_found: 0,
             detections: cell_sized,
             cell_sized,
+            radius: 10.0,
+            interior_cell_sized: cell_sized,
             merged: 0,
             merged_labels: 0,
             ms: 1.0,
