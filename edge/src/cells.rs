@@ -35,6 +35,16 @@ pub struct CellFinderConfig {
     pub background_block: u32,
     /// Threshold = background mode + this many noise widths (and at least `min_density`).
     pub noise_widths: f32,
+    /// A background block darker than most of its neighbours by more than this (summed natural
+    /// log over R, G, B) is taken as covered by a cell and takes its brightest neighbour's
+    /// light; 0 = every block takes the brightest of its 3x3 neighbourhood.
+    pub background_covered: f32,
+    /// Noise width from the median deviation below the background mode (else from the
+    /// half-width at half maximum of a coarse histogram, which 8-bit steps quantise).
+    pub median_noise: bool,
+    /// The typical radius leaves specks out and counts each clump once (else the plain median
+    /// of every object's distance peak).
+    pub skip_specks: bool,
     /// Weigh the colour channels by their contrast over noise in each frame (see
     /// `channel_weights`) instead of summing them.
     pub weigh_channels: bool,
@@ -96,17 +106,20 @@ impl Default for CellFinderConfig {
             mode: Mode::Cells,
             background_block: 96,
             noise_widths: 6.0,
-            weigh_channels: true,
-            smooth: true,
-            close_gaps: 2,
-            max_pallor: 0.8,
-            clump_area: 1.3,
+            background_covered: 0.0,
+            median_noise: false,
+            skip_specks: false,
+            weigh_channels: false,
+            smooth: false,
+            close_gaps: 0,
+            max_pallor: 0.0,
+            clump_area: 0.0,
             min_split: 1.2,
             um_per_px: 0.0,
             smooth_min_radius: 11.0,
             raw_widths: 4.0,
             min_density: 0.10,
-            split_dynamics: 0.07,
+            split_dynamics: 0.14,
             split_blue: 0.25,
             split_necks: 1.0,
             grow_steps: 3,
@@ -114,6 +127,50 @@ impl Default for CellFinderConfig {
             min_area_fraction: 0.02,
             drop_border: true,
             tile: 224,
+        }
+    }
+}
+
+impl CellFinderConfig {
+    /// The finder's settings for real smears (pale and strong stains, JPEG noise, overlapping
+    /// cells, vignetting): channels weighed by contrast over noise, the density smoothed and
+    /// gated by each pixel's own, the noise width from the median deviation, rims' gaps closed,
+    /// enclosed background bigger than a pallor left open, clumps split, the typical radius
+    /// without specks, blocks of background taken from their neighbours only when covered.
+    /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
+    /// model were built with.
+    pub fn real_smear() -> Self {
+        CellFinderConfig {
+            background_covered: 0.2,
+            median_noise: true,
+            skip_specks: true,
+            weigh_channels: true,
+            smooth: true,
+            close_gaps: 2,
+            max_pallor: 0.8,
+            clump_area: 1.3,
+            ..CellFinderConfig::default()
+        }
+    }
+
+    /// These settings with the fields given in `toml` (e.g. `"split_necks = 0"`) changed.
+    pub fn with_settings(&self, toml_text: &str) -> Result<Self, toml::de::Error> {
+        let mut table = toml::Value::try_from(self).expect("finder settings serialise");
+        let changes: toml::Table = toml::from_str(toml_text)?;
+        if let toml::Value::Table(t) = &mut table {
+            t.extend(changes);
+        }
+        table.try_into()
+    }
+
+    /// The settings of a named profile: `default` (the synthetic microscope's) or `real-smear`.
+    pub fn profile(name: &str) -> Result<Self, String> {
+        match name {
+            "default" => Ok(CellFinderConfig::default()),
+            "real-smear" => Ok(CellFinderConfig::real_smear()),
+            other => Err(format!(
+                "unknown finder profile {other:?} (known: default, real-smear)"
+            )),
         }
     }
 }
@@ -192,11 +249,11 @@ struct Background {
 }
 
 impl Background {
-    /// The 90th percentile of each block, then the brightest of the 3x3 neighbouring blocks
-    /// (so a large cell covering a block does not pass for background).
-    fn of(img: &RgbImage, block: u32) -> Background {
+    /// The 90th percentile of each block; a block much darker than most of its neighbours takes
+    /// the brightest of them (so a large cell covering a block does not pass for background).
+    fn of(img: &RgbImage, block: u32, covered: f32) -> Background {
         let block = block.max(8);
-        let (grid, gw, gh) = log_background_grid(img, block);
+        let (grid, gw, gh) = log_background_grid(img, block, covered);
         Background {
             grid,
             gw,
@@ -212,7 +269,7 @@ impl Background {
     }
 }
 
-fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usize) {
+fn log_background_grid(img: &RgbImage, block: u32, covered: f32) -> (Vec<[f32; 3]>, usize, usize) {
     let (w, h) = img.dimensions();
     let gw = w.div_ceil(block) as usize;
     let gh = h.div_ceil(block) as usize;
@@ -247,18 +304,43 @@ fn log_background_grid(img: &RgbImage, block: u32) -> (Vec<[f32; 3]>, usize, usi
             }
         }
     }
+    // A block darker than most of its neighbours by more than `covered` (summed over the
+    // channels, natural log) is covered by a cell: it takes its neighbours' brightest. Light
+    // falling off towards the corners (vignetting) is far gentler from block to block, and a
+    // block that keeps its own value follows it. With `covered` 0 every block takes the
+    // brightest of its 3x3 neighbourhood.
     let mut dil = pct.clone();
+    let mut sums: Vec<f32> = Vec::with_capacity(8);
     for by in 0..gh {
         for bx in 0..gw {
+            let own = pct[by * gw + bx];
             let mut m = [f32::MIN; 3];
+            sums.clear();
             for ny in by.saturating_sub(1)..(by + 2).min(gh) {
                 for nx in bx.saturating_sub(1)..(bx + 2).min(gw) {
+                    if (nx, ny) == (bx, by) {
+                        continue;
+                    }
+                    let v = pct[ny * gw + nx];
+                    sums.push(v.iter().sum());
                     for c in 0..3 {
-                        m[c] = m[c].max(pct[ny * gw + nx][c]);
+                        m[c] = m[c].max(v[c]);
                     }
                 }
             }
-            dil[by * gw + bx] = m;
+            if sums.is_empty() {
+                continue;
+            }
+            sums.sort_unstable_by(f32::total_cmp);
+            let median = sums[sums.len() / 2];
+            if covered <= 0.0 {
+                for c in 0..3 {
+                    m[c] = m[c].max(own[c]);
+                }
+                dil[by * gw + bx] = m;
+            } else if own.iter().sum::<f32>() < median - covered {
+                dil[by * gw + bx] = m;
+            }
         }
     }
     (dil, gw, gh)
@@ -408,9 +490,9 @@ fn box3(v: &[f32], w: usize) -> Vec<f32> {
     let h = v.len() / w;
     let mut rows = vec![0f32; v.len()];
     for (src, dst) in v.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
-        for x in 0..w {
+        for (x, d) in dst.iter_mut().enumerate() {
             let (a, b) = (x.saturating_sub(1), (x + 2).min(w));
-            dst[x] = src[a..b].iter().sum::<f32>() / (b - a) as f32;
+            *d = src[a..b].iter().sum::<f32>() / (b - a) as f32;
         }
     }
     let mut out = vec![0f32; v.len()];
@@ -440,8 +522,39 @@ fn density_thresholds<const N: usize>(
     cfg: &CellFinderConfig,
     widths: [f32; N],
 ) -> [f32; N] {
-    let (m, sigma) = mode_and_noise(od);
+    let (m, sigma) = if cfg.median_noise {
+        mode_and_noise(od)
+    } else {
+        mode_and_half_width(od)
+    };
     widths.map(|k| (m + k * sigma).max(m + cfg.min_density))
+}
+
+/// The background mode of the density histogram and the noise width from its lower half-width
+/// at half maximum (bins of 1/128: on a frame of 8-bit pixels, quantised).
+fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
+    const BINS: usize = 1024;
+    const SCALE: f32 = 128.0;
+    const OFFSET: f32 = 2.0;
+    let mut hist = vec![0u32; BINS];
+    for &v in od {
+        hist[(((v + OFFSET) * SCALE).max(0.0) as usize).min(BINS - 1)] += 1;
+    }
+    let mode = hist
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, c)| **c)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let half = hist[mode] / 2;
+    let mut hw = 1;
+    while hw < mode && hist[mode - hw] > half {
+        hw += 1;
+    }
+    (
+        (mode as f32 + 0.5) / SCALE - OFFSET,
+        hw as f32 / 1.1774 / SCALE,
+    )
 }
 
 /// 3x3 minimum (`erode`) or maximum filter of a 0/1 mask over the pixels inside the frame.
@@ -894,7 +1007,9 @@ fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
                 }
             }
         }
-        let Some((&into, _)) = shared.iter().max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
+        let Some((&into, _)) = shared
+            .iter()
+            .max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
         else {
             // An isolated small basin: it stays (the debris filter judges it).
             size[small] = min_px;
@@ -945,7 +1060,14 @@ fn foreground(
     // Opening with a 3x3 square removes specks and one-pixel bridges.
     let mask = filter3(&filter3(&mask, w, true), w, false);
     let mut objs = objects(&mask, w, cfg.close_gaps, usize::MAX);
-    let Some(mut typical_r) = known_r.or_else(|| median_peak(&objs)) else {
+    let typical = |objs: &[Object]| {
+        if cfg.skip_specks {
+            median_peak(objs)
+        } else {
+            plain_median_peak(objs)
+        }
+    };
+    let Some(mut typical_r) = known_r.or_else(|| typical(&objs)) else {
         return (t, t_grow, mask, objs, None);
     };
     // Holes bigger than a pallor are the background a ring of touching cells closes in: find
@@ -954,13 +1076,23 @@ fn foreground(
         let max_hole = (std::f32::consts::PI * (cfg.max_pallor * typical_r).powi(2)) as usize;
         if objs.iter().any(|o| o.largest_hole > max_hole) {
             objs = objects(&mask, w, cfg.close_gaps, max_hole);
-            match known_r.or_else(|| median_peak(&objs)) {
+            match known_r.or_else(|| typical(&objs)) {
                 Some(r) => typical_r = r,
                 None => return (t, t_grow, mask, objs, None),
             }
         }
     }
     (t, t_grow, mask, objs, Some(typical_r))
+}
+
+/// The median of the objects' distance peaks, specks and all.
+fn plain_median_peak(objs: &[Object]) -> Option<f32> {
+    let mut peaks: Vec<f32> = objs.iter().map(|o| o.peak).collect();
+    if peaks.is_empty() {
+        return None;
+    }
+    peaks.sort_unstable_by(f32::total_cmp);
+    Some(peaks[peaks.len() / 2])
 }
 
 /// Typical radius of the frame's cells: the median of the objects' distance peaks, specks left
@@ -1119,7 +1251,7 @@ fn find_cells(
         return vec![];
     }
     let wu = w as usize;
-    let bg = Background::of(img, cfg.background_block);
+    let bg = Background::of(img, cfg.background_block, cfg.background_covered);
     let ln = ln_table();
     let weights = if cfg.weigh_channels {
         channel_weights(img, &bg, &ln)
@@ -2094,6 +2226,113 @@ mod tests {
                 );
             }
         }
+    }
+
+    const BACKGROUND: [u8; 3] = [235, 228, 232];
+    const STAIN: [u8; 3] = [185, 95, 115];
+
+    /// A field of `w` x `h` with the pixels for which `cell` holds stained.
+    fn field(w: u32, h: u32, cell: impl Fn(f32, f32) -> bool) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb(if cell(x as f32 + 0.5, y as f32 + 0.5) {
+                STAIN
+            } else {
+                BACKGROUND
+            })
+        })
+    }
+
+    #[test]
+    fn a_pallor_behind_a_broken_rim_is_filled() {
+        // A ring cell (rim 7 pixels wide, pallor as bright as the background) whose rim is cut
+        // by a 3-pixel slit from its pallor to the outside.
+        let img = field(120, 120, |x, y| {
+            let d = (x - 60.0).hypot(y - 60.0);
+            let slit = x > 60.0 && (y - 60.0).abs() < 1.5;
+            (11.0..=18.0).contains(&d) && !slit
+        });
+        let disc = std::f32::consts::PI * 18.0 * 18.0;
+        let closed = find(&img, &CellFinderConfig::real_smear());
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert!(closed[0].area as f32 > 0.9 * disc, "{closed:?}");
+        let open = find(
+            &img,
+            &CellFinderConfig {
+                close_gaps: 0,
+                ..CellFinderConfig::real_smear()
+            },
+        );
+        let area: u32 = open.iter().map(|c| c.area).sum();
+        assert!((area as f32) < 0.75 * disc, "without closing: {open:?}");
+    }
+
+    #[test]
+    fn a_clump_of_overlapping_cells_is_split_into_its_cells() {
+        // Lone cells set the typical size; three cells overlapping in a row leave only shallow
+        // saddles between their distance peaks.
+        let mut centres = vec![(40.0, 40.0), (120.0, 40.0), (200.0, 40.0), (280.0, 40.0)];
+        centres.extend([(100.0, 130.0), (111.0, 130.0), (122.0, 130.0)]);
+        let img = field(320, 180, |x, y| {
+            centres.iter().any(|c| (x - c.0).hypot(y - c.1) <= 16.0)
+        });
+        let truth: Vec<((f32, f32), f32)> = centres.iter().map(|&c| (c, 16.0)).collect();
+        let score = |cfg: &CellFinderConfig| {
+            let found: Vec<(f32, f32)> = find(&img, cfg).iter().map(|c| c.center).collect();
+            match_centres(&found, &truth)
+        };
+        let split = score(&CellFinderConfig::real_smear());
+        assert_eq!(split.true_positives, 7, "{split:?}");
+        assert_eq!(split.detections, 7, "{split:?}");
+        let whole = score(&CellFinderConfig {
+            clump_area: 0.0,
+            ..CellFinderConfig::real_smear()
+        });
+        assert!(
+            whole.true_positives < 7,
+            "without the clump split: {whole:?}"
+        );
+    }
+
+    #[test]
+    fn channels_are_weighed_by_their_contrast_over_noise() {
+        // Pale cells that darken green alone, on a sensor whose red and blue are noisy.
+        let noise = |x: u32, y: u32, c: u32| {
+            let mut v =
+                (x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663) ^ (c * 83_492_791))
+                    .wrapping_mul(2_654_435_761);
+            v ^= v >> 15;
+            (v % 31) as i32 - 15
+        };
+        let centres = [(50.0, 50.0), (130.0, 50.0), (50.0, 130.0), (130.0, 130.0)];
+        let img = RgbImage::from_fn(180, 180, |x, y| {
+            let inside = centres
+                .iter()
+                .any(|c: &(f32, f32)| (x as f32 + 0.5 - c.0).hypot(y as f32 + 0.5 - c.1) <= 18.0);
+            let g = if inside { 200 } else { 228 } + noise(x, y, 1) / 5;
+            image::Rgb([
+                (220 + noise(x, y, 0)) as u8,
+                g as u8,
+                (220 + noise(x, y, 2)) as u8,
+            ])
+        });
+        let truth: Vec<((f32, f32), f32)> = centres.iter().map(|&c| (c, 18.0)).collect();
+        let score = |weigh: bool| {
+            let cfg = CellFinderConfig {
+                weigh_channels: weigh,
+                smooth: false,
+                ..CellFinderConfig::real_smear()
+            };
+            let found: Vec<(f32, f32)> = find(&img, &cfg).iter().map(|c| c.center).collect();
+            match_centres(&found, &truth)
+        };
+        let weighed = score(true);
+        assert_eq!(
+            (weighed.true_positives, weighed.detections),
+            (4, 4),
+            "{weighed:?}"
+        );
+        let summed = score(false);
+        assert!(summed.true_positives < 4, "summed channels: {summed:?}");
     }
 
     #[test]

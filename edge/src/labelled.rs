@@ -118,7 +118,7 @@ pub fn point_fields(dir: &Path) -> Result<Vec<Field>, LabelError> {
             }
         }
     }
-    fields.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+    fields.sort_by_key(|f| natural_key(&f.name));
     Ok(fields)
 }
 
@@ -323,10 +323,7 @@ mod tests {
     #[test]
     fn splits_by_name_alone() {
         let names: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
-        let test = names
-            .iter()
-            .filter(|n| split_of(n) == Split::Test)
-            .count();
+        let test = names.iter().filter(|n| split_of(n) == Split::Test).count();
         assert!((150..250).contains(&test), "{test} test fields of 1000");
         assert_eq!(split_of("17"), split_of("17"));
         let folds: Vec<usize> = (0..5)

@@ -54,7 +54,11 @@ enum Cmd {
         /// Synthetic fields per acquisition source (0 = none).
         #[arg(long, default_value_t = 0)]
         synthetic: u64,
-        /// Finder settings (`CellFinderConfig` fields in TOML, e.g. 'split_necks = 0').
+        /// Finder profile: `real-smear` or `default` (the synthetic microscope's).
+        #[arg(long, default_value = "real-smear")]
+        profile: String,
+        /// Finder settings over the profile's (`CellFinderConfig` fields in TOML, e.g.
+        /// 'split_necks = 0').
         #[arg(long)]
         settings: Option<String>,
         /// Also print one line per field.
@@ -210,15 +214,18 @@ fn run(cli: Cli) -> Result<()> {
             classes,
             scales,
             synthetic,
+            profile,
             settings,
             per_field,
             json,
             overlays,
         } => {
             use reddino_edge::quality::{self, Summary};
-            let cfg: reddino_edge::cells::CellFinderConfig = match settings {
-                Some(s) => toml::from_str(&s).context("finder settings")?,
-                None => Default::default(),
+            let cfg = reddino_edge::cells::CellFinderConfig::profile(&profile)
+                .map_err(anyhow::Error::msg)?;
+            let cfg = match settings {
+                Some(s) => cfg.with_settings(&s).context("finder settings")?,
+                None => cfg,
             };
             let scales = scales
                 .split(',')
@@ -226,8 +233,7 @@ fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>, _>>()
                 .context("--scales: comma-separated numbers")?;
             if let Some(o) = &overlays {
-                std::fs::create_dir_all(o)
-                    .with_context(|| format!("creating {}", o.display()))?;
+                std::fs::create_dir_all(o).with_context(|| format!("creating {}", o.display()))?;
             }
             if points.is_none() && synthetic == 0 {
                 bail!("nothing to score: give --points DIR and/or --synthetic N");
@@ -238,10 +244,15 @@ fn run(cli: Cli) -> Result<()> {
                     if !(scale > 0.0 && scale <= 8.0) {
                         bail!("--scales: {scale} is not in (0, 8]");
                     }
-                    let scores =
-                        quality::score_point_set(dir, fields, scale, classes, &cfg, overlays.as_deref(), |d, n| {
-                            eprint!("\rscale {scale}: {d}/{n} fields")
-                        })?;
+                    let scores = quality::score_point_set(
+                        dir,
+                        fields,
+                        scale,
+                        classes,
+                        &cfg,
+                        overlays.as_deref(),
+                        |d, n| eprint!("\rscale {scale}: {d}/{n} fields"),
+                    )?;
                     eprintln!();
                     let name = format!("{} x{scale}", dir.display());
                     rows.push((name, Summary::of(&scores), scores));

@@ -457,7 +457,12 @@ mod tests {
             merged_labels: 0,
             ms: 1.0,
         };
-        let s = Summary::of(&[field(100, 100), field(100, 140), field(100, 90), field(10, 50)]);
+        let s = Summary::of(&[
+            field(100, 100),
+            field(100, 140),
+            field(100, 90),
+            field(10, 50),
+        ]);
         assert_eq!(s.dense_fields, 3);
         assert!((s.median_ratio - 1.0).abs() < 1e-9);
         assert_eq!(s.dense_off, 1);

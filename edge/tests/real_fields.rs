@@ -1,0 +1,92 @@
+//! The cell finder on real smear fields: the four Chula RBC-12 sample fields in the tree
+//! (`tests/data/chula-rbc-12`: a pale field with a pointer, a very pale one, clumps of
+//! overlapping cells, a strong stain with a scale bar), scored against their point labels.
+
+use std::path::PathBuf;
+
+use reddino_edge::cells::CellFinderConfig;
+use reddino_edge::quality::{score_point_set, Fields, Summary};
+
+fn sample() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/chula-rbc-12")
+}
+
+fn summary(cfg: &CellFinderConfig, scale: f32) -> Summary {
+    let scores = score_point_set(&sample(), Fields::All, scale, 13, cfg, None, |_, _| {})
+        .expect("sample fields");
+    assert_eq!(scores.len(), 4);
+    Summary::of(&scores)
+}
+
+#[test]
+fn finds_the_labelled_cells_of_real_fields() {
+    let s = summary(&CellFinderConfig::real_smear(), 1.0);
+    assert_eq!(s.labels, 461);
+    assert!(
+        s.interior_recall >= 0.97,
+        "interior recall {}",
+        s.interior_recall
+    );
+    assert!(s.border_recall >= 0.9, "border recall {}", s.border_recall);
+    // Field 42 is clumps of overlapping cells: most of the merges are there.
+    assert!(s.merged_share <= 0.03, "merged {}", s.merged_share);
+    // Field 222 leaves cells unlabelled: over the interior the count stays near the labels.
+    assert!(
+        (0.9..=1.25).contains(&s.median_interior_ratio),
+        "median interior ratio {}",
+        s.median_interior_ratio
+    );
+}
+
+#[test]
+fn the_real_smear_profile_is_what_finds_them() {
+    // The synthetic microscope's finder (the default profile) on the same fields.
+    let plain = CellFinderConfig::default();
+    let before = summary(&plain, 1.0);
+    let now = summary(&CellFinderConfig::real_smear(), 1.0);
+    assert!(
+        now.interior_recall >= before.interior_recall + 0.08,
+        "{} now, {} before",
+        now.interior_recall,
+        before.interior_recall
+    );
+    assert!(now.merged_share < before.merged_share);
+}
+
+#[test]
+fn finds_them_at_a_simulated_lower_magnification() {
+    let s = summary(&CellFinderConfig::real_smear(), 0.5);
+    assert!(
+        s.interior_recall >= 0.75,
+        "interior recall at 0.5x {}",
+        s.interior_recall
+    );
+}
+
+#[test]
+fn a_known_pixel_size_gives_the_cell_size() {
+    // 640x480 fields at 1000x: about 0.19 um per pixel (cells about 40 pixels across).
+    let cfg = CellFinderConfig {
+        um_per_px: 0.19,
+        ..CellFinderConfig::real_smear()
+    };
+    let s = summary(&cfg, 1.0);
+    assert!(
+        s.interior_recall >= 0.96,
+        "interior recall {}",
+        s.interior_recall
+    );
+    // A wrong pixel size (cells taken for three times their size) does worse: the setting is used.
+    let wrong = summary(
+        &CellFinderConfig {
+            um_per_px: 0.06,
+            ..CellFinderConfig::real_smear()
+        },
+        1.0,
+    );
+    assert!(
+        wrong.interior_recall < s.interior_recall,
+        "{} with a wrong pixel size",
+        wrong.interior_recall
+    );
+}
