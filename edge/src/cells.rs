@@ -331,14 +331,15 @@ fn log_background_grid(img: &RgbImage, block: u32, covered: f32) -> (Vec<[f32; 3
             if sums.is_empty() {
                 continue;
             }
-            sums.sort_unstable_by(f32::total_cmp);
-            let median = sums[sums.len() / 2];
             if covered <= 0.0 {
                 for c in 0..3 {
                     m[c] = m[c].max(own[c]);
                 }
                 dil[by * gw + bx] = m;
-            } else if own.iter().sum::<f32>() < median - covered {
+                continue;
+            }
+            sums.sort_unstable_by(f32::total_cmp);
+            if own.iter().sum::<f32>() < sums[sums.len() / 2] - covered {
                 dil[by * gw + bx] = m;
             }
         }
@@ -459,11 +460,7 @@ fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> [f32; 3]
 fn mode_and_noise(values: &[f32]) -> (f32, f32) {
     const BINS: usize = 8192;
     const SCALE: f32 = 1024.0;
-    const OFFSET: f32 = 2.0;
-    let mut hist = vec![0u32; BINS];
-    for &v in values {
-        hist[(((v + OFFSET) * SCALE).max(0.0) as usize).min(BINS - 1)] += 1;
-    }
+    let hist = density_histogram(values, BINS, SCALE);
     // The mode of a lightly smoothed histogram (single bins are spiky).
     let smooth: Vec<u32> = (0..BINS)
         .map(|i| hist[i.saturating_sub(4)..(i + 5).min(BINS)].iter().sum())
@@ -481,8 +478,19 @@ fn mode_and_noise(values: &[f32]) -> (f32, f32) {
         acc += hist[mode - 1 - k];
         k += 1;
     }
-    let m = (mode as f32 + 0.5) / SCALE - OFFSET;
+    let m = (mode as f32 + 0.5) / SCALE - HIST_OFFSET;
     (m, k as f32 / SCALE * 1.4826)
+}
+
+/// Densities from `-HIST_OFFSET` up, in `bins` bins of `1 / scale` (the ends collect the rest).
+const HIST_OFFSET: f32 = 2.0;
+
+fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<u32> {
+    let mut hist = vec![0u32; bins];
+    for &v in values {
+        hist[(((v + HIST_OFFSET) * scale).max(0.0) as usize).min(bins - 1)] += 1;
+    }
+    hist
 }
 
 /// 3x3 mean of a frame-sized map (edges use the pixels inside the frame).
@@ -533,13 +541,8 @@ fn density_thresholds<const N: usize>(
 /// The background mode of the density histogram and the noise width from its lower half-width
 /// at half maximum (bins of 1/128: on a frame of 8-bit pixels, quantised).
 fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
-    const BINS: usize = 1024;
     const SCALE: f32 = 128.0;
-    const OFFSET: f32 = 2.0;
-    let mut hist = vec![0u32; BINS];
-    for &v in od {
-        hist[(((v + OFFSET) * SCALE).max(0.0) as usize).min(BINS - 1)] += 1;
-    }
+    let hist = density_histogram(od, 1024, SCALE);
     let mode = hist
         .iter()
         .enumerate()
@@ -552,7 +555,7 @@ fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
         hw += 1;
     }
     (
-        (mode as f32 + 0.5) / SCALE - OFFSET,
+        (mode as f32 + 0.5) / SCALE - HIST_OFFSET,
         hw as f32 / 1.1774 / SCALE,
     )
 }
@@ -1011,8 +1014,8 @@ fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
             .iter()
             .max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
         else {
-            // An isolated small basin: it stays (the debris filter judges it).
-            size[small] = min_px;
+            // An isolated small basin: merging stops here (the debris filter judges what is
+            // left small).
             break;
         };
         for l in labels.iter_mut() {
@@ -1038,16 +1041,15 @@ fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
     next as usize
 }
 
-/// The thresholds (cells, growing), the opened mask, its objects and the typical cell radius
+/// The thresholds (cells, growing), the objects of the opened mask and the typical cell radius
 /// (`known_r`, or found from the objects; `None` when there are none) of a density map.
-#[allow(clippy::type_complexity)]
 fn foreground(
     od: &[f32],
     gate: Option<(&[f32], f32)>,
     w: usize,
     cfg: &CellFinderConfig,
     known_r: Option<f32>,
-) -> (f32, f32, Vec<u8>, Vec<Object>, Option<f32>) {
+) -> (f32, f32, Vec<Object>, Option<f32>) {
     let [t, t_grow] = density_thresholds(od, cfg, [cfg.noise_widths, cfg.grow_widths]);
     let mask: Vec<u8> = match gate {
         Some((raw, tr)) => od
@@ -1068,7 +1070,7 @@ fn foreground(
         }
     };
     let Some(mut typical_r) = known_r.or_else(|| typical(&objs)) else {
-        return (t, t_grow, mask, objs, None);
+        return (t, t_grow, objs, None);
     };
     // Holes bigger than a pallor are the background a ring of touching cells closes in: find
     // the objects again with those left open (and whatever lies inside them found on its own).
@@ -1078,11 +1080,11 @@ fn foreground(
             objs = objects(&mask, w, cfg.close_gaps, max_hole);
             match known_r.or_else(|| typical(&objs)) {
                 Some(r) => typical_r = r,
-                None => return (t, t_grow, mask, objs, None),
+                None => return (t, t_grow, objs, None),
             }
         }
     }
-    (t, t_grow, mask, objs, Some(typical_r))
+    (t, t_grow, objs, Some(typical_r))
 }
 
 /// The median of the objects' distance peaks, specks and all.
@@ -1264,15 +1266,16 @@ fn find_cells(
     // `smooth_min_radius` (known, or found by a first look with smoothing).
     let mut smooth = cfg.smooth && known_r.is_none_or(|r| r >= cfg.smooth_min_radius);
 
-    let (od, t, t_grow, mask, objs, typical_r) = loop {
-        let od = if smooth { box3(&raw, wu) } else { raw.clone() };
+    let (smoothed, t, t_grow, objs, typical_r) = loop {
+        let smoothed = smooth.then(|| box3(&raw, wu));
+        let od = smoothed.as_deref().unwrap_or(&raw);
         // Smoothed, a pixel must also stand out on its own (the gap between touching cells
         // stays open though its neighbours raise its mean).
         let gate = (smooth && cfg.raw_widths > 0.0).then(|| {
             let [t] = density_thresholds(&raw, cfg, [cfg.raw_widths]);
             (raw.as_slice(), t)
         });
-        let (t, t_grow, mask, objs, r) = foreground(&od, gate, wu, cfg, known_r);
+        let (t, t_grow, objs, r) = foreground(od, gate, wu, cfg, known_r);
         let Some(r) = r else {
             return vec![];
         };
@@ -1280,10 +1283,10 @@ fn find_cells(
             smooth = false;
             continue;
         }
-        break (od, t, t_grow, mask, objs, r);
+        break (smoothed, t, t_grow, objs, r);
     };
-    drop(raw);
-    drop(mask);
+    // The density the cells were found on (and grow on).
+    let od = smoothed.as_deref().unwrap_or(&raw);
     let h_dyn = (cfg.split_dynamics * typical_r).max(cfg.min_split);
     // Typical cell area: the median area of the objects as wide as a cell.
     let mut cell_areas: Vec<usize> = objs
@@ -1341,7 +1344,7 @@ fn find_cells(
     let kept: Vec<bool> = found.iter().map(|a| a.n >= min_area).collect();
     if growing {
         let grow = Grow {
-            od: &od,
+            od,
             threshold: t_grow.min(t),
             w: wu,
             grows: &kept,
@@ -1355,7 +1358,8 @@ fn find_cells(
         }
     }
     drop(basin);
-    drop(od);
+    drop(smoothed);
+    drop(raw);
     let mut cells: Vec<(usize, Cell)> = found
         .iter()
         .enumerate()

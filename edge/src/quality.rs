@@ -72,12 +72,8 @@ pub fn score_field(
     points: &[(f32, f32)],
     cfg: &CellFinderConfig,
 ) -> FieldScore {
-    let cfg = CellFinderConfig {
-        drop_border: false,
-        ..cfg.clone()
-    };
     let t = Instant::now();
-    let (found, owners) = cells::find_with_owners(img, &cfg);
+    let (found, owners) = find_all(img, cfg);
     let ms = t.elapsed().as_secs_f64() * 1e3;
     score_detections(name, img.width(), img.height(), &found, &owners, points, ms)
 }
@@ -251,18 +247,33 @@ impl Summary {
 /// or more, grey: holds none) and the labels as dots (blue: found, red: missed), for looking at
 /// what the finder does on a field.
 pub fn overlay(img: &RgbImage, points: &[(f32, f32)], cfg: &CellFinderConfig) -> RgbImage {
-    use image::Rgb;
-    use imageproc::drawing::{draw_filled_circle_mut, draw_hollow_rect_mut};
-    use imageproc::rect::Rect;
+    let (found, owners) = find_all(img, cfg);
+    draw_detections(img, &found, &owners, points)
+}
+
+/// The finder's detections and owner map with border cells kept (they are labelled too).
+fn find_all(img: &RgbImage, cfg: &CellFinderConfig) -> (Vec<cells::Cell>, OwnerMap) {
     let cfg = CellFinderConfig {
         drop_border: false,
         ..cfg.clone()
     };
-    let (found, owners) = cells::find_with_owners(img, &cfg);
+    cells::find_with_owners(img, &cfg)
+}
+
+/// [`overlay`] of detections already found.
+fn draw_detections(
+    img: &RgbImage,
+    found: &[cells::Cell],
+    owners: &OwnerMap,
+    points: &[(f32, f32)],
+) -> RgbImage {
+    use image::Rgb;
+    use imageproc::drawing::{draw_filled_circle_mut, draw_hollow_rect_mut};
+    use imageproc::rect::Rect;
     let mut holds = vec![0usize; found.len()];
     let owner: Vec<Option<usize>> = points
         .iter()
-        .map(|p| owner_near(&owners, p.0, p.1))
+        .map(|p| owner_near(owners, p.0, p.1))
         .collect();
     for i in owner.iter().flatten() {
         holds[*i] += 1;
@@ -337,10 +348,16 @@ pub fn score_point_set(
         let img = labelled::open_image(&f.image)?;
         let points = f.points(img.width(), img.height(), classes)?;
         let (img, points) = rescale(img, &points, scale);
-        out.push(score_field(&f.name, &img, &points, cfg));
+        let t = Instant::now();
+        let (found, owners) = find_all(&img, cfg);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let (w, h) = img.dimensions();
+        out.push(score_detections(
+            &f.name, w, h, &found, &owners, &points, ms,
+        ));
         if let Some(dir) = overlays {
             let path = dir.join(format!("{}_x{scale}.png", f.name));
-            overlay(&img, &points, cfg)
+            draw_detections(&img, &found, &owners, &points)
                 .save(&path)
                 .map_err(|e| LabelError::Image {
                     path,
