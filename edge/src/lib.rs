@@ -10,6 +10,7 @@ pub mod classify;
 pub mod config;
 pub mod crops;
 pub mod demo;
+pub mod import;
 pub mod infer;
 pub mod labelled;
 pub mod messages;

@@ -105,6 +105,68 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Import a labelled data set as training crops cut by this device's own cell finder:
+    /// OUT/{split or fold}/{class}/{field}_{n}.png, OUT/crops.csv, OUT/summary.json; prints
+    /// what was imported and what was dropped, and why. Exactly one of --points, --voc,
+    /// --coco or --crops.
+    Import {
+        /// Point labels: DIR/images, DIR/labels/*.txt (`x y class` per line, Chula RBC-12).
+        #[arg(long)]
+        points: Option<PathBuf>,
+        /// Pascal VOC boxes: DIR/Annotations/*.xml, DIR/JPEGImages.
+        #[arg(long)]
+        voc: Option<PathBuf>,
+        /// COCO boxes: a JSON file; images in --images (default: the file's folder).
+        #[arg(long)]
+        coco: Option<PathBuf>,
+        /// Folder of a COCO file's images.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Crops already cut, in class folders: DIR/{class}/*.png.
+        #[arg(long)]
+        crops: Option<PathBuf>,
+        /// With --crops: a crop's field is its file name up to the last SEP (crops of one
+        /// field then stay on one side of the split); default: each crop its own field.
+        #[arg(long)]
+        field_sep: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Class names of point labels, one per line (line i names id i); default:
+        /// DIR/classes.txt, else the Chula RBC-12 names for 13 ids.
+        #[arg(long)]
+        class_names: Option<PathBuf>,
+        /// Class mapping, `from = to` per line (`to` = `-` drops the class); a class it does
+        /// not name is refused.
+        #[arg(long)]
+        class_map: Option<PathBuf>,
+        /// Which fields: the development fields, the held-out ones (split by name), or all.
+        #[arg(long, value_enum, default_value = "all")]
+        fields: reddino_edge::quality::Fields,
+        /// K folds by field (fold0..) instead of train/val/test.
+        #[arg(long)]
+        folds: Option<u32>,
+        /// Finder profile: `real-smear` or `default` (the synthetic microscope's).
+        #[arg(long, default_value = "real-smear")]
+        profile: String,
+        /// Finder settings over the profile's (`CellFinderConfig` fields in TOML).
+        #[arg(long)]
+        settings: Option<String>,
+        /// Crop side as a multiple of the cell's box (as `analysis.margin`).
+        #[arg(long, default_value_t = 1.3)]
+        margin: f32,
+        /// No crop smaller than this multiple of the frame's median cell (0 = off).
+        #[arg(long, default_value_t = 0.0)]
+        min_side: f32,
+        /// Blank out the neighbours in each crop.
+        #[arg(long)]
+        blank_neighbours: bool,
+        /// Also write the detections that hold no label here (for self-supervised pretraining).
+        #[arg(long)]
+        unlabelled: Option<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Analyse image files offline: one JSON object per image with counts and cells.
     Analyze {
         /// Model bundle (directory or .tar) with a classification head; default: the shipped
@@ -207,6 +269,94 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("crops in {}", out.display());
+        }
+        Cmd::Import {
+            points,
+            voc,
+            coco,
+            images,
+            crops,
+            field_sep,
+            out,
+            class_names,
+            class_map,
+            fields,
+            folds,
+            profile,
+            settings,
+            margin,
+            min_side,
+            blank_neighbours,
+            unlabelled,
+            json,
+        } => {
+            use reddino_edge::{import, labelled};
+            let given = [
+                points.is_some(),
+                voc.is_some(),
+                coco.is_some(),
+                crops.is_some(),
+            ];
+            if given.iter().filter(|&&g| g).count() != 1 {
+                bail!("give exactly one of --points, --voc, --coco or --crops");
+            }
+            let finder = reddino_edge::cells::CellFinderConfig::profile(&profile)
+                .map_err(anyhow::Error::msg)?;
+            let mut cfg = import::ImportConfig::new(out);
+            cfg.finder = match settings {
+                Some(s) => finder.with_settings(&s).context("finder settings")?,
+                None => finder,
+            };
+            cfg.margin = margin;
+            cfg.min_side = min_side;
+            cfg.blank_neighbours = blank_neighbours;
+            cfg.unlabelled = unlabelled;
+            cfg.scheme = match folds {
+                Some(k) if k >= 2 => import::Scheme::Folds(k),
+                Some(k) => bail!("--folds {k}: need 2 or more"),
+                None => import::Scheme::TrainValTest,
+            };
+            cfg.class_map = class_map
+                .as_deref()
+                .map(labelled::ClassMap::read)
+                .transpose()?;
+            let progress = |d: usize, n: usize| eprint!("\rimporting: {d}/{n}");
+            let summary = if let Some(dir) = &crops {
+                let all = labelled::read_crop_folders(dir, field_sep.as_deref())?;
+                let all: Vec<_> = all.into_iter().filter(|c| fields.holds(&c.1)).collect();
+                import::import_crops(&all, &cfg, progress)?
+            } else {
+                let set = if let Some(dir) = &points {
+                    let names_file = class_names
+                        .or_else(|| Some(dir.join("classes.txt")).filter(|p| p.is_file()));
+                    let names = match names_file {
+                        Some(f) => labelled::read_class_names(&f)?,
+                        None => labelled::CHULA_CLASSES
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect(),
+                    };
+                    labelled::read_point_set(dir, &names)?
+                } else if let Some(dir) = &voc {
+                    labelled::read_voc(dir)?
+                } else {
+                    let file = coco.as_deref().expect("one given");
+                    let dir = images.unwrap_or_else(|| {
+                        file.parent().map(|p| p.to_path_buf()).unwrap_or_default()
+                    });
+                    labelled::read_coco(file, &dir)?
+                };
+                let set: Vec<_> = set.into_iter().filter(|f| fields.holds(&f.name)).collect();
+                eprintln!("{} labelled fields checked", set.len());
+                import::import_fields(&set, &cfg, progress)?
+            };
+            eprintln!();
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{}", summary.report());
+                println!("crops in {}", cfg.out.display());
+            }
         }
         Cmd::FinderQuality {
             points,

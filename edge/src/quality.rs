@@ -147,7 +147,7 @@ pub fn score_detections(
 }
 
 /// The detection owning pixel (x, y), or the nearest pixel within two that one owns.
-fn owner_near(owners: &OwnerMap, x: f32, y: f32) -> Option<usize> {
+pub(crate) fn owner_near(owners: &OwnerMap, x: f32, y: f32) -> Option<usize> {
     let (w, h) = (owners.width as i64, owners.height as i64);
     let (cx, cy) = (x as i64, y as i64);
     let mut best: Option<(i64, usize)> = None;
