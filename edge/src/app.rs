@@ -130,7 +130,7 @@ impl Service {
         let cells = CellFinderConfig {
             mode: cfg.analysis.mode,
             tile: backend.input_size() as u32,
-            ..CellFinderConfig::default()
+            ..CellFinderConfig::for_model(m).map_err(anyhow::Error::msg)?
         };
         let settings = PipelineSettings {
             device_id: cfg.device_id.clone(),

@@ -163,6 +163,20 @@ impl CellFinderConfig {
         table.try_into()
     }
 
+    /// The profile a model's crops were cut with (its manifest's `cell_finder`; empty: the
+    /// default profile).
+    pub fn for_model(m: &reddino_models::bundle::Manifest) -> Result<Self, String> {
+        match m.cell_finder.as_str() {
+            "" => Ok(CellFinderConfig::default()),
+            name => CellFinderConfig::profile(name).map_err(|e| {
+                format!(
+                    "model {} {} asks for a cell finder this edge lacks: {e}",
+                    m.name, m.version
+                )
+            }),
+        }
+    }
+
     /// The settings of a named profile: `default` (the synthetic microscope's) or `real-smear`.
     pub fn profile(name: &str) -> Result<Self, String> {
         match name {

@@ -63,18 +63,43 @@ pub struct DemoOptions {
 /// never for patients.
 pub const DEMO_BUNDLE_TAR: &[u8] = include_bytes!("../../models/demo/reddino-demo.tar");
 
+/// The shipped real-smear model (models/chula/reddino-chula.tar): a ViT-tiny pretrained and
+/// fine-tuned on the development fields of Chula RBC-12 (docs/models/chula.md), cut by the
+/// real-smear finder; one lab, one microscope, 1000x; signed with the demo key; not for
+/// diagnosis.
+pub const CHULA_BUNDLE_TAR: &[u8] = include_bytes!("../../models/chula/reddino-chula.tar");
+
+/// A model shipped inside the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shipped {
+    /// reddino-chula: real smears (Chula RBC-12 classes).
+    Chula,
+    /// reddino-demo: the synthetic microscope's smears (default taxonomy).
+    Demo,
+}
+
+/// Writes a shipped model and the demo public key it is signed with into `dir`; returns
+/// (bundle tar, key).
+pub fn shipped_model(which: Shipped, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (name, bytes) = match which {
+        Shipped::Chula => ("reddino-chula.tar", CHULA_BUNDLE_TAR),
+        Shipped::Demo => ("reddino-demo.tar", DEMO_BUNDLE_TAR),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tar = dir.join(name);
+    let key = dir.join("demo.pub");
+    std::fs::write(&tar, bytes).with_context(|| format!("writing {}", tar.display()))?;
+    std::fs::write(&key, DEMO_PUBLIC_KEY).with_context(|| format!("writing {}", key.display()))?;
+    Ok((tar, key))
+}
+
 /// The demo model's signing key: published with the source (its secret too), so a device must
 /// never trust it for clinical use.
 pub const DEMO_PUBLIC_KEY: &str = include_str!("../../models/demo/demo.pub");
 
 /// Writes the shipped demo model and its public key into `dir`; returns (bundle tar, key).
 pub fn demo_model(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tar = dir.join("reddino-demo.tar");
-    let key = dir.join("demo.pub");
-    std::fs::write(&tar, DEMO_BUNDLE_TAR).with_context(|| format!("writing {}", tar.display()))?;
-    std::fs::write(&key, DEMO_PUBLIC_KEY).with_context(|| format!("writing {}", key.display()))?;
-    Ok((tar, key))
+    shipped_model(Shipped::Demo, dir)
 }
 
 /// Whether a public key file's key is the published demo key.
@@ -123,6 +148,7 @@ pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBu
             normalization: Normalization::default(),
             crop_min_side: 0.0,
             blank_neighbours: false,
+            cell_finder: String::new(),
         },
         &out,
         &key,

@@ -169,10 +169,14 @@ enum Cmd {
     },
     /// Analyse image files offline: one JSON object per image with counts and cells.
     Analyze {
-        /// Model bundle (directory or .tar) with a classification head; default: the shipped
-        /// demo model (synthetic data only).
+        /// Model bundle (directory or .tar) with a classification head; default: a shipped
+        /// model (--shipped).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Without --model: `chula` (real smears, Chula RBC-12's classes, 1000x) or `demo`
+        /// (the synthetic microscope's smears).
+        #[arg(long, value_enum, default_value = "chula")]
+        shipped: reddino_edge::demo::Shipped,
         /// Trusted minisign public key(s) for the bundle signature.
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<PathBuf>,
@@ -440,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Analyze {
             model,
+            shipped,
             trusted_keys,
             json,
             batch,
@@ -457,11 +462,17 @@ fn run(cli: Cli) -> Result<()> {
                     (m, trusted_keys)
                 }
                 None => {
+                    use reddino_edge::demo::Shipped;
                     staging = tempfile::tempdir().context("creating a temporary folder")?;
-                    let (tar, key) = reddino_edge::demo::demo_model(staging.path())?;
-                    log::warn!(
-                        "no --model given: using the shipped demo model (trained on synthetic smears only; never for patients)"
-                    );
+                    let (tar, key) = reddino_edge::demo::shipped_model(shipped, staging.path())?;
+                    match shipped {
+                        Shipped::Chula => log::warn!(
+                            "no --model given: using the shipped reddino-chula model (real smears of one lab at 1000x, signed with the demo key; not for diagnosis)"
+                        ),
+                        Shipped::Demo => log::warn!(
+                            "no --model given: using the shipped demo model (trained on synthetic smears only; never for patients)"
+                        ),
+                    }
                     (tar, vec![key])
                 }
             };
@@ -487,6 +498,8 @@ fn run(cli: Cli) -> Result<()> {
                 min_confidence,
                 crop_min_side: b.manifest().crop_min_side,
                 blank_neighbours: b.manifest().blank_neighbours,
+                cells: reddino_edge::cells::CellFinderConfig::for_model(b.manifest())
+                    .map_err(anyhow::Error::msg)?,
                 ..AnalyzeConfig::default()
             };
             let mut failed = 0;

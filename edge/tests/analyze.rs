@@ -38,6 +38,7 @@ fn analyze_counts_every_found_cell_once() {
             normalization: Normalization::default(),
             crop_min_side: 0.0,
             blank_neighbours: false,
+            cell_finder: String::new(),
         },
         &dir,
         &key,

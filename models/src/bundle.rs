@@ -85,6 +85,10 @@ pub struct Manifest {
     /// [`crate::preprocess::cell_crops_blanked`]; false (or absent) = crops as they are.
     #[serde(default, skip_serializing_if = "is_false")]
     pub blank_neighbours: bool,
+    /// The edge's cell-finder profile the model's crops were cut with (`real-smear` for
+    /// models trained on real fields); empty (or absent) = the synthetic microscope's default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cell_finder: String,
     /// Every file of the bundle except the manifest and its signature.
     pub files: BTreeMap<String, FileEntry>,
     pub self_test: SelfTestSpec,
@@ -371,6 +375,8 @@ pub struct NewBundle<'a> {
     pub crop_min_side: f32,
     /// ([`Manifest::blank_neighbours`]).
     pub blank_neighbours: bool,
+    /// ([`Manifest::cell_finder`]).
+    pub cell_finder: String,
 }
 
 fn sha256_file(path: &Path) -> Result<(String, u64), Error> {
@@ -438,6 +444,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         class_names: new.head.map(|h| h.class_names.clone()).unwrap_or_default(),
         crop_min_side: new.crop_min_side,
         blank_neighbours: new.blank_neighbours,
+        cell_finder: new.cell_finder.clone(),
         files,
         self_test: SelfTestSpec {
             file: SELF_TEST.into(),

@@ -368,6 +368,7 @@ fn run(cli: Cli) -> Result<()> {
                     normalization: Normalization::default(),
                     crop_min_side: 0.0,
                     blank_neighbours: false,
+                    cell_finder: String::new(),
                 },
                 &out,
                 &key,

@@ -51,6 +51,7 @@ fn fixture() -> Fixture {
             normalization: Normalization::default(),
             crop_min_side: 0.0,
             blank_neighbours: false,
+            cell_finder: String::new(),
         },
         &dir,
         &key,
@@ -431,6 +432,19 @@ fn crop_policy_is_read_from_the_manifest_and_checked() {
         "{e}"
     );
     edit_manifest(&f, |v| v["blank_neighbours"] = false.into());
+    // The finder profile: absent = the default one; signed like the rest.
+    assert_eq!(open(&f, &f.dir).unwrap().manifest().cell_finder, "");
+    edit_manifest(&f, |v| v["cell_finder"] = "real-smear".into());
+    assert_eq!(
+        open(&f, &f.dir).unwrap().manifest().cell_finder,
+        "real-smear"
+    );
+    edit_manifest(&f, |v| v["cell_finder"] = 3.into());
+    assert!(matches!(
+        refusal(open(&f, &f.dir)),
+        BundleError::BadManifest(_)
+    ));
+    edit_manifest(&f, |v| v["cell_finder"] = "".into());
     for bad in [-1.0, 0.1, 9.0] {
         edit_manifest(&f, |v| v["crop_min_side"] = bad.into());
         let e = refusal(open(&f, &f.dir));

@@ -2,8 +2,8 @@
 
 Writes OUT_DIR/sklearn_probes.safetensors: train/test features and labels (overlapping Gaussian
 classes, so that accuracies are well below 1 and disagreements would show), and the test
-accuracies of LogisticRegression (lbfgs, multinomial, C = 1 / (l2 * n_train) with RedDino's
-l2 = 100 / (dim * classes)) and KNeighborsClassifier (k = 1 and 20, Euclidean, uniform).
+accuracies of LogisticRegression (lbfgs, multinomial, RedDino's C = 1 / l2 with
+l2 = 100 / (dim * classes); the trainer's mean objective takes l2 / n_train) and KNeighborsClassifier (k = 1 and 20, Euclidean, uniform).
 
 Usage: python sklearn_probes.py OUT_DIR
 """
@@ -32,7 +32,7 @@ def main(out):
     xtr, ytr = draw(n_train)
     xte, yte = draw(n_test)
     l2 = 100.0 / (dim * classes)
-    lr = LogisticRegression(C=1.0 / (l2 * n_train), max_iter=5000, tol=1e-8).fit(xtr, ytr)
+    lr = LogisticRegression(C=1.0 / l2, max_iter=5000, tol=1e-8).fit(xtr, ytr)
     acc = {"logreg": lr.score(xte, yte)}
     for k in (1, 20):
         acc[f"knn{k}"] = KNeighborsClassifier(n_neighbors=k).fit(xtr, ytr).score(xte, yte)
@@ -40,7 +40,7 @@ def main(out):
         "x_train": torch.from_numpy(xtr), "y_train": torch.from_numpy(ytr),
         "x_test": torch.from_numpy(xte), "y_test": torch.from_numpy(yte),
         "acc": torch.tensor([acc["logreg"], acc["knn1"], acc["knn20"]], dtype=torch.float64),
-        "l2": torch.tensor([l2], dtype=torch.float64),
+        "l2": torch.tensor([l2 / n_train], dtype=torch.float64),
     }, os.path.join(out, "sklearn_probes.safetensors"))
     print(f"scikit-learn probe references written to {out}: {acc}")
 

@@ -204,9 +204,12 @@ impl LinearProbe {
     }
 }
 
-/// RedDino's default probe regularisation: `100 / (dim * classes)`.
-pub fn default_l2(dim: usize, classes: usize) -> f64 {
-    100.0 / (dim * classes) as f64
+/// RedDino's probe regularisation for [`LinearProbe::fit`]'s mean objective: RedDino fits
+/// scikit-learn's `LogisticRegression(C = 1 / l2)` with `l2 = 100 / (dim * classes)`, whose
+/// objective is `C * sum CE + |W|^2 / 2`, i.e. `n * (mean CE + l2 / (2 n) |W|^2)`: the weight
+/// here is RedDino's `l2` divided by the `n` training samples.
+pub fn default_l2(dim: usize, classes: usize, n: usize) -> f64 {
+    100.0 / (dim * classes) as f64 / n.max(1) as f64
 }
 
 /// Classification metrics.

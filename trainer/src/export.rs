@@ -28,6 +28,8 @@ pub struct ExportSpec<'a> {
     pub crop_min_side: f32,
     /// Whether it was trained on crops with blanked neighbours (`Manifest::blank_neighbours`).
     pub blank_neighbours: bool,
+    /// The edge's cell-finder profile its crops were cut with (`Manifest::cell_finder`).
+    pub cell_finder: String,
 }
 
 /// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`.
@@ -91,6 +93,7 @@ pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Ma
             normalization: Normalization::default(),
             crop_min_side: spec.crop_min_side,
             blank_neighbours: spec.blank_neighbours,
+            cell_finder: spec.cell_finder.clone(),
         },
         dir,
         key,

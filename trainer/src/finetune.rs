@@ -37,6 +37,9 @@ pub struct FinetuneConfig {
     pub clip_grad: f64,
     pub augment: AugmentConfig,
     pub seed: u64,
+    /// Cross-entropy weighted by inverse class frequency (each class weighs the same in the
+    /// loss: for imbalanced data scored by balanced accuracy).
+    pub balanced: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -60,6 +63,7 @@ impl Default for FinetuneConfig {
                 flip_p: 0.5,
             },
             seed: 0,
+            balanced: false,
         }
     }
 }
@@ -114,6 +118,27 @@ pub struct Finetuned {
     pub last_loss: f64,
 }
 
+/// Inverse-frequency class weights, `n / (classes * n_c)` (1 for every class of balanced
+/// data; classes without samples get 0).
+pub fn class_weights(labels: &[i64], classes: usize) -> Tensor {
+    let mut count = vec![0usize; classes];
+    for &l in labels {
+        count[l as usize] += 1;
+    }
+    let n = labels.len() as f64;
+    let w: Vec<f32> = count
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                0.0
+            } else {
+                (n / (classes as f64 * c as f64)) as f32
+            }
+        })
+        .collect();
+    Tensor::from_slice(&w)
+}
+
 /// Decodes every image of `set` resized to `size` x `size`, as u8 [N, 3, size, size].
 pub fn load_images(set: &LabelledSet, size: usize) -> Result<Tensor> {
     let plane = 3 * size * size;
@@ -155,6 +180,9 @@ pub fn finetune(
     tch::manual_seed(cfg.seed as i64);
     let images = load_images(set, cfg.input_size)?;
     let labels = Tensor::from_slice(&set.labels);
+    let class_weights = cfg
+        .balanced
+        .then(|| class_weights(&set.labels, classes).to_device(device));
 
     let vs = nn::VarStore::new(device);
     let root = vs.root();
@@ -211,9 +239,9 @@ pub fn finetune(
             opt.zero_grad();
             let cls = vit.forward(&x, None, true).cls;
             let logits = cls.apply(&head);
-            let loss = logits.cross_entropy_loss::<Tensor>(
+            let loss = logits.cross_entropy_loss::<&Tensor>(
                 &y,
-                None,
+                class_weights.as_ref(),
                 tch::Reduction::Mean,
                 -100,
                 cfg.label_smoothing,

@@ -70,6 +70,10 @@ enum Cmd {
         /// (`--blank-neighbours` of the crop tools); the edge then cuts them so too.
         #[arg(long)]
         blank_neighbours: bool,
+        /// The edge's cell-finder profile the training crops were cut with (`reddino-edge
+        /// import --profile`): `real-smear` for real fields; default: the synthetic microscope's.
+        #[arg(long, default_value = "")]
+        cell_finder: String,
         #[arg(long)]
         tar: bool,
     },
@@ -139,6 +143,17 @@ enum Cmd {
         /// CPU threads for libtorch (0 = its default).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Weigh the cross-entropy by inverse class frequency (imbalanced classes).
+        #[arg(long)]
+        balanced: bool,
+        /// Cross-validate first: one fine-tune per source folder of the data, tested on that
+        /// folder (with `reddino-edge import --folds K`, K-fold cross-validation by field);
+        /// writes OUT/cv/report.json and report.md, then fine-tunes on everything.
+        #[arg(long)]
+        cross_validate: bool,
+        /// With --cross-validate: stop after the cross-validation.
+        #[arg(long)]
+        cv_only: bool,
     },
     /// Score a backbone + linear head on labelled crops: accuracy, balanced accuracy, F1 and
     /// the confusion matrix, overall and per source; writes report.json, report.md and
@@ -165,7 +180,8 @@ enum Cmd {
         /// Head safetensors to write.
         #[arg(long)]
         out: PathBuf,
-        /// L2 weight (objective: mean cross-entropy + l2/2 |W|^2); default 100 / (dim x classes).
+        /// L2 weight (objective: mean cross-entropy + l2/2 |W|^2); default RedDino's,
+        /// 100 / (dim x classes x samples) (scikit-learn's C = dim x classes / 100).
         #[arg(long)]
         l2: Option<f64>,
     },
@@ -219,7 +235,7 @@ impl ModelArgs {
             tch::manual_seed(0);
             let mut cfg = w.config.clone();
             cfg.img_size = size;
-            reddino_trainer::vit::Vit::new(&vs.root(), &cfg, w.pos_prefix())?
+            reddino_trainer::vit::Vit::random_baseline(&vs.root(), &cfg, w.pos_prefix())?
         } else {
             reddino_trainer::vit::Vit::from_weights(&vs.root(), &w, size)?
         };
@@ -330,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
             description,
             crop_min_side,
             blank_neighbours,
+            cell_finder,
             tar,
         } => {
             let w = reddino_models::weights::VitWeights::load(&checkpoint)?;
@@ -354,6 +371,7 @@ fn run(cli: Cli) -> Result<()> {
                     description,
                     crop_min_side,
                     blank_neighbours,
+                    cell_finder,
                 },
                 &key,
                 &out,
@@ -451,7 +469,8 @@ fn run(cli: Cli) -> Result<()> {
             use reddino_trainer::eval::{default_l2, metrics, LinearProbe};
             let (set, f) = model.features(&data)?;
             let classes = set.class_names.len();
-            let l2 = l2.unwrap_or_else(|| default_l2(f.size()[1] as usize, classes));
+            let l2 = l2
+                .unwrap_or_else(|| default_l2(f.size()[1] as usize, classes, f.size()[0] as usize));
             let probe = LinearProbe::fit(&f, &set.labels, classes, l2, 5000);
             if !probe.converged {
                 log::warn!(
@@ -496,8 +515,14 @@ fn run(cli: Cli) -> Result<()> {
             crop_scale,
             seed,
             threads,
+            balanced,
+            cross_validate,
+            cv_only,
         } => {
             use reddino_trainer::finetune::{finetune, FinetuneConfig};
+            if cv_only && !cross_validate {
+                anyhow::bail!("--cv-only needs --cross-validate");
+            }
             if threads > 0 {
                 tch::set_num_threads(threads as i32);
             }
@@ -518,8 +543,90 @@ fn run(cli: Cli) -> Result<()> {
                     ..defaults.augment
                 },
                 seed,
+                balanced,
                 ..defaults
             };
+            if cross_validate {
+                let folds = set.source_names.len();
+                if folds < 2 {
+                    anyhow::bail!(
+                        "--cross-validate needs crops in two or more source folders ({{fold}}/{{class}}/image, as `reddino-edge import --folds K` writes); {} has one",
+                        data.display()
+                    );
+                }
+                let classes = set.class_names.len();
+                let (mut truth, mut pred) = (Vec::new(), Vec::new());
+                let mut per_fold = Vec::new();
+                let t0 = std::time::Instant::now();
+                for f in 0..folds {
+                    let train = set.select(|s| s != f as i64);
+                    let test = set.select(|s| s == f as i64);
+                    log::info!(
+                        "cross-validation fold {}/{folds} ({}): fine-tuning on {} crops, testing on {}",
+                        f + 1,
+                        set.source_names[f],
+                        train.files.len(),
+                        test.files.len()
+                    );
+                    let r = finetune(&init, &train, &cfg, device, 100, |s| {
+                        log::info!(
+                            "fold {}: step {}/{}: loss {:.4}",
+                            f + 1,
+                            s.step,
+                            s.total,
+                            s.loss
+                        )
+                    })?;
+                    let vs = tch::nn::VarStore::new(device);
+                    let vit = reddino_trainer::vit::Vit::from_weights(
+                        &vs.root(),
+                        &r.backbone,
+                        cfg.input_size,
+                    )?;
+                    let (t, p) =
+                        reddino_trainer::finetune::classify_set(&vit, &r.head, &test, device, 128)?;
+                    let m = reddino_trainer::eval::metrics(&t, &p, classes);
+                    log::info!(
+                        "fold {}: accuracy {:.3}, balanced accuracy {:.3}, weighted F1 {:.3}",
+                        f + 1,
+                        m.accuracy,
+                        m.balanced_accuracy,
+                        m.weighted_f1
+                    );
+                    per_fold.push(serde_json::json!({
+                        "fold": set.source_names[f],
+                        "train": train.files.len(),
+                        "test": test.files.len(),
+                        "metrics": m,
+                    }));
+                    truth.extend(t);
+                    pred.extend(p);
+                }
+                let pooled = reddino_trainer::eval::metrics(&truth, &pred, classes);
+                let dir = out.join("cv");
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::write(
+                    dir.join("report.json"),
+                    serde_json::to_vec_pretty(&serde_json::json!({
+                        "protocol": format!("{folds}-fold by source folder, fine-tuned per fold"),
+                        "class_names": set.class_names,
+                        "pooled": pooled,
+                        "folds": per_fold,
+                        "seconds": t0.elapsed().as_secs_f64(),
+                    }))?,
+                )?;
+                let md = reddino_trainer::report::cv_markdown(
+                    &format!("Fine-tuning, {folds}-fold cross-validation by source folder"),
+                    &set,
+                    &pooled,
+                );
+                std::fs::write(dir.join("report.md"), &md)?;
+                print!("{md}");
+                if cv_only {
+                    return Ok(());
+                }
+            }
             log::info!(
                 "fine-tuning ViT {}-d x {} at {} px on {device:?}: {} crops, {} classes, {} sources, {epochs} epochs of batch {}",
                 init.config.embed_dim,
@@ -562,6 +669,7 @@ fn run(cli: Cli) -> Result<()> {
                 "label_smoothing": label_smoothing,
                 "crop_scale": crop_scale,
                 "seed": seed,
+                "balanced": balanced,
                 "first_loss": r.first_loss,
                 "last_loss": r.last_loss,
                 "seconds": t0.elapsed().as_secs_f64(),

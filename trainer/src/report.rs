@@ -83,6 +83,21 @@ impl LabelledSet {
         })
     }
 
+    /// The crops whose source `keep` accepts, with every class and source name kept (labels
+    /// and sources keep their indices).
+    pub fn select(&self, keep: impl Fn(i64) -> bool) -> LabelledSet {
+        let idx: Vec<usize> = (0..self.files.len())
+            .filter(|&i| keep(self.sources[i]))
+            .collect();
+        LabelledSet {
+            files: idx.iter().map(|&i| self.files[i].clone()).collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            sources: idx.iter().map(|&i| self.sources[i]).collect(),
+            class_names: self.class_names.clone(),
+            source_names: self.source_names.clone(),
+        }
+    }
+
     /// The normalised pixels of every image at `size` x `size` (the model's preprocessing),
     /// flattened: the raw-pixel baseline, [N, 3 x size x size].
     pub fn pixels(&self, size: u32) -> Result<Tensor> {
@@ -193,7 +208,7 @@ pub fn evaluate(
         let (xtr, xte) = (select(features, &tr), select(features, &te));
         let ytr: Vec<i64> = tr.iter().map(|&i| set.labels[i]).collect();
         let yte: Vec<i64> = te.iter().map(|&i| set.labels[i]).collect();
-        let probe = LinearProbe::fit(&xtr, &ytr, classes, default_l2(d, classes), 2000);
+        let probe = LinearProbe::fit(&xtr, &ytr, classes, default_l2(d, classes, tr.len()), 2000);
         let p_lin = probe.predict(&xte);
         let p1 = knn_predict(&xtr, &ytr, &xte, 1, knn, classes);
         let p20 = knn_predict(&xtr, &ytr, &xte, 20, knn, classes);
@@ -238,6 +253,27 @@ pub fn evaluate(
         knn20: metrics(&truth, &k20, classes),
         per_source,
     })
+}
+
+/// The Markdown summary of pooled predictions: the three headline metrics, then recall,
+/// precision and support per class.
+pub fn cv_markdown(title: &str, set: &LabelledSet, m: &Metrics) -> String {
+    let mut s = format!(
+        "# {title}\n\n{} images, {} classes, {} folds.\n\n| accuracy | balanced accuracy | weighted F1 |\n|---:|---:|---:|\n| {:.3} | {:.3} | {:.3} |\n\n| class | recall | precision | support |\n|---|---:|---:|---:|\n",
+        set.files.len(),
+        set.class_names.len(),
+        set.source_names.len(),
+        m.accuracy,
+        m.balanced_accuracy,
+        m.weighted_f1
+    );
+    for (c, name) in set.class_names.iter().enumerate() {
+        s += &format!(
+            "| {name} | {:.3} | {:.3} | {} |\n",
+            m.recall[c], m.precision[c], m.support[c]
+        );
+    }
+    s
 }
 
 /// The Markdown summary of a report.

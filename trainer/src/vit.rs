@@ -167,6 +167,22 @@ impl Vit {
 
     /// Builds the backbone under `p` with the weights of a checkpoint (timm, DINOv2, RedDino or
     /// this trainer's), resampling the position embedding to `img_size` as timm does.
+    /// A freshly initialised backbone that can serve as a baseline: LayerScale gammas at 1
+    /// instead of DINOv2's 1e-5 training init, so that the CLS output depends on the image
+    /// (with 1e-5 every block adds almost nothing to the residual stream and every image gets
+    /// nearly the same CLS feature: a baseline that cannot win).
+    pub fn random_baseline(p: &nn::Path, config: &VitConfig, pos_prefix: usize) -> Result<Vit> {
+        let vit = Vit::new(p, config, pos_prefix)?;
+        tch::no_grad(|| {
+            for b in &vit.blocks {
+                for g in [&b.ls1, &b.ls2].into_iter().flatten() {
+                    let _ = g.shallow_clone().fill_(1.0);
+                }
+            }
+        });
+        Ok(vit)
+    }
+
     pub fn from_weights(p: &nn::Path, weights: &VitWeights, img_size: usize) -> Result<Vit> {
         let mut w = weights.clone();
         w.resize_input(img_size)?;

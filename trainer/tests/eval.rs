@@ -96,3 +96,40 @@ fn protocols_on_synthetic_crops() {
         .to_string();
     assert!(err.contains("at least two sources"), "{err}");
 }
+
+/// The random-weights baseline must depend on the image: with DINOv2's LayerScale init (1e-5)
+/// a fresh ViT gives every image nearly the same CLS feature and scores chance whatever the
+/// data; the baseline (gammas at 1) spreads images apart.
+#[test]
+fn random_baseline_features_depend_on_the_image() {
+    let cfg = VitConfig::preset(Preset::Tiny, 56).unwrap();
+    let imgs: Vec<image::RgbImage> = (0..8u32)
+        .map(|k| {
+            image::RgbImage::from_fn(56, 56, |x, y| {
+                let v = ((x * (k + 1) + y * (7 - k)) % 256) as u8;
+                image::Rgb([v, 255 - v, (k * 30) as u8])
+            })
+        })
+        .collect();
+    // Spread of the features across images, relative to their size.
+    let spread = |vit: &Vit| {
+        let f = reddino_trainer::probe::embed_images(vit, &imgs, Device::Cpu, 8);
+        let std = f
+            .std_dim(0, true, false)
+            .mean(tch::Kind::Float)
+            .double_value(&[]);
+        let size = f.abs().mean(tch::Kind::Float).double_value(&[]);
+        std / size
+    };
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let fresh = spread(&Vit::new(&vs.root(), &cfg, 1).unwrap());
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let baseline = spread(&Vit::random_baseline(&vs.root(), &cfg, 1).unwrap());
+    assert!(fresh < 0.01, "a fresh ViT's CLS hardly varies: {fresh}");
+    assert!(
+        baseline > 0.2,
+        "the baseline's CLS varies with the image: {baseline}"
+    );
+}

@@ -43,6 +43,7 @@ fn preset_exports_and_opens(preset: Preset) {
             description: String::new(),
             crop_min_side: 0.0,
             blank_neighbours: false,
+            cell_finder: String::new(),
         },
         &k,
         &out,
@@ -96,6 +97,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
             description: "test".into(),
             crop_min_side: 1.0,
             blank_neighbours: true,
+            cell_finder: "real-smear".into(),
         },
         &k,
         &out,
@@ -109,6 +111,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     // The crop policy travels in the signed manifest.
     assert_eq!(b.manifest().crop_min_side, 1.0);
     assert!(b.manifest().blank_neighbours);
+    assert_eq!(b.manifest().cell_finder, "real-smear");
 }
 
 #[test]
@@ -131,6 +134,7 @@ fn mismatching_head_is_refused_before_writing() {
         description: String::new(),
         crop_min_side: 0.0,
         blank_neighbours: false,
+        cell_finder: String::new(),
     };
     assert!(export(&spec, &k, &out).is_err());
     assert!(!out.exists());

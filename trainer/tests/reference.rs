@@ -93,6 +93,7 @@ fn timm_small_exports_to_a_bundle_the_edge_opens() {
         description: String::new(),
         crop_min_side: 0.0,
         blank_neighbours: false,
+        cell_finder: String::new(),
     };
     let (_, diff) = reddino_trainer::export::export(&spec, &k, &tmp.path().join("b")).unwrap();
     assert!(diff < 1e-4, "{diff}");
@@ -220,6 +221,9 @@ fn probes_agree_with_scikit_learn() {
     let want = Vec::<f64>::try_from(&r["acc"]).unwrap();
     let l2 = Vec::<f64>::try_from(&r["l2"]).unwrap()[0];
     let classes = 6;
+    // The trainer's default is RedDino's regularisation.
+    let default = reddino_trainer::eval::default_l2(48, classes, ytr.len());
+    assert!((l2 - default).abs() < 1e-12 * l2, "{l2} vs {default}");
     let probe = LinearProbe::fit(&r["x_train"], &ytr, classes, l2, 1000);
     let lr = metrics(&yte, &probe.predict(&r["x_test"]), classes).accuracy;
     let k1 = metrics(

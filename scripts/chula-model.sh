@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Rebuilds the reddino-chula model (models/chula/reddino-chula.tar) from a Chula RBC-12 folder
+# and the figures of its model card (docs/models/chula.md): the development fields imported as
+# crops cut by the edge's own finder (5 folds by field), self-supervised pretraining on every
+# crop of them (no labels), probes of the pretrained features and of the two baselines (the
+# same ViT with random weights, raw pixels) under 5-fold cross-validation by field,
+# fine-tuning cross-validated the same way, the final fine-tune on every development field,
+# its score on the held-out fields, and the export signed with the demo key. About 75 minutes
+# on two CPU cores; everything goes under target/chula-model/ (override with CHULA_MODEL_WORK).
+#
+#   ./scripts/chula-model.sh [DATA]            # DATA: default ../shared/data/chula-rbc-12
+#   ./scripts/chula-model.sh [DATA] --no-ship  # everything but replacing the shipped bundle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=${1:-../shared/data/chula-rbc-12}
+ship=1
+if [[ "${2:-}" == "--no-ship" ]]; then
+    ship=0
+fi
+if [[ ! -d "$DATA/images" ]]; then
+    echo "no Chula RBC-12 folder at $DATA (expected $DATA/images and $DATA/labels)" >&2
+    exit 2
+fi
+
+. scripts/torch-env.sh
+cargo build --release --locked -p reddino-trainer -p reddino-models -p reddino-edge
+T=target/release
+W=${CHULA_MODEL_WORK:-target/chula-model}
+SIZE=56
+EPOCHS=${CHULA_MODEL_EPOCHS:-10}
+FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced)
+rm -rf "$W"
+mkdir -p "$W"
+export RUST_LOG=${RUST_LOG:-info}
+data=$(cd "$DATA" && pwd)
+
+echo "== 1/7 import: development fields in 5 folds by field, held-out fields apart"
+$T/reddino-edge import --points "$data" --fields dev --folds 5 --out "$W/crops" \
+    --unlabelled "$W/unlabelled"
+$T/reddino-edge import --points "$data" --fields test --out "$W/heldout"
+mkdir -p "$W/ssl"
+ln -s ../crops "$W/ssl/labelled"
+ln -s ../unlabelled "$W/ssl/unlabelled"
+
+echo "== 2/7 self-supervised pretraining (DINOv2 losses, every crop of the development fields)"
+cp docs/models/chula-pretrain.toml "$W/pretrain.toml" # its paths are relative to $W
+(cd "$W" && "../release/reddino-trainer" pretrain --config pretrain.toml)
+PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbone.safetensors"
+
+echo "== 3/7 probes, 5-fold by field: pretrained, random weights, raw pixels"
+for f in model random-init; do
+    $T/reddino-trainer eval --checkpoint "$PRETRAINED" --data "$W/crops" --out "$W/probe-$f" \
+        --loso-only --features "$f" >/dev/null
+done
+# Raw pixels at 28 px (2 352 features; at 56 px the logistic regression takes over an hour).
+$T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size 28 --data "$W/crops" \
+    --out "$W/probe-pixels" --loso-only --features pixels >/dev/null
+
+echo "== 4/7 fine-tuning, 5-fold by field, then on every development field"
+$T/reddino-trainer finetune --checkpoint "$PRETRAINED" --data "$W/crops" --out "$W/finetune" \
+    "${FT[@]}" --cross-validate >/dev/null
+
+echo "== 5/7 the held-out fields"
+$T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
+    --head "$W/finetune/head.safetensors" --data "$W/heldout" --out "$W/score-heldout" >/dev/null
+
+echo "== 6/7 export, signed with the demo key"
+$T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
+    --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
+    --sign models/demo/demo.sec --name reddino-chula --version 0.1.0 --cell-finder real-smear \
+    --description "ViT-tiny pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \
+    --tar
+$T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test
+if [[ $ship == 1 ]]; then
+    mkdir -p models/chula
+    cp "$W/bundle.tar" models/chula/reddino-chula.tar
+    echo "models/chula/reddino-chula.tar replaced"
+fi
+
+echo "== 7/7 figures for docs/models/chula.md"
+for r in finetune/cv probe-model probe-random-init probe-pixels score-heldout; do
+    echo "--- $W/$r/report.md"
+    sed -n '1,30p' "$W/$r/report.md"
+done
