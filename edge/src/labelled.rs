@@ -230,17 +230,27 @@ impl Field {
 /// Opens an image as RGB, its format told by its content (data sets hold PNGs named `.jpg`),
 /// naming the file when it cannot be decoded.
 pub fn open_image(path: &Path) -> Result<image::RgbImage, LabelError> {
-    let err = |why: String| LabelError::Image {
-        path: path.to_path_buf(),
-        why,
-    };
-    image::ImageReader::open(path)
-        .map_err(|e| err(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?
+    image_reader(path)?
         .decode()
         .map(|i| i.to_rgb8())
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| image_error(path, e))
+}
+
+fn image_error(path: &Path, e: impl std::fmt::Display) -> LabelError {
+    LabelError::Image {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
+}
+
+/// A reader of the image at `path`, its format told by its content.
+fn image_reader(
+    path: &Path,
+) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>, LabelError> {
+    image::ImageReader::open(path)
+        .map_err(|e| image_error(path, e))?
+        .with_guessed_format()
+        .map_err(|e| image_error(path, e))
 }
 
 /// Which side of the split a field falls on.
@@ -334,16 +344,9 @@ pub struct LabelledField {
 
 /// The size of an image from its header, its format told by its content.
 pub fn image_size(path: &Path) -> Result<(u32, u32), LabelError> {
-    let err = |why: String| LabelError::Image {
-        path: path.to_path_buf(),
-        why,
-    };
-    image::ImageReader::open(path)
-        .map_err(|e| err(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?
+    image_reader(path)?
         .into_dimensions()
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| image_error(path, e))
 }
 
 fn read_text(path: &Path) -> Result<String, LabelError> {
