@@ -122,3 +122,30 @@ fn bad_settings_and_unknown_classes_are_refused() {
     let e = classify_set(&vit, &r.head, &set, Device::Cpu, 4).unwrap_err();
     assert!(e.to_string().contains("`ring`"), "{e}");
 }
+
+/// Inverse-frequency class weights give each class the same total weight, and a fold chosen
+/// by source keeps every class and source name (indices stay comparable across folds).
+#[test]
+fn balanced_weights_and_source_folds() {
+    let w = reddino_trainer::finetune::class_weights(&[0, 0, 0, 1, 2, 2], 4);
+    let w = Vec::<f32>::try_from(w).unwrap();
+    assert_eq!(w.len(), 4);
+    // n / (classes * n_c): 6 / (4 * 3), 6 / (4 * 1), 6 / (4 * 2); no samples: 0.
+    for (got, want) in w.iter().zip([0.5, 1.5, 0.75, 0.0]) {
+        assert!((got - want).abs() < 1e-6, "{w:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 3);
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    let b = set.select(|s| s == 1);
+    assert_eq!(b.files.len(), 6);
+    assert!(b.sources.iter().all(|&s| s == 1));
+    assert_eq!((b.class_names.len(), b.source_names.len()), (2, 2));
+    assert!(b.files.iter().all(|f| f.starts_with(tmp.path().join("b"))));
+    let rest = set.select(|s| s != 1);
+    assert_eq!(rest.files.len() + b.files.len(), set.files.len());
+    // The labels follow their files.
+    for (f, &l) in b.files.iter().zip(&b.labels) {
+        assert!(f.parent().unwrap().ends_with(&b.class_names[l as usize]));
+    }
+}
