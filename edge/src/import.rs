@@ -325,6 +325,7 @@ pub fn import_fields(
     )
     .map_err(out_err(&csv_path))?;
     let mut summary = ImportSummary::default();
+    let mut made = std::collections::HashSet::new();
     for (k, (field, classes)) in fields.iter().zip(&classes).enumerate() {
         let img = labelled::open_image(&field.image)?;
         let part = cfg.scheme.part(&field.name);
@@ -353,8 +354,7 @@ pub fn import_fields(
                 continue;
             };
             let class = classes[*j].as_deref().expect("mapped");
-            let dir = cfg.out.join(&part).join(class);
-            std::fs::create_dir_all(&dir).map_err(out_err(&dir))?;
+            ensure_dir(&mut made, &cfg.out.join(&part).join(class))?;
             let rel = format!("{part}/{class}/{file}");
             save(crop, &cfg.out.join(&rel))?;
             let b = found[i].bbox;
@@ -413,7 +413,9 @@ pub fn import_crops(
     writeln!(csv, "file,field,part,class,source").map_err(out_err(&csv_path))?;
     let mut summary = ImportSummary::default();
     let mut per_field: BTreeMap<&str, FieldImport> = BTreeMap::new();
+    let mut made = std::collections::HashSet::new();
     for (k, ((_, field, file), class)) in crops.iter().zip(&classes).enumerate() {
+        progress(k + 1, crops.len());
         let part = cfg.scheme.part(field);
         let fi = per_field.entry(field).or_insert_with(|| FieldImport {
             name: field.clone(),
@@ -431,8 +433,7 @@ pub fn import_crops(
         };
         let img = labelled::open_image(file)?;
         let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("crop");
-        let dir = cfg.out.join(&part).join(class);
-        std::fs::create_dir_all(&dir).map_err(out_err(&dir))?;
+        ensure_dir(&mut made, &cfg.out.join(&part).join(class))?;
         let rel = format!("{part}/{class}/{stem}.png");
         let dest = cfg.out.join(&rel);
         if dest.exists() {
@@ -456,7 +457,6 @@ pub fn import_crops(
             .entry(class.clone())
             .or_default() += 1;
         fi.crops += 1;
-        progress(k + 1, crops.len());
     }
     for (_, fi) in per_field {
         summary.add(fi);
@@ -478,6 +478,18 @@ fn cut(
     } else {
         cell_crops(img, &boxes, cfg.margin, cfg.min_side)
     }
+}
+
+/// Creates `dir` once per import.
+fn ensure_dir(
+    made: &mut std::collections::HashSet<PathBuf>,
+    dir: &Path,
+) -> Result<(), ImportError> {
+    if !made.contains(dir) {
+        std::fs::create_dir_all(dir).map_err(out_err(dir))?;
+        made.insert(dir.to_path_buf());
+    }
+    Ok(())
 }
 
 fn save(img: &RgbImage, path: &Path) -> Result<(), ImportError> {

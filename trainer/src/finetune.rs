@@ -118,6 +118,79 @@ pub struct Finetuned {
     pub last_loss: f64,
 }
 
+/// One fold of [`cross_validate`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FoldResult {
+    /// The held-out source folder.
+    pub fold: String,
+    pub train: usize,
+    pub test: usize,
+    pub metrics: Metrics,
+}
+
+/// Cross-validation by source folder: the pooled metrics and each fold's.
+#[derive(Debug, Clone)]
+pub struct CrossValidation {
+    pub pooled: Metrics,
+    pub folds: Vec<FoldResult>,
+    pub seconds: f64,
+}
+
+/// Fine-tunes once per source folder of `set`, each time on the other folders, and tests on
+/// the one left out (with `reddino-edge import --folds K`: K-fold cross-validation by field).
+/// `log(fold, step)` every 100 steps.
+pub fn cross_validate(
+    init: &VitWeights,
+    set: &LabelledSet,
+    cfg: &FinetuneConfig,
+    device: Device,
+    mut log: impl FnMut(usize, StepLog),
+) -> Result<CrossValidation> {
+    let folds = set.source_names.len();
+    if folds < 2 {
+        bail!("cross-validation needs crops in two or more source folders ({{fold}}/{{class}}/image, as `reddino-edge import --folds K` writes); found one");
+    }
+    let classes = set.class_names.len();
+    let t0 = std::time::Instant::now();
+    let (mut truth, mut pred, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    for f in 0..folds {
+        let train = set.select(|s| s != f as i64);
+        let test = set.select(|s| s == f as i64);
+        log::info!(
+            "cross-validation fold {}/{folds} ({}): fine-tuning on {} crops, testing on {}",
+            f + 1,
+            set.source_names[f],
+            train.files.len(),
+            test.files.len()
+        );
+        let r = finetune(init, &train, cfg, device, 100, |s| log(f, s))?;
+        let vs = nn::VarStore::new(device);
+        let vit = Vit::from_weights(&vs.root(), &r.backbone, cfg.input_size)?;
+        let (t, p) = classify_set(&vit, &r.head, &test, device, 128)?;
+        let m = metrics(&t, &p, classes);
+        log::info!(
+            "fold {}: accuracy {:.3}, balanced accuracy {:.3}, weighted F1 {:.3}",
+            f + 1,
+            m.accuracy,
+            m.balanced_accuracy,
+            m.weighted_f1
+        );
+        out.push(FoldResult {
+            fold: set.source_names[f].clone(),
+            train: train.files.len(),
+            test: test.files.len(),
+            metrics: m,
+        });
+        truth.extend(t);
+        pred.extend(p);
+    }
+    Ok(CrossValidation {
+        pooled: metrics(&truth, &pred, classes),
+        folds: out,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
 /// Inverse-frequency class weights, `n / (classes * n_c)` (1 for every class of balanced
 /// data; classes without samples get 0).
 pub fn class_weights(labels: &[i64], classes: usize) -> Tensor {

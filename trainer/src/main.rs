@@ -547,28 +547,8 @@ fn run(cli: Cli) -> Result<()> {
                 ..defaults
             };
             if cross_validate {
-                let folds = set.source_names.len();
-                if folds < 2 {
-                    anyhow::bail!(
-                        "--cross-validate needs crops in two or more source folders ({{fold}}/{{class}}/image, as `reddino-edge import --folds K` writes); {} has one",
-                        data.display()
-                    );
-                }
-                let classes = set.class_names.len();
-                let (mut truth, mut pred) = (Vec::new(), Vec::new());
-                let mut per_fold = Vec::new();
-                let t0 = std::time::Instant::now();
-                for f in 0..folds {
-                    let train = set.select(|s| s != f as i64);
-                    let test = set.select(|s| s == f as i64);
-                    log::info!(
-                        "cross-validation fold {}/{folds} ({}): fine-tuning on {} crops, testing on {}",
-                        f + 1,
-                        set.source_names[f],
-                        train.files.len(),
-                        test.files.len()
-                    );
-                    let r = finetune(&init, &train, &cfg, device, 100, |s| {
+                let cv =
+                    reddino_trainer::finetune::cross_validate(&init, &set, &cfg, device, |f, s| {
                         log::info!(
                             "fold {}: step {}/{}: loss {:.4}",
                             f + 1,
@@ -576,33 +556,9 @@ fn run(cli: Cli) -> Result<()> {
                             s.total,
                             s.loss
                         )
-                    })?;
-                    let vs = tch::nn::VarStore::new(device);
-                    let vit = reddino_trainer::vit::Vit::from_weights(
-                        &vs.root(),
-                        &r.backbone,
-                        cfg.input_size,
-                    )?;
-                    let (t, p) =
-                        reddino_trainer::finetune::classify_set(&vit, &r.head, &test, device, 128)?;
-                    let m = reddino_trainer::eval::metrics(&t, &p, classes);
-                    log::info!(
-                        "fold {}: accuracy {:.3}, balanced accuracy {:.3}, weighted F1 {:.3}",
-                        f + 1,
-                        m.accuracy,
-                        m.balanced_accuracy,
-                        m.weighted_f1
-                    );
-                    per_fold.push(serde_json::json!({
-                        "fold": set.source_names[f],
-                        "train": train.files.len(),
-                        "test": test.files.len(),
-                        "metrics": m,
-                    }));
-                    truth.extend(t);
-                    pred.extend(p);
-                }
-                let pooled = reddino_trainer::eval::metrics(&truth, &pred, classes);
+                    })
+                    .with_context(|| format!("cross-validating on {}", data.display()))?;
+                let folds = set.source_names.len();
                 let dir = out.join("cv");
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
@@ -611,15 +567,15 @@ fn run(cli: Cli) -> Result<()> {
                     serde_json::to_vec_pretty(&serde_json::json!({
                         "protocol": format!("{folds}-fold by source folder, fine-tuned per fold"),
                         "class_names": set.class_names,
-                        "pooled": pooled,
-                        "folds": per_fold,
-                        "seconds": t0.elapsed().as_secs_f64(),
+                        "pooled": cv.pooled,
+                        "folds": cv.folds,
+                        "seconds": cv.seconds,
                     }))?,
                 )?;
                 let md = reddino_trainer::report::cv_markdown(
                     &format!("Fine-tuning, {folds}-fold cross-validation by source folder"),
                     &set,
-                    &pooled,
+                    &cv.pooled,
                 );
                 std::fs::write(dir.join("report.md"), &md)?;
                 print!("{md}");
