@@ -9,7 +9,8 @@
 //!
 //! Output: `OUT/{split}/{class}/{field}_{n}.png` (the trainer's `{source}/{class}/image`
 //! layout: with k folds, leave-one-source-out is k-fold cross-validation by field),
-//! `OUT/crops.csv` (one row per crop) and `OUT/summary.json`.
+//! `OUT/crops.csv` (one row per crop), `OUT/classes.txt` (the classes in the data set's order,
+//! which the trainer keeps) and `OUT/summary.json`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -63,6 +64,9 @@ pub struct ImportConfig {
     pub unlabelled: Option<PathBuf>,
     /// A box label and its detection must overlap by at least this IoU.
     pub min_iou: f32,
+    /// The data set's class names in its own order (before `class_map`): `classes.txt` lists
+    /// the imported classes in this order, any others after them by name.
+    pub class_order: Vec<String>,
 }
 
 impl ImportConfig {
@@ -77,6 +81,7 @@ impl ImportConfig {
             class_map: None,
             unlabelled: None,
             min_iou: 0.3,
+            class_order: Vec::new(),
         }
     }
 }
@@ -384,7 +389,41 @@ pub fn import_fields(
     }
     csv.flush().map_err(out_err(&csv_path))?;
     write_summary(&cfg.out, &summary)?;
+    write_classes(cfg, &summary)?;
     Ok(summary)
+}
+
+/// The imported classes in the data set's order (`cfg.class_order` through the class map,
+/// then the classes it lacks by name): the class order of a model trained on the crops.
+pub fn class_order(cfg: &ImportConfig, summary: &ImportSummary) -> Vec<String> {
+    let imported: std::collections::BTreeSet<&String> =
+        summary.per_part.values().flat_map(|c| c.keys()).collect();
+    let mut order: Vec<String> = Vec::new();
+    for name in &cfg.class_order {
+        let mapped = match &cfg.class_map {
+            Some(m) => m.get(name).cloned().flatten(),
+            None => Some(name.clone()),
+        };
+        if let Some(c) = mapped {
+            if imported.contains(&c) && !order.contains(&c) {
+                order.push(c);
+            }
+        }
+    }
+    for c in imported {
+        if !order.contains(c) {
+            order.push(c.clone());
+        }
+    }
+    order
+}
+
+/// `OUT/classes.txt`: [`class_order`], one name per line (the trainer reads it).
+fn write_classes(cfg: &ImportConfig, summary: &ImportSummary) -> Result<(), ImportError> {
+    let path = cfg.out.join("classes.txt");
+    let mut text = class_order(cfg, summary).join("\n");
+    text.push('\n');
+    std::fs::write(&path, text).map_err(out_err(&path))
 }
 
 /// Imports crops already cut (`(class, field, file)` from [`labelled::read_crop_folders`]):
@@ -463,6 +502,7 @@ pub fn import_crops(
     }
     csv.flush().map_err(out_err(&csv_path))?;
     write_summary(&cfg.out, &summary)?;
+    write_classes(cfg, &summary)?;
     Ok(summary)
 }
 

@@ -438,6 +438,11 @@ impl ClassMap {
     }
 
     /// The class `label` is imported as (`None`: dropped by the map).
+    /// What `class` maps to (`Some(None)`: dropped), if the table names it.
+    pub fn get(&self, class: &str) -> Option<&Option<String>> {
+        self.map.get(class)
+    }
+
     pub fn apply(&self, label: &CellLabel) -> Result<Option<String>, LabelError> {
         match self.map.get(&label.class) {
             Some(to) => Ok(to.clone()),

@@ -340,6 +340,7 @@ fn run(cli: Cli) -> Result<()> {
                             .map(|s| s.to_string())
                             .collect(),
                     };
+                    cfg.class_order = names.clone();
                     labelled::read_point_set(dir, &names)?
                 } else if let Some(dir) = &voc {
                     labelled::read_voc(dir)?

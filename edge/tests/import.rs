@@ -37,6 +37,7 @@ fn point_labels_become_crops_split_by_field() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = ImportConfig::new(tmp.path().join("out"));
     cfg.scheme = Scheme::Folds(2);
+    cfg.class_order = names();
     let mut calls = 0;
     let s = import_fields(&fields, &cfg, |_, n| {
         calls += 1;
@@ -58,6 +59,25 @@ fn point_labels_become_crops_split_by_field() {
     assert!(s.dropped.get(&Dropped::LeftOut).copied().unwrap_or(0) > 0);
     let rows = csv_rows(&cfg.out);
     assert_eq!(rows.len(), s.crops);
+    // classes.txt: the imported classes in the data set's order (Chula's ids), none twice.
+    let listed: Vec<String> = std::fs::read_to_string(cfg.out.join("classes.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let imported: BTreeSet<&String> = rows.iter().map(|r| &r.3).collect();
+    assert_eq!(listed.len(), imported.len(), "{listed:?}");
+    let ids: Vec<usize> = listed
+        .iter()
+        .map(|c| {
+            CHULA_CLASSES
+                .iter()
+                .position(|k| k == c)
+                .expect("a Chula class")
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{listed:?}");
+    assert!(listed[0] == "normal" && listed.len() > 3, "{listed:?}");
     let mut part_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (file, field, part, class) in &rows {
         assert!(cfg.out.join(file).is_file(), "{file}");

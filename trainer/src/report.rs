@@ -25,7 +25,33 @@ pub struct LabelledSet {
     pub source_names: Vec<String>,
 }
 
+/// The class order of a labelled folder: its `classes.txt` (one name per line, `#` comments;
+/// written by `reddino-edge import` in the data set's order), if it has one.
+fn class_order(root: &Path) -> Result<Option<Vec<String>>> {
+    let path = root.join("classes.txt");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut order: Vec<String> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let name = line.split('#').next().unwrap_or("").trim();
+        if name.is_empty() {
+            continue;
+        }
+        if order.iter().any(|o| o == name) {
+            bail!("{}:{}: class {name:?} listed twice", path.display(), i + 1);
+        }
+        order.push(name.to_string());
+    }
+    Ok(Some(order))
+}
+
 impl LabelledSet {
+    /// The crops of `root` (`{class}/image` or `{source}/{class}/image`): classes in the order
+    /// of `root/classes.txt` when there is one (the classes it lists without crops left out),
+    /// else by name; sources by name.
     pub fn scan(root: &Path) -> Result<LabelledSet> {
         let files = image_files(root)?;
         if files.is_empty() {
@@ -68,11 +94,32 @@ impl LabelledSet {
             }
             m
         };
-        let classes = index(|n| &n.0);
+        let classes = match class_order(root)? {
+            Some(order) => {
+                let present: std::collections::BTreeSet<&String> =
+                    names.iter().map(|n| &n.0).collect();
+                if let Some(c) = present.iter().find(|c| !order.contains(c)) {
+                    bail!(
+                        "{}: class folder {c:?} is not in classes.txt (it lists {})",
+                        root.display(),
+                        order.join(", ")
+                    );
+                }
+                order
+                    .iter()
+                    .filter(|c| present.contains(c))
+                    .enumerate()
+                    .map(|(i, c)| (c.clone(), i as i64))
+                    .collect()
+            }
+            None => index(|n| &n.0),
+        };
         let sources = index(|n| &n.1);
         let labels = names.iter().map(|n| classes[&n.0]).collect();
         let srcs = names.iter().map(|n| sources[&n.1]).collect();
-        let class_names = classes.into_keys().collect();
+        let mut class_names: Vec<(String, i64)> = classes.into_iter().collect();
+        class_names.sort_by_key(|c| c.1);
+        let class_names = class_names.into_iter().map(|c| c.0).collect();
         let source_names = sources.into_keys().collect();
         Ok(LabelledSet {
             files,

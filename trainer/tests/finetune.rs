@@ -149,3 +149,32 @@ fn balanced_weights_and_source_folds() {
         assert!(f.parent().unwrap().ends_with(&b.class_names[l as usize]));
     }
 }
+
+#[test]
+fn classes_txt_sets_the_class_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 2);
+    assert_eq!(
+        LabelledSet::scan(tmp.path()).unwrap().class_names,
+        ["disc", "ring"]
+    );
+    // The data set's order (as `reddino-edge import` writes it); a listed class without crops
+    // is left out.
+    std::fs::write(
+        tmp.path().join("classes.txt"),
+        "ring\nnormal # none here\ndisc\n",
+    )
+    .unwrap();
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    assert_eq!(set.class_names, ["ring", "disc"]);
+    for (f, &l) in set.files.iter().zip(&set.labels) {
+        assert!(f.parent().unwrap().ends_with(&set.class_names[l as usize]));
+    }
+    // A class folder the file does not list is refused, naming it.
+    std::fs::write(tmp.path().join("classes.txt"), "ring\n").unwrap();
+    let e = LabelledSet::scan(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("\"disc\"") && e.contains("classes.txt"), "{e}");
+    std::fs::write(tmp.path().join("classes.txt"), "ring\ndisc\nring\n").unwrap();
+    let e = LabelledSet::scan(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("classes.txt:3") && e.contains("twice"), "{e}");
+}
