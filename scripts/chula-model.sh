@@ -10,6 +10,8 @@
 #
 #   ./scripts/chula-model.sh [DATA]            # DATA: default ../shared/data/chula-rbc-12
 #   ./scripts/chula-model.sh [DATA] --no-ship  # everything but replacing the shipped bundle
+#   CHULA_MODEL_PIXELS=0 ./scripts/chula-model.sh   # without the raw-pixel probe (~30 min)
+# Each step's time goes to $W/times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +37,12 @@ mkdir -p "$W"
 export RUST_LOG=${RUST_LOG:-info}
 data=$(cd "$DATA" && pwd)
 
+step_start=$SECONDS
+step() { # name: the time since the last step, to $W/times.txt
+    echo "$1 $((SECONDS - step_start)) s" | tee -a "$W/times.txt"
+    step_start=$SECONDS
+}
+
 echo "== 1/7 import: development fields in 5 folds by field, held-out fields apart"
 $T/reddino-edge import --points "$data" --fields dev --folds 5 --out "$W/crops" \
     --unlabelled "$W/unlabelled"
@@ -42,28 +50,36 @@ $T/reddino-edge import --points "$data" --fields test --out "$W/heldout"
 mkdir -p "$W/ssl"
 ln -s ../crops "$W/ssl/labelled"
 ln -s ../unlabelled "$W/ssl/unlabelled"
+step import
 
 echo "== 2/7 self-supervised pretraining (DINOv2 losses, every crop of the development fields)"
 cp docs/models/chula-pretrain.toml "$W/pretrain.toml" # its paths are relative to $W
 (cd "$W" && "../release/reddino-trainer" pretrain --config pretrain.toml)
 PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbone.safetensors"
+step pretrain
 
 echo "== 3/7 probes, 5-fold by field: pretrained, random weights, raw pixels"
 for f in model random-init; do
     $T/reddino-trainer eval --checkpoint "$PRETRAINED" --data "$W/crops" --out "$W/probe-$f" \
         --loso-only --features "$f" >/dev/null
 done
+step probes
 # Raw pixels at 28 px (2 352 features; at 56 px the logistic regression takes over an hour).
-$T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size 28 --data "$W/crops" \
-    --out "$W/probe-pixels" --loso-only --features pixels >/dev/null
+if [[ "${CHULA_MODEL_PIXELS:-1}" != 0 ]]; then
+    $T/reddino-trainer eval --checkpoint "$PRETRAINED" --input-size 28 --data "$W/crops" \
+        --out "$W/probe-pixels" --loso-only --features pixels >/dev/null
+    step pixel-probe
+fi
 
 echo "== 4/7 fine-tuning, 5-fold by field, then on every development field"
 $T/reddino-trainer finetune --checkpoint "$PRETRAINED" --data "$W/crops" --out "$W/finetune" \
     "${FT[@]}" --cross-validate >/dev/null
+step finetune
 
 echo "== 5/7 the held-out fields"
 $T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --data "$W/heldout" --out "$W/score-heldout" >/dev/null
+step score
 
 echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
@@ -78,8 +94,14 @@ if [[ $ship == 1 ]]; then
     echo "models/chula/reddino-chula.tar replaced"
 fi
 
+step export
 echo "== 7/7 figures for docs/models/chula.md"
 for r in finetune/cv probe-model probe-random-init probe-pixels score-heldout; do
-    echo "--- $W/$r/report.md"
-    sed -n '1,30p' "$W/$r/report.md"
+    if [[ -f "$W/$r/report.md" ]]; then
+        echo "--- $W/$r/report.md"
+        sed -n '1,30p' "$W/$r/report.md"
+    fi
 done
+echo "--- times (s)"
+cat "$W/times.txt"
+echo "total $SECONDS s" 
