@@ -1,0 +1,483 @@
+//! The foreground: background light per block, optical density against it, the threshold a
+//! few noise widths above the background mode, and the mask's clean-up (opening, rim-gap
+//! closing, hole filling).
+
+use image::RgbImage;
+
+use super::CellFinderConfig;
+
+/// The background light of a frame: natural log per block and channel.
+pub(super) struct Background {
+    /// `[gh][gw]` of RGB.
+    pub(super) grid: Vec<[f32; 3]>,
+    pub(super) gw: usize,
+    pub(super) gh: usize,
+    pub(super) block: u32,
+}
+
+impl Background {
+    /// The 90th percentile of each block; a block much darker than most of its neighbours takes
+    /// the brightest of them (so a large cell covering a block does not pass for background).
+    pub(super) fn of(img: &RgbImage, block: u32, covered: f32) -> Background {
+        let block = block.max(8);
+        let (grid, gw, gh) = log_background_grid(img, block, covered);
+        Background {
+            grid,
+            gw,
+            gh,
+            block,
+        }
+    }
+
+    /// The blocks of the row holding pixel row `y`, left to right.
+    pub(super) fn row(&self, y: usize) -> &[[f32; 3]] {
+        let gy = (y / self.block as usize).min(self.gh - 1);
+        &self.grid[gy * self.gw..(gy + 1) * self.gw]
+    }
+}
+
+pub(super) fn log_background_grid(
+    img: &RgbImage,
+    block: u32,
+    covered: f32,
+) -> (Vec<[f32; 3]>, usize, usize) {
+    let (w, h) = img.dimensions();
+    let gw = w.div_ceil(block) as usize;
+    let gh = h.div_ceil(block) as usize;
+    let mut pct = vec![[0f32; 3]; gw * gh];
+    let raw = img.as_raw();
+    for by in 0..gh {
+        for bx in 0..gw {
+            let mut hist = [[0u32; 256]; 3];
+            let (x0, y0) = (bx as u32 * block, by as u32 * block);
+            let (x1, y1) = ((x0 + block).min(w), (y0 + block).min(h));
+            for y in y0..y1 {
+                let row = &raw[((y * w + x0) * 3) as usize..((y * w + x1) * 3) as usize];
+                for px in row.chunks_exact(3) {
+                    hist[0][px[0] as usize] += 1;
+                    hist[1][px[1] as usize] += 1;
+                    hist[2][px[2] as usize] += 1;
+                }
+            }
+            let n = (x1 - x0) * (y1 - y0);
+            let target = (n as f32 * 0.9) as u32;
+            for c in 0..3 {
+                let mut acc = 0;
+                let mut v = 255;
+                for (i, cnt) in hist[c].iter().enumerate() {
+                    acc += cnt;
+                    if acc >= target {
+                        v = i;
+                        break;
+                    }
+                }
+                pct[by * gw + bx][c] = (v.max(1) as f32).ln();
+            }
+        }
+    }
+    // A block darker than most of its neighbours by more than `covered` (summed over the
+    // channels, natural log) is covered by a cell: it takes its neighbours' brightest. Light
+    // falling off towards the corners (vignetting) is far gentler from block to block, and a
+    // block that keeps its own value follows it. With `covered` 0 every block takes the
+    // brightest of its 3x3 neighbourhood.
+    let mut dil = pct.clone();
+    let mut sums: Vec<f32> = Vec::with_capacity(8);
+    for by in 0..gh {
+        for bx in 0..gw {
+            let own = pct[by * gw + bx];
+            let mut m = [f32::MIN; 3];
+            sums.clear();
+            for ny in by.saturating_sub(1)..(by + 2).min(gh) {
+                for nx in bx.saturating_sub(1)..(bx + 2).min(gw) {
+                    if (nx, ny) == (bx, by) {
+                        continue;
+                    }
+                    let v = pct[ny * gw + nx];
+                    sums.push(v.iter().sum());
+                    for c in 0..3 {
+                        m[c] = m[c].max(v[c]);
+                    }
+                }
+            }
+            if sums.is_empty() {
+                continue;
+            }
+            if covered <= 0.0 {
+                for c in 0..3 {
+                    m[c] = m[c].max(own[c]);
+                }
+                dil[by * gw + bx] = m;
+                continue;
+            }
+            sums.sort_unstable_by(f32::total_cmp);
+            if own.iter().sum::<f32>() < sums[sums.len() / 2] - covered {
+                dil[by * gw + bx] = m;
+            }
+        }
+    }
+    (dil, gw, gh)
+}
+
+/// Optical density against the background, its channels weighted by `weights`, bilinearly
+/// interpolated between block centres (negative where a pixel is brighter than the estimate:
+/// background noise stays symmetric around its mode). One pass, row by row.
+pub(super) fn optical_density(
+    img: &RgbImage,
+    bg: &Background,
+    ln: &[f32; 256],
+    weights: [f32; 3],
+) -> Vec<f32> {
+    let block = bg.block;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (grid, gw, gh) = (&bg.grid, bg.gw, bg.gh);
+    let coord = |p: usize, n: usize| -> (usize, usize, f32) {
+        let f = ((p as f32 + 0.5) / block as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+        let i0 = f.floor() as usize;
+        (i0, (i0 + 1).min(n - 1), f - i0 as f32)
+    };
+    let xs: Vec<(usize, usize, f32)> = (0..w).map(|x| coord(x, gw)).collect();
+    // One table per channel: ln of each 8-bit value times the channel's weight.
+    let tables: [[f32; 256]; 3] = std::array::from_fn(|c| ln.map(|v| v * weights[c]));
+    let weighted = |b: &[f32; 3]| b[0] * weights[0] + b[1] * weights[1] + b[2] * weights[2];
+    let mut od = vec![0f32; w * h];
+    let mut col = vec![0f32; gw];
+    for (y, (out, row)) in od
+        .chunks_exact_mut(w)
+        .zip(img.as_raw().chunks_exact(3 * w))
+        .enumerate()
+    {
+        let (y0, y1, fy) = coord(y, gh);
+        // The channels' weighted backgrounds add up: interpolate their sum.
+        for (bx, c) in col.iter_mut().enumerate() {
+            let a = weighted(&grid[y0 * gw + bx]);
+            let b = weighted(&grid[y1 * gw + bx]);
+            *c = a * (1.0 - fy) + b * fy;
+        }
+        for ((o, px), &(x0, x1, fx)) in out.iter_mut().zip(row.chunks_exact(3)).zip(&xs) {
+            let bg = col[x0] * (1.0 - fx) + col[x1] * fx;
+            *o = bg
+                - tables[0][px[0] as usize]
+                - tables[1][px[1] as usize]
+                - tables[2][px[2] as usize];
+        }
+    }
+    od
+}
+
+/// Channel weights that bring the cells out of the noise best (a matched filter): each
+/// channel's cell contrast over its noise variance, scaled so that a typical stained pixel
+/// keeps the density it has summed over R, G and B. Haemoglobin absorbs green most; on a pale
+/// field red carries almost no contrast and only adds noise. Estimated on 2x2 means of the
+/// frame (8-bit steps quantise single pixels' densities); (1, 1, 1) when the frame shows no
+/// stain.
+pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> [f32; 3] {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    let mut samples: Vec<[f32; 3]> = Vec::with_capacity((w / 2) * (h / 2));
+    for y in (0..h.saturating_sub(1)).step_by(2) {
+        let b = bg.row(y);
+        for x in (0..w.saturating_sub(1)).step_by(2) {
+            let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
+            let mut v = [0f32; 3];
+            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let i = ((y + dy) * w + x + dx) * 3;
+                for c in 0..3 {
+                    v[c] += bb[c] - ln[raw[i + c] as usize];
+                }
+            }
+            samples.push(v.map(|s| s * 0.25));
+        }
+    }
+    const PLAIN: [f32; 3] = [1.0, 1.0, 1.0];
+    if samples.len() < 64 {
+        return PLAIN;
+    }
+    let sums: Vec<f32> = samples.iter().map(|v| v[0] + v[1] + v[2]).collect();
+    let (mode, sigma) = mode_and_noise(&sums);
+    let stained = mode + 6.0 * sigma.max(1e-3);
+    let mut signal = [0f64; 3];
+    let mut n = 0usize;
+    for (v, &s) in samples.iter().zip(&sums) {
+        if s > stained {
+            n += 1;
+            for c in 0..3 {
+                signal[c] += v[c] as f64;
+            }
+        }
+    }
+    if n < 64 {
+        return PLAIN;
+    }
+    let mut weights = [0f32; 3];
+    let (mut kept, mut total) = (0f32, 0f32);
+    for c in 0..3 {
+        let channel: Vec<f32> = samples.iter().map(|v| v[c]).collect();
+        let (m, noise) = mode_and_noise(&channel);
+        let contrast = (signal[c] / n as f64) as f32 - m;
+        total += contrast.max(0.0);
+        if noise > 0.0 && contrast > 0.0 {
+            weights[c] = contrast / (noise * noise);
+            kept += weights[c] * contrast;
+        }
+    }
+    if kept <= 0.0 || total <= 0.0 {
+        return PLAIN;
+    }
+    weights.map(|v| v * total / kept)
+}
+
+/// The mode of `values` (the background's density) and the noise around it: the median
+/// distance below the mode, as a normal's sigma (the upper side mixes with faint cell edges).
+pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
+    const BINS: usize = 8192;
+    const SCALE: f32 = 1024.0;
+    let hist = density_histogram(values, BINS, SCALE);
+    // The mode of a lightly smoothed histogram (single bins are spiky).
+    let smooth: Vec<u32> = (0..BINS)
+        .map(|i| hist[i.saturating_sub(4)..(i + 5).min(BINS)].iter().sum())
+        .collect();
+    let mode = smooth
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, c)| **c)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let below: u32 = hist[..mode].iter().sum();
+    let mut acc = 0;
+    let mut k = 0;
+    while k < mode && acc < below / 2 {
+        acc += hist[mode - 1 - k];
+        k += 1;
+    }
+    let m = (mode as f32 + 0.5) / SCALE - HIST_OFFSET;
+    (m, k as f32 / SCALE * 1.4826)
+}
+
+/// Densities from `-HIST_OFFSET` up, in `bins` bins of `1 / scale` (the ends collect the rest).
+pub(super) const HIST_OFFSET: f32 = 2.0;
+
+pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<u32> {
+    let mut hist = vec![0u32; bins];
+    for &v in values {
+        hist[(((v + HIST_OFFSET) * scale).max(0.0) as usize).min(bins - 1)] += 1;
+    }
+    hist
+}
+
+/// 3x3 mean of a frame-sized map (edges use the pixels inside the frame).
+pub(super) fn box3(v: &[f32], w: usize) -> Vec<f32> {
+    let h = v.len() / w;
+    let mut rows = vec![0f32; v.len()];
+    for (src, dst) in v.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        for (x, d) in dst.iter_mut().enumerate() {
+            let (a, b) = (x.saturating_sub(1), (x + 2).min(w));
+            *d = src[a..b].iter().sum::<f32>() / (b - a) as f32;
+        }
+    }
+    let mut out = vec![0f32; v.len()];
+    for y in 0..h {
+        let (a, b) = (y.saturating_sub(1), (y + 2).min(h));
+        let k = 1.0 / (b - a) as f32;
+        let dst = &mut out[y * w..(y + 1) * w];
+        for yy in a..b {
+            for (d, s) in dst.iter_mut().zip(&rows[yy * w..(yy + 1) * w]) {
+                *d += s;
+            }
+        }
+        dst.iter_mut().for_each(|d| *d *= k);
+    }
+    out
+}
+
+/// `ln(max(v, 1))` for every 8-bit value.
+pub(super) fn ln_table() -> [f32; 256] {
+    std::array::from_fn(|v| (v.max(1) as f32).ln())
+}
+
+/// Thresholds `widths` noise widths above the background mode of the density (and at least
+/// `min_density` above it), one per entry of `widths`.
+pub(super) fn density_thresholds<const N: usize>(
+    od: &[f32],
+    cfg: &CellFinderConfig,
+    widths: [f32; N],
+) -> [f32; N] {
+    let (m, sigma) = if cfg.median_noise {
+        mode_and_noise(od)
+    } else {
+        mode_and_half_width(od)
+    };
+    widths.map(|k| (m + k * sigma).max(m + cfg.min_density))
+}
+
+/// The background mode of the density histogram and the noise width from its lower half-width
+/// at half maximum (bins of 1/128: on a frame of 8-bit pixels, quantised).
+pub(super) fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
+    const SCALE: f32 = 128.0;
+    let hist = density_histogram(od, 1024, SCALE);
+    let mode = hist
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, c)| **c)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let half = hist[mode] / 2;
+    let mut hw = 1;
+    while hw < mode && hist[mode - hw] > half {
+        hw += 1;
+    }
+    (
+        (mode as f32 + 0.5) / SCALE - HIST_OFFSET,
+        hw as f32 / 1.1774 / SCALE,
+    )
+}
+
+/// 3x3 minimum (`erode`) or maximum filter of a 0/1 mask over the pixels inside the frame.
+pub(super) fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
+    let pick = if erode { u8::min } else { u8::max };
+    // Rows: each pixel with its left and right neighbours (the frame edge counts as neither).
+    let mut tmp = mask.to_vec();
+    for (src, dst) in mask.chunks_exact(w).zip(tmp.chunks_exact_mut(w)) {
+        if w > 1 {
+            for (d, (&l, &r)) in dst[1..w - 1]
+                .iter_mut()
+                .zip(src[..w - 2].iter().zip(&src[2..]))
+            {
+                *d = pick(*d, pick(l, r));
+            }
+            dst[0] = pick(src[0], src[1]);
+            dst[w - 1] = pick(src[w - 1], src[w - 2]);
+        }
+    }
+    // Columns: each row with the rows above and below.
+    let mut out = tmp.clone();
+    let h = mask.len() / w;
+    for y in 0..h {
+        let dst = &mut out[y * w..(y + 1) * w];
+        if y > 0 {
+            for (d, &s) in dst.iter_mut().zip(&tmp[(y - 1) * w..y * w]) {
+                *d = pick(*d, s);
+            }
+        }
+        if y + 1 < h {
+            for (d, &s) in dst.iter_mut().zip(&tmp[(y + 1) * w..(y + 2) * w]) {
+                *d = pick(*d, s);
+            }
+        }
+    }
+    out
+}
+
+/// Fills the pallor of a cell whose stained rim is broken by gaps up to `2 x radius` pixels
+/// wide: the background that a closing of the object's mask (dilation then erosion, `radius`
+/// times 3x3) encloses becomes part of it. The closing's bridges themselves are not added, so
+/// the outline stays as it is. `mask` holds one object, with at least `radius` pixels of
+/// background around it.
+pub(super) fn close_rings(mask: &mut [u8], w: usize, radius: u32) {
+    let mut closed = mask.to_vec();
+    for _ in 0..radius {
+        closed = filter3(&closed, w, false);
+    }
+    for _ in 0..radius {
+        closed = filter3(&closed, w, true);
+    }
+    let mut filled = closed.clone();
+    fill_holes(&mut filled, w);
+    for ((m, &c), &f) in mask.iter_mut().zip(&closed).zip(&filled) {
+        if c == 0 && f != 0 {
+            *m = 1;
+        }
+    }
+}
+
+/// Fills background regions that do not reach the border of `mask` (pallor, pale rings):
+/// floods the 4-connected background from the border; what it does not reach becomes
+/// foreground. A window of the frame around one object gives that object's holes: an
+/// 8-connected object encloses a 4-connected region in the window exactly when it does in
+/// the frame (the window's edges are background or the frame's).
+pub(super) fn fill_holes(mask: &mut [u8], w: usize) {
+    fill_holes_upto(mask, w, usize::MAX);
+}
+
+/// [`fill_holes`] for the holes of at most `max_area` pixels (larger enclosed regions stay
+/// background: the space a ring of touching cells closes in). Returns the largest hole's area.
+pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usize {
+    let h = mask.len() / w;
+    const OUTSIDE: u8 = 2;
+    let mut stack: Vec<u32> = Vec::new();
+    let seed = |mask: &mut [u8], i: usize, stack: &mut Vec<u32>| {
+        if mask[i] == 0 {
+            mask[i] = OUTSIDE;
+            stack.push(i as u32);
+        }
+    };
+    for x in 0..w {
+        seed(mask, x, &mut stack);
+        seed(mask, (h - 1) * w + x, &mut stack);
+    }
+    for y in 0..h {
+        seed(mask, y * w, &mut stack);
+        seed(mask, y * w + w - 1, &mut stack);
+    }
+    while let Some(i) = stack.pop() {
+        let i = i as usize;
+        let (x, y) = (i % w, i / w);
+        if x > 0 {
+            seed(mask, i - 1, &mut stack);
+        }
+        if x + 1 < w {
+            seed(mask, i + 1, &mut stack);
+        }
+        if y > 0 {
+            seed(mask, i - w, &mut stack);
+        }
+        if y + 1 < h {
+            seed(mask, i + w, &mut stack);
+        }
+    }
+    // The holes: 4-connected regions of background the flood did not reach.
+    let mut largest = 0;
+    let mut region: Vec<u32> = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] != 0 {
+            continue;
+        }
+        const HOLE: u8 = 3;
+        mask[start] = HOLE;
+        region.clear();
+        region.push(start as u32);
+        let mut next = 0;
+        while next < region.len() {
+            let i = region[next] as usize;
+            next += 1;
+            let (x, y) = (i % w, i / w);
+            let mut visit = |j: usize| {
+                if mask[j] == 0 {
+                    mask[j] = HOLE;
+                    region.push(j as u32);
+                }
+            };
+            if x > 0 {
+                visit(i - 1);
+            }
+            if x + 1 < w {
+                visit(i + 1);
+            }
+            if y > 0 {
+                visit(i - w);
+            }
+            if y + 1 < h {
+                visit(i + w);
+            }
+        }
+        largest = largest.max(region.len());
+        if region.len() > max_area {
+            for &i in &region {
+                mask[i as usize] = OUTSIDE;
+            }
+        }
+    }
+    for v in mask.iter_mut() {
+        *v = (*v != OUTSIDE) as u8;
+    }
+    largest
+}

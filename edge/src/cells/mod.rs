@@ -1,0 +1,495 @@
+//! Cell finding: stain-robust foreground, hole filling, distance transform and a
+//! dynamics-based watershed that splits touching cells, size filters, each cell grown back into
+//! its thin parts, boxes for cropping. Also the tile mode (non-overlapping model-size tiles).
+//!
+//! Foreground is optical density summed over R, G and B against a background estimated per
+//! block (so vignetting and stain tone do not move the threshold); the threshold sits a few
+//! noise widths above the background mode. The watershed floods the distance transform from
+//! its peaks and keeps two basins apart only when both rise more than `h` above the level
+//! where they meet, with `h` scaled to the typical cell radius of the frame; a pixel joins the
+//! basin of its neighbour highest on the distance map. The opening that removes specks also
+//! removes parts of a cell one or two pixels wide (a fragment's corners, a spicule's tip): each
+//! cell then claims the stained pixels around it above a lower threshold, a few pixels out.
+//!
+//! One file per step, in the order a frame meets them: [`foreground`] (background light,
+//! optical density, threshold, mask clean-up), [`distance`] (distance transform),
+//! [`watershed`] (objects, typical radius, flooding), [`splits`] (necks, blue parts),
+//! [`grow`] (basin statistics, growing back); [`score`] scores detections against labels.
+//! This file holds the API ([`find`], [`CellFinderConfig`], [`Cell`]) and runs the steps.
+
+mod distance;
+mod foreground;
+mod grow;
+mod score;
+mod splits;
+mod watershed;
+
+pub use score::{greedy_pairs, match_centres, Match};
+
+use foreground::{
+    box3, channel_weights, density_thresholds, filter3, ln_table, optical_density, Background,
+};
+use grow::{Acc, Grow};
+use splits::{split_blue_parts, split_necks};
+use watershed::{disc_radius, flood_clump, median_peak, objects, plain_median_peak, Object};
+
+use image::RgbImage;
+use reddino_models::preprocess::OwnerMap;
+use serde::{Deserialize, Serialize};
+
+/// How cells are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Segment individual cells.
+    #[default]
+    Cells,
+    /// Cut the frame into non-overlapping model-size tiles.
+    Tiles,
+}
+
+/// Cell finder settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CellFinderConfig {
+    pub mode: Mode,
+    /// Side of the blocks used to estimate the background light.
+    pub background_block: u32,
+    /// Threshold = background mode + this many noise widths (and at least `min_density`).
+    pub noise_widths: f32,
+    /// A background block darker than most of its neighbours by more than this (summed natural
+    /// log over R, G, B) is taken as covered by a cell and takes its brightest neighbour's
+    /// light; 0 = every block takes the brightest of its 3x3 neighbourhood.
+    pub background_covered: f32,
+    /// Noise width from the median deviation below the background mode (else from the
+    /// half-width at half maximum of a coarse histogram, which 8-bit steps quantise).
+    pub median_noise: bool,
+    /// The typical radius leaves specks out and counts each clump once (else the plain median
+    /// of every object's distance peak).
+    pub skip_specks: bool,
+    /// Weigh the colour channels by their contrast over noise in each frame (see
+    /// `channel_weights`) instead of summing them.
+    pub weigh_channels: bool,
+    /// Threshold the density's 3x3 mean (JPEG and sensor noise averaged out).
+    pub smooth: bool,
+    /// Pallor behind a rim broken by gaps up to twice this many pixels wide is filled (see
+    /// `close_rings`); 0 = off.
+    pub close_gaps: u32,
+    /// Background enclosed by an object is filled (a cell's pallor) when its area is at most
+    /// that of a disc of this fraction of the typical radius; larger enclosed regions (the
+    /// space inside a ring of touching cells) stay background; 0 = every hole filled.
+    pub max_pallor: f32,
+    /// The least dynamics (pixels) that keeps two basins apart, whatever the cell size.
+    pub min_split: f32,
+    /// Objects larger than this many typical cells are clumps: see `flood_clump`; 0 = off.
+    pub clump_area: f32,
+    /// Micrometres per pixel of the camera, when known: the cells' size follows from it (a red
+    /// cell is 7.5 um across). 0 = the typical cell size is found in each frame.
+    pub um_per_px: f32,
+    /// With `smooth`, a pixel must also be this many noise widths above the background on its
+    /// own (unsmoothed); 0 = off.
+    pub raw_widths: f32,
+    /// `smooth` and `close_gaps` only when the typical cell radius is at least this many
+    /// pixels: both shut the narrow gaps between small packed cells (a dense field at a low
+    /// magnification then reads as clumps).
+    pub smooth_min_radius: f32,
+    /// Smallest summed optical density counted as stained.
+    pub min_density: f32,
+    /// Basins split when both rise this fraction of the typical radius above their meeting level.
+    pub split_dynamics: f32,
+    /// A blue-stained part at the edge of a cell (a platelet lying against or on a red cell)
+    /// becomes a cell of its own when its red-minus-blue optical density exceeds this and it
+    /// covers at most a quarter of the cell; 0 = off.
+    pub split_blue: f32,
+    /// A fragment or a sickle lying against a round cell, with a broad contact, has no peak of
+    /// its own on the distance map; the outline still shows it as two bays on either side of
+    /// the contact. A cell is cut along the line between the deepest points of two bays when
+    /// that line is shorter than this multiple of the two bays' depths together (and both parts
+    /// hold at least a fifth of it); 0 = off.
+    pub split_necks: f32,
+    /// Thin and faint parts of a cell that the opening cuts off or that stay below the
+    /// threshold (a fragment's sharp corners, a spicule's tip, a tail) join the cell they touch:
+    /// stained pixels above `grow_widths` noise widths, at most this many pixels out from the
+    /// cell's opened outline, are added to it (its box, area, centre and owned pixels). Which
+    /// cells are found is decided before: debris does not grow. 0 = off.
+    pub grow_steps: u32,
+    /// Threshold for `grow_steps`, in noise widths above the background mode (at most
+    /// `noise_widths`; `min_density` still applies).
+    pub grow_widths: f32,
+    /// Objects smaller than this fraction of the median object area are dropped as debris.
+    pub min_area_fraction: f32,
+    /// Objects touching the frame border are dropped (they are counted in the next field).
+    pub drop_border: bool,
+    /// Tile side for `Mode::Tiles` (the model input size).
+    pub tile: u32,
+}
+
+impl Default for CellFinderConfig {
+    fn default() -> Self {
+        CellFinderConfig {
+            mode: Mode::Cells,
+            background_block: 96,
+            noise_widths: 6.0,
+            background_covered: 0.0,
+            median_noise: false,
+            skip_specks: false,
+            weigh_channels: false,
+            smooth: false,
+            close_gaps: 0,
+            max_pallor: 0.0,
+            clump_area: 0.0,
+            min_split: 1.2,
+            um_per_px: 0.0,
+            smooth_min_radius: 11.0,
+            raw_widths: 4.0,
+            min_density: 0.10,
+            split_dynamics: 0.14,
+            split_blue: 0.25,
+            split_necks: 1.0,
+            grow_steps: 3,
+            grow_widths: 4.0,
+            min_area_fraction: 0.02,
+            drop_border: true,
+            tile: 224,
+        }
+    }
+}
+
+impl CellFinderConfig {
+    /// The finder's settings for real smears (pale and strong stains, JPEG noise, overlapping
+    /// cells, vignetting): channels weighed by contrast over noise, the density smoothed and
+    /// gated by each pixel's own, the noise width from the median deviation, rims' gaps closed,
+    /// enclosed background bigger than a pallor left open, clumps split, the typical radius
+    /// without specks, blocks of background taken from their neighbours only when covered.
+    /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
+    /// model were built with.
+    pub fn real_smear() -> Self {
+        CellFinderConfig {
+            background_covered: 0.2,
+            median_noise: true,
+            skip_specks: true,
+            weigh_channels: true,
+            smooth: true,
+            close_gaps: 2,
+            max_pallor: 0.8,
+            clump_area: 1.3,
+            smooth_min_radius: 15.0,
+            ..CellFinderConfig::default()
+        }
+    }
+
+    /// These settings with the fields given in `toml` (e.g. `"split_necks = 0"`) changed.
+    pub fn with_settings(&self, toml_text: &str) -> Result<Self, toml::de::Error> {
+        let mut table = toml::Value::try_from(self).expect("finder settings serialise");
+        let changes: toml::Table = toml::from_str(toml_text)?;
+        if let toml::Value::Table(t) = &mut table {
+            t.extend(changes);
+        }
+        table.try_into()
+    }
+
+    /// The profile a model's crops were cut with (its manifest's `cell_finder`; empty: the
+    /// default profile).
+    pub fn for_model(m: &reddino_models::bundle::Manifest) -> Result<Self, String> {
+        match m.cell_finder.as_str() {
+            "" => Ok(CellFinderConfig::default()),
+            name => CellFinderConfig::profile(name).map_err(|e| {
+                format!(
+                    "model {} {} asks for a cell finder this edge lacks: {e}",
+                    m.name, m.version
+                )
+            }),
+        }
+    }
+
+    /// The settings of a named profile: `default` (the synthetic microscope's) or `real-smear`.
+    pub fn profile(name: &str) -> Result<Self, String> {
+        match name {
+            "default" => Ok(CellFinderConfig::default()),
+            "real-smear" => Ok(CellFinderConfig::real_smear()),
+            other => Err(format!(
+                "unknown finder profile {other:?} (known: default, real-smear)"
+            )),
+        }
+    }
+}
+
+/// A found cell (or tile).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    /// `[x0, y0, x1, y1]`, x1/y1 exclusive.
+    pub bbox: [u32; 4],
+    /// Centroid of the cell's pixels.
+    pub center: (f32, f32),
+    /// Pixels in the cell.
+    pub area: u32,
+}
+
+/// Finds cells (or tiles) in an RGB frame.
+pub fn find(img: &RgbImage, cfg: &CellFinderConfig) -> Vec<Cell> {
+    match cfg.mode {
+        Mode::Cells => find_cells(img, cfg, None),
+        Mode::Tiles => tiles(img.width(), img.height(), cfg.tile),
+    }
+}
+
+/// [`find`], and which found cell each pixel belongs to (indices into the returned cells;
+/// [`OwnerMap::OTHER`] for objects left out: debris, cells at the frame's border). Tiles own
+/// no pixels.
+pub fn find_with_owners(img: &RgbImage, cfg: &CellFinderConfig) -> (Vec<Cell>, OwnerMap) {
+    let mut owners = OwnerMap::new(img.width(), img.height());
+    let cells = match cfg.mode {
+        Mode::Cells => find_cells(img, cfg, Some(&mut owners)),
+        Mode::Tiles => tiles(img.width(), img.height(), cfg.tile),
+    };
+    (cells, owners)
+}
+
+/// [`find_with_owners`] when `owners`, else [`find`] (and no map).
+pub fn find_maybe_owners(
+    img: &RgbImage,
+    cfg: &CellFinderConfig,
+    owners: bool,
+) -> (Vec<Cell>, Option<OwnerMap>) {
+    if owners {
+        let (cells, map) = find_with_owners(img, cfg);
+        (cells, Some(map))
+    } else {
+        (find(img, cfg), None)
+    }
+}
+
+/// Non-overlapping `tile` x `tile` tiles covering the frame (partial edge tiles dropped).
+pub fn tiles(width: u32, height: u32, tile: u32) -> Vec<Cell> {
+    if tile == 0 {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for ty in 0..height / tile {
+        for tx in 0..width / tile {
+            let (x0, y0) = (tx * tile, ty * tile);
+            out.push(Cell {
+                bbox: [x0, y0, x0 + tile, y0 + tile],
+                center: ((x0 + tile / 2) as f32, (y0 + tile / 2) as f32),
+                area: tile * tile,
+            });
+        }
+    }
+    out
+}
+
+/// Radius of a red cell in micrometres (7.5 um across).
+pub const CELL_RADIUS_UM: f32 = 3.75;
+
+fn find_cells(
+    img: &RgbImage,
+    cfg: &CellFinderConfig,
+    mut owners: Option<&mut OwnerMap>,
+) -> Vec<Cell> {
+    let (w, h) = img.dimensions();
+    if w < 3 || h < 3 {
+        return vec![];
+    }
+    let wu = w as usize;
+    let bg = Background::of(img, cfg.background_block, cfg.background_covered);
+    let ln = ln_table();
+    let weights = if cfg.weigh_channels {
+        channel_weights(img, &bg, &ln)
+    } else {
+        [1.0; 3]
+    };
+    let raw = optical_density(img, &bg, &ln, weights);
+    let known_r = (cfg.um_per_px > 0.0).then(|| CELL_RADIUS_UM / cfg.um_per_px);
+    // Smoothing and closing the rims' gaps shut the gaps between small touching cells: only
+    // for cells of at least `smooth_min_radius`, known or found by a first look without them
+    // (with them, a field of small packed cells would read as a few clumps of a large radius).
+    let mut large = known_r.is_some_and(|r| r >= cfg.smooth_min_radius);
+    let mut decided = known_r.is_some() || !(cfg.smooth || cfg.close_gaps > 0);
+    let (smoothed, t, t_grow, objs, typical_r) = loop {
+        let smooth = cfg.smooth && large;
+        let cfg_here;
+        let cfg = if large || cfg.close_gaps == 0 {
+            cfg
+        } else {
+            cfg_here = CellFinderConfig {
+                close_gaps: 0,
+                ..cfg.clone()
+            };
+            &cfg_here
+        };
+        let smoothed = smooth.then(|| box3(&raw, wu));
+        let od = smoothed.as_deref().unwrap_or(&raw);
+        // Smoothed, a pixel must also stand out on its own (the gap between touching cells
+        // stays open though its neighbours raise its mean).
+        let gate = (smooth && cfg.raw_widths > 0.0).then(|| {
+            let [t] = density_thresholds(&raw, cfg, [cfg.raw_widths]);
+            (raw.as_slice(), t)
+        });
+        let (t, t_grow, objs, r) = foreground(od, gate, wu, cfg, known_r);
+        let Some(r) = r else {
+            return vec![];
+        };
+        if !decided {
+            decided = true;
+            // A pale cell whose rim is broken is a ring open on one side: its distance peak
+            // is half the rim's width, its area still that of a cell.
+            if r.max(disc_radius(&objs, r)) >= cfg.smooth_min_radius {
+                large = true;
+                continue;
+            }
+        }
+        break (smoothed, t, t_grow, objs, r);
+    };
+    // The density the cells were found on (and grow on).
+    let od = smoothed.as_deref().unwrap_or(&raw);
+    let h_dyn = (cfg.split_dynamics * typical_r).max(cfg.min_split);
+    // Typical cell area: the median area of the objects as wide as a cell.
+    let mut cell_areas: Vec<usize> = objs
+        .iter()
+        .filter(|o| o.peak >= 0.5 * typical_r)
+        .map(|o| o.area)
+        .collect();
+    cell_areas.sort_unstable();
+    let typical_area = cell_areas.get(cell_areas.len() / 2).copied().unwrap_or(0) as f32;
+
+    const NONE: u32 = u32::MAX;
+    let growing = cfg.grow_steps > 0;
+    // The basin of each pixel over the frame (`NONE` off every basin), for growing.
+    let mut basin = if growing {
+        vec![NONE; wu * h as usize]
+    } else {
+        Vec::new()
+    };
+    // Statistics per basin; basin `l` of an object is `found[base + l]`.
+    let mut found: Vec<Acc> = Vec::new();
+    for obj in &objs {
+        let (labels, n) = flood_clump(obj, h_dyn, typical_area, cfg.clump_area);
+        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
+        let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
+        let base = found.len() as u32;
+        let mut acc = vec![Acc::EMPTY; n];
+        for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
+            let y = obj.y0 + ly;
+            for (lx, &l) in row.iter().enumerate() {
+                if l == NONE {
+                    continue;
+                }
+                let x = obj.x0 + lx;
+                acc[l as usize].add(x as u32, y as u32, w, h);
+                if growing {
+                    basin[y * wu + x] = base + l;
+                }
+                if let Some(o) = owners.as_deref_mut() {
+                    o.ids[y * wu + x] = base + l;
+                }
+            }
+        }
+        // Empty basins stay (their indices are in the owner map); the area filter drops them.
+        found.extend(acc);
+    }
+    // Debris: basins smaller than a fraction of the median basin (before growing, so that
+    // growing changes boxes, never which cells are found).
+    let mut areas: Vec<u32> = found.iter().map(|a| a.n).filter(|&n| n > 0).collect();
+    if areas.is_empty() {
+        return vec![];
+    }
+    areas.sort_unstable();
+    let median = areas[areas.len() / 2];
+    let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
+    let kept: Vec<bool> = found.iter().map(|a| a.n >= min_area).collect();
+    if growing {
+        let grow = Grow {
+            od,
+            threshold: t_grow.min(t),
+            w: wu,
+            grows: &kept,
+        };
+        for (i, l) in grow.run(&mut basin, &objs, cfg.grow_steps) {
+            let (x, y) = (i % w, i / w);
+            found[l as usize].add(x, y, w, h);
+            if let Some(o) = owners.as_deref_mut() {
+                o.ids[i as usize] = l;
+            }
+        }
+    }
+    drop(basin);
+    drop(smoothed);
+    drop(raw);
+    let mut cells: Vec<(usize, Cell)> = found
+        .iter()
+        .enumerate()
+        .filter(|(k, a)| kept[*k] && !(cfg.drop_border && a.border))
+        .map(|(k, a)| {
+            let cell = Cell {
+                bbox: [a.x0, a.y0, a.x1, a.y1],
+                center: ((a.sx / a.n as f64) as f32, (a.sy / a.n as f64) as f32),
+                area: a.n,
+            };
+            (k, cell)
+        })
+        .collect();
+    cells.sort_by(|(_, a), (_, b)| {
+        (a.center.1, a.center.0)
+            .partial_cmp(&(b.center.1, b.center.0))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if let Some(o) = owners {
+        let mut index = vec![OwnerMap::OTHER; found.len()];
+        for (i, (k, _)) in cells.iter().enumerate() {
+            index[*k] = i as u32;
+        }
+        for id in o.ids.iter_mut().filter(|id| **id != OwnerMap::BACKGROUND) {
+            *id = index[*id as usize];
+        }
+    }
+    cells.into_iter().map(|(_, c)| c).collect()
+}
+
+/// The thresholds (cells, growing), the objects of the opened mask and the typical cell radius
+/// (`known_r`, or found from the objects; `None` when there are none) of a density map.
+fn foreground(
+    od: &[f32],
+    gate: Option<(&[f32], f32)>,
+    w: usize,
+    cfg: &CellFinderConfig,
+    known_r: Option<f32>,
+) -> (f32, f32, Vec<Object>, Option<f32>) {
+    let [t, t_grow] = density_thresholds(od, cfg, [cfg.noise_widths, cfg.grow_widths]);
+    let mask: Vec<u8> = match gate {
+        Some((raw, tr)) => od
+            .iter()
+            .zip(raw)
+            .map(|(&v, &r)| (v > t && r > tr) as u8)
+            .collect(),
+        None => od.iter().map(|&v| (v > t) as u8).collect(),
+    };
+    // Opening with a 3x3 square removes specks and one-pixel bridges.
+    let mask = filter3(&filter3(&mask, w, true), w, false);
+    let mut objs = objects(&mask, w, cfg.close_gaps, usize::MAX);
+    let typical = |objs: &[Object]| {
+        if cfg.skip_specks {
+            median_peak(objs)
+        } else {
+            plain_median_peak(objs)
+        }
+    };
+    let Some(mut typical_r) = known_r.or_else(|| typical(&objs)) else {
+        return (t, t_grow, objs, None);
+    };
+    // Holes bigger than a pallor are the background a ring of touching cells closes in: find
+    // the objects again with those left open (and whatever lies inside them found on its own).
+    if cfg.max_pallor > 0.0 {
+        let max_hole = (std::f32::consts::PI * (cfg.max_pallor * typical_r).powi(2)) as usize;
+        if objs.iter().any(|o| o.largest_hole > max_hole) {
+            objs = objects(&mask, w, cfg.close_gaps, max_hole);
+            match known_r.or_else(|| typical(&objs)) {
+                Some(r) => typical_r = r,
+                None => return (t, t_grow, objs, None),
+            }
+        }
+    }
+    (t, t_grow, objs, Some(typical_r))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+//! Cuts that the watershed misses: basins split at a neck, and a cell's blue parts (a
+//! parasite, a platelet on it) told from a neighbour.
+
+use image::RgbImage;
+
+use super::foreground::Background;
+use super::watershed::{find_root, Object};
+
+/// Cuts basins at a neck (see `CellFinderConfig::split_necks`). Only basins of at least 0.6 of
+/// a typical cell's area are looked at. Their outline's bays are the boundary pixels at least
+/// `max(2, 0.2 x typical_r)` inside the convex hull, grouped by adjacency; each bay is
+/// represented by its deepest pixel. Of the pairs of bays whose connecting line passes through
+/// the basin (its midpoint does) and is shorter than `saliency` x the two depths together, the
+/// shortest relative to its depths cuts the basin in two when the smaller side holds at least
+/// a fifth of it; the smaller side becomes a basin of its own. A single bay (a sickle's inner edge,
+/// a helmet cell's bite) never cuts, nor do the shallow bays between an echinocyte's
+/// crenations; the parts cut off between an acanthocyte's spicules are below a fifth.
+pub(super) fn split_necks(
+    obj: &Object,
+    mut labels: Vec<u32>,
+    mut n: usize,
+    typical_r: f32,
+    saliency: f32,
+) -> (Vec<u32>, usize) {
+    if saliency <= 0.0 {
+        return (labels, n);
+    }
+    let (w, h) = (obj.w, obj.h);
+    let min_area = 0.6 * std::f32::consts::PI * typical_r * typical_r;
+    let min_depth = (0.2 * typical_r).max(2.0);
+    type P = (f32, f32);
+    let cross = |o: P, a: P, b: P| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
+    let mut pixels: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, &l) in labels.iter().enumerate() {
+        if l != u32::MAX {
+            pixels[l as usize].push(i);
+        }
+    }
+    for (l, pix) in pixels.iter().enumerate() {
+        if (pix.len() as f32) < min_area {
+            continue;
+        }
+        let l = l as u32;
+        let inside = |x: i64, y: i64| {
+            x >= 0
+                && y >= 0
+                && (x as usize) < w
+                && (y as usize) < h
+                && labels[y as usize * w + x as usize] == l
+        };
+        // Boundary pixels (a 4-neighbour outside the basin), in raster order.
+        let boundary: Vec<P> = pix
+            .iter()
+            .map(|&i| ((i % w) as i64, (i / w) as i64))
+            .filter(|&(x, y)| {
+                !(inside(x - 1, y) && inside(x + 1, y) && inside(x, y - 1) && inside(x, y + 1))
+            })
+            .map(|(x, y)| (x as f32, y as f32))
+            .collect();
+        // Convex hull (Andrew's monotone chain; raster order sorted by x, then y).
+        let mut sorted = boundary.clone();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let mut hull: Vec<P> = Vec::new();
+        for &p in sorted.iter().chain(sorted.iter().rev().skip(1)) {
+            while hull.len() >= 2 && cross(hull[hull.len() - 2], hull[hull.len() - 1], p) <= 0.0 {
+                hull.pop();
+            }
+            hull.push(p);
+        }
+        hull.pop();
+        if hull.len() < 3 {
+            continue;
+        }
+        // Depth inside the hull: the distance to the nearest hull edge's line.
+        let depth = |p: P| {
+            (0..hull.len())
+                .map(|k| {
+                    let (a, b) = (hull[k], hull[(k + 1) % hull.len()]);
+                    let len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt().max(1e-6);
+                    cross(a, b, p).abs() / len
+                })
+                .fold(f32::INFINITY, f32::min)
+        };
+        let deep: Vec<(P, f32)> = boundary
+            .iter()
+            .map(|&p| (p, depth(p)))
+            .filter(|&(_, d)| d >= min_depth)
+            .collect();
+        if deep.len() < 2 {
+            continue;
+        }
+        // Bays: deep pixels joined through 8-neighbours; the deepest pixel of each.
+        let mut parent: Vec<u32> = (0..deep.len() as u32).collect();
+        for a in 0..deep.len() {
+            for b in a + 1..deep.len() {
+                let (p, q) = (deep[a].0, deep[b].0);
+                if (p.0 - q.0).abs() <= 1.0 && (p.1 - q.1).abs() <= 1.0 {
+                    let (ra, rb) = (
+                        find_root(&mut parent, a as u32),
+                        find_root(&mut parent, b as u32),
+                    );
+                    parent[ra.max(rb) as usize] = ra.min(rb);
+                }
+            }
+        }
+        let mut bays: Vec<(u32, P, f32)> = Vec::new();
+        for (a, &(p, d)) in deep.iter().enumerate() {
+            let r = find_root(&mut parent, a as u32);
+            match bays.iter_mut().find(|(root, _, _)| *root == r) {
+                Some(bay) if d > bay.2 => *bay = (r, p, d),
+                Some(_) => {}
+                None => bays.push((r, p, d)),
+            }
+        }
+        let mut cut: Option<(f32, P, P)> = None;
+        for (a, &(_, p, dp)) in bays.iter().enumerate() {
+            for &(_, q, dq) in &bays[a + 1..] {
+                let ratio = ((p.0 - q.0).powi(2) + (p.1 - q.1).powi(2)).sqrt() / (dp + dq);
+                let mid = (
+                    ((p.0 + q.0) / 2.0).round() as i64,
+                    ((p.1 + q.1) / 2.0).round() as i64,
+                );
+                if ratio <= saliency
+                    && inside(mid.0, mid.1)
+                    && cut.is_none_or(|(best, _, _)| ratio < best)
+                {
+                    cut = Some((ratio, p, q));
+                }
+            }
+        }
+        let Some((_, p, q)) = cut else {
+            continue;
+        };
+        let left: Vec<bool> = pix
+            .iter()
+            .map(|&i| cross(p, q, ((i % w) as f32, (i / w) as f32)) > 0.0)
+            .collect();
+        let on_left = left.iter().filter(|&&s| s).count();
+        let smaller = on_left.min(pix.len() - on_left);
+        if 5 * smaller < pix.len() {
+            continue;
+        }
+        let minority = 2 * on_left < pix.len();
+        let id = n as u32;
+        n += 1;
+        for (&i, &s) in pix.iter().zip(&left) {
+            if s == minority {
+                labels[i] = id;
+            }
+        }
+    }
+    (labels, n)
+}
+
+/// Blue-stained parts at the edge of a cell become basins of their own: a platelet lying
+/// against a red cell (or on its rim) is one object with it, and the distance map has no peak
+/// for it. Pixels whose red-minus-blue optical density exceeds `threshold` are grouped
+/// (8-connected); a group that reaches the object's edge and covers at most a quarter of the
+/// basin holding most of it is split off. Blue parts inside a cell (a parasite, a white cell's
+/// nucleus) and cells blue all over (platelets and white cells on their own) stay as they are.
+pub(super) fn split_blue_parts(
+    img: &RgbImage,
+    bg: &Background,
+    obj: &Object,
+    mut labels: Vec<u32>,
+    mut n: usize,
+    threshold: f32,
+    ln: &[f32; 256],
+) -> (Vec<u32>, usize) {
+    if threshold <= 0.0 {
+        return (labels, n);
+    }
+    let (w, h) = (obj.w, obj.h);
+    let mut blue = vec![false; w * h];
+    let mut any = false;
+    let raw = img.as_raw();
+    let stride = 3 * img.width() as usize;
+    for (ly, (row, out)) in labels
+        .chunks_exact(w)
+        .zip(blue.chunks_exact_mut(w))
+        .enumerate()
+    {
+        let y = obj.y0 + ly;
+        let pixels = &raw[y * stride + 3 * obj.x0..y * stride + 3 * (obj.x0 + w)];
+        let blocks = bg.row(y);
+        let block = bg.block as usize;
+        for (lx, ((&l, b), px)) in row.iter().zip(out).zip(pixels.chunks_exact(3)).enumerate() {
+            if l == u32::MAX {
+                continue;
+            }
+            let g = blocks[((obj.x0 + lx) / block).min(blocks.len() - 1)];
+            // ln(bg_r / r) - ln(bg_b / b)
+            let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
+            if red_minus_blue > threshold {
+                *b = true;
+                any = true;
+            }
+        }
+    }
+    if !any {
+        return (labels, n);
+    }
+    let mut area = vec![0u32; n];
+    for &l in &labels {
+        if l != u32::MAX {
+            area[l as usize] += 1;
+        }
+    }
+    let mut seen = vec![false; w * h];
+    let mut stack = Vec::new();
+    let mut group = Vec::new();
+    let mut hosts: Vec<(u32, u32)> = Vec::new();
+    for start in 0..w * h {
+        if !blue[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        group.clear();
+        let mut at_edge = false;
+        while let Some(i) = stack.pop() {
+            group.push(i);
+            let (x, y) = (i % w, i / w);
+            // The window's frame is off the object but for objects at the frame's border.
+            at_edge |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let j = ny * w + nx;
+                    at_edge |= labels[j] == u32::MAX && (nx == x || ny == y);
+                    if blue[j] && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        if !at_edge || group.len() < 6 {
+            continue;
+        }
+        hosts.clear();
+        for &i in &group {
+            let l = labels[i];
+            match hosts.iter_mut().find(|(h, _)| *h == l) {
+                Some((_, c)) => *c += 1,
+                None => hosts.push((l, 1)),
+            }
+        }
+        let host = hosts.iter().max_by_key(|(_, c)| *c).map_or(0, |(h, _)| *h);
+        // A quarter at most: a blurred platelet's core is about half of it, a white cell's
+        // nucleus more.
+        if 4 * group.len() <= area[host as usize] as usize {
+            let id = n as u32;
+            n += 1;
+            for &i in &group {
+                labels[i] = id;
+            }
+        }
+    }
+    (labels, n)
+}

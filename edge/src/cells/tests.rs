@@ -1,0 +1,516 @@
+//! The finder's unit tests: each step on small drawn masks and fields.
+
+use super::*;
+use reddino_models::synth::{render, set_touching, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
+use reddino_models::taxonomy::DEFAULT_CLASSES;
+
+#[test]
+fn finds_cells_on_synthetic_fields_from_every_source() {
+    let mut total = Match {
+        true_positives: 0,
+        detections: 0,
+        truths: 0,
+    };
+    for source in SourcePreset::all() {
+        let mut m = Match {
+            true_positives: 0,
+            detections: 0,
+            truths: 0,
+        };
+        for seed in 0..2 {
+            let field = render(&FieldSpec::new(1280, 960, 100 + seed, source.clone())).unwrap();
+            let found: Vec<(f32, f32)> = find(&field.image, &CellFinderConfig::default())
+                .iter()
+                .map(|c| c.center)
+                .collect();
+            let truth: Vec<((f32, f32), f32)> =
+                field.cells.iter().map(|c| (c.center, c.radius)).collect();
+            let r = match_centres(&found, &truth);
+            m.true_positives += r.true_positives;
+            m.detections += r.detections;
+            m.truths += r.truths;
+        }
+        eprintln!(
+            "{}: recall {:.4} precision {:.4} ({} cells)",
+            source.name,
+            m.recall(),
+            m.precision(),
+            m.truths
+        );
+        total.true_positives += m.true_positives;
+        total.detections += m.detections;
+        total.truths += m.truths;
+        assert!(
+            m.recall() >= 0.97 && m.precision() >= 0.97,
+            "{}: {m:?}",
+            source.name
+        );
+    }
+    eprintln!(
+        "all: recall {:.4} precision {:.4}",
+        total.recall(),
+        total.precision()
+    );
+}
+
+#[test]
+fn touching_cells_of_different_sizes_keep_their_own_pixels() {
+    // A big and a small disc overlapping by 3 px, and lone discs for the typical size.
+    let discs = [
+        (90.0, 100.0, 22.0),
+        (124.0, 100.0, 15.0),
+        (240.0, 60.0, 18.0),
+        (240.0, 150.0, 18.0),
+        (40.0, 160.0, 18.0),
+    ];
+    let img = RgbImage::from_fn(320, 210, |x, y| {
+        let inside = discs.iter().any(|&(cx, cy, r): &(f32, f32, f32)| {
+            (x as f32 + 0.5 - cx).hypot(y as f32 + 0.5 - cy) <= r
+        });
+        image::Rgb(if inside {
+            [185, 95, 115]
+        } else {
+            [235, 228, 232]
+        })
+    });
+    let found = find(&img, &CellFinderConfig::default());
+    assert_eq!(found.len(), discs.len(), "{found:?}");
+    for &(cx, cy, r) in &discs[..2] {
+        let cell = found
+            .iter()
+            .find(|c| (c.center.0 - cx).hypot(c.center.1 - cy) < 0.3 * r)
+            .unwrap_or_else(|| panic!("no cell at ({cx}, {cy}): {found:?}"));
+        // The box is the disc's (cut at the contact line on the neighbour's side), never
+        // a box reaching around the neighbour.
+        let [x0, y0, x1, y1] = cell.bbox;
+        assert!(
+            (y0 as f32 - (cy - r)).abs() <= 2.0 && (y1 as f32 - (cy + r)).abs() <= 2.0,
+            "cell at ({cx}, {cy}) r {r}: box {:?}",
+            cell.bbox
+        );
+        assert!(
+            x0 as f32 >= cx - r - 2.0 && x1 as f32 <= cx + r + 2.0,
+            "{:?}",
+            cell.bbox
+        );
+    }
+}
+
+#[test]
+fn the_owner_map_gives_each_cell_its_own_pixels() {
+    let field = render(&FieldSpec::new(
+        640,
+        480,
+        21,
+        SourcePreset::by_name("field_40x").unwrap(),
+    ))
+    .unwrap();
+    // Cut off the field's margins, so that cells lie across the frame's edge.
+    let img = image::imageops::crop_imm(&field.image, 37, 29, 640 - 74, 480 - 58).to_image();
+    let cfg = CellFinderConfig::default();
+    let (found, owners) = find_with_owners(&img, &cfg);
+    assert_eq!(found, find(&img, &cfg));
+    let w = img.width() as usize;
+    assert_eq!(owners.ids.len(), w * img.height() as usize);
+    let mut area = vec![0u32; found.len()];
+    let mut other = 0;
+    for (p, &id) in owners.ids.iter().enumerate() {
+        let (x, y) = ((p % w) as u32, (p / w) as u32);
+        match id {
+            OwnerMap::BACKGROUND => {}
+            OwnerMap::OTHER => other += 1,
+            i => {
+                let [x0, y0, x1, y1] = found[i as usize].bbox;
+                assert!((x0..x1).contains(&x) && (y0..y1).contains(&y), "cell {i}");
+                area[i as usize] += 1;
+            }
+        }
+    }
+    for (c, a) in found.iter().zip(&area) {
+        assert_eq!(c.area, *a, "{c:?}");
+    }
+    // Cells cut by the frame's edge are left out but still own their pixels.
+    assert!(other > 0);
+    // Tiles own nothing.
+    let tiles = CellFinderConfig {
+        mode: Mode::Tiles,
+        ..cfg
+    };
+    let (t, owners) = find_with_owners(&img, &tiles);
+    assert!(!t.is_empty());
+    assert!(owners.ids.iter().all(|&id| id == OwnerMap::BACKGROUND));
+}
+
+/// The field's true cells, and the detections and their quality against the truth without
+/// and with the neck split.
+fn with_and_without_necks(spec: &FieldSpec) -> (usize, [(usize, Match); 2]) {
+    let field = render(spec).unwrap();
+    let truth: Vec<((f32, f32), f32)> = field.cells.iter().map(|c| (c.center, c.radius)).collect();
+    let runs = [0.0, CellFinderConfig::default().split_necks].map(|split_necks| {
+        let cfg = CellFinderConfig {
+            split_necks,
+            drop_border: false,
+            ..CellFinderConfig::default()
+        };
+        let found: Vec<(f32, f32)> = find(&field.image, &cfg).iter().map(|c| c.center).collect();
+        (found.len(), match_centres(&found, &truth))
+    });
+    (truth.len(), runs)
+}
+
+#[test]
+fn a_sickle_or_a_fragment_against_a_round_cell_is_a_cell_of_its_own() {
+    // Crowded fields of discocytes, schistocytes and sickles.
+    let mut mix = [0.0; NUM_CLASSES];
+    for class in ["discocyte", "schistocyte", "drepanocyte"] {
+        mix[DEFAULT_CLASSES.iter().position(|c| *c == class).unwrap()] = 1.0;
+    }
+    let mut source = SourcePreset::by_name("giemsa_60x").unwrap();
+    set_touching(std::slice::from_mut(&mut source), 0.6).unwrap();
+    let (mut off, mut on) = ((0, 0), (0, 0));
+    for seed in 0..2 {
+        let mut spec = FieldSpec::new(1280, 960, 300 + seed, source.clone());
+        spec.mix = ClassMix(mix);
+        let (_, [(_, a), (_, b)]) = with_and_without_necks(&spec);
+        off = (off.0 + a.true_positives, off.1 + a.truths);
+        on = (on.0 + b.true_positives, on.1 + b.truths);
+    }
+    let recall = |(tp, n): (usize, usize)| tp as f64 / n as f64;
+    eprintln!(
+        "recall without the neck split {:.4}, with {:.4}",
+        recall(off),
+        recall(on)
+    );
+    assert!(
+        on.0 >= off.0 + 10,
+        "cells found: {} without the neck split, {} with it (of {})",
+        off.0,
+        on.0,
+        on.1
+    );
+}
+
+#[test]
+fn fields_of_one_class_are_not_cut_up() {
+    // Cells placed apart (sickles and tear drops still reach past their spacing and meet).
+    let mut source = SourcePreset::by_name("giemsa_60x").unwrap();
+    set_touching(std::slice::from_mut(&mut source), 0.0).unwrap();
+    // Not white cells: in a field of nothing else the typical cell is a white cell, and its
+    // lobed nucleus is cut up with or without this split; among red cells they are found
+    // whole (the count test in tests/demo_model.rs).
+    for (class, name) in DEFAULT_CLASSES
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n != "wbc")
+    {
+        let mut mix = [0.0; NUM_CLASSES];
+        mix[class] = 1.0;
+        let mut spec = FieldSpec::new(1280, 960, 400 + class as u64, source.clone());
+        spec.mix = ClassMix(mix);
+        let (truth, [(off, _), (on, _)]) = with_and_without_necks(&spec);
+        eprintln!("{name}: {truth} cells, {off} detections without the neck split, {on} with it");
+        // Never further from the truth than without the split, give or take one cell in a
+        // hundred (a tear drop's tail cut off now and then).
+        assert!(
+            100 * on.abs_diff(truth) <= 100 * off.abs_diff(truth) + truth,
+            "{name}: {truth} cells, {off} detections without the neck split, {on} with it"
+        );
+    }
+}
+
+#[test]
+fn a_platelet_on_a_red_cells_rim_is_a_cell_of_its_own() {
+    // Red discs (one with a platelet on its rim, one with a parasite inside), a lone
+    // platelet, and a white cell: pale blue cytoplasm around a dark blue nucleus.
+    const RED: [u8; 3] = [185, 95, 115];
+    const BLUE: [u8; 3] = [80, 90, 180];
+    let red = [
+        (60.0, 60.0, 18.0),
+        (140.0, 60.0, 18.0),
+        (60.0, 150.0, 18.0),
+        (140.0, 150.0, 18.0),
+    ];
+    let platelet_on_rim = (60.0 + 18.0, 60.0, 4.5);
+    let parasite = (140.0, 150.0, 4.0);
+    let lone_platelet = (220.0, 60.0, 4.5);
+    let (wbc, nucleus) = ((240.0, 150.0, 24.0), (240.0, 150.0, 12.0));
+    let within = |(cx, cy, r): (f32, f32, f32), x: u32, y: u32| {
+        (x as f32 + 0.5 - cx).hypot(y as f32 + 0.5 - cy) <= r
+    };
+    let img = RgbImage::from_fn(300, 210, |x, y| {
+        image::Rgb(
+            if [platelet_on_rim, parasite, lone_platelet, nucleus]
+                .iter()
+                .any(|&d| within(d, x, y))
+            {
+                BLUE
+            } else if within(wbc, x, y) {
+                [190, 200, 228]
+            } else if red.iter().any(|&d| within(d, x, y)) {
+                RED
+            } else {
+                [235, 228, 232]
+            },
+        )
+    });
+    let found = find(&img, &CellFinderConfig::default());
+    let at = |(cx, cy, _): (f32, f32, f32)| {
+        found
+            .iter()
+            .filter(|c| (c.center.0 - cx).hypot(c.center.1 - cy) < 3.0)
+            .count()
+    };
+    assert_eq!(found.len(), 7, "{found:?}");
+    for d in red
+        .iter()
+        .copied()
+        .chain([platelet_on_rim, lone_platelet, wbc])
+    {
+        assert_eq!(at(d), 1, "{d:?}: {found:?}");
+    }
+    // Without the split the platelet stays part of its red cell.
+    let off = CellFinderConfig {
+        split_blue: 0.0,
+        ..CellFinderConfig::default()
+    };
+    assert_eq!(find(&img, &off).len(), 6);
+}
+
+#[test]
+fn a_thin_tip_cut_by_the_opening_rejoins_its_cell() {
+    // A red disc with a two-pixel-wide spike pointing right, and a lone two-pixel speck.
+    const RED: [u8; 3] = [185, 95, 115];
+    let img = RgbImage::from_fn(160, 120, |x, y| {
+        let disc = (x as f32 + 0.5 - 60.0).hypot(y as f32 + 0.5 - 60.0) <= 18.0;
+        let spike = (70..90).contains(&x) && (59..61).contains(&y);
+        let speck = (120..122).contains(&x) && (30..32).contains(&y);
+        image::Rgb(if disc || spike || speck {
+            RED
+        } else {
+            [235, 228, 232]
+        })
+    });
+    let off = CellFinderConfig {
+        grow_steps: 0,
+        ..CellFinderConfig::default()
+    };
+    let (plain, grown) = (find(&img, &off), find(&img, &CellFinderConfig::default()));
+    let ([plain], [grown]) = (&plain[..], &grown[..]) else {
+        panic!("one cell each: {plain:?} {grown:?}")
+    };
+    // The opening leaves the disc alone; the spike grows back three pixels.
+    assert_eq!(plain.bbox, [42, 42, 78, 78]);
+    assert_eq!(grown.bbox, [42, 42, 81, 78]);
+    assert_eq!(grown.area, plain.area + 2 * 3);
+}
+
+#[test]
+fn growing_changes_boxes_not_which_cells_are_found() {
+    // Fields with white cells, whose grainy cytoplasm leaves specks around them: a speck
+    // too small to count stays out even when it could grow. Cells at the frame's border
+    // kept, so that both runs keep the same objects.
+    let source = SourcePreset::by_name("giemsa_60x").unwrap();
+    let plain_cfg = CellFinderConfig {
+        grow_steps: 0,
+        drop_border: false,
+        ..CellFinderConfig::default()
+    };
+    let grown_cfg = CellFinderConfig {
+        drop_border: false,
+        ..CellFinderConfig::default()
+    };
+    for seed in [1000, 1001, 1003] {
+        let field = render(&FieldSpec::new(1280, 960, seed, source.clone())).unwrap();
+        let plain = find(&field.image, &plain_cfg);
+        let grown = find(&field.image, &grown_cfg);
+        assert_eq!(plain.len(), grown.len(), "seed {seed}");
+        let inside =
+            |a: [u32; 4], b: [u32; 4]| b[0] <= a[0] && b[1] <= a[1] && a[2] <= b[2] && a[3] <= b[3];
+        for p in &plain {
+            assert!(
+                grown
+                    .iter()
+                    .any(|g| inside(p.bbox, g.bbox) && g.area >= p.area),
+                "seed {seed}: no grown cell holds {p:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn grown_boxes_of_irregular_cells_come_closer_to_their_true_boxes() {
+    // Fragments, crenated cells and tear drops, apart, at the two magnifications where thin
+    // parts are a pixel or two wide.
+    let ratio = |cfg: &CellFinderConfig, source: &SourcePreset, class: usize| {
+        let mut mix = [0.0; NUM_CLASSES];
+        mix[class] = 1.0;
+        let mut spec = FieldSpec::new(1280, 960, 500 + class as u64, source.clone());
+        spec.mix = ClassMix(mix);
+        let field = render(&spec).unwrap();
+        let found = find(&field.image, cfg);
+        let mut pairs = Vec::new();
+        for (i, c) in found.iter().enumerate() {
+            let [x0, y0, x1, y1] = c.bbox;
+            for (j, t) in field.cells.iter().enumerate() {
+                if (x0 as f32..x1 as f32).contains(&t.center.0)
+                    && (y0 as f32..y1 as f32).contains(&t.center.1)
+                {
+                    let d = (c.center.0 - t.center.0).hypot(c.center.1 - t.center.1);
+                    pairs.push((d, i, j));
+                }
+            }
+        }
+        let side = |b: [u32; 4]| (b[2] - b[0]).max(b[3] - b[1]) as f64;
+        let matched = greedy_pairs(pairs, found.len(), field.cells.len());
+        let sum: f64 = matched
+            .iter()
+            .map(|&(i, j)| side(found[i].bbox) / side(field.cells[j].bbox))
+            .sum();
+        sum / matched.len() as f64
+    };
+    let off = CellFinderConfig {
+        grow_steps: 0,
+        ..CellFinderConfig::default()
+    };
+    for name in ["giemsa_60x", "field_40x"] {
+        let mut source = SourcePreset::by_name(name).unwrap();
+        set_touching(std::slice::from_mut(&mut source), 0.0).unwrap();
+        for class in ["schistocyte", "echinocyte", "dacrocyte"] {
+            let c = DEFAULT_CLASSES.iter().position(|n| *n == class).unwrap();
+            let (plain, grown) = (
+                ratio(&off, &source, c),
+                ratio(&CellFinderConfig::default(), &source, c),
+            );
+            eprintln!("{name} {class}: box side / true side {plain:.3} -> {grown:.3}");
+            assert!(
+                grown > plain + 0.01 && grown < 1.01,
+                "{name} {class}: {plain:.3} -> {grown:.3}"
+            );
+        }
+    }
+}
+
+const BACKGROUND: [u8; 3] = [235, 228, 232];
+const STAIN: [u8; 3] = [185, 95, 115];
+
+/// A field of `w` x `h` with the pixels for which `cell` holds stained.
+fn field(w: u32, h: u32, cell: impl Fn(f32, f32) -> bool) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb(if cell(x as f32 + 0.5, y as f32 + 0.5) {
+            STAIN
+        } else {
+            BACKGROUND
+        })
+    })
+}
+
+#[test]
+fn a_pallor_behind_a_broken_rim_is_filled() {
+    // A ring cell (rim 7 pixels wide, pallor as bright as the background) whose rim is cut
+    // by a 4-pixel slit from its pallor to the outside (wider than smoothing shuts).
+    let img = field(120, 120, |x, y| {
+        let d = (x - 60.0).hypot(y - 60.0);
+        let slit = x > 60.0 && (y - 60.0).abs() < 2.0;
+        (14.0..=21.0).contains(&d) && !slit
+    });
+    let disc = std::f32::consts::PI * 21.0 * 21.0;
+    // Unsmoothed: on a noiseless field the smoothed density grows every cell by a pixel.
+    let real = CellFinderConfig {
+        smooth: false,
+        ..CellFinderConfig::real_smear()
+    };
+    let closed = find(&img, &real);
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert!(closed[0].area as f32 > 0.9 * disc, "{closed:?}");
+    let open = find(
+        &img,
+        &CellFinderConfig {
+            close_gaps: 0,
+            ..real
+        },
+    );
+    let area: u32 = open.iter().map(|c| c.area).sum();
+    assert!((area as f32) < 0.75 * disc, "without closing: {open:?}");
+}
+
+#[test]
+fn a_clump_of_overlapping_cells_is_split_into_its_cells() {
+    // Lone cells set the typical size; three cells overlapping in a row leave only shallow
+    // saddles between their distance peaks.
+    let mut centres = vec![(40.0, 40.0), (120.0, 40.0), (200.0, 40.0), (280.0, 40.0)];
+    centres.extend([(100.0, 130.0), (111.0, 130.0), (122.0, 130.0)]);
+    let img = field(320, 180, |x, y| {
+        centres.iter().any(|c| (x - c.0).hypot(y - c.1) <= 16.0)
+    });
+    let truth: Vec<((f32, f32), f32)> = centres.iter().map(|&c| (c, 16.0)).collect();
+    let score = |cfg: &CellFinderConfig| {
+        let found: Vec<(f32, f32)> = find(&img, cfg).iter().map(|c| c.center).collect();
+        match_centres(&found, &truth)
+    };
+    let split = score(&CellFinderConfig::real_smear());
+    assert_eq!(split.true_positives, 7, "{split:?}");
+    assert_eq!(split.detections, 7, "{split:?}");
+    let whole = score(&CellFinderConfig {
+        clump_area: 0.0,
+        ..CellFinderConfig::real_smear()
+    });
+    assert!(
+        whole.true_positives < 7,
+        "without the clump split: {whole:?}"
+    );
+}
+
+#[test]
+fn channels_are_weighed_by_their_contrast_over_noise() {
+    // Pale cells that darken green alone, on a sensor whose red and blue are noisy.
+    let noise = |x: u32, y: u32, c: u32| {
+        let mut v = (x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663) ^ (c * 83_492_791))
+            .wrapping_mul(2_654_435_761);
+        v ^= v >> 15;
+        (v % 31) as i32 - 15
+    };
+    let centres = [(50.0, 50.0), (130.0, 50.0), (50.0, 130.0), (130.0, 130.0)];
+    let img = RgbImage::from_fn(180, 180, |x, y| {
+        let inside = centres
+            .iter()
+            .any(|c: &(f32, f32)| (x as f32 + 0.5 - c.0).hypot(y as f32 + 0.5 - c.1) <= 18.0);
+        let g = if inside { 200 } else { 228 } + noise(x, y, 1) / 5;
+        image::Rgb([
+            (220 + noise(x, y, 0)) as u8,
+            g as u8,
+            (220 + noise(x, y, 2)) as u8,
+        ])
+    });
+    let truth: Vec<((f32, f32), f32)> = centres.iter().map(|&c| (c, 18.0)).collect();
+    let score = |weigh: bool| {
+        let cfg = CellFinderConfig {
+            weigh_channels: weigh,
+            smooth: false,
+            ..CellFinderConfig::real_smear()
+        };
+        let found: Vec<(f32, f32)> = find(&img, &cfg).iter().map(|c| c.center).collect();
+        match_centres(&found, &truth)
+    };
+    let weighed = score(true);
+    assert_eq!(
+        (weighed.true_positives, weighed.detections),
+        (4, 4),
+        "{weighed:?}"
+    );
+    let summed = score(false);
+    assert!(summed.true_positives < 4, "summed channels: {summed:?}");
+}
+
+#[test]
+fn tiles_cover_the_frame_without_overlap() {
+    let t = tiles(500, 300, 224);
+    assert_eq!(t.len(), 2);
+    assert_eq!(t[1].bbox, [224, 0, 448, 224]);
+}
+
+#[test]
+fn blank_and_tiny_frames_have_no_cells() {
+    let img = RgbImage::from_pixel(200, 100, image::Rgb([230, 230, 230]));
+    assert!(find(&img, &CellFinderConfig::default()).is_empty());
+    assert!(find(&RgbImage::new(2, 2), &CellFinderConfig::default()).is_empty());
+}

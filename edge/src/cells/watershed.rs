@@ -1,0 +1,394 @@
+//! Objects of the mask and the dynamics-based watershed that floods each one's distance map
+//! from its peaks, keeping two basins apart only where both rise more than `h` above the level
+//! where they meet; the typical cell radius of a frame.
+
+use super::distance::squared_distance;
+use super::foreground::{close_rings, fill_holes_upto};
+
+/// One 8-connected object of the foreground mask, in its own window (its box grown by one
+/// pixel, clipped to the frame): a 0/1 mask of the object alone and the exact squared
+/// distance of each of its pixels to the background. The nearest background pixel of any
+/// object pixel touches the object, so it lies inside the window, and other objects never
+/// come closer than the background between them: the window's transform is the frame's.
+pub(super) struct Object {
+    pub(super) x0: usize,
+    pub(super) y0: usize,
+    pub(super) w: usize,
+    pub(super) h: usize,
+    pub(super) dt2: Vec<u32>,
+    /// Largest distance to the background (the object's radius where it is widest).
+    pub(super) peak: f32,
+    /// Area of the largest hole the object encloses (filled or not).
+    pub(super) largest_hole: usize,
+    /// Pixels of the object (holes filled).
+    pub(super) area: usize,
+}
+
+/// Finds the objects of `mask` (flood fill from each unvisited foreground pixel), fills their
+/// holes and computes their distance transforms.
+pub(super) fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -> Vec<Object> {
+    let h = mask.len() / w;
+    let mut seen = vec![false; mask.len()];
+    // (x, y) of the current object's pixels: no divisions in the loops.
+    let mut pixels: Vec<(u32, u32)> = Vec::new();
+    let mut out = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] == 0 || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        pixels.clear();
+        pixels.push(((start % w) as u32, (start / w) as u32));
+        let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+        let mut next = 0;
+        while next < pixels.len() {
+            let (x, y) = (pixels[next].0 as usize, pixels[next].1 as usize);
+            next += 1;
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let j = ny * w + nx;
+                    if mask[j] != 0 && !seen[j] {
+                        seen[j] = true;
+                        pixels.push((nx as u32, ny as u32));
+                    }
+                }
+            }
+        }
+        // The window: the box grown by one pixel, and by the closing's reach.
+        let pad = 1 + close_gaps as usize;
+        let (wx0, wy0) = (x0.saturating_sub(pad), y0.saturating_sub(pad));
+        let (ww, wh) = ((x1 + 1 + pad).min(w) - wx0, (y1 + 1 + pad).min(h) - wy0);
+        let mut local = vec![0u8; ww * wh];
+        for &(x, y) in &pixels {
+            local[(y as usize - wy0) * ww + (x as usize - wx0)] = 1;
+        }
+        if close_gaps > 0 {
+            close_rings(&mut local, ww, close_gaps);
+        }
+        // Background the object encloses (pallor, pale rings) becomes part of it, with
+        // anything inside it (an object enclosed by this one is not counted on its own).
+        let largest_hole = fill_holes_upto(&mut local, ww, max_hole);
+        for ly in 0..wh {
+            for lx in 0..ww {
+                if local[ly * ww + lx] != 0 {
+                    seen[(wy0 + ly) * w + wx0 + lx] = true;
+                }
+            }
+        }
+        let dt2 = squared_distance(&local, ww);
+        let peak = dt2
+            .iter()
+            .map(|&d| {
+                if d == u32::MAX {
+                    f32::INFINITY
+                } else {
+                    (d as f32).sqrt()
+                }
+            })
+            .fold(0f32, f32::max);
+        out.push(Object {
+            x0: wx0,
+            y0: wy0,
+            w: ww,
+            h: wh,
+            dt2,
+            peak,
+            largest_hole,
+            area: local.iter().filter(|&&v| v != 0).count(),
+        });
+    }
+    out
+}
+
+/// [`flood`], and for a clump (an object of more than `clump_area` typical cells' area `cell`)
+/// the split that makes the most of its parts look like one cell: the flood with the dynamics
+/// `h_dyn`, halved and quartered and eighthed, each with basins under two fifths of a cell
+/// merged into the neighbour they share most outline with, scored by the parts of 0.5 to 1.6
+/// cells' area; 0 = off. Overlapping cells leave only a shallow saddle between their distance
+/// peaks, and a clump's outline raises spurious ones.
+pub(super) fn flood_clump(
+    obj: &Object,
+    h_dyn: f32,
+    cell: f32,
+    clump_area: f32,
+) -> (Vec<u32>, usize) {
+    let first = flood(obj, h_dyn);
+    if clump_area <= 0.0 || cell <= 0.0 || (obj.area as f32) < clump_area * cell {
+        return first;
+    }
+    let score = |labels: &[u32], n: usize| {
+        let mut size = vec![0usize; n];
+        for &l in labels {
+            if l != u32::MAX {
+                size[l as usize] += 1;
+            }
+        }
+        size.iter()
+            .filter(|&&a| (0.5 * cell..=1.6 * cell).contains(&(a as f32)))
+            .count()
+    };
+    let min_px = (0.4 * cell) as usize;
+    let mut best: Option<(usize, Vec<u32>, usize)> = None;
+    for k in 0..4 {
+        let (mut labels, n) = if k == 0 {
+            first.clone()
+        } else {
+            flood(obj, h_dyn / (1u32 << k) as f32)
+        };
+        let n = merge_small(&mut labels, n, obj.w, min_px);
+        let sc = score(&labels, n);
+        if best.as_ref().is_none_or(|b| sc > b.0) {
+            best = Some((sc, labels, n));
+        }
+    }
+    best.map(|(_, l, n)| (l, n)).unwrap_or(first)
+}
+
+/// Merges each basin of fewer than `min_px` pixels into the neighbouring basin it shares the
+/// most 4-connected outline with (smallest first), and renumbers the basins `0..n`. Returns
+/// the new number of basins.
+pub(super) fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
+    const NONE: u32 = u32::MAX;
+    let h = labels.len() / w;
+    loop {
+        let mut size = vec![0usize; n];
+        for &l in labels.iter() {
+            if l != NONE {
+                size[l as usize] += 1;
+            }
+        }
+        let Some(small) = (0..n)
+            .filter(|&l| size[l] > 0 && size[l] < min_px)
+            .min_by_key(|&l| size[l])
+        else {
+            break;
+        };
+        let mut shared = std::collections::HashMap::<u32, usize>::new();
+        for y in 0..h {
+            for x in 0..w {
+                if labels[y * w + x] as usize != small {
+                    continue;
+                }
+                let mut see = |j: usize| {
+                    let l = labels[j];
+                    if l != NONE && l as usize != small {
+                        *shared.entry(l).or_default() += 1;
+                    }
+                };
+                if x > 0 {
+                    see(y * w + x - 1);
+                }
+                if x + 1 < w {
+                    see(y * w + x + 1);
+                }
+                if y > 0 {
+                    see((y - 1) * w + x);
+                }
+                if y + 1 < h {
+                    see((y + 1) * w + x);
+                }
+            }
+        }
+        let Some((&into, _)) = shared
+            .iter()
+            .max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
+        else {
+            // An isolated small basin: merging stops here (the debris filter judges what is
+            // left small).
+            break;
+        };
+        for l in labels.iter_mut() {
+            if *l as usize == small {
+                *l = into;
+            }
+        }
+    }
+    // Renumber the basins left.
+    let mut map = vec![NONE; n];
+    let mut next = 0u32;
+    for l in labels.iter_mut() {
+        if *l == NONE {
+            continue;
+        }
+        let m = &mut map[*l as usize];
+        if *m == NONE {
+            *m = next;
+            next += 1;
+        }
+        *l = *m;
+    }
+    next as usize
+}
+
+/// The radius of a disc of the median area of the objects at least half as wide as a cell of
+/// radius `r`.
+pub(super) fn disc_radius(objs: &[Object], r: f32) -> f32 {
+    let mut areas: Vec<usize> = objs
+        .iter()
+        .filter(|o| o.peak >= 0.5 * r)
+        .map(|o| o.area)
+        .collect();
+    if areas.is_empty() {
+        return 0.0;
+    }
+    let mid = areas.len() / 2;
+    let (_, &mut median, _) = areas.select_nth_unstable(mid);
+    (median as f32 / std::f32::consts::PI).sqrt()
+}
+
+/// The median of the objects' distance peaks, specks and all.
+pub(super) fn plain_median_peak(objs: &[Object]) -> Option<f32> {
+    let mut peaks: Vec<f32> = objs.iter().map(|o| o.peak).collect();
+    if peaks.is_empty() {
+        return None;
+    }
+    peaks.sort_unstable_by(f32::total_cmp);
+    Some(peaks[peaks.len() / 2])
+}
+
+/// Typical radius of the frame's cells: the median of the objects' distance peaks, specks left
+/// out (objects whose peak is under a third of the area-weighted median peak: however many
+/// specks of stain or noise a frame holds, they weigh little by area). Each clump counts once.
+pub(super) fn median_peak(objs: &[Object]) -> Option<f32> {
+    let mut peaks: Vec<(f32, u64)> = objs.iter().map(|o| (o.peak, o.area as u64)).collect();
+    if peaks.is_empty() {
+        return None;
+    }
+    peaks.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let total: u64 = peaks.iter().map(|p| p.1).sum();
+    let mut acc = 0;
+    let mut weighted = peaks[peaks.len() - 1].0;
+    for &(peak, area) in &peaks {
+        acc += area;
+        if 2 * acc >= total {
+            weighted = peak;
+            break;
+        }
+    }
+    let kept: Vec<f32> = peaks
+        .iter()
+        .map(|p| p.0)
+        .filter(|&p| p >= weighted / 3.0)
+        .collect();
+    Some(kept[kept.len() / 2])
+}
+
+pub(super) fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
+    while parent[i as usize] != i {
+        let p = parent[i as usize];
+        parent[i as usize] = parent[p as usize];
+        i = p;
+    }
+    i
+}
+
+/// Watershed of an object's distance transform by flooding from its peaks; basins whose peak
+/// rises less than `h_dyn` above the level where they meet a higher basin are merged into it.
+/// Pixels are visited from the highest distance down (a counting sort on the integer squared
+/// distances). Returns a basin index per window pixel (`u32::MAX` off the object) and the
+/// number of basins.
+pub(super) fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
+    let (w, h) = (obj.w, obj.h);
+    let max_key = obj
+        .dt2
+        .iter()
+        .copied()
+        .filter(|&d| d != u32::MAX)
+        .max()
+        .unwrap_or(0) as usize;
+    let slot = |d: u32| {
+        if d == u32::MAX {
+            0
+        } else {
+            max_key - d as usize
+        }
+    };
+    // Counting sort, highest distance first, ties in raster order.
+    let mut start = vec![0u32; max_key + 2];
+    for &d in &obj.dt2 {
+        if d > 0 {
+            start[slot(d) + 1] += 1;
+        }
+    }
+    for k in 1..start.len() {
+        start[k] += start[k - 1];
+    }
+    let mut order = vec![(0u32, 0u32); start[max_key + 1] as usize];
+    for (i, &d) in obj.dt2.iter().enumerate() {
+        if d > 0 {
+            let s = &mut start[slot(d)];
+            order[*s as usize] = ((i % w) as u32, (i / w) as u32);
+            *s += 1;
+        }
+    }
+    let level_of = |d: u32| {
+        if d == u32::MAX {
+            f32::INFINITY
+        } else {
+            (d as f32).sqrt()
+        }
+    };
+    let mut comp = vec![u32::MAX; w * h];
+    let mut parent: Vec<u32> = Vec::new();
+    let mut peak: Vec<f32> = Vec::new();
+    let mut roots: Vec<u32> = Vec::with_capacity(8);
+    for &(x, y) in &order {
+        let (x, y) = (x as usize, y as usize);
+        let p = y * w + x;
+        let level = level_of(obj.dt2[p]);
+        roots.clear();
+        let mut last = u32::MAX;
+        // The labelled neighbour highest on the distance map: the pixel drains to its basin.
+        // (Taking the basin with the highest peak instead lets a big cell creep along the rim
+        // of a smaller touching one, pixel by pixel at the rim's level.)
+        let mut uphill = (0u32, u32::MAX);
+        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+            for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                let q = ny * w + nx;
+                let c = comp[q];
+                // Labelled pixels lie on the object, where the distance is positive.
+                if c != u32::MAX && obj.dt2[q] > uphill.0 {
+                    uphill = (obj.dt2[q], c);
+                }
+                // Neighbours mostly share one basin: resolve each once.
+                if c != u32::MAX && c != last {
+                    last = c;
+                    let r = find_root(&mut parent, c);
+                    if !roots.contains(&r) {
+                        roots.push(r);
+                    }
+                }
+            }
+        }
+        if roots.is_empty() {
+            let id = parent.len() as u32;
+            parent.push(id);
+            peak.push(level);
+            comp[p] = id;
+            continue;
+        }
+        roots.sort_unstable_by(|a, b| peak[*b as usize].total_cmp(&peak[*a as usize]));
+        let best = roots[0];
+        for &r in &roots[1..] {
+            let pk = peak[r as usize];
+            let dynamics = pk - level;
+            // Small objects (platelets) touching a big one keep their own basin when they
+            // rise clearly relative to their own size.
+            let small_but_distinct = pk >= 2.5 && dynamics >= 1.0 && dynamics >= 0.35 * pk;
+            if dynamics < h_dyn && !small_but_distinct {
+                parent[r as usize] = best;
+            }
+        }
+        comp[p] = find_root(&mut parent, uphill.1);
+    }
+    for c in comp.iter_mut() {
+        if *c != u32::MAX {
+            *c = find_root(&mut parent, *c);
+        }
+    }
+    (comp, parent.len())
+}
