@@ -16,9 +16,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use image::RgbImage;
-use reddino_edge::analyze::{classify_crops, AnalyzeConfig};
 use reddino_edge::cells;
-use reddino_edge::infer::{Backend, BatchOutput, TractBackend};
+use reddino_edge::infer::{classify_crops, Backend, BatchOutput, TractBackend};
+use reddino_edge::offline::analyze::AnalyzeConfig;
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::preprocess::{cell_crops, cell_crops_blanked, OwnerMap};
 use reddino_models::runtime::TractModel;
@@ -290,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
             min_side,
         } => {
             let cfg = cells::CellFinderConfig::default();
-            let margin = AnalyzeConfig::default().margin;
+            let margin = AnalyzeConfig::default().crop.margin;
             let mut out = Vec::new();
             for p in field_files(&fields)? {
                 let img = load(&p)?;
@@ -328,9 +328,9 @@ fn run(cli: Cli) -> Result<()> {
             let staging = tempfile::tempdir()?;
             let (bundle_path, key) = match (model, trusted_key) {
                 (Some(m), Some(k)) => (m, k),
-                _ => reddino_edge::demo::demo_model(staging.path())?,
+                _ => reddino_edge::model::demo_model(staging.path())?,
             };
-            let bundle = reddino_edge::app::open_bundle(&bundle_path, &[key])?;
+            let bundle = reddino_edge::model::open_bundle(&bundle_path, &[key])?;
             let names = bundle.manifest().class_names.clone();
             let norm = bundle.manifest().normalization();
             let mut backend = Timed {
@@ -339,20 +339,17 @@ fn run(cli: Cli) -> Result<()> {
             };
             let m = bundle.manifest();
             let cfg = AnalyzeConfig {
-                crop_min_side: m.crop_min_side,
-                blank_neighbours: m.blank_neighbours,
+                crop: m.crop_policy(AnalyzeConfig::default().crop.margin),
                 ..AnalyzeConfig::default()
             };
             let files = field_files(&fields)?;
             // The model's crop policy, as the service cuts.
-            let find =
-                |img: &RgbImage| cells::find_maybe_owners(img, &cfg.cells, cfg.blank_neighbours);
+            let find = |img: &RgbImage| {
+                cells::find_maybe_owners(img, &cfg.cells, cfg.crop.blank_neighbours)
+            };
             let crops_of = |img: &RgbImage, found: &[cells::Cell], owners: &Option<OwnerMap>| {
                 let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-                match owners {
-                    Some(o) => cell_crops_blanked(img, &boxes, o, cfg.margin, cfg.crop_min_side),
-                    None => cell_crops(img, &boxes, cfg.margin, cfg.crop_min_side),
-                }
+                cfg.crop.cut(img, &boxes, owners.as_ref())
             };
             // One warm-up frame (first-run allocations), not counted.
             let warm = load(&files[0])?;

@@ -5,100 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
-use reddino_models::synth::SourcePreset;
+use anyhow::Result;
+use reddino_models::bundle::Bundle;
 
-use crate::capture::{FrameSource, Paced, ReplaySource, SyntheticSource, V4l2Source};
+use crate::capture::{build_source, FrameSource};
 use crate::cells::CellFinderConfig;
-use crate::config::{CameraConfig, Config, SourceKind};
+use crate::config::Config;
 use crate::infer::{Backend, TractBackend};
-use crate::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
-use crate::outbox::Outbox;
-use crate::service::{ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
-
-/// Builds the frame source a camera config names.
-pub fn build_source(c: &CameraConfig) -> Result<Box<dyn FrameSource>> {
-    let limit = c.frames;
-    let src: Box<dyn FrameSource> = match c.source {
-        SourceKind::V4l2 => Box::new(V4l2Source::new(
-            c.device.clone(),
-            c.width,
-            c.height,
-            c.format,
-        )),
-        SourceKind::Replay => {
-            let r = ReplaySource::new(&c.paths, c.looped)?.with_raw_size(c.width, c.height);
-            match limit {
-                Some(n) => Box::new(Limited { inner: r, left: n }),
-                None => Box::new(r),
-            }
-        }
-        SourceKind::Synthetic => {
-            let presets = c
-                .sources
-                .iter()
-                .map(|n| SourcePreset::by_name(n).map_err(anyhow::Error::from))
-                .collect::<Result<Vec<_>>>()?;
-            Box::new(SyntheticSource::new(
-                presets, c.width, c.height, c.seed, limit,
-            ))
-        }
-    };
-    if c.fps > 0.0 && c.source != SourceKind::V4l2 {
-        return Ok(Box::new(Paced::new(src, c.fps)));
-    }
-    Ok(src)
-}
-
-/// Stops another source after `left` frames.
-struct Limited<S> {
-    inner: S,
-    left: u64,
-}
-
-impl<S: FrameSource> FrameSource for Limited<S> {
-    fn next_frame(
-        &mut self,
-    ) -> Result<Option<crate::capture::Frame>, crate::capture::CaptureError> {
-        if self.left == 0 {
-            return Ok(None);
-        }
-        self.left -= 1;
-        self.inner.next_frame()
-    }
-    fn is_live(&self) -> bool {
-        self.inner.is_live()
-    }
-}
-
-/// Opens and verifies a bundle (signature, hashes, graph shapes) and runs its self-test.
-pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Result<Bundle> {
-    let mut trusted = TrustedKeys::new();
-    for k in keys {
-        trusted.add_file(k)?;
-        if std::fs::read_to_string(k).is_ok_and(|t| crate::demo::is_demo_key(&t)) {
-            log::warn!(
-                "trusted key {} is the published demo key: anyone can sign bundles with it; never trust it on a clinical device",
-                k.display()
-            );
-        }
-    }
-    let b = bundle::open(path, &trusted, &Limits::default())?;
-    if b.manifest().class_names.is_empty() {
-        bail!(
-            "bundle {} has no classification head; the service needs one",
-            path.display()
-        );
-    }
-    let d = b.self_test()?;
-    log::info!(
-        "model {} {} verified (self-test max diff {d:.1e})",
-        b.manifest().name,
-        b.manifest().version
-    );
-    Ok(b)
-}
+use crate::model::open_bundle;
+use crate::pipeline::{ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
+use crate::publish::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
+use crate::publish::outbox::Outbox;
 
 /// What a run did.
 #[derive(Debug, Clone)]
@@ -136,7 +53,7 @@ impl Service {
             device_id: cfg.device_id.clone(),
             topic_prefix: cfg.mqtt.topic_prefix.clone(),
             cells,
-            margin: cfg.analysis.margin,
+            crop: m.crop_policy(cfg.analysis.margin),
             min_confidence: cfg.model.min_confidence,
             frame_queue: cfg.pipeline.frame_queue,
             crop_queue: cfg.pipeline.crop_queue,
@@ -147,8 +64,6 @@ impl Service {
             backend: backend.describe(),
             class_names: m.class_names.clone(),
             normalization: m.normalization(),
-            crop_min_side: m.crop_min_side,
-            blank_neighbours: m.blank_neighbours,
         };
         {
             let ob = &outbox;
@@ -174,7 +89,7 @@ impl Service {
                 .start_session(Some(name))
                 .map_err(anyhow::Error::msg)?;
         }
-        let publisher = spawn_publisher(shared.clone(), mqtt);
+        let publisher = spawn_publisher(shared.link(), mqtt);
         let pipeline = Pipeline::start(shared.clone(), source, backend);
         Ok(Service {
             shared,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use anyhow::Result;
 use image::RgbImage;
 use reddino_models::synth::{self, CellTruth, FieldSpec, SourcePreset};
 
@@ -100,6 +101,15 @@ impl<S: FrameSource> FrameSource for Paced<S> {
     }
 }
 
+/// Camera pixel format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum PixelFormat {
+    #[serde(rename = "MJPG")]
+    Mjpg,
+    #[serde(rename = "YUYV")]
+    Yuyv,
+}
+
 /// A V4L2 camera streaming through MMAP buffers. Frames are decoded from the `bytesused`
 /// part of each buffer. When the device fails (unplugged, stops delivering) the stream is
 /// dropped and the next call tries to open it again; the caller paces the retries.
@@ -107,7 +117,7 @@ pub struct V4l2Source {
     device: PathBuf,
     width: u32,
     height: u32,
-    format: crate::config::PixelFormat,
+    format: PixelFormat,
     stream: Option<V4l2Stream>,
     next: u64,
 }
@@ -121,12 +131,7 @@ struct V4l2Stream {
 }
 
 impl V4l2Source {
-    pub fn new(
-        device: PathBuf,
-        width: u32,
-        height: u32,
-        format: crate::config::PixelFormat,
-    ) -> Self {
+    pub fn new(device: PathBuf, width: u32, height: u32, format: PixelFormat) -> Self {
         V4l2Source {
             device,
             width,
@@ -149,8 +154,8 @@ impl V4l2Source {
         let dev = v4l::Device::with_path(&self.device)
             .map_err(|e| self.err(format!("cannot open: {e}")))?;
         let fourcc = match self.format {
-            crate::config::PixelFormat::Mjpg => v4l::FourCC::new(b"MJPG"),
-            crate::config::PixelFormat::Yuyv => v4l::FourCC::new(b"YUYV"),
+            PixelFormat::Mjpg => v4l::FourCC::new(b"MJPG"),
+            PixelFormat::Yuyv => v4l::FourCC::new(b"YUYV"),
         };
         let got = dev
             .set_format(&v4l::Format::new(self.width, self.height, fourcc))
@@ -208,8 +213,8 @@ impl FrameSource for V4l2Source {
         };
         let data = &data[..used.min(data.len())];
         let image = match self.format {
-            crate::config::PixelFormat::Yuyv => yuyv_to_rgb(data, w, h)?,
-            crate::config::PixelFormat::Mjpg => mjpg_to_rgb(data, Some((w, h)))?,
+            PixelFormat::Yuyv => yuyv_to_rgb(data, w, h)?,
+            PixelFormat::Mjpg => mjpg_to_rgb(data, Some((w, h)))?,
         };
         let index = self.next;
         self.next += 1;
@@ -447,6 +452,123 @@ impl FrameSource for SyntheticSource {
     }
 }
 
+/// Where frames come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    V4l2,
+    Replay,
+    Synthetic,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub source: SourceKind,
+    /// v4l2: the device node.
+    #[serde(default = "default_device")]
+    pub device: PathBuf,
+    #[serde(default = "default_width")]
+    pub width: u32,
+    #[serde(default = "default_height")]
+    pub height: u32,
+    #[serde(default = "default_format")]
+    pub format: PixelFormat,
+    /// replay: image files or directories.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// replay: start again at the end.
+    #[serde(default, rename = "loop")]
+    pub looped: bool,
+    /// synthetic: acquisition-source presets cycled frame by frame.
+    #[serde(default = "default_sources")]
+    pub sources: Vec<String>,
+    /// synthetic: seed of the first field.
+    #[serde(default)]
+    pub seed: u64,
+    /// replay/synthetic: stop after this many frames.
+    pub frames: Option<u64>,
+    /// replay/synthetic: deliver frames at this rate like a camera (frames are then dropped
+    /// when processing falls behind); 0 = as fast as they are processed, none dropped.
+    #[serde(default)]
+    pub fps: f64,
+    /// v4l2: longest wait between attempts to reopen a failed camera.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_s: f64,
+}
+
+fn default_device() -> PathBuf {
+    PathBuf::from("/dev/video0")
+}
+fn default_width() -> u32 {
+    1920
+}
+fn default_height() -> u32 {
+    1080
+}
+fn default_format() -> PixelFormat {
+    PixelFormat::Mjpg
+}
+fn default_sources() -> Vec<String> {
+    vec!["wright_100x".into()]
+}
+fn default_retry_max() -> f64 {
+    10.0
+}
+
+/// Builds the frame source a camera config names.
+pub fn build_source(c: &CameraConfig) -> Result<Box<dyn FrameSource>> {
+    let limit = c.frames;
+    let src: Box<dyn FrameSource> = match c.source {
+        SourceKind::V4l2 => Box::new(V4l2Source::new(
+            c.device.clone(),
+            c.width,
+            c.height,
+            c.format,
+        )),
+        SourceKind::Replay => {
+            let r = ReplaySource::new(&c.paths, c.looped)?.with_raw_size(c.width, c.height);
+            match limit {
+                Some(n) => Box::new(Limited { inner: r, left: n }),
+                None => Box::new(r),
+            }
+        }
+        SourceKind::Synthetic => {
+            let presets = c
+                .sources
+                .iter()
+                .map(|n| SourcePreset::by_name(n).map_err(anyhow::Error::from))
+                .collect::<Result<Vec<_>>>()?;
+            Box::new(SyntheticSource::new(
+                presets, c.width, c.height, c.seed, limit,
+            ))
+        }
+    };
+    if c.fps > 0.0 && c.source != SourceKind::V4l2 {
+        return Ok(Box::new(Paced::new(src, c.fps)));
+    }
+    Ok(src)
+}
+
+/// Stops another source after `left` frames.
+struct Limited<S> {
+    inner: S,
+    left: u64,
+}
+
+impl<S: FrameSource> FrameSource for Limited<S> {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        self.inner.next_frame()
+    }
+    fn is_live(&self) -> bool {
+        self.inner.is_live()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,7 +687,7 @@ mod tests {
             PathBuf::from("/dev/reddino-no-such-camera"),
             640,
             480,
-            crate::config::PixelFormat::Yuyv,
+            PixelFormat::Yuyv,
         );
         for _ in 0..2 {
             let e = src.next_frame().unwrap_err();
@@ -582,10 +704,7 @@ mod tests {
             eprintln!("REDDINO_V4L2_DEVICE not set: skipping the V4L2 device test");
             return;
         };
-        for format in [
-            crate::config::PixelFormat::Yuyv,
-            crate::config::PixelFormat::Mjpg,
-        ] {
+        for format in [PixelFormat::Yuyv, PixelFormat::Mjpg] {
             let mut src = V4l2Source::new(PathBuf::from(&dev), 640, 480, format);
             match src.next_frame() {
                 Ok(Some(f)) => assert!(f.image.width() > 0),

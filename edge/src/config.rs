@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::outbox::OutboxLimits;
+use reddino_models::preprocess::CropPolicy;
+
+use crate::capture::{CameraConfig, SourceKind};
+use crate::cells::Mode;
+use crate::publish::mqtt::MqttConfig;
+use crate::publish::outbox::OutboxLimits;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -26,79 +31,6 @@ pub enum ConfigError {
         key: &'static str,
         msg: String,
     },
-}
-
-/// Where frames come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    V4l2,
-    Replay,
-    Synthetic,
-}
-
-/// Camera pixel format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum PixelFormat {
-    #[serde(rename = "MJPG")]
-    Mjpg,
-    #[serde(rename = "YUYV")]
-    Yuyv,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CameraConfig {
-    pub source: SourceKind,
-    /// v4l2: the device node.
-    #[serde(default = "default_device")]
-    pub device: PathBuf,
-    #[serde(default = "default_width")]
-    pub width: u32,
-    #[serde(default = "default_height")]
-    pub height: u32,
-    #[serde(default = "default_format")]
-    pub format: PixelFormat,
-    /// replay: image files or directories.
-    #[serde(default)]
-    pub paths: Vec<PathBuf>,
-    /// replay: start again at the end.
-    #[serde(default, rename = "loop")]
-    pub looped: bool,
-    /// synthetic: acquisition-source presets cycled frame by frame.
-    #[serde(default = "default_sources")]
-    pub sources: Vec<String>,
-    /// synthetic: seed of the first field.
-    #[serde(default)]
-    pub seed: u64,
-    /// replay/synthetic: stop after this many frames.
-    pub frames: Option<u64>,
-    /// replay/synthetic: deliver frames at this rate like a camera (frames are then dropped
-    /// when processing falls behind); 0 = as fast as they are processed, none dropped.
-    #[serde(default)]
-    pub fps: f64,
-    /// v4l2: longest wait between attempts to reopen a failed camera.
-    #[serde(default = "default_retry_max")]
-    pub retry_max_s: f64,
-}
-
-fn default_device() -> PathBuf {
-    PathBuf::from("/dev/video0")
-}
-fn default_width() -> u32 {
-    1920
-}
-fn default_height() -> u32 {
-    1080
-}
-fn default_format() -> PixelFormat {
-    PixelFormat::Mjpg
-}
-fn default_sources() -> Vec<String> {
-    vec!["wright_100x".into()]
-}
-fn default_retry_max() -> f64 {
-    10.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,24 +57,21 @@ fn default_min_confidence() -> f32 {
     0.5
 }
 
-/// How cells are cut out of a frame: `cells` (one crop per found cell) or `tiles`.
-pub use crate::cells::Mode as CropMode;
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnalysisConfig {
     #[serde(default = "default_mode")]
-    pub mode: CropMode,
+    pub mode: Mode,
     /// Crop side as a multiple of the cell's box.
     #[serde(default = "default_margin")]
     pub margin: f32,
 }
 
-fn default_mode() -> CropMode {
-    CropMode::Cells
+fn default_mode() -> Mode {
+    Mode::Cells
 }
 fn default_margin() -> f32 {
-    1.3
+    CropPolicy::DEFAULT_MARGIN
 }
 
 impl Default for AnalysisConfig {
@@ -151,78 +80,6 @@ impl Default for AnalysisConfig {
             mode: default_mode(),
             margin: default_margin(),
         }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// CA certificate (PEM) the broker's certificate must chain to.
-    pub ca: PathBuf,
-    /// Client certificate and key (PEM) for mutual TLS.
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttConfig {
-    #[serde(default = "default_host")]
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// Fixed client id (the broker keeps the session under it); default `reddino-edge-{device_id}`.
-    pub client_id: Option<String>,
-    #[serde(default = "default_prefix")]
-    pub topic_prefix: String,
-    pub username: Option<String>,
-    /// File holding the password (first line). The password is never logged.
-    pub password_file: Option<PathBuf>,
-    pub tls: Option<TlsConfig>,
-    #[serde(default = "default_keep_alive")]
-    pub keep_alive_s: u64,
-    /// Longest wait between reconnection attempts.
-    #[serde(default = "default_reconnect_max")]
-    pub reconnect_max_s: f64,
-    /// Messages published and not yet acknowledged at any time.
-    #[serde(default = "default_inflight")]
-    pub max_inflight: u16,
-    /// How often the retained status is refreshed.
-    #[serde(default = "default_status_interval")]
-    pub status_interval_s: f64,
-    /// On shutdown, how long to keep sending what the outbox holds.
-    #[serde(default = "default_drain")]
-    pub drain_timeout_s: f64,
-}
-
-fn default_host() -> String {
-    "localhost".into()
-}
-fn default_port() -> u16 {
-    1883
-}
-fn default_prefix() -> String {
-    "reddino".into()
-}
-fn default_keep_alive() -> u64 {
-    30
-}
-fn default_reconnect_max() -> f64 {
-    10.0
-}
-fn default_inflight() -> u16 {
-    32
-}
-fn default_status_interval() -> f64 {
-    30.0
-}
-fn default_drain() -> f64 {
-    5.0
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("every MQTT setting has a default")
     }
 }
 
@@ -513,6 +370,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::PixelFormat;
 
     const MINIMAL: &str = r#"
 device_id = "clinic-01"

@@ -2,8 +2,12 @@
 //! batch size on the CPU (in chunks, several threads side by side); a partial batch runs only
 //! the chunks it fills.
 
+use image::RgbImage;
 use reddino_models::bundle::Bundle;
+use reddino_models::preprocess::{preprocess_into, Normalization};
 use reddino_models::runtime::TractModel;
+
+use crate::classify::{classify, Prediction};
 
 /// Outputs for `n` images: embeddings `[n, dim]` and, with a head, logits `[n, classes]`.
 #[derive(Debug, Clone)]
@@ -87,4 +91,44 @@ impl Backend for TractBackend {
             self.model.size()
         )
     }
+}
+
+/// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the
+/// `uncertain` threshold. One prediction per crop, in order.
+pub fn classify_crops(
+    crops: &[RgbImage],
+    backend: &mut dyn Backend,
+    class_names: &[String],
+    norm: &Normalization,
+    min_confidence: f32,
+) -> Result<Vec<Prediction>, reddino_models::Error> {
+    let size = backend.input_size();
+    let per = 3 * size * size;
+    let batch = backend.batch_size().max(1);
+    let mut pixels = vec![0f32; batch.min(crops.len().max(1)) * per];
+    let mut out_preds = Vec::with_capacity(crops.len());
+    for chunk in crops.chunks(batch) {
+        for (i, crop) in chunk.iter().enumerate() {
+            preprocess_into(crop, size as u32, norm, &mut pixels[i * per..(i + 1) * per]);
+        }
+        let out = backend.run(&pixels[..chunk.len() * per], chunk.len())?;
+        let logits = out.logits.ok_or_else(|| {
+            reddino_models::Error::Inference(
+                "the model has no classification head (`logits` output)".into(),
+            )
+        })?;
+        if out.classes != class_names.len() {
+            return Err(reddino_models::Error::Inference(format!(
+                "the model gives {} logits, the bundle lists {} classes",
+                out.classes,
+                class_names.len()
+            )));
+        }
+        out_preds.extend(
+            logits
+                .chunks_exact(out.classes)
+                .map(|l| classify(l, min_confidence)),
+        );
+    }
+    Ok(out_preds)
 }

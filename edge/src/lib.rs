@@ -1,21 +1,26 @@
-//! `reddino-edge`: the clinic service. Frames flow one way through modules named by what they
-//! are: [`capture`] (frames) -> [`cells`] (crops) -> [`infer`] (embeddings, logits) ->
-//! [`classify`] (classes, counts, sessions) -> [`analyze`] (per-image reports).
+//! `reddino-edge`: the clinic service. A frame goes one way through the stages, each in its
+//! own module:
+//!
+//! - [`capture`]: frame sources (V4L2 camera, replayed files, the synthetic microscope).
+//! - [`cells`]: the cell finder, one file per step.
+//! - [`crop`]: cells cut out as the model's crop policy asks.
+//! - [`infer`]: inference backends, crops to predictions.
+//! - [`classify`]: classes, per-frame counts, sessions.
+//! - [`pipeline`]: the stage threads and queues, the service state, commands.
+//! - [`publish`]: the outbox, the messages, the delivery state, the MQTT event loop.
+//!
+//! Around them: [`config`] (the TOML config, made of each stage's section), [`model`] (opening
+//! a bundle, the same for every command), [`app`] (`reddino-edge run`: the wiring), and
+//! [`offline`] (analysis of image files, data-set import, finder quality, the demo).
 
-pub mod analyze;
 pub mod app;
 pub mod capture;
 pub mod cells;
 pub mod classify;
 pub mod config;
-pub mod crops;
-pub mod demo;
-pub mod import;
+pub mod crop;
 pub mod infer;
-pub mod labelled;
-pub mod messages;
-pub mod mqtt;
-pub mod outbox;
-pub mod quality;
-pub mod queue;
-pub mod service;
+pub mod model;
+pub mod offline;
+pub mod pipeline;
+pub mod publish;

@@ -7,10 +7,11 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use reddino_edge::analyze::{analyze_image, AnalyzeConfig};
 use reddino_edge::config::Config;
 use reddino_edge::infer::{Backend, TractBackend};
-use reddino_models::bundle::{self, Limits, TrustedKeys};
+use reddino_edge::model::{model_or_shipped, open_bundle, Shipped};
+use reddino_edge::offline::analyze::{analyze_image, AnalyzeConfig};
+use reddino_models::cli::CropArgs;
 
 #[derive(Parser)]
 #[command(
@@ -33,7 +34,7 @@ enum Cmd {
     },
     /// The whole service on embedded defaults: in-process broker, synthetic microscope,
     /// a demo bundle, a live view and a summary.
-    Demo(reddino_edge::demo::DemoOptions),
+    Demo(reddino_edge::offline::demo::DemoOptions),
     /// Cell-finder quality against labelled cells: recall (interior and border apart),
     /// cell-sized detections per label on densely labelled fields, merged cells, ms per field.
     /// On a point-labelled data set (DIR/images, DIR/labels: `x y class` per line), on the
@@ -44,7 +45,7 @@ enum Cmd {
         points: Option<PathBuf>,
         /// Which of its fields: the development fields, the held-out ones, or all.
         #[arg(long, value_enum, default_value = "dev")]
-        fields: reddino_edge::quality::Fields,
+        fields: reddino_edge::offline::quality::Fields,
         /// Class ids in the data set (labels with a larger id are refused).
         #[arg(long, default_value_t = 13)]
         classes: usize,
@@ -85,23 +86,12 @@ enum Cmd {
         /// Side of the saved crops in pixels.
         #[arg(long, default_value_t = 96)]
         size: u32,
-        /// Crop side as a multiple of the cell's box. The edge cuts at 1.3 (`analysis.margin`);
-        /// training crops cut wider let the fine-tuning's random crops frame the cells on
-        /// either side of it.
-        #[arg(long, default_value_t = 1.3)]
-        margin: f32,
-        /// No crop smaller than this multiple of the median cell (the model's
-        /// `crop_min_side`); 0 = each crop scaled to its own cell.
-        #[arg(long, default_value_t = 0.0)]
-        min_side: f32,
+        #[command(flatten)]
+        crop: CropArgs,
         /// Fraction of cells placed touching a neighbour, for every source (default: each
         /// source's own).
         #[arg(long)]
         touching: Option<f32>,
-        /// Blank out the neighbours in each crop (the model's `blank_neighbours`; `reddino-trainer
-        /// export --blank-neighbours`).
-        #[arg(long)]
-        blank_neighbours: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -141,7 +131,7 @@ enum Cmd {
         class_map: Option<PathBuf>,
         /// Which fields: the development fields, the held-out ones (split by name), or all.
         #[arg(long, value_enum, default_value = "all")]
-        fields: reddino_edge::quality::Fields,
+        fields: reddino_edge::offline::quality::Fields,
         /// K folds by field (fold0..) instead of train/val/test.
         #[arg(long)]
         folds: Option<u32>,
@@ -151,15 +141,8 @@ enum Cmd {
         /// Finder settings over the profile's (`CellFinderConfig` fields in TOML).
         #[arg(long)]
         settings: Option<String>,
-        /// Crop side as a multiple of the cell's box (as `analysis.margin`).
-        #[arg(long, default_value_t = 1.3)]
-        margin: f32,
-        /// No crop smaller than this multiple of the frame's median cell (0 = off).
-        #[arg(long, default_value_t = 0.0)]
-        min_side: f32,
-        /// Blank out the neighbours in each crop.
-        #[arg(long)]
-        blank_neighbours: bool,
+        #[command(flatten)]
+        crop: CropArgs,
         /// Also write the detections that hold no label here (for self-supervised pretraining).
         #[arg(long)]
         unlabelled: Option<PathBuf>,
@@ -176,7 +159,7 @@ enum Cmd {
         /// Without --model: `chula` (real smears, Chula RBC-12's classes, 1000x) or `demo`
         /// (the synthetic microscope's smears).
         #[arg(long, value_enum, default_value = "chula")]
-        shipped: reddino_edge::demo::Shipped,
+        shipped: Shipped,
         /// Trusted minisign public key(s) for the bundle signature.
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<PathBuf>,
@@ -241,23 +224,19 @@ fn run(cli: Cli) -> Result<()> {
             sources,
             per_class,
             size,
-            margin,
-            min_side,
+            crop,
             touching,
-            blank_neighbours,
             seed,
         } => {
             let mut cfg = reddino_models::synth::CropExport::new(out.clone(), per_class, seed);
-            cfg.margin = margin;
-            cfg.min_side = min_side;
+            cfg.crop = crop.policy();
             cfg.touching = touching;
-            cfg.blank_neighbours = blank_neighbours;
             cfg.sources = sources
                 .split(',')
                 .map(|s| reddino_models::synth::SourcePreset::by_name(s.trim()))
                 .collect::<Result<Vec<_>, _>>()?;
             cfg.size = size;
-            let summary = reddino_edge::crops::write_detected_crops(
+            let summary = reddino_edge::offline::synth_crops::write_detected_crops(
                 &cfg,
                 &reddino_edge::cells::CellFinderConfig::default(),
                 |src, done, total| eprint!("\r{src}: {done}/{total} crops"),
@@ -288,13 +267,11 @@ fn run(cli: Cli) -> Result<()> {
             folds,
             profile,
             settings,
-            margin,
-            min_side,
-            blank_neighbours,
+            crop,
             unlabelled,
             json,
         } => {
-            use reddino_edge::{import, labelled};
+            use reddino_edge::offline::{import, labelled};
             let given = [
                 points.is_some(),
                 voc.is_some(),
@@ -311,9 +288,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(s) => finder.with_settings(&s).context("finder settings")?,
                 None => finder,
             };
-            cfg.margin = margin;
-            cfg.min_side = min_side;
-            cfg.blank_neighbours = blank_neighbours;
+            cfg.crop = crop.policy();
             cfg.unlabelled = unlabelled;
             cfg.scheme = match folds {
                 Some(k) if k >= 2 => import::Scheme::Folds(k),
@@ -375,7 +350,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             overlays,
         } => {
-            use reddino_edge::quality::{self, Summary};
+            use reddino_edge::offline::quality::{self, Summary};
             let cfg = reddino_edge::cells::CellFinderConfig::profile(&profile)
                 .map_err(anyhow::Error::msg)?;
             let cfg = match settings {
@@ -437,7 +412,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Demo(opts) => {
-            let summary = reddino_edge::demo::run(&opts)?;
+            let summary = reddino_edge::offline::demo::run(&opts)?;
             print!("{}", summary.render());
             if !summary.complete() {
                 bail!("not every result reached the subscriber");
@@ -453,41 +428,11 @@ fn run(cli: Cli) -> Result<()> {
             min_confidence,
             images,
         } => {
-            // Without --model: the shipped demo model, unpacked into a private folder.
-            let staging;
-            let (model, trusted_keys) = match model {
-                Some(m) => {
-                    if trusted_keys.is_empty() {
-                        bail!("no trusted key given: pass --trusted-key KEY.pub (the public key the bundle was signed with)");
-                    }
-                    (m, trusted_keys)
-                }
-                None => {
-                    use reddino_edge::demo::Shipped;
-                    staging = tempfile::tempdir().context("creating a temporary folder")?;
-                    let (tar, key) = reddino_edge::demo::shipped_model(shipped, staging.path())?;
-                    match shipped {
-                        Shipped::Chula => log::warn!(
-                            "no --model given: using the shipped reddino-chula model (real smears of one lab at 1000x, signed with the demo key; not for diagnosis)"
-                        ),
-                        Shipped::Demo => log::warn!(
-                            "no --model given: using the shipped demo model (trained on synthetic smears only; never for patients)"
-                        ),
-                    }
-                    (tar, vec![key])
-                }
-            };
-            let mut trusted = TrustedKeys::new();
-            for k in &trusted_keys {
-                trusted.add_file(k)?;
-            }
-            let b = bundle::open(&model, &trusted, &Limits::default())?;
-            if b.manifest().class_names.is_empty() {
-                bail!(
-                    "bundle {} has no classification head; export it with a head",
-                    model.display()
-                );
-            }
+            // Without --model: a shipped model, unpacked into a private folder.
+            let staging = tempfile::tempdir().context("creating a temporary folder")?;
+            let (model, trusted_keys) =
+                model_or_shipped(model, trusted_keys, shipped, staging.path())?;
+            let b = open_bundle(&model, &trusted_keys)?;
             let mut backend = TractBackend::from_bundle(&b, batch.max(1), threads)?;
             log::info!(
                 "model {} {}: {}",
@@ -497,11 +442,11 @@ fn run(cli: Cli) -> Result<()> {
             );
             let cfg = AnalyzeConfig {
                 min_confidence,
-                crop_min_side: b.manifest().crop_min_side,
-                blank_neighbours: b.manifest().blank_neighbours,
+                crop: b
+                    .manifest()
+                    .crop_policy(reddino_models::preprocess::CropPolicy::DEFAULT_MARGIN),
                 cells: reddino_edge::cells::CellFinderConfig::for_model(b.manifest())
                     .map_err(anyhow::Error::msg)?,
-                ..AnalyzeConfig::default()
             };
             let mut failed = 0;
             for path in &images {

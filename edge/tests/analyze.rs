@@ -1,8 +1,9 @@
 //! `analyze` end to end on a synthetic field with a small signed bundle.
 
-use reddino_edge::analyze::{analyze_image, find_and_crop, AnalyzeConfig};
 use reddino_edge::cells;
+use reddino_edge::crop::{find_and_crop, CropPolicy};
 use reddino_edge::infer::TractBackend;
+use reddino_edge::offline::analyze::{analyze_image, AnalyzeConfig};
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys};
 use reddino_models::preprocess::{square_crop_rect, Normalization, OwnerMap};
@@ -87,8 +88,24 @@ fn a_model_trained_on_blanked_crops_gets_blanked_crops() {
     reddino_models::synth::set_touching(std::slice::from_mut(&mut source), 0.6).unwrap();
     let field = render(&FieldSpec::new(640, 480, 11, source)).unwrap();
     let finder = cells::CellFinderConfig::default();
-    let (found, plain) = find_and_crop(&field.image, &finder, 1.3, 0.6, false);
-    let (same_cells, blanked) = find_and_crop(&field.image, &finder, 1.3, 0.6, true);
+    let (found, plain) = find_and_crop(
+        &field.image,
+        &finder,
+        &CropPolicy {
+            margin: 1.3,
+            min_side: 0.6,
+            blank_neighbours: false,
+        },
+    );
+    let (same_cells, blanked) = find_and_crop(
+        &field.image,
+        &finder,
+        &CropPolicy {
+            margin: 1.3,
+            min_side: 0.6,
+            blank_neighbours: true,
+        },
+    );
     assert_eq!(found, same_cells);
     assert_eq!(plain.len(), blanked.len());
     let (_, owners) = cells::find_with_owners(&field.image, &finder);

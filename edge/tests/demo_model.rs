@@ -17,12 +17,12 @@
 
 use image::imageops::FilterType;
 use image::RgbImage;
-use reddino_edge::analyze::{analyze_image, classify_crops, AnalyzeConfig};
 use reddino_edge::cells::greedy_pairs;
-use reddino_edge::demo::{demo_model, is_demo_key, DEMO_PUBLIC_KEY};
-use reddino_edge::infer::{Backend, TractBackend};
+use reddino_edge::infer::{classify_crops, Backend, TractBackend};
+use reddino_edge::model::{demo_model, is_demo_key, DEMO_PUBLIC_KEY};
+use reddino_edge::offline::analyze::{analyze_image, AnalyzeConfig};
 use reddino_models::bundle::{self, Bundle, Limits, TrustedKeys};
-use reddino_models::preprocess::{blanked_crop, median_box_side, square_crop_at_least};
+use reddino_models::preprocess::{blanked_crop, median_box_side, square_crop_at_least, CropPolicy};
 use reddino_models::synth::{render, ClassMix, FieldSpec, SourcePreset, NUM_CLASSES};
 use reddino_models::taxonomy::DEFAULT_CLASSES;
 
@@ -171,8 +171,7 @@ fn count_held_out_fields() -> Vec<(&'static str, u64, u64)> {
     let mut backend = TractBackend::from_bundle(&b, 32, 0).unwrap();
     let source = SourcePreset::by_name(HELD_OUT).unwrap();
     let cfg = AnalyzeConfig {
-        crop_min_side: b.manifest().crop_min_side,
-        blank_neighbours: b.manifest().blank_neighbours,
+        crop: b.manifest().crop_policy(CropPolicy::DEFAULT_MARGIN),
         ..AnalyzeConfig::default()
     };
     let mut truth = [0u64; NUM_CLASSES];

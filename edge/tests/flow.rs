@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use reddino_edge::capture::{Paced, SyntheticSource};
 use reddino_edge::cells::CellFinderConfig;
+use reddino_edge::crop::CropPolicy;
 use reddino_edge::infer::{Backend, BatchOutput};
-use reddino_edge::outbox::{Outbox, OutboxLimits};
-use reddino_edge::service::{ModelInfo, Pipeline, PipelineSettings, Shared};
+use reddino_edge::pipeline::{ModelInfo, Pipeline, PipelineSettings, Shared};
+use reddino_edge::publish::outbox::{Outbox, OutboxLimits};
 use reddino_models::preprocess::Normalization;
 use reddino_models::synth::SourcePreset;
 
@@ -55,7 +56,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             device_id: "flow".into(),
             topic_prefix: "reddino".into(),
             cells: CellFinderConfig::default(),
-            margin: 1.3,
+            crop: CropPolicy::default(),
             min_confidence: 0.0,
             frame_queue: cap,
             crop_queue: 1,
@@ -66,8 +67,6 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             backend: "slow".into(),
             class_names: names,
             normalization: Normalization::default(),
-            crop_min_side: 0.0,
-            blank_neighbours: false,
         },
         Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
         Arc::new(AtomicBool::new(false)),

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use reddino_edge::import::{import_crops, import_fields, Dropped, ImportConfig, Scheme};
-use reddino_edge::labelled::{
+use reddino_edge::offline::import::{import_crops, import_fields, Dropped, ImportConfig, Scheme};
+use reddino_edge::offline::labelled::{
     self, read_coco, read_crop_folders, read_point_set, read_voc, ClassMap, CHULA_CLASSES,
 };
 

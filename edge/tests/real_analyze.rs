@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use reddino_edge::labelled::{read_point_set, CHULA_CLASSES};
+use reddino_edge::offline::labelled::{read_point_set, CHULA_CLASSES};
 
 fn data(dir: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

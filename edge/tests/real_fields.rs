@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use reddino_edge::cells::CellFinderConfig;
-use reddino_edge::quality::{score_point_set, Fields, Summary};
+use reddino_edge::offline::quality::{score_point_set, Fields, Summary};
 
 fn sample() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/chula-rbc-12")

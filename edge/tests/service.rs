@@ -14,8 +14,8 @@ use common::*;
 use reddino_edge::capture::{FrameSource, SyntheticSource};
 use reddino_edge::cells::{self, CellFinderConfig};
 use reddino_edge::config::Config;
-use reddino_edge::demo::Monitor;
-use reddino_edge::outbox::{Outbox, OutboxLimits};
+use reddino_edge::offline::demo::monitor::Monitor;
+use reddino_edge::publish::outbox::{Outbox, OutboxLimits};
 use reddino_models::synth::SourcePreset;
 
 fn load(dir: &Path, text: &str) -> Config {
@@ -142,7 +142,7 @@ fps = 5.0"#;
 fn sigkill_then_restart_delivers_unacknowledged_results() {
     let Some(bin) = mosquitto_bin() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let port = reddino_edge::demo::free_port().unwrap();
+    let port = reddino_edge::offline::demo::broker::free_port().unwrap();
     let (b, k) = bundle(&tmp.path().join("b"), 28);
     let outbox = tmp.path().join("o.db");
     // Phase 1: no broker yet; results pile up in the outbox; the service is killed mid-run.

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::arch::VitConfig;
 use crate::error::BundleError;
 use crate::onnx::{self, Dim};
-use crate::preprocess::Normalization;
+use crate::preprocess::{CropPolicy, Normalization};
 use crate::runtime::TractModel;
 use crate::weights::{read_tensors, serialize_tensors, LinearHead, Tensor, VitWeights};
 use crate::Error;
@@ -119,6 +119,15 @@ impl Manifest {
         Normalization {
             mean: self.mean,
             std: self.std,
+        }
+    }
+
+    /// The crop policy the model was trained with, at the device's `margin`.
+    pub fn crop_policy(&self, margin: f32) -> CropPolicy {
+        CropPolicy {
+            margin,
+            min_side: self.crop_min_side,
+            blank_neighbours: self.blank_neighbours,
         }
     }
 }

@@ -86,24 +86,12 @@ enum SynthCmd {
         /// Crop side in pixels.
         #[arg(long, default_value_t = 96)]
         size: u32,
-        /// Crop side as a multiple of the cell's box. The edge cuts at 1.3 (`analysis.margin`);
-        /// training crops cut wider let the fine-tuning's random crops frame the cells on
-        /// either side of it.
-        #[arg(long, default_value_t = 1.3)]
-        margin: f32,
-        /// No crop smaller than this multiple of the median cell (the model's
-        /// `crop_min_side`; `reddino-trainer export --crop-min-side`); 0 = each crop scaled to
-        /// its own cell.
-        #[arg(long, default_value_t = 0.0)]
-        min_side: f32,
+        #[command(flatten)]
+        crop: reddino_models::cli::CropArgs,
         /// Fraction of cells placed touching a neighbour, for every source (default: each
         /// source's own).
         #[arg(long)]
         touching: Option<f32>,
-        /// Blank out the neighbours in each crop (the model's `blank_neighbours`; `reddino-trainer
-        /// export --blank-neighbours`).
-        #[arg(long)]
-        blank_neighbours: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -271,17 +259,13 @@ fn run(cli: Cli) -> Result<()> {
             per_class,
             sources,
             size,
-            margin,
-            min_side,
+            crop,
             touching,
-            blank_neighbours,
             seed,
         }) => {
             let mut cfg = CropExport::new(out.clone(), per_class, seed);
-            cfg.margin = margin;
-            cfg.min_side = min_side;
+            cfg.crop = crop.policy();
             cfg.touching = touching;
-            cfg.blank_neighbours = blank_neighbours;
             if !sources.is_empty() {
                 cfg.sources = sources
                     .iter()

@@ -185,6 +185,60 @@ pub fn cell_crops_blanked(
         .collect()
 }
 
+/// How a model's crops are cut from a frame: the margin around each box, the smallest crop
+/// as a multiple of the frame's median cell, and whether neighbours are blanked out. A model
+/// is trained on crops cut one way and must see them cut the same way on the device: the
+/// manifest carries `min_side` and `blank_neighbours` ([`crate::bundle::Manifest::crop_policy`]),
+/// the device's config the margin. Every crop tool and the edge cut through [`CropPolicy::cut`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CropPolicy {
+    /// Crop side as a multiple of the cell's box.
+    pub margin: f32,
+    /// No crop smaller than this multiple of the frame's median cell (times the margin); 0 =
+    /// each crop scaled to its own cell.
+    pub min_side: f32,
+    /// Other cells in a crop are blanked out ([`cell_crops_blanked`]).
+    pub blank_neighbours: bool,
+}
+
+impl CropPolicy {
+    /// The margin the edge cuts at unless configured otherwise (`analysis.margin`).
+    pub const DEFAULT_MARGIN: f32 = 1.3;
+
+    /// The crops of a frame's boxes; `owners` (the finder's map) is needed to blank
+    /// neighbours and ignored otherwise. Panics when neighbours are blanked without a map.
+    pub fn cut(
+        &self,
+        img: &RgbImage,
+        boxes: &[[u32; 4]],
+        owners: Option<&OwnerMap>,
+    ) -> Vec<RgbImage> {
+        if self.blank_neighbours {
+            let owners = owners.expect("blanking neighbours needs the finder's owner map");
+            cell_crops_blanked(img, boxes, owners, self.margin, self.min_side)
+        } else {
+            cell_crops(img, boxes, self.margin, self.min_side)
+        }
+    }
+
+    /// The smallest crop side (pixels, before resizing) in a frame whose median cell side is
+    /// `median`: `margin x min_side x median` (0 when `min_side` is off).
+    pub fn min_crop_side(&self, median: f32) -> f32 {
+        self.min_side * median * self.margin
+    }
+}
+
+impl Default for CropPolicy {
+    fn default() -> Self {
+        CropPolicy {
+            margin: Self::DEFAULT_MARGIN,
+            min_side: 0.0,
+            blank_neighbours: false,
+        }
+    }
+}
+
 /// One crop of [`cell_crops_blanked`]: the cell `own` of `owners`, its box `bbox`, cut as
 /// [`square_crop_at_least`] cuts it. Panics when `owners` is not the image's size.
 pub fn blanked_crop(

@@ -11,10 +11,10 @@
 //! removes parts of a cell one or two pixels wide (a fragment's corners, a spicule's tip): each
 //! cell then claims the stained pixels around it above a lower threshold, a few pixels out.
 //!
-//! One file per step, in the order a frame meets them: [`foreground`] (background light,
-//! optical density, threshold, mask clean-up), [`distance`] (distance transform),
-//! [`watershed`] (objects, typical radius, flooding), [`splits`] (necks, blue parts),
-//! [`grow`] (basin statistics, growing back); [`score`] scores detections against labels.
+//! One file per step, in the order a frame meets them: `foreground` (background light,
+//! optical density, threshold, mask clean-up), `distance` (distance transform),
+//! `watershed` (objects, typical radius, flooding), `splits` (necks, blue parts),
+//! `grow` (basin statistics, growing back); `score` scores detections against labels.
 //! This file holds the API ([`find`], [`CellFinderConfig`], [`Cell`]) and runs the steps.
 
 mod distance;

@@ -43,7 +43,7 @@ impl Mosquitto {
 
     /// With extra configuration lines (e.g. a password file instead of anonymous access).
     pub fn start_with(bin: PathBuf, dir: &Path, extra: &str) -> Mosquitto {
-        let port = reddino_edge::demo::free_port().unwrap();
+        let port = reddino_edge::offline::demo::broker::free_port().unwrap();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).unwrap();
         let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
@@ -122,7 +122,7 @@ pub fn unsafe_kill(pid: u32, sig: &str) {
 
 /// A signed random tiny bundle at `input_size` in `dir`; returns (bundle dir, public key).
 pub fn bundle(dir: &Path, input_size: usize) -> (PathBuf, PathBuf) {
-    reddino_edge::demo::random_bundle(dir, input_size, 3).unwrap()
+    reddino_edge::model::random_bundle(dir, input_size, 3).unwrap()
 }
 
 /// A config for a test device; `camera` is the body of the `[camera]` table.

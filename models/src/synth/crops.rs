@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use image::imageops::FilterType;
 
 use super::{render, ClassMix, Field, FieldSpec, SourcePreset, NUM_CLASSES};
-use crate::preprocess::{blanked_crop, median_box_side, square_crop_at_least, OwnerMap};
+use crate::preprocess::{
+    blanked_crop, median_box_side, square_crop_at_least, CropPolicy, OwnerMap,
+};
 use crate::taxonomy::DEFAULT_CLASSES;
 use crate::Error;
 
@@ -19,46 +21,38 @@ pub struct CropExport {
     pub per_class: usize,
     /// Side of the saved crops in pixels.
     pub size: u32,
-    /// Crop side as a multiple of the cell's box.
-    pub margin: f32,
     pub seed: u64,
     /// Size of the fields the crops are cut from.
     pub field_size: (u32, u32),
-    /// No crop smaller than this multiple of the median cell (times the margin), as the edge
-    /// cuts for a model whose manifest has this `crop_min_side`; 0 = each crop scaled to its
-    /// own cell. The median is taken, per source, over the boxes of a field with the default
-    /// (clinical) class mix, the kind of frame the edge takes its median from; the crop fields
-    /// themselves have a skewed mix (classes still short of their quota).
-    pub min_side: f32,
+    /// How the crops are cut, as the edge cuts them for a model with this policy. With
+    /// `min_side` > 0 the median is taken, per source, over the boxes of a field with the
+    /// default (clinical) class mix, the kind of frame the edge takes its median from; the crop
+    /// fields themselves have a skewed mix (classes still short of their quota).
+    pub crop: CropPolicy,
     /// Fraction of cells placed touching a neighbour, for every source (crowded training
     /// smears); `None` = each source's own.
     pub touching: Option<f32>,
-    /// Blank out the neighbours in each crop (bundle manifest `blank_neighbours`), as the edge
-    /// does for such a model; see [`crate::preprocess::cell_crops_blanked`].
-    pub blank_neighbours: bool,
 }
 
 impl CropExport {
-    /// Defaults: all sources, 96 px crops, margin 1.3, 1280x960 fields.
+    /// Defaults: all sources, 96 px crops, the default crop policy, 1280x960 fields.
     pub fn new(out_dir: PathBuf, per_class: usize, seed: u64) -> Self {
         CropExport {
             out_dir,
             sources: SourcePreset::all(),
             per_class,
             size: 96,
-            margin: 1.3,
             seed,
             field_size: (1280, 960),
-            min_side: 0.0,
             touching: None,
-            blank_neighbours: false,
+            crop: CropPolicy::default(),
         }
     }
 
     /// The smallest crop side (pixels, before resizing) for a source whose median cell side is
     /// `median`: `margin x min_side x median`.
     pub fn min_crop_side(&self, median: f32) -> f32 {
-        self.min_side * median * self.margin
+        self.crop.min_crop_side(median)
     }
 }
 
@@ -97,7 +91,7 @@ pub fn export_crops(
                 .iter()
                 .map(|c| (Some(c.class), c.bbox))
                 .collect(),
-            owners: cfg.blank_neighbours.then(|| field.owner_map()),
+            owners: cfg.crop.blank_neighbours.then(|| field.owner_map()),
         },
         progress,
     )
@@ -111,12 +105,12 @@ pub fn export_crops_by(
     mut cuts: impl FnMut(&Field) -> Cuts,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<CropSummary, Error> {
-    if cfg.size == 0 || cfg.margin < 1.0 {
+    if cfg.size == 0 || cfg.crop.margin < 1.0 {
         return Err(Error::Config(
             "crop size must be positive and margin at least 1.0".into(),
         ));
     }
-    crate::bundle::check_crop_min_side(cfg.min_side).map_err(Error::Config)?;
+    crate::bundle::check_crop_min_side(cfg.crop.min_side).map_err(Error::Config)?;
     let mut sources = cfg.sources.clone();
     if let Some(t) = cfg.touching {
         super::set_touching(&mut sources, t)?;
@@ -129,7 +123,7 @@ pub fn export_crops_by(
             let d = cfg.out_dir.join(&source.name).join(class);
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
-        let floor = if cfg.min_side > 0.0 {
+        let floor = if cfg.crop.min_side > 0.0 {
             let reference = render(&FieldSpec::new(
                 cfg.field_size.0,
                 cfg.field_size.1,
@@ -143,7 +137,7 @@ pub fn export_crops_by(
                 .collect();
             let median = median_box_side(&sides);
             summary.median_side.insert(source.name.clone(), median);
-            cfg.min_side * median
+            cfg.crop.min_side * median
         } else {
             0.0
         };
@@ -173,7 +167,7 @@ pub fn export_crops_by(
             spec.mix = mix;
             let field = render(&spec)?;
             let cut = cuts(&field);
-            if cfg.blank_neighbours && cut.owners.is_none() {
+            if cfg.crop.blank_neighbours && cut.owners.is_none() {
                 return Err(Error::Config(
                     "blanked neighbours need the field's owner map".into(),
                 ));
@@ -183,11 +177,16 @@ pub fn export_crops_by(
                 if counts[class] >= cfg.per_class {
                     continue;
                 }
-                let crop = match (&cut.owners, cfg.blank_neighbours) {
-                    (Some(owners), true) => {
-                        blanked_crop(&field.image, owners, ci as u32, bbox, cfg.margin, floor)
-                    }
-                    _ => square_crop_at_least(&field.image, bbox, cfg.margin, floor),
+                let crop = match (&cut.owners, cfg.crop.blank_neighbours) {
+                    (Some(owners), true) => blanked_crop(
+                        &field.image,
+                        owners,
+                        ci as u32,
+                        bbox,
+                        cfg.crop.margin,
+                        floor,
+                    ),
+                    _ => square_crop_at_least(&field.image, bbox, cfg.crop.margin, floor),
                 };
                 let crop = image::imageops::resize(&crop, cfg.size, cfg.size, FilterType::Triangle);
                 let path = cfg
@@ -248,7 +247,7 @@ mod tests {
             cfg.sources = vec![source.clone()];
             cfg.size = 48;
             cfg.field_size = (640, 480);
-            cfg.min_side = min_side;
+            cfg.crop.min_side = min_side;
             let s = export_crops(&cfg, |_, _, _| {}).unwrap();
             if min_side > 0.0 {
                 // The median cell is a red cell: about its diameter.
@@ -279,7 +278,7 @@ mod tests {
         assert!(sized < 0.5 * scaled, "dark share {sized} vs {scaled}");
         // Out-of-range settings are refused.
         let mut cfg = CropExport::new(tmp.path().join("bad"), 1, 0);
-        cfg.min_side = 9.0;
+        cfg.crop.min_side = 9.0;
         assert!(export_crops(&cfg, |_, _, _| {}).is_err());
     }
 
@@ -294,7 +293,7 @@ mod tests {
             cfg.size = 48;
             cfg.field_size = (640, 480);
             cfg.touching = Some(0.6);
-            cfg.blank_neighbours = blank;
+            cfg.crop.blank_neighbours = blank;
             export_crops(&cfg, |_, _, _| {}).unwrap();
             let mut files: Vec<_> = walk(&dir);
             files.sort();
@@ -337,7 +336,7 @@ mod tests {
         let mut cfg = CropExport::new(tmp.path().join("none"), 1, 0);
         cfg.sources = vec![source.clone()];
         cfg.field_size = (640, 480);
-        cfg.blank_neighbours = true;
+        cfg.crop.blank_neighbours = true;
         let e = export_crops_by(
             &cfg,
             |f| Cuts {

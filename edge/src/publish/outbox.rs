@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::messages::now_ms;
+use super::now_ms;
 
 /// Why the outbox could not do what was asked.
 #[derive(Debug, thiserror::Error)]

@@ -1,22 +1,90 @@
-//! Publishing over MQTT (rumqttc): QoS 1, `clean_session=false`, a fixed client id, the
-//! retained `status` with a last will, commands on `{prefix}/{device}/cmd/...`.
-//!
-//! The outbox is the only record of what is unsent. Each connection gets a fresh event loop;
-//! rows are published in `seq` order from the oldest unacknowledged one, at most
-//! `max_inflight` at a time, and a row is deleted only when the PUBACK for its packet id
-//! arrives. After a disconnect (or a restart) everything still in the outbox is sent again, so
-//! a subscriber sees every `seq` at least once and de-duplicates on it.
+//! The MQTT event loop (rumqttc): QoS 1, `clean_session=false`, a fixed client id, the retained
+//! `status` with a last will, commands on `{prefix}/{device}/cmd/...`. Each connection gets a
+//! fresh event loop and a fresh [`Delivery`] (what goes out when, what an acknowledgement
+//! deletes: see [`super::delivery`]); this file turns the client's events into its calls.
 
-use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
-use crate::config::MqttConfig;
-use crate::service::Shared;
+use super::delivery::{Delivery, Sink, Tag};
+use super::outbox::Outbox;
+use super::Link;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM) the broker's certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Fixed client id (the broker keeps the session under it); default `reddino-edge-{device_id}`.
+    pub client_id: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    /// File holding the password (first line). The password is never logged.
+    pub password_file: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_s: f64,
+    /// Messages published and not yet acknowledged at any time.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+    /// How often the retained status is refreshed.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_s: f64,
+    /// On shutdown, how long to keep sending what the outbox holds.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_s: f64,
+}
+
+fn default_host() -> String {
+    "localhost".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_prefix() -> String {
+    "reddino".into()
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_reconnect_max() -> f64 {
+    10.0
+}
+fn default_inflight() -> u16 {
+    32
+}
+fn default_status_interval() -> f64 {
+    30.0
+}
+fn default_drain() -> f64 {
+    5.0
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every MQTT setting has a default")
+    }
+}
 
 /// PEM bytes: the CA, and the client certificate + key for mutual TLS.
 type TlsFiles = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
@@ -145,7 +213,7 @@ pub struct PublisherReport {
 /// Starts the publisher thread. It runs until the pipeline is done and the outbox is empty
 /// (or `drain_timeout` has passed since the pipeline finished).
 pub fn spawn_publisher(
-    shared: Arc<Shared>,
+    link: Link,
     settings: MqttSettings,
 ) -> std::thread::JoinHandle<PublisherReport> {
     std::thread::Builder::new()
@@ -155,113 +223,89 @@ pub fn spawn_publisher(
                 .enable_all()
                 .build()
                 .expect("cannot start the MQTT runtime");
-            rt.block_on(run(shared, settings))
+            rt.block_on(run(link, settings))
         })
         .expect("cannot start the MQTT thread")
 }
 
-/// Per-connection bookkeeping.
+impl Sink for AsyncClient {
+    fn publish(&mut self, topic: String, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+        self.try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn lock(outbox: &Mutex<Outbox>) -> MutexGuard<'_, Outbox> {
+    outbox.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One connection: its client and its delivery state.
 struct Conn {
     client: AsyncClient,
-    /// One tag per QoS 1 publish handed to the client, in order: `Some(seq)` for outbox rows.
-    /// rumqttc reports the packet id it gave each publish (`Outgoing::Publish`) in that order.
-    queued: VecDeque<Option<u64>>,
-    inflight: HashMap<u16, u64>,
-    /// Highest `seq` handed to this connection.
-    sent_upto: u64,
-    connected: bool,
+    delivery: Delivery,
 }
 
 impl Conn {
-    fn outstanding(&self) -> usize {
-        self.queued.len() + self.inflight.len()
-    }
-
-    fn publish_other(&mut self, topic: String, retain: bool, payload: Vec<u8>) {
+    fn pump(&mut self, link: &Link, max_inflight: usize, report: &mut PublisherReport) {
         match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .delivery
+            .pump(&lock(&link.outbox), &mut self.client, max_inflight)
         {
-            Ok(()) => self.queued.push_back(None),
-            Err(e) => log::warn!("MQTT: cannot queue a message: {e}"),
+            Ok(n) => report.published += n as u64,
+            Err(e) => log::error!("{e}"),
         }
     }
 
-    fn pump(&mut self, shared: &Shared, max_inflight: usize, report: &mut PublisherReport) {
-        if !self.connected {
-            return;
-        }
-        let room = max_inflight.saturating_sub(self.outstanding());
-        if room == 0 {
-            return;
-        }
-        let rows = match shared
-            .outbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending_after(self.sent_upto, room)
-        {
-            Ok(r) => r,
+    fn ack(&mut self, pkid: u16, link: &Link, report: &mut PublisherReport) -> Option<Tag> {
+        match self.delivery.acked(pkid, &mut lock(&link.outbox)) {
+            Ok(tag) => {
+                if let Some(Tag::Row(_)) = tag {
+                    report.acked += 1;
+                }
+                tag
+            }
             Err(e) => {
                 log::error!("{e}");
-                return;
-            }
-        };
-        for r in rows {
-            match self
-                .client
-                .try_publish(r.topic, QoS::AtLeastOnce, false, r.payload)
-            {
-                Ok(()) => {
-                    self.queued.push_back(Some(r.seq));
-                    self.sent_upto = r.seq;
-                    report.published += 1;
-                }
-                Err(e) => {
-                    log::warn!("MQTT: cannot queue seq {}: {e}", r.seq);
-                    break;
-                }
+                None
             }
         }
+    }
+
+    fn status(&mut self, link: &Link, topic: &str, state: &str) -> bool {
+        let st = serde_json::to_vec(&link.device.status(state)).expect("serialisable");
+        self.delivery
+            .send_other(&mut self.client, topic.to_string(), true, st)
     }
 }
 
-fn finished(shared: &Shared, drain_deadline: &mut Option<Instant>, drain: Duration) -> bool {
-    if !shared.pipeline_done.load(Ordering::SeqCst) {
+fn finished(link: &Link, drain_deadline: &mut Option<Instant>, drain: Duration) -> bool {
+    if !link.done.load(Ordering::SeqCst) {
         return false;
     }
     let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + drain);
-    let empty = shared
-        .outbox
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_empty()
-        .unwrap_or(true);
+    let empty = lock(&link.outbox).is_empty().unwrap_or(true);
     empty || Instant::now() >= deadline
 }
 
-async fn run(shared: Arc<Shared>, s: MqttSettings) -> PublisherReport {
+async fn run(link: Link, s: MqttSettings) -> PublisherReport {
     let mut report = PublisherReport::default();
-    let status_topic = shared.topic("status");
-    let reply_topic = shared.topic("reply");
-    let cmd_prefix = shared.topic("cmd/");
-    let will = serde_json::to_vec(&shared.status("offline")).expect("serialisable");
+    let status_topic = link.device.topic("status");
+    let reply_topic = link.device.topic("reply");
+    let cmd_prefix = link.device.topic("cmd/");
+    let will = serde_json::to_vec(&link.device.status("offline")).expect("serialisable");
     let opts = s.options(&status_topic, will);
     let max_inflight = s.max_inflight as usize;
     let mut backoff = Duration::from_millis(250);
     let mut drain_deadline = None;
     let mut last_error = String::new();
     'connection: loop {
-        if finished(&shared, &mut drain_deadline, s.drain_timeout) {
+        if finished(&link, &mut drain_deadline, s.drain_timeout) {
             break;
         }
         let (client, mut events) = AsyncClient::new(opts.clone(), max_inflight + 32);
         let mut c = Conn {
             client,
-            queued: VecDeque::new(),
-            inflight: HashMap::new(),
-            sent_upto: 0,
-            connected: false,
+            delivery: Delivery::new(),
         };
         let mut status_tick = tokio::time::interval(s.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -270,7 +314,7 @@ async fn run(shared: Arc<Shared>, s: MqttSettings) -> PublisherReport {
             tokio::select! {
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        c.connected = true;
+                        c.delivery.connected();
                         report.connects += 1;
                         backoff = Duration::from_millis(250);
                         last_error.clear();
@@ -278,34 +322,27 @@ async fn run(shared: Arc<Shared>, s: MqttSettings) -> PublisherReport {
                         if let Err(e) = c.client.try_subscribe(format!("{cmd_prefix}#"), QoS::AtLeastOnce) {
                             log::warn!("MQTT: cannot subscribe to commands: {e}");
                         }
-                        let st = serde_json::to_vec(&shared.status("online")).expect("serialisable");
-                        c.publish_other(status_topic.clone(), true, st);
-                        c.pump(&shared, max_inflight, &mut report);
+                        c.status(&link, &status_topic, "online");
+                        c.pump(&link, max_inflight, &mut report);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(Some(seq)) = c.queued.pop_front() {
-                            c.inflight.insert(pkid, seq);
-                        }
+                        c.delivery.sent(pkid);
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(seq) = c.inflight.remove(&ack.pkid) {
-                            match shared.outbox.lock().unwrap_or_else(|e| e.into_inner()).ack(seq) {
-                                Ok(_) => report.acked += 1,
-                                Err(e) => log::error!("{e}"),
-                            }
-                        }
-                        c.pump(&shared, max_inflight, &mut report);
+                        c.ack(ack.pkid, &link, &mut report);
+                        c.pump(&link, max_inflight, &mut report);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Some(leaf) = p.topic.strip_prefix(&cmd_prefix) {
-                            let reply = shared.handle_command(leaf, &p.payload);
+                            let reply = link.device.command(leaf, &p.payload);
                             if reply.ok {
                                 log::info!("command {leaf}: ok");
                             } else {
                                 log::warn!("command {leaf} refused: {}", reply.error.as_deref().unwrap_or(""));
                             }
-                            c.publish_other(reply_topic.clone(), false, serde_json::to_vec(&reply).expect("serialisable"));
-                            c.pump(&shared, max_inflight, &mut report);
+                            let body = serde_json::to_vec(&reply).expect("serialisable");
+                            c.delivery.send_other(&mut c.client, reply_topic.clone(), false, body);
+                            c.pump(&link, max_inflight, &mut report);
                         }
                     }
                     Ok(_) => {}
@@ -318,17 +355,16 @@ async fn run(shared: Arc<Shared>, s: MqttSettings) -> PublisherReport {
                         break;
                     }
                 },
-                _ = shared.notify.notified() => c.pump(&shared, max_inflight, &mut report),
+                _ = link.notify.notified() => c.pump(&link, max_inflight, &mut report),
                 _ = status_tick.tick() => {
-                    if c.connected {
-                        let st = serde_json::to_vec(&shared.status("online")).expect("serialisable");
-                        c.publish_other(status_topic.clone(), true, st);
+                    if c.delivery.is_connected() {
+                        c.status(&link, &status_topic, "online");
                     }
                 }
                 _ = check.tick() => {
-                    if finished(&shared, &mut drain_deadline, s.drain_timeout) {
-                        if c.connected {
-                            goodbye(&mut c, &mut events, &shared, &status_topic, &mut report).await;
+                    if finished(&link, &mut drain_deadline, s.drain_timeout) {
+                        if c.delivery.is_connected() {
+                            goodbye(&mut c, &mut events, &link, &status_topic, &mut report).await;
                         }
                         break 'connection;
                     }
@@ -338,19 +374,14 @@ async fn run(shared: Arc<Shared>, s: MqttSettings) -> PublisherReport {
         // Lost the connection: wait, then start over with a fresh event loop.
         let until = Instant::now() + backoff;
         while Instant::now() < until {
-            if finished(&shared, &mut drain_deadline, s.drain_timeout) {
+            if finished(&link, &mut drain_deadline, s.drain_timeout) {
                 break 'connection;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         backoff = (backoff * 2).min(s.reconnect_max);
     }
-    report.left_in_outbox = shared
-        .outbox
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .len()
-        .unwrap_or(0);
+    report.left_in_outbox = lock(&link.outbox).len().unwrap_or(0);
     if report.left_in_outbox > 0 {
         log::warn!(
             "{} results are still in the outbox; they are sent on the next start",
@@ -365,45 +396,29 @@ async fn run(shared: Arc<Shared>, s: MqttSettings) -> PublisherReport {
 async fn goodbye(
     c: &mut Conn,
     events: &mut rumqttc::EventLoop,
-    shared: &Shared,
+    link: &Link,
     topic: &str,
     report: &mut PublisherReport,
 ) {
-    let st = serde_json::to_vec(&shared.status("offline")).expect("serialisable");
-    if c.client
-        .try_publish(topic, QoS::AtLeastOnce, true, st)
-        .is_err()
-    {
+    if !c.status(link, topic, "offline") {
         return;
     }
-    c.queued.push_back(None);
+    // The status is the last publish handed over: the last id the client gives out.
+    let mut waiting = c.delivery.queued();
     let mut status_pkid = None;
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(500), events.poll()).await {
             Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                let before = c.queued.len();
-                match c.queued.pop_front() {
-                    Some(Some(seq)) => {
-                        c.inflight.insert(pkid, seq);
+                if c.delivery.sent(pkid).is_some() {
+                    waiting -= 1;
+                    if waiting == 0 {
+                        status_pkid = Some(pkid);
                     }
-                    // The status is the last publish queued.
-                    Some(None) if before == 1 => status_pkid = Some(pkid),
-                    _ => {}
                 }
             }
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                if let Some(seq) = c.inflight.remove(&ack.pkid) {
-                    if shared
-                        .outbox
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .ack(seq)
-                        .is_ok()
-                    {
-                        report.acked += 1;
-                    }
-                }
+                c.ack(ack.pkid, link, report);
                 if status_pkid == Some(ack.pkid) && c.client.try_disconnect().is_err() {
                     return;
                 }

@@ -137,10 +137,3 @@ pub struct ReplyMsg {
     #[serde(default)]
     pub status: Option<StatusMsg>,
 }
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}

@@ -49,7 +49,7 @@ pub fn write_detected_crops(
         cfg,
         |field| {
             let (found, owners) =
-                cells::find_maybe_owners(&field.image, finder, cfg.blank_neighbours);
+                cells::find_maybe_owners(&field.image, finder, cfg.crop.blank_neighbours);
             let labels = label_detections(&found, &field.cells);
             Cuts {
                 boxes: found

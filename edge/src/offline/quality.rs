@@ -15,8 +15,8 @@ use image::RgbImage;
 use reddino_models::preprocess::OwnerMap;
 use serde::Serialize;
 
+use super::labelled::{self, LabelError, PointLabel, Split};
 use crate::cells::{self, greedy_pairs, CellFinderConfig};
-use crate::labelled::{self, LabelError, PointLabel, Split};
 
 /// Fields with at least this many labels are taken as labelled in full (count ratios and
 /// merges are scored on them only).

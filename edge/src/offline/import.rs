@@ -1,5 +1,5 @@
 //! Importing labelled data into training crops: every field of a labelled data set
-//! ([`crate::labelled`]) goes through the edge's own cell finder, each detection is cut as the
+//! ([`super::labelled`]) goes through the edge's own cell finder, each detection is cut as the
 //! device cuts it, and it takes the class of the one label it holds (a point on its pixels, or
 //! a box whose centre is on them and that overlaps it). What is not imported is counted by
 //! reason: labels the finder missed, labels on objects it leaves out (cells cut by the frame,
@@ -17,11 +17,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
-use reddino_models::preprocess::{cell_crops, cell_crops_blanked, OwnerMap};
+use reddino_models::preprocess::{CropPolicy, OwnerMap};
 use serde::Serialize;
 
+use super::labelled::{self, ClassMap, LabelError, LabelledField, Mark, Split};
 use crate::cells::{self, CellFinderConfig};
-use crate::labelled::{self, ClassMap, LabelError, LabelledField, Mark, Split};
 
 /// How fields are split.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,12 +51,8 @@ impl Scheme {
 pub struct ImportConfig {
     pub out: PathBuf,
     pub finder: CellFinderConfig,
-    /// Crop side as a multiple of the cell's box (as `analyze`).
-    pub margin: f32,
-    /// No crop smaller than this multiple of the frame's median cell (0 = off).
-    pub min_side: f32,
-    /// Other cells in a crop blanked out.
-    pub blank_neighbours: bool,
+    /// How the crops are cut (as the device cuts them for a model with this policy).
+    pub crop: CropPolicy,
     pub scheme: Scheme,
     pub class_map: Option<ClassMap>,
     /// Also write the detections holding no label to this folder (e.g. for self-supervised
@@ -74,9 +70,7 @@ impl ImportConfig {
         ImportConfig {
             out,
             finder: CellFinderConfig::real_smear(),
-            margin: 1.3,
-            min_side: 0.0,
-            blank_neighbours: false,
+            crop: CropPolicy::default(),
             scheme: Scheme::TrainValTest,
             class_map: None,
             unlabelled: None,
@@ -244,7 +238,7 @@ pub fn match_labels(
     let mut why: Vec<Option<Dropped>> = vec![None; field.labels.len()];
     for (j, l) in field.labels.iter().enumerate() {
         let (x, y) = l.mark.centre();
-        match crate::quality::owner_near(owners, x, y) {
+        match super::quality::owner_near(owners, x, y) {
             Some(i) => holders[i].push(j),
             None => {
                 let (px, py) = (
@@ -513,11 +507,7 @@ fn cut(
     cfg: &ImportConfig,
 ) -> Vec<RgbImage> {
     let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-    if cfg.blank_neighbours {
-        cell_crops_blanked(img, &boxes, owners, cfg.margin, cfg.min_side)
-    } else {
-        cell_crops(img, &boxes, cfg.margin, cfg.min_side)
-    }
+    cfg.crop.cut(img, &boxes, Some(owners))
 }
 
 /// Creates `dir` once per import.

@@ -1,0 +1,303 @@
+//! Commands from the broker (`cmd/...`) and the sessions they start and stop. A malformed or
+//! refused command changes nothing and is answered with the reason.
+
+use crate::classify::Session;
+use crate::config::valid_id;
+use crate::publish::messages::{ClassShare, CommandMsg, ReplyMsg, SessionMsg, VERSION};
+use crate::publish::now_ms;
+
+use super::state::{lock, ActiveSession, Shared};
+
+impl Shared {
+    /// Handles one command (`leaf` is the topic part after `cmd/`). A malformed or refused
+    /// command changes nothing and gets `ok: false` with the reason.
+    pub fn handle_command(&self, leaf: &str, payload: &[u8]) -> ReplyMsg {
+        let mut reply = ReplyMsg {
+            schema_version: VERSION,
+            id: None,
+            command: leaf.to_string(),
+            ok: false,
+            error: None,
+            status: None,
+        };
+        let cmd: CommandMsg = match serde_json::from_slice(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                // Echo the id when the JSON at least has one.
+                reply.id = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(String::from));
+                reply.error = Some(format!("malformed command payload: {e}"));
+                return reply;
+            }
+        };
+        reply.id = cmd.id.clone();
+        if cmd.schema_version != VERSION {
+            reply.error = Some(format!(
+                "payload version {} is not supported (this device speaks {VERSION})",
+                cmd.schema_version
+            ));
+            return reply;
+        }
+        let result = match leaf {
+            "session/start" => self.start_session(cmd.session.as_deref()),
+            "session/stop" => self.stop_session().map(|_| ()),
+            "status" => {
+                reply.status = Some(self.status("online"));
+                Ok(())
+            }
+            other => Err(format!(
+                "unknown command {other:?}; known: session/start, session/stop, status"
+            )),
+        };
+        match result {
+            Ok(()) => reply.ok = true,
+            Err(e) => reply.error = Some(e),
+        }
+        reply
+    }
+
+    /// Starts a session (a slide): frames from now on are counted into it.
+    pub fn start_session(&self, name: Option<&str>) -> Result<(), String> {
+        let name = name.ok_or("session/start needs \"session\": the slide's name")?;
+        if !valid_id(name) {
+            return Err(format!(
+                "session name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        let mut s = lock(&self.session);
+        if let Some(a) = s.as_ref() {
+            return Err(format!(
+                "session {:?} is active; stop it before starting another",
+                a.name
+            ));
+        }
+        log::info!("session {name} started");
+        *s = Some(ActiveSession {
+            name: name.to_string(),
+            started_ms: now_ms(),
+            session: Session::new(self.model.class_names.clone()),
+        });
+        Ok(())
+    }
+
+    /// Stops the active session and stores its summary; returns the summary's `seq`.
+    pub fn stop_session(&self) -> Result<u64, String> {
+        let mut s = lock(&self.session);
+        let Some(a) = s.as_ref() else {
+            return Err("no session is active".into());
+        };
+        let props = a.session.proportions();
+        let para = a.session.parasitemia_pct();
+        let mut msg = SessionMsg {
+            schema_version: VERSION,
+            seq: 0,
+            device: self.settings.device_id.clone(),
+            session: a.name.clone(),
+            started_ms: a.started_ms,
+            ended_ms: now_ms(),
+            frames: a.session.frames,
+            cells: a.session.counts.per_class.iter().sum(),
+            uncertain: a.session.counts.uncertain,
+            classes: props
+                .into_iter()
+                .map(|p| ClassShare {
+                    class: p.class,
+                    count: p.count,
+                    proportion: p.proportion,
+                    ci95: [p.ci95.0, p.ci95.1],
+                })
+                .collect(),
+            parasitemia_pct: para.map(|p| p.0),
+            parasitemia_ci95: para.map(|p| [p.1 .0, p.1 .1]),
+        };
+        let topic = self.topic("session");
+        let seq = lock(&self.outbox)
+            .push(&topic, |seq| {
+                msg.seq = seq;
+                serde_json::to_vec(&msg).expect("serialisable")
+            })
+            .map_err(|e| format!("cannot store the session summary: {e}"))?;
+        log::info!("session {} stopped (summary seq {seq})", a.name);
+        *s = None;
+        drop(s);
+        self.notify.notify_one();
+        Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use reddino_models::preprocess::{CropPolicy, Normalization};
+
+    use crate::cells::CellFinderConfig;
+    use crate::publish::messages::{ReplyMsg, SessionMsg};
+    use crate::publish::outbox::{Outbox, OutboxLimits};
+
+    use super::super::state::{lock, ModelInfo, PipelineSettings, Shared};
+
+    fn shared(dir: &tempfile::TempDir) -> Arc<Shared> {
+        let settings = PipelineSettings {
+            device_id: "scope-1".into(),
+            topic_prefix: "reddino".into(),
+            cells: CellFinderConfig::default(),
+            crop: CropPolicy::default(),
+            min_confidence: 0.5,
+            frame_queue: 2,
+            crop_queue: 2,
+            camera_retry_max: Duration::from_secs(1),
+        };
+        let model = ModelInfo {
+            id: "test@1".into(),
+            backend: "tract".into(),
+            class_names: vec!["normal".into(), "target".into()],
+            normalization: Normalization::default(),
+        };
+        let outbox = Outbox::open(&dir.path().join("outbox.db"), OutboxLimits::default()).unwrap();
+        Shared::new(settings, model, outbox, Arc::new(AtomicBool::new(false)))
+    }
+
+    fn stored(sh: &Shared) -> Vec<(String, Vec<u8>)> {
+        lock(&sh.outbox)
+            .pending_after(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.topic, e.payload))
+            .collect()
+    }
+
+    fn refused(r: &ReplyMsg, needle: &str) {
+        assert!(!r.ok, "{r:?}");
+        let e = r.error.as_deref().unwrap_or_default();
+        assert!(e.contains(needle), "{e:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn malformed_json_is_refused_and_echoes_the_id_it_can_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(&dir);
+        let r = sh.handle_command("session/start", b"{not json");
+        refused(&r, "malformed command payload");
+        assert_eq!(r.id, None);
+        // Valid JSON with an id but the wrong shape: the id comes back.
+        let r = sh.handle_command("session/start", br#"{"id":"abc","schema_version":"one"}"#);
+        refused(&r, "malformed command payload");
+        assert_eq!(r.id.as_deref(), Some("abc"));
+        assert_eq!(r.command, "session/start");
+        assert!(lock(&sh.session).is_none());
+        assert!(stored(&sh).is_empty());
+    }
+
+    #[test]
+    fn other_schema_versions_and_unknown_commands_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(&dir);
+        let r = sh.handle_command(
+            "session/start",
+            br#"{"schema_version":2,"id":"x","session":"slide-1"}"#,
+        );
+        refused(&r, "version 2 is not supported");
+        assert_eq!(r.id.as_deref(), Some("x"));
+        assert!(lock(&sh.session).is_none());
+        let r = sh.handle_command("reboot", br#"{"schema_version":1}"#);
+        refused(&r, "unknown command \"reboot\"");
+        assert!(stored(&sh).is_empty());
+    }
+
+    #[test]
+    fn session_names_are_checked_and_one_session_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(&dir);
+        refused(
+            &sh.handle_command("session/start", br#"{"schema_version":1}"#),
+            "needs \"session\"",
+        );
+        refused(
+            &sh.handle_command(
+                "session/start",
+                br#"{"schema_version":1,"session":"../etc"}"#,
+            ),
+            "must be 1-64 letters",
+        );
+        assert!(lock(&sh.session).is_none());
+        let r = sh.handle_command(
+            "session/start",
+            br#"{"schema_version":1,"id":"s1","session":"slide-1"}"#,
+        );
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.id.as_deref(), Some("s1"));
+        refused(
+            &sh.handle_command(
+                "session/start",
+                br#"{"schema_version":1,"session":"slide-2"}"#,
+            ),
+            "session \"slide-1\" is active",
+        );
+        assert_eq!(lock(&sh.session).as_ref().unwrap().name, "slide-1");
+    }
+
+    #[test]
+    fn stop_stores_the_summary_in_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(&dir);
+        refused(
+            &sh.handle_command("session/stop", br#"{"schema_version":1}"#),
+            "no session is active",
+        );
+        assert!(
+            sh.handle_command(
+                "session/start",
+                br#"{"schema_version":1,"session":"slide-7"}"#
+            )
+            .ok
+        );
+        // Two frames counted into the session.
+        {
+            let mut s = lock(&sh.session);
+            let a = s.as_mut().unwrap();
+            let mut c = crate::classify::Counts::new(2);
+            c.per_class = vec![3, 1];
+            a.session.add_frame(&c);
+            a.session.add_frame(&c);
+        }
+        let r = sh.handle_command("session/stop", br#"{"schema_version":1,"id":"end"}"#);
+        assert!(r.ok, "{r:?}");
+        assert!(lock(&sh.session).is_none());
+        let out = stored(&sh);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, "reddino/scope-1/session");
+        let msg: SessionMsg = serde_json::from_slice(&out[0].1).unwrap();
+        assert_eq!(msg.session, "slide-7");
+        assert_eq!(msg.device, "scope-1");
+        assert_eq!((msg.frames, msg.cells), (2, 8));
+        assert_eq!(msg.seq, 1);
+        let normal = msg.classes.iter().find(|c| c.class == "normal").unwrap();
+        assert_eq!(normal.count, 6);
+        assert!((normal.proportion - 0.75).abs() < 1e-9);
+        // A second stop is refused and stores nothing more.
+        refused(
+            &sh.handle_command("session/stop", br#"{"schema_version":1}"#),
+            "no session is active",
+        );
+        assert_eq!(stored(&sh).len(), 1);
+    }
+
+    #[test]
+    fn status_reply_carries_the_device_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(&dir);
+        sh.start_session(Some("slide-3")).unwrap();
+        let r = sh.handle_command("status", br#"{"schema_version":1,"id":"q"}"#);
+        assert!(r.ok, "{r:?}");
+        let st = r.status.expect("status in the reply");
+        assert_eq!(st.device, "scope-1");
+        assert_eq!(st.state, "online");
+        assert_eq!(st.model.as_deref(), Some("test@1"));
+        assert_eq!(st.session.as_deref(), Some("slide-3"));
+        assert_eq!(st.outbox.pending, 0);
+    }
+}

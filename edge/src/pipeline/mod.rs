@@ -1,0 +1,236 @@
+//! The running pipeline: capture -> cells and crops -> inference and counts -> outbox, one
+//! thread per stage with bounded queues between them (so finding cells in one frame overlaps
+//! inference on the one before). [`state`] holds what the stages share, [`commands`] what the
+//! broker may ask, [`queue`] the queue between stages.
+//!
+//! ```text
+//! capture --[frames: drop-oldest when live]--> cells --[crops: bounded]--> infer --> outbox
+//!                                                                                   |
+//!                                                    publisher (MQTT) <-- notify ---+
+//! ```
+
+mod commands;
+pub mod queue;
+pub mod state;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use image::RgbImage;
+
+use crate::capture::{Frame, FrameSource};
+use crate::classify::Counts;
+use crate::crop::find_and_crop;
+use crate::infer::{classify_crops, Backend};
+use crate::publish::messages::{CountsMsg, VERSION};
+use queue::Queue;
+use state::{lock, LATENCY_WINDOW};
+pub use state::{percentile, ModelInfo, PipelineSettings, Shared, Snapshot};
+
+struct Job {
+    frame: Frame,
+    arrived: Instant,
+    crops: Vec<RgbImage>,
+}
+
+/// Handles to the running pipeline threads.
+pub struct Pipeline {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    frames: Arc<Queue<(Frame, Instant)>>,
+}
+
+impl Pipeline {
+    /// Starts capture, cell finding and inference threads.
+    pub fn start(
+        shared: Arc<Shared>,
+        mut source: Box<dyn FrameSource>,
+        mut backend: Box<dyn Backend>,
+    ) -> Pipeline {
+        let frames = Arc::new(Queue::<(Frame, Instant)>::new(shared.settings.frame_queue));
+        let jobs = Arc::new(Queue::<Job>::new(shared.settings.crop_queue));
+        let mut threads = Vec::new();
+
+        // Capture.
+        {
+            let (sh, q) = (shared.clone(), frames.clone());
+            threads.push(spawn("capture", move || {
+                let live = source.is_live();
+                let mut backoff = Duration::from_millis(250);
+                while !sh.stopping() {
+                    match source.next_frame() {
+                        Ok(Some(f)) => {
+                            sh.camera_ok();
+                            backoff = Duration::from_millis(250);
+                            let item = (f, Instant::now());
+                            if live {
+                                if let Ok(Some(_)) = q.push_drop_oldest(item) {
+                                    lock(&sh.stats).frames.dropped += 1;
+                                }
+                            } else if q.push_wait(item).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) if e.is_device_error() => {
+                            let msg = e.to_string();
+                            let changed = lock(&sh.stats).camera_error.replace(msg.clone())
+                                != Some(msg.clone());
+                            if changed {
+                                log::error!(
+                                    "{msg}; retrying (up to every {:.0?})",
+                                    sh.settings.camera_retry_max
+                                );
+                            }
+                            sleep_unless_stopped(&sh, backoff);
+                            backoff = (backoff * 2).min(sh.settings.camera_retry_max);
+                        }
+                        Err(e) => {
+                            lock(&sh.stats).frames.bad += 1;
+                            log::warn!("bad frame skipped: {e}");
+                        }
+                    }
+                }
+                q.close();
+            }));
+        }
+
+        // Cell finding and cropping.
+        {
+            let (sh, fq, jq) = (shared.clone(), frames.clone(), jobs.clone());
+            threads.push(spawn("cells", move || {
+                let cfg = sh.settings.cells.clone();
+                while let Ok(item) = fq.pop_timeout(Duration::from_millis(200)) {
+                    let Some((frame, arrived)) = item else {
+                        continue;
+                    };
+                    if sh.stopping() {
+                        continue;
+                    }
+                    let (_, crops) = find_and_crop(&frame.image, &cfg, &sh.settings.crop);
+                    let job = Job {
+                        frame,
+                        arrived,
+                        crops,
+                    };
+                    if jq.push_wait(job).is_err() {
+                        break;
+                    }
+                }
+                jq.close();
+            }));
+        }
+
+        // Inference, classification, outbox.
+        {
+            let (sh, jq) = (shared.clone(), jobs.clone());
+            threads.push(spawn("infer", move || {
+                while let Ok(item) = jq.pop_timeout(Duration::from_millis(200)) {
+                    let Some(job) = item else { continue };
+                    if sh.stopping() {
+                        continue;
+                    }
+                    match process(&sh, backend.as_mut(), &job) {
+                        Ok(()) => sh.notify.notify_one(),
+                        Err(e) => {
+                            lock(&sh.stats).frames.failed += 1;
+                            log::error!("frame {} ({}): {e}", job.frame.index, job.frame.origin);
+                        }
+                    }
+                }
+                sh.stages_done.store(true, Ordering::SeqCst);
+            }));
+        }
+        Pipeline { threads, frames }
+    }
+
+    /// Frames waiting for cell finding now.
+    pub fn queued_frames(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Waits for every stage to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            if t.join().is_err() {
+                log::error!("a pipeline thread panicked");
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("cannot start a pipeline thread")
+}
+
+fn sleep_unless_stopped(sh: &Shared, d: Duration) {
+    let end = Instant::now() + d;
+    while !sh.stopping() {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(100)));
+    }
+}
+
+/// Classifies a job's crops and stores the frame's counts in the outbox.
+fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), String> {
+    let names = &sh.model.class_names;
+    let predictions = classify_crops(
+        &job.crops,
+        backend,
+        names,
+        &sh.model.normalization,
+        sh.settings.min_confidence,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut counts = Counts::new(names.len());
+    predictions.iter().for_each(|p| counts.add(p));
+    let by_name = counts.by_name(names);
+    let latency_ms = job.arrived.elapsed().as_secs_f64() * 1e3;
+    let mut msg = CountsMsg {
+        schema_version: VERSION,
+        seq: 0,
+        device: sh.settings.device_id.clone(),
+        frame: job.frame.index,
+        captured_ms: job
+            .frame
+            .captured
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        origin: job.frame.origin.clone(),
+        session: None,
+        model: sh.model.id.clone(),
+        cells: counts.total(),
+        counts: by_name,
+        latency_ms,
+    };
+    let topic = sh.topic("counts");
+    // The session lock is held while the row is stored, so a session summary covers exactly
+    // the frames stored before it.
+    let mut sess = lock(&sh.session);
+    msg.session = sess.as_ref().map(|s| s.name.clone());
+    lock(&sh.outbox)
+        .push(&topic, |seq| {
+            msg.seq = seq;
+            serde_json::to_vec(&msg).expect("serialisable")
+        })
+        .map_err(|e| format!("cannot store the result: {e}"))?;
+    if let Some(s) = sess.as_mut() {
+        s.session.add_frame(&counts);
+    }
+    drop(sess);
+    let mut st = lock(&sh.stats);
+    st.frames.processed += 1;
+    st.frames.cells += counts.total();
+    if st.latencies_ms.len() == LATENCY_WINDOW {
+        st.latencies_ms.pop_front();
+    }
+    st.latencies_ms.push_back(latency_ms);
+    Ok(())
+}

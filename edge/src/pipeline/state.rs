@@ -1,0 +1,223 @@
+//! The service's state: its settings and model, the counters `status` and the live view
+//! read, the active session, and the outbox the stages store results in. The publisher sees it
+//! only through [`Link`] and [`Device`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use reddino_models::preprocess::{CropPolicy, Normalization};
+
+use crate::cells::CellFinderConfig;
+use crate::classify::Session;
+use crate::publish::messages::{FrameStats, OutboxStats, ReplyMsg, StatusMsg, VERSION};
+use crate::publish::outbox::Outbox;
+use crate::publish::{now_ms, Device, Link};
+
+/// What the pipeline needs besides its source and backend.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub device_id: String,
+    pub topic_prefix: String,
+    /// Cell finder settings; in tile mode `tile` must be the model input size.
+    pub cells: CellFinderConfig,
+    /// How found cells are cut: the model's policy at the config's margin.
+    pub crop: CropPolicy,
+    pub min_confidence: f32,
+    pub frame_queue: usize,
+    pub crop_queue: usize,
+    /// Longest wait between attempts to reopen a failing camera.
+    pub camera_retry_max: Duration,
+}
+
+/// The bundle's identity and classes.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `name@version`.
+    pub id: String,
+    pub backend: String,
+    pub class_names: Vec<String>,
+    pub normalization: Normalization,
+}
+
+pub(super) struct ActiveSession {
+    pub(super) name: String,
+    pub(super) started_ms: u64,
+    pub(super) session: Session,
+}
+
+/// Frame latencies kept for percentiles (the last `LATENCY_WINDOW`).
+pub(super) const LATENCY_WINDOW: usize = 4096;
+
+#[derive(Default)]
+pub(super) struct Stats {
+    pub(super) frames: FrameStats,
+    pub(super) camera_error: Option<String>,
+    pub(super) latencies_ms: std::collections::VecDeque<f64>,
+}
+
+/// State shared by the stages, the publisher and the caller.
+pub struct Shared {
+    pub settings: PipelineSettings,
+    pub model: ModelInfo,
+    /// The results not yet acknowledged by the broker (shared with the publisher).
+    pub outbox: Arc<Mutex<Outbox>>,
+    /// Set to stop: capture ends, queued frames are discarded, the publisher drains.
+    pub stop: Arc<AtomicBool>,
+    /// Set by the owner once the pipeline has finished (source ended or stopped) and the
+    /// outbox holds everything it will get: the publisher then drains and stops.
+    pub pipeline_done: Arc<AtomicBool>,
+    /// Set by the last stage when it exits.
+    pub(super) stages_done: AtomicBool,
+    /// Woken whenever a result is stored.
+    pub notify: Arc<tokio::sync::Notify>,
+    started: Instant,
+    pub(super) stats: Mutex<Stats>,
+    pub(super) session: Mutex<Option<ActiveSession>>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A snapshot of the counters, for the terminal view and the summary.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub frames: FrameStats,
+    pub camera_error: Option<String>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub elapsed: Duration,
+    pub session: Option<String>,
+    /// Per-class counts of the active session.
+    pub session_counts: Option<BTreeMap<String, u64>>,
+}
+
+/// The `q`-quantile (0..=1) of `v` by nearest rank.
+pub fn percentile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    Some(s[rank - 1])
+}
+
+impl Shared {
+    pub fn new(
+        settings: PipelineSettings,
+        model: ModelInfo,
+        outbox: Outbox,
+        stop: Arc<AtomicBool>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            settings,
+            model,
+            outbox: Arc::new(Mutex::new(outbox)),
+            stop,
+            pipeline_done: Arc::new(AtomicBool::new(false)),
+            stages_done: AtomicBool::new(false),
+            notify: Arc::new(tokio::sync::Notify::new()),
+            started: Instant::now(),
+            stats: Mutex::new(Stats::default()),
+            session: Mutex::new(None),
+        })
+    }
+
+    pub fn topic(&self, leaf: &str) -> String {
+        format!(
+            "{}/{}/{leaf}",
+            self.settings.topic_prefix, self.settings.device_id
+        )
+    }
+
+    /// What the publisher is given of this state: the outbox, the bell, the done flag, and
+    /// this state as the [`Device`] that answers for status and commands.
+    pub fn link(self: &Arc<Self>) -> Link {
+        Link {
+            outbox: self.outbox.clone(),
+            notify: self.notify.clone(),
+            done: self.pipeline_done.clone(),
+            device: self.clone(),
+        }
+    }
+
+    /// Whether every pipeline stage has exited.
+    pub fn pipeline_idle(&self) -> bool {
+        self.stages_done.load(Ordering::SeqCst)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = lock(&self.stats);
+        let lat: Vec<f64> = st.latencies_ms.iter().copied().collect();
+        let sess = lock(&self.session);
+        Snapshot {
+            frames: st.frames.clone(),
+            camera_error: st.camera_error.clone(),
+            p50_ms: percentile(&lat, 0.5),
+            p99_ms: percentile(&lat, 0.99),
+            elapsed: self.started.elapsed(),
+            session: sess.as_ref().map(|s| s.name.clone()),
+            session_counts: sess
+                .as_ref()
+                .map(|s| s.session.counts.by_name(&s.session.class_names)),
+        }
+    }
+
+    /// The status message (`online` unless `offline`).
+    pub fn status(&self, state: &str) -> StatusMsg {
+        let (frames, camera_error) = {
+            let st = lock(&self.stats);
+            (st.frames.clone(), st.camera_error.clone())
+        };
+        let outbox = {
+            let ob = lock(&self.outbox);
+            OutboxStats {
+                pending: ob.len().unwrap_or(0),
+                dropped: ob.dropped().unwrap_or(0),
+                next_seq: ob.next_seq().unwrap_or(0),
+            }
+        };
+        StatusMsg {
+            schema_version: VERSION,
+            device: self.settings.device_id.clone(),
+            state: state.into(),
+            time_ms: now_ms(),
+            model: Some(self.model.id.clone()),
+            backend: Some(self.model.backend.clone()),
+            session: lock(&self.session).as_ref().map(|s| s.name.clone()),
+            camera_error,
+            frames,
+            outbox,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    pub(super) fn camera_ok(&self) {
+        let mut st = lock(&self.stats);
+        st.frames.captured += 1;
+        if st.camera_error.take().is_some() {
+            log::info!("camera delivering frames again");
+        }
+    }
+}
+
+impl Device for Shared {
+    fn topic(&self, leaf: &str) -> String {
+        Shared::topic(self, leaf)
+    }
+
+    fn status(&self, state: &str) -> StatusMsg {
+        Shared::status(self, state)
+    }
+
+    fn command(&self, leaf: &str, payload: &[u8]) -> ReplyMsg {
+        self.handle_command(leaf, payload)
+    }
+}
