@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
 use reddino_models::bundle::Bundle;
 
 use crate::capture::{build_source, FrameSource};
 use crate::cells::CellFinderConfig;
 use crate::config::Config;
+use crate::error::Result;
 use crate::infer::{Backend, TractBackend};
 use crate::model::open_bundle;
 use crate::pipeline::{ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
@@ -47,7 +47,7 @@ impl Service {
         let cells = CellFinderConfig {
             mode: cfg.analysis.mode,
             tile: backend.input_size() as u32,
-            ..CellFinderConfig::for_model(m).map_err(anyhow::Error::msg)?
+            ..CellFinderConfig::for_model(m)?
         };
         let settings = PipelineSettings {
             device_id: cfg.device_id.clone(),
@@ -85,9 +85,7 @@ impl Service {
             cfg.mqtt.port
         );
         if let Some(name) = initial_session {
-            shared
-                .start_session(Some(name))
-                .map_err(anyhow::Error::msg)?;
+            shared.start_session(Some(name))?;
         }
         let publisher = spawn_publisher(shared.link(), mqtt);
         let pipeline = Pipeline::start(shared.clone(), source, backend);
@@ -127,6 +125,29 @@ impl Service {
             publisher,
         }
     }
+}
+
+/// `reddino-edge run --config FILE`: loads the config, stops on SIGTERM or SIGINT, runs, and
+/// logs what was done.
+pub fn command(config: &std::path::Path) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| crate::error::Error::Failed(format!("cannot handle signal {sig}: {e}")))?;
+    }
+    let report = run(&cfg, stop)?;
+    let f = &report.snapshot.frames;
+    log::info!(
+        "stopped: {} frames analysed, {} cells, {} dropped, {} bad; {} results acknowledged, {} left in the outbox",
+        f.processed,
+        f.cells,
+        f.dropped,
+        f.bad,
+        report.publisher.acked,
+        report.publisher.left_in_outbox
+    );
+    Ok(())
 }
 
 /// `reddino-edge run`: everything from a config, until the source ends or `stop` is set.

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use anyhow::Result;
 use image::RgbImage;
 use reddino_models::synth::{self, CellTruth, FieldSpec, SourcePreset};
 
@@ -517,7 +516,7 @@ fn default_retry_max() -> f64 {
 }
 
 /// Builds the frame source a camera config names.
-pub fn build_source(c: &CameraConfig) -> Result<Box<dyn FrameSource>> {
+pub fn build_source(c: &CameraConfig) -> Result<Box<dyn FrameSource>, CaptureError> {
     let limit = c.frames;
     let src: Box<dyn FrameSource> = match c.source {
         SourceKind::V4l2 => Box::new(V4l2Source::new(
@@ -537,8 +536,9 @@ pub fn build_source(c: &CameraConfig) -> Result<Box<dyn FrameSource>> {
             let presets = c
                 .sources
                 .iter()
-                .map(|n| SourcePreset::by_name(n).map_err(anyhow::Error::from))
-                .collect::<Result<Vec<_>>>()?;
+                .map(|n| SourcePreset::by_name(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CaptureError::Synthetic(e.to_string()))?;
             Box::new(SyntheticSource::new(
                 presets, c.width, c.height, c.seed, limit,
             ))

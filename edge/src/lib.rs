@@ -10,8 +10,9 @@
 //! - [`publish`]: the outbox, the messages, the delivery state, the MQTT event loop.
 //!
 //! Around them: [`config`] (the TOML config, made of each stage's section), [`model`] (opening
-//! a bundle, the same for every command), [`app`] (`reddino-edge run`: the wiring), and
-//! [`offline`] (analysis of image files, data-set import, finder quality, the demo).
+//! a bundle, the same for every command), [`app`] (`reddino-edge run`: the wiring),
+//! [`offline`] (analysis of image files, data-set import, finder quality, the demo), and
+//! [`error`] (the commands' error and exit status).
 
 pub mod app;
 pub mod capture;
@@ -19,6 +20,7 @@ pub mod cells;
 pub mod classify;
 pub mod config;
 pub mod crop;
+pub mod error;
 pub mod infer;
 pub mod model;
 pub mod offline;

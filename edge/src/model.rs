@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::bundle::{self, Bundle, Limits, NewBundle, SigningKey, TrustedKeys};
-use reddino_models::preprocess::Normalization;
 use reddino_models::taxonomy::default_class_names;
 use reddino_models::weights::{LinearHead, Tensor, VitWeights};
+
+use crate::error::{Error, Result};
 
 /// Opens and verifies a bundle (signature, hashes, graph shapes) and runs its self-test.
 pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Result<Bundle> {
@@ -26,10 +26,10 @@ pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Resul
     }
     let b = bundle::open(path, &trusted, &Limits::default())?;
     if b.manifest().class_names.is_empty() {
-        bail!(
+        return Err(Error::Usage(format!(
             "bundle {} has no classification head: export it with one (`reddino-trainer export --head`)",
             path.display()
-        );
+        )));
     }
     let d = b.self_test()?;
     log::info!(
@@ -67,11 +67,11 @@ pub fn shipped_model(which: Shipped, dir: &Path) -> Result<(PathBuf, PathBuf)> {
         Shipped::Chula => ("reddino-chula.tar", CHULA_BUNDLE_TAR),
         Shipped::Demo => ("reddino-demo.tar", DEMO_BUNDLE_TAR),
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::file("creating", dir, e))?;
     let tar = dir.join(name);
     let key = dir.join("demo.pub");
-    std::fs::write(&tar, bytes).with_context(|| format!("writing {}", tar.display()))?;
-    std::fs::write(&key, DEMO_PUBLIC_KEY).with_context(|| format!("writing {}", key.display()))?;
+    std::fs::write(&tar, bytes).map_err(|e| Error::file("writing", &tar, e))?;
+    std::fs::write(&key, DEMO_PUBLIC_KEY).map_err(|e| Error::file("writing", &key, e))?;
     Ok((tar, key))
 }
 
@@ -98,10 +98,11 @@ pub fn is_demo_key(public_key_file: &str) -> bool {
 /// Writes a signed bundle with a random tiny ViT and a random linear head over the default
 /// classes; returns the bundle directory and the public key file.
 pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::file("creating", dir, e))?;
     let key = SigningKey::generate()?;
     let pub_path = dir.join("demo.pub");
-    std::fs::write(&pub_path, key.public_key_file()?)?;
+    std::fs::write(&pub_path, key.public_key_file()?)
+        .map_err(|e| Error::file("writing", &pub_path, e))?;
     let cfg = VitConfig::preset(Preset::Tiny, input_size)?;
     let w = VitWeights::random(&cfg, seed, 1.0)?;
     let names = default_class_names();
@@ -118,20 +119,16 @@ pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBu
     };
     let out = dir.join("bundle");
     if out.exists() {
-        std::fs::remove_dir_all(&out)?;
+        std::fs::remove_dir_all(&out).map_err(|e| Error::file("removing", &out, e))?;
     }
     bundle::write_dir(
-        &NewBundle {
-            name: "demo-random".into(),
-            version: "0.0.1".into(),
-            description: "random tiny ViT with a random head: exercises the pipeline, its counts mean nothing".into(),
-            weights: &w,
-            head: Some(&head),
-            normalization: Normalization::default(),
-            crop_min_side: 0.0,
-            blank_neighbours: false,
-            cell_finder: String::new(),
-        },
+        &NewBundle::new(
+            "demo-random",
+            "0.0.1",
+            "random tiny ViT with a random head: exercises the pipeline, its counts mean nothing",
+            &w,
+            Some(&head),
+        ),
         &out,
         &key,
     )?;
@@ -149,7 +146,9 @@ pub fn model_or_shipped(
 ) -> Result<(PathBuf, Vec<PathBuf>)> {
     if let Some(m) = model {
         if keys.is_empty() {
-            bail!("no trusted key given: pass --trusted-key KEY.pub (the public key the bundle was signed with)");
+            return Err(Error::Usage(
+                "no trusted key given: pass --trusted-key KEY.pub (the public key the bundle was signed with)".into(),
+            ));
         }
         return Ok((m, keys));
     }

@@ -388,6 +388,30 @@ pub struct NewBundle<'a> {
     pub cell_finder: String,
 }
 
+impl<'a> NewBundle<'a> {
+    /// A bundle of `weights` (and `head`) with ImageNet normalisation, each crop scaled to its
+    /// own cell, nothing blanked and the default cell finder; set the other fields after.
+    pub fn new(
+        name: impl Into<String>,
+        version: impl Into<String>,
+        description: impl Into<String>,
+        weights: &'a VitWeights,
+        head: Option<&'a LinearHead>,
+    ) -> Self {
+        NewBundle {
+            name: name.into(),
+            version: version.into(),
+            description: description.into(),
+            weights,
+            head,
+            normalization: Normalization::default(),
+            crop_min_side: 0.0,
+            blank_neighbours: false,
+            cell_finder: String::new(),
+        }
+    }
+}
+
 fn sha256_file(path: &Path) -> Result<(String, u64), Error> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = Sha256::new();

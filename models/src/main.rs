@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand};
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys};
 use reddino_models::onnx;
-use reddino_models::preprocess::Normalization;
 use reddino_models::synth::{self, CropExport, FieldSpec, SourcePreset};
 use reddino_models::taxonomy::DEFAULT_CLASSES;
 use reddino_models::weights::{LinearHead, VitWeights};
@@ -282,15 +281,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprint!("\r{src}: {done}/{total} crops");
             })?;
             eprintln!();
-            for (src, counts) in &summary.counts {
-                println!("{src}: {} crops", counts.iter().sum::<usize>());
-            }
-            for (src, m) in &summary.median_side {
-                println!(
-                    "{src}: median cell {m:.1} px, crops at least {:.0} px",
-                    cfg.min_crop_side(*m)
-                );
-            }
+            print!("{}", summary.report(&cfg));
             println!(
                 "{} fields rendered; crops in {}",
                 summary.fields,
@@ -343,17 +334,7 @@ fn run(cli: Cli) -> Result<()> {
             let (w, head) = model.load()?;
             let key = SigningKey::from_file(&key, None)?;
             let m = bundle::write_dir(
-                &NewBundle {
-                    name,
-                    version,
-                    description,
-                    weights: &w,
-                    head: head.as_ref(),
-                    normalization: Normalization::default(),
-                    crop_min_side: 0.0,
-                    blank_neighbours: false,
-                    cell_finder: String::new(),
-                },
+                &NewBundle::new(name, version, description, &w, head.as_ref()),
                 &out,
                 &key,
             )?;

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use reddino_models::bundle::{self, Manifest, NewBundle, SigningKey};
-use reddino_models::preprocess::Normalization;
 use reddino_models::runtime::TractModel;
 use reddino_models::weights::{LinearHead, VitWeights};
 use tch::{nn, Device, Kind, Tensor};
@@ -83,20 +82,16 @@ pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Ma
     if diff.is_nan() || diff > TOLERANCE {
         bail!("the exported ONNX differs from the tch model by {diff:e} (limit {TOLERANCE:e}); nothing written");
     }
-    let m = bundle::write_dir(
-        &NewBundle {
-            name: spec.name.clone(),
-            version: spec.version.clone(),
-            description: spec.description.clone(),
-            weights: &w,
-            head: spec.head,
-            normalization: Normalization::default(),
-            crop_min_side: spec.crop_min_side,
-            blank_neighbours: spec.blank_neighbours,
-            cell_finder: spec.cell_finder.clone(),
-        },
-        dir,
-        key,
-    )?;
+    let mut new = NewBundle::new(
+        spec.name.clone(),
+        spec.version.clone(),
+        spec.description.clone(),
+        &w,
+        spec.head,
+    );
+    new.crop_min_side = spec.crop_min_side;
+    new.blank_neighbours = spec.blank_neighbours;
+    new.cell_finder = spec.cell_finder.clone();
+    let m = bundle::write_dir(&new, dir, key)?;
     Ok((m, diff))
 }

@@ -190,28 +190,33 @@ impl CellFinderConfig {
 
     /// The profile a model's crops were cut with (its manifest's `cell_finder`; empty: the
     /// default profile).
-    pub fn for_model(m: &reddino_models::bundle::Manifest) -> Result<Self, String> {
+    pub fn for_model(m: &reddino_models::bundle::Manifest) -> Result<Self, ProfileError> {
         match m.cell_finder.as_str() {
             "" => Ok(CellFinderConfig::default()),
-            name => CellFinderConfig::profile(name).map_err(|e| {
-                format!(
-                    "model {} {} asks for a cell finder this edge lacks: {e}",
-                    m.name, m.version
-                )
+            name => CellFinderConfig::profile(name).map_err(|_| ProfileError::ModelNeeds {
+                model: format!("{} {}", m.name, m.version),
+                name: name.to_string(),
             }),
         }
     }
 
     /// The settings of a named profile: `default` (the synthetic microscope's) or `real-smear`.
-    pub fn profile(name: &str) -> Result<Self, String> {
+    pub fn profile(name: &str) -> Result<Self, ProfileError> {
         match name {
             "default" => Ok(CellFinderConfig::default()),
             "real-smear" => Ok(CellFinderConfig::real_smear()),
-            other => Err(format!(
-                "unknown finder profile {other:?} (known: default, real-smear)"
-            )),
+            other => Err(ProfileError::Unknown(other.to_string())),
         }
     }
+}
+
+/// A finder profile this edge does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileError {
+    #[error("unknown finder profile {0:?} (known: default, real-smear)")]
+    Unknown(String),
+    #[error("model {model} asks for a cell finder this edge lacks: unknown finder profile {name:?} (known: default, real-smear); update reddino-edge")]
+    ModelNeeds { model: String, name: String },
 }
 
 /// A found cell (or tile).

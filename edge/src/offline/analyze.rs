@@ -1,7 +1,8 @@
-//! Offline analysis of one image: find cells, crop, preprocess, run the model in batches,
-//! classify and count.
+//! Offline analysis of image files (`reddino-edge analyze`): for each image, find cells, crop,
+//! preprocess, run the model in batches, classify and count.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use image::RgbImage;
 use reddino_models::preprocess::Normalization;
@@ -10,7 +11,98 @@ use serde::Serialize;
 use crate::cells::CellFinderConfig;
 use crate::classify::{Counts, UNCERTAIN};
 use crate::crop::{find_and_crop, CropPolicy};
-use crate::infer::{classify_crops, Backend};
+use crate::error::{Error, Result};
+use crate::infer::{classify_crops, Backend, TractBackend};
+use crate::model::{model_or_shipped, open_bundle, Shipped};
+
+/// `reddino-edge analyze`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AnalyzeArgs {
+    /// Model bundle (directory or .tar) with a classification head; default: a shipped
+    /// model (--shipped).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Without --model: `chula` (real smears, Chula RBC-12's classes, 1000x) or `demo`
+    /// (the synthetic microscope's smears).
+    #[arg(long, value_enum, default_value = "chula")]
+    pub shipped: Shipped,
+    /// Trusted minisign public key(s) for the bundle signature.
+    #[arg(long = "trusted-key")]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Print one JSON object per line (default: a short summary per image).
+    #[arg(long)]
+    pub json: bool,
+    /// Images per inference call.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Threads for the model's matrix products (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Below this top probability a cell counts as `uncertain`.
+    #[arg(long, default_value_t = 0.5)]
+    pub min_confidence: f32,
+    /// Image files (png, jpg, bmp, tif).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// `reddino-edge analyze`: one line per image on stdout (JSON with `--json`). An image that
+/// does not decode is reported and skipped; the command then fails after the others.
+pub fn command(args: &AnalyzeArgs) -> Result<()> {
+    // Without --model: a shipped model, unpacked into a private folder.
+    let staging = tempfile::tempdir()
+        .map_err(|e| Error::file("creating a temporary folder in", std::env::temp_dir(), e))?;
+    let (model, trusted_keys) = model_or_shipped(
+        args.model.clone(),
+        args.trusted_keys.clone(),
+        args.shipped,
+        staging.path(),
+    )?;
+    let b = open_bundle(&model, &trusted_keys)?;
+    let m = b.manifest();
+    let mut backend = TractBackend::from_bundle(&b, args.batch.max(1), args.threads)?;
+    log::info!("model {} {}: {}", m.name, m.version, backend.describe());
+    let cfg = AnalyzeConfig {
+        min_confidence: args.min_confidence,
+        crop: m.crop_policy(CropPolicy::DEFAULT_MARGIN),
+        cells: CellFinderConfig::for_model(m)?,
+    };
+    let mut failed = 0;
+    for path in &args.images {
+        let img = match image::open(path) {
+            Ok(i) => i.to_rgb8(),
+            Err(e) => {
+                eprintln!("error: {}: cannot decode image: {e}", path.display());
+                failed += 1;
+                continue;
+            }
+        };
+        let report = analyze_image(
+            &path.display().to_string(),
+            &img,
+            &mut backend,
+            &m.class_names,
+            &m.normalization(),
+            &cfg,
+        )
+        .map_err(|source| Error::Analyze {
+            image: path.clone(),
+            source,
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report).expect("serialisable"));
+        } else {
+            println!("{}", report.summary_line());
+        }
+    }
+    if failed > 0 {
+        return Err(Error::Failed(format!(
+            "{failed} of {} images could not be read",
+            args.images.len()
+        )));
+    }
+    Ok(())
+}
 
 /// Settings of the analysis.
 #[derive(Debug, Clone)]
@@ -49,6 +141,21 @@ pub struct ImageReport {
     /// Cells per class name (and `uncertain`).
     pub counts: BTreeMap<String, u64>,
     pub cells: Vec<CellReport>,
+}
+
+impl ImageReport {
+    /// `IMAGE: N cells - class n, ...` (classes with no cell left out).
+    pub fn summary_line(&self) -> String {
+        let total: u64 = self.counts.values().sum();
+        let mut parts: Vec<String> = self
+            .counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        parts.sort();
+        format!("{}: {total} cells - {}", self.image, parts.join(", "))
+    }
 }
 
 /// Analyses one image with a backend whose head has `class_names`.

@@ -21,7 +21,129 @@ use reddino_models::preprocess::{CropPolicy, OwnerMap};
 use serde::Serialize;
 
 use super::labelled::{self, ClassMap, LabelError, LabelledField, Mark, Split};
+use super::quality::Fields;
+use super::FinderArgs;
 use crate::cells::{self, CellFinderConfig};
+use crate::error::{Error, Result as EdgeResult};
+
+/// `reddino-edge import`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// Point labels: DIR/images, DIR/labels/*.txt (`x y class` per line, Chula RBC-12).
+    #[arg(long)]
+    pub points: Option<PathBuf>,
+    /// Pascal VOC boxes: DIR/Annotations/*.xml, DIR/JPEGImages.
+    #[arg(long)]
+    pub voc: Option<PathBuf>,
+    /// COCO boxes: a JSON file; images in --images (default: the file's folder).
+    #[arg(long)]
+    pub coco: Option<PathBuf>,
+    /// Folder of a COCO file's images.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Crops already cut, in class folders: DIR/{class}/*.png.
+    #[arg(long)]
+    pub crops: Option<PathBuf>,
+    /// With --crops: a crop's field is its file name up to the last SEP (crops of one
+    /// field then stay on one side of the split); default: each crop its own field.
+    #[arg(long)]
+    pub field_sep: Option<String>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Class names of point labels, one per line (line i names id i); default:
+    /// DIR/classes.txt, else the Chula RBC-12 names for 13 ids.
+    #[arg(long)]
+    pub class_names: Option<PathBuf>,
+    /// Class mapping, `from = to` per line (`to` = `-` drops the class); a class it does
+    /// not name is refused.
+    #[arg(long)]
+    pub class_map: Option<PathBuf>,
+    /// Which fields: the development fields, the held-out ones (split by name), or all.
+    #[arg(long, value_enum, default_value = "all")]
+    pub fields: Fields,
+    /// K folds by field (fold0..) instead of train/val/test.
+    #[arg(long)]
+    pub folds: Option<u32>,
+    #[command(flatten)]
+    pub finder: FinderArgs,
+    #[command(flatten)]
+    pub crop: reddino_models::cli::CropArgs,
+    /// Also write the detections that hold no label here (for self-supervised pretraining).
+    #[arg(long)]
+    pub unlabelled: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `reddino-edge import`: reads the one data set given, imports it, prints the summary.
+pub fn command(args: &ImportArgs) -> EdgeResult<()> {
+    let given = [&args.points, &args.voc, &args.coco, &args.crops];
+    if given.iter().filter(|g| g.is_some()).count() != 1 {
+        return Err(Error::Usage(
+            "give exactly one of --points, --voc, --coco or --crops".into(),
+        ));
+    }
+    let mut cfg = ImportConfig::new(args.out.clone());
+    cfg.finder = args.finder.config()?;
+    cfg.crop = args.crop.policy();
+    cfg.unlabelled = args.unlabelled.clone();
+    cfg.scheme = match args.folds {
+        Some(k) if k >= 2 => Scheme::Folds(k),
+        Some(k) => return Err(Error::Usage(format!("--folds {k}: need 2 or more"))),
+        None => Scheme::TrainValTest,
+    };
+    cfg.class_map = args.class_map.as_deref().map(ClassMap::read).transpose()?;
+    let progress = |d: usize, n: usize| eprint!("\rimporting: {d}/{n}");
+    let summary = if let Some(dir) = &args.crops {
+        let all = labelled::read_crop_folders(dir, args.field_sep.as_deref())?;
+        let all: Vec<_> = all
+            .into_iter()
+            .filter(|c| args.fields.holds(&c.1))
+            .collect();
+        import_crops(&all, &cfg, progress)?
+    } else {
+        let set = if let Some(dir) = &args.points {
+            let names_file = args
+                .class_names
+                .clone()
+                .or_else(|| Some(dir.join("classes.txt")).filter(|p| p.is_file()));
+            let names = match names_file {
+                Some(f) => labelled::read_class_names(&f)?,
+                None => labelled::CHULA_CLASSES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            };
+            cfg.class_order = names.clone();
+            labelled::read_point_set(dir, &names)?
+        } else if let Some(dir) = &args.voc {
+            labelled::read_voc(dir)?
+        } else if let Some(file) = &args.coco {
+            let dir = args
+                .images
+                .clone()
+                .unwrap_or_else(|| file.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+            labelled::read_coco(file, &dir)?
+        } else {
+            unreachable!("exactly one source is given")
+        };
+        let set: Vec<_> = set
+            .into_iter()
+            .filter(|f| args.fields.holds(&f.name))
+            .collect();
+        eprintln!("{} labelled fields checked", set.len());
+        import_fields(&set, &cfg, progress)?
+    };
+    eprintln!();
+    if args.json {
+        println!("{}", serde_json::to_string(&summary).expect("serialisable"));
+    } else {
+        print!("{}", summary.report());
+        println!("crops in {}", cfg.out.display());
+    }
+    Ok(())
+}
 
 /// How fields are split.
 #[derive(Debug, Clone, Copy, PartialEq)]

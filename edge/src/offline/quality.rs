@@ -8,7 +8,7 @@
 //! first, so a merged pair counts one cell found and one missed. Border cells are scored too:
 //! the finder runs with `drop_border` off here.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -16,7 +16,101 @@ use reddino_models::preprocess::OwnerMap;
 use serde::Serialize;
 
 use super::labelled::{self, LabelError, PointLabel, Split};
+use super::FinderArgs;
 use crate::cells::{self, greedy_pairs, CellFinderConfig};
+use crate::error::{Error, Result};
+
+/// `reddino-edge finder-quality`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QualityArgs {
+    /// A point-labelled data set (e.g. Chula RBC-12).
+    #[arg(long)]
+    pub points: Option<PathBuf>,
+    /// Which of its fields: the development fields, the held-out ones, or all.
+    #[arg(long, value_enum, default_value = "dev")]
+    pub fields: Fields,
+    /// Class ids in the data set (labels with a larger id are refused).
+    #[arg(long, default_value_t = 13)]
+    pub classes: usize,
+    /// Rescale each field by these factors (simulated magnifications), comma-separated.
+    #[arg(long, default_value = "1")]
+    pub scales: String,
+    /// Synthetic fields per acquisition source (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub synthetic: u64,
+    #[command(flatten)]
+    pub finder: FinderArgs,
+    /// Also print one line per field.
+    #[arg(long)]
+    pub per_field: bool,
+    /// Print the summaries as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write each scored field with its detections and labels drawn into this folder.
+    #[arg(long)]
+    pub overlays: Option<PathBuf>,
+}
+
+/// `reddino-edge finder-quality`: scores the finder on a point-labelled data set at each
+/// scale and/or on the synthetic sources; one row (or JSON line) per set.
+pub fn command(args: &QualityArgs) -> Result<()> {
+    let cfg = args.finder.config()?;
+    let scales = args
+        .scales
+        .split(',')
+        .map(|s| s.trim().parse::<f32>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| Error::Usage(format!("--scales {}: comma-separated numbers", args.scales)))?;
+    if let Some(&bad) = scales.iter().find(|&&s| !(s > 0.0 && s <= 8.0)) {
+        return Err(Error::Usage(format!("--scales: {bad} is not in (0, 8]")));
+    }
+    if args.points.is_none() && args.synthetic == 0 {
+        return Err(Error::Usage(
+            "nothing to score: give --points DIR and/or --synthetic N".into(),
+        ));
+    }
+    if let Some(o) = &args.overlays {
+        std::fs::create_dir_all(o).map_err(|e| Error::file("creating", o, e))?;
+    }
+    let mut rows: Vec<(String, Summary, Vec<FieldScore>)> = Vec::new();
+    if let Some(dir) = &args.points {
+        for &scale in &scales {
+            let scores = score_point_set(
+                dir,
+                args.fields,
+                scale,
+                args.classes,
+                &cfg,
+                args.overlays.as_deref(),
+                |d, n| eprint!("\rscale {scale}: {d}/{n} fields"),
+            )?;
+            eprintln!();
+            let name = format!("{} x{scale}", dir.display());
+            rows.push((name, Summary::of(&scores), scores));
+        }
+    }
+    if args.synthetic > 0 {
+        for (source, scores) in score_synthetic(args.synthetic, &cfg) {
+            rows.push((source, Summary::of(&scores), scores));
+        }
+    }
+    if !args.json {
+        println!("{}", Summary::HEADER);
+    }
+    for (name, summary, scores) in &rows {
+        if args.json {
+            println!("{}", serde_json::json!({ "set": name, "summary": summary }));
+        } else {
+            println!("{}", summary.row(name));
+        }
+        if args.per_field {
+            for s in scores {
+                println!("{}", serde_json::to_string(s).expect("serialisable"));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Fields with at least this many labels are taken as labelled in full (count ratios and
 /// merges are scored on them only).

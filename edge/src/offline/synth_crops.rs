@@ -5,9 +5,56 @@
 //! trained on these sees in training what it will see on the device, including the boxes of
 //! cells touching a neighbour or carrying a platelet.
 
-use reddino_models::synth::{export_crops_by, CropExport, CropSummary, Cuts};
+use std::path::PathBuf;
+
+use reddino_models::synth::{export_crops_by, CropExport, CropSummary, Cuts, SourcePreset};
 
 use crate::cells::{self, CellFinderConfig};
+use crate::error::Result;
+
+/// `reddino-edge synth-crops`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SynthCropsArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Comma-separated acquisition-source presets (`reddino-models synth sources`).
+    #[arg(long)]
+    pub sources: String,
+    /// Crops per class and source.
+    #[arg(long, default_value_t = 100)]
+    pub per_class: usize,
+    /// Side of the saved crops in pixels.
+    #[arg(long, default_value_t = 96)]
+    pub size: u32,
+    #[command(flatten)]
+    pub crop: reddino_models::cli::CropArgs,
+    /// Fraction of cells placed touching a neighbour, for every source (default: each
+    /// source's own).
+    #[arg(long)]
+    pub touching: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `reddino-edge synth-crops`: writes the crops and prints how many per source.
+pub fn command(args: &SynthCropsArgs) -> Result<()> {
+    let mut cfg = CropExport::new(args.out.clone(), args.per_class, args.seed);
+    cfg.crop = args.crop.policy();
+    cfg.touching = args.touching;
+    cfg.sources = args
+        .sources
+        .split(',')
+        .map(|s| SourcePreset::by_name(s.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    cfg.size = args.size;
+    let summary = write_detected_crops(&cfg, &CellFinderConfig::default(), |src, done, total| {
+        eprint!("\r{src}: {done}/{total} crops")
+    })?;
+    eprintln!();
+    print!("{}", summary.report(&cfg));
+    println!("crops in {}", args.out.display());
+    Ok(())
+}
 
 /// Index of the true cell each detection lands on (centre within half its radius, nearest
 /// first, each true cell at most once).

@@ -5,8 +5,26 @@ use crate::classify::Session;
 use crate::config::valid_id;
 use crate::publish::messages::{ClassShare, CommandMsg, ReplyMsg, SessionMsg, VERSION};
 use crate::publish::now_ms;
+use crate::publish::outbox::OutboxError;
 
 use super::state::{lock, ActiveSession, Shared};
+
+/// Why a command was refused: the reply's `error`.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("unknown command {0:?}; known: session/start, session/stop, status")]
+    Unknown(String),
+    #[error("session/start needs \"session\": the slide's name")]
+    NoSessionName,
+    #[error("session name {0:?} must be 1-64 letters, digits, '-', '_' or '.'")]
+    BadSessionName(String),
+    #[error("session {0:?} is active; stop it before starting another")]
+    SessionActive(String),
+    #[error("no session is active")]
+    NoSession,
+    #[error("cannot store the session summary: {0}")]
+    Store(#[from] OutboxError),
+}
 
 impl Shared {
     /// Handles one command (`leaf` is the topic part after `cmd/`). A malformed or refused
@@ -46,31 +64,24 @@ impl Shared {
                 reply.status = Some(self.status("online"));
                 Ok(())
             }
-            other => Err(format!(
-                "unknown command {other:?}; known: session/start, session/stop, status"
-            )),
+            other => Err(CommandError::Unknown(other.to_string())),
         };
         match result {
             Ok(()) => reply.ok = true,
-            Err(e) => reply.error = Some(e),
+            Err(e) => reply.error = Some(e.to_string()),
         }
         reply
     }
 
     /// Starts a session (a slide): frames from now on are counted into it.
-    pub fn start_session(&self, name: Option<&str>) -> Result<(), String> {
-        let name = name.ok_or("session/start needs \"session\": the slide's name")?;
+    pub fn start_session(&self, name: Option<&str>) -> Result<(), CommandError> {
+        let name = name.ok_or(CommandError::NoSessionName)?;
         if !valid_id(name) {
-            return Err(format!(
-                "session name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"
-            ));
+            return Err(CommandError::BadSessionName(name.to_string()));
         }
         let mut s = lock(&self.session);
         if let Some(a) = s.as_ref() {
-            return Err(format!(
-                "session {:?} is active; stop it before starting another",
-                a.name
-            ));
+            return Err(CommandError::SessionActive(a.name.clone()));
         }
         log::info!("session {name} started");
         *s = Some(ActiveSession {
@@ -82,10 +93,10 @@ impl Shared {
     }
 
     /// Stops the active session and stores its summary; returns the summary's `seq`.
-    pub fn stop_session(&self) -> Result<u64, String> {
+    pub fn stop_session(&self) -> Result<u64, CommandError> {
         let mut s = lock(&self.session);
         let Some(a) = s.as_ref() else {
-            return Err("no session is active".into());
+            return Err(CommandError::NoSession);
         };
         let props = a.session.proportions();
         let para = a.session.parasitemia_pct();
@@ -112,12 +123,10 @@ impl Shared {
             parasitemia_ci95: para.map(|p| [p.1 .0, p.1 .1]),
         };
         let topic = self.topic("session");
-        let seq = lock(&self.outbox)
-            .push(&topic, |seq| {
-                msg.seq = seq;
-                serde_json::to_vec(&msg).expect("serialisable")
-            })
-            .map_err(|e| format!("cannot store the session summary: {e}"))?;
+        let seq = lock(&self.outbox).push(&topic, |seq| {
+            msg.seq = seq;
+            serde_json::to_vec(&msg).expect("serialisable")
+        })?;
         log::info!("session {} stopped (summary seq {seq})", a.name);
         *s = None;
         drop(s);

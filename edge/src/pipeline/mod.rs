@@ -24,6 +24,7 @@ use crate::classify::Counts;
 use crate::crop::find_and_crop;
 use crate::infer::{classify_crops, Backend};
 use crate::publish::messages::{CountsMsg, VERSION};
+pub use commands::CommandError;
 use queue::Queue;
 use state::{lock, LATENCY_WINDOW};
 pub use state::{percentile, ModelInfo, PipelineSettings, Shared, Snapshot};
@@ -178,7 +179,16 @@ fn sleep_unless_stopped(sh: &Shared, d: Duration) {
 }
 
 /// Classifies a job's crops and stores the frame's counts in the outbox.
-fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), String> {
+/// Why a frame's result was not stored (counted in `frames.failed` and logged).
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("inference failed: {0}")]
+    Inference(#[from] reddino_models::Error),
+    #[error("cannot store the result: {0}")]
+    Store(#[from] crate::publish::outbox::OutboxError),
+}
+
+fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), FrameError> {
     let names = &sh.model.class_names;
     let predictions = classify_crops(
         &job.crops,
@@ -186,8 +196,7 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Stri
         names,
         &sh.model.normalization,
         sh.settings.min_confidence,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let mut counts = Counts::new(names.len());
     predictions.iter().for_each(|p| counts.add(p));
     let by_name = counts.by_name(names);
@@ -215,12 +224,10 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Stri
     // the frames stored before it.
     let mut sess = lock(&sh.session);
     msg.session = sess.as_ref().map(|s| s.name.clone());
-    lock(&sh.outbox)
-        .push(&topic, |seq| {
-            msg.seq = seq;
-            serde_json::to_vec(&msg).expect("serialisable")
-        })
-        .map_err(|e| format!("cannot store the result: {e}"))?;
+    lock(&sh.outbox).push(&topic, |seq| {
+        msg.seq = seq;
+        serde_json::to_vec(&msg).expect("serialisable")
+    })?;
     if let Some(s) = sess.as_mut() {
         s.session.add_frame(&counts);
     }

@@ -118,19 +118,34 @@ impl std::fmt::Debug for MqttSettings {
     }
 }
 
-fn read_file(what: &str, p: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read the {what} {}: {e}", p.display()))
+/// A file the MQTT settings name that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the MQTT password file {} is not UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+}
+
+fn read_file(what: &'static str, p: &Path) -> Result<Vec<u8>, SettingsError> {
+    std::fs::read(p).map_err(|source| SettingsError::Read {
+        what,
+        path: p.to_path_buf(),
+        source,
+    })
 }
 
 impl MqttSettings {
     /// Loads the password and TLS files named in the config; errors name the file.
-    pub fn from_config(cfg: &MqttConfig, client_id: String) -> anyhow::Result<Self> {
+    pub fn from_config(cfg: &MqttConfig, client_id: String) -> Result<Self, SettingsError> {
         let password = match &cfg.password_file {
             Some(p) => {
-                let text =
-                    String::from_utf8(read_file("MQTT password file", p)?).map_err(|_| {
-                        anyhow::anyhow!("the MQTT password file {} is not UTF-8", p.display())
-                    })?;
+                let text = String::from_utf8(read_file("MQTT password file", p)?)
+                    .map_err(|_| SettingsError::NotUtf8(p.clone()))?;
                 Some(text.lines().next().unwrap_or("").to_string())
             }
             None => None,

@@ -66,6 +66,24 @@ pub struct CropSummary {
     pub median_side: BTreeMap<String, f32>,
 }
 
+impl CropSummary {
+    /// One line per source with its crops, then one per source with its median cell and the
+    /// crops' minimum side (with `min_side` > 0).
+    pub fn report(&self, cfg: &CropExport) -> String {
+        let mut s = String::new();
+        for (src, counts) in &self.counts {
+            s += &format!("{src}: {} crops\n", counts.iter().sum::<usize>());
+        }
+        for (src, m) in &self.median_side {
+            s += &format!(
+                "{src}: median cell {m:.1} px, crops at least {:.0} px\n",
+                cfg.min_crop_side(*m)
+            );
+        }
+        s
+    }
+}
+
 /// The boxes to cut in one field.
 #[derive(Debug, Clone)]
 pub struct Cuts {

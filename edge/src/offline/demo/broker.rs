@@ -3,11 +3,14 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 
 /// A free TCP port on loopback.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Failed(format!("no free port on loopback: {e}")))
 }
 
 /// Starts an in-process MQTT broker on `127.0.0.1:port`.
@@ -32,7 +35,8 @@ max_inflight_count = 100
 dynamic_filters = true
 "#
     );
-    let config: rumqttd::Config = toml::from_str(&text).context("broker config")?;
+    let config: rumqttd::Config = toml::from_str(&text)
+        .map_err(|e| Error::Failed(format!("the demo broker's config: {e}")))?;
     let mut broker = rumqttd::Broker::new(config);
     std::thread::Builder::new()
         .name("broker".into())
@@ -40,12 +44,15 @@ dynamic_filters = true
             if let Err(e) = broker.start() {
                 log::error!("demo broker stopped: {e}");
             }
-        })?;
+        })
+        .map_err(|e| Error::Failed(format!("cannot start the demo broker: {e}")))?;
     // Wait until it accepts connections.
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if t.elapsed() > Duration::from_secs(10) {
-            bail!("the demo broker did not start on 127.0.0.1:{port}");
+            return Err(Error::Failed(format!(
+                "the demo broker did not start on 127.0.0.1:{port}"
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use crate::error::{Error, Result};
 
 use crate::app::{RunReport, Service};
 use crate::capture::build_source;
@@ -76,10 +76,23 @@ pub enum ModelKind {
     Given,
 }
 
+/// `reddino-edge demo`: runs the demo, prints its summary, and fails unless every result
+/// reached the subscriber.
+pub fn command(opts: &DemoOptions) -> Result<()> {
+    let summary = run(opts)?;
+    print!("{}", summary.render());
+    if !summary.complete() {
+        return Err(Error::Failed(
+            "not every result reached the subscriber".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the demo.
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(&opts.out)?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::file("creating", &opts.out, e))?;
     println!("RedDino Edge demo (output in {})", opts.out.display());
     let (bundle_dir, pub_key, model) = match (&opts.model, &opts.trusted_key) {
         (Some(m), Some(k)) => (m.clone(), k.clone(), ModelKind::Given),

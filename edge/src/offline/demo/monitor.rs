@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use crate::error::{Error, Result};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 use crate::publish::messages::{CountsMsg, ReplyMsg, SessionMsg, StatusMsg};
@@ -39,7 +39,9 @@ impl Monitor {
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut conn) = Client::new(o, 256);
-        client.subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)?;
+        client
+            .subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+            .map_err(|e| Error::Failed(format!("the subscriber could not subscribe: {e}")))?;
         let seen = Arc::new(Mutex::new(Observed::default()));
         let (s2, p2) = (seen.clone(), prefix.to_string());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -62,10 +64,11 @@ impl Monitor {
                         Err(_) => std::thread::sleep(Duration::from_millis(200)),
                     }
                 }
-            })?;
+            })
+            .map_err(|e| Error::Failed(format!("cannot start the subscriber: {e}")))?;
         ready_rx
             .recv_timeout(Duration::from_secs(20))
-            .context("the subscriber could not subscribe in time")?;
+            .map_err(|_| Error::Failed("the subscriber could not subscribe in time".into()))?;
         Ok(Monitor {
             client,
             seen,
@@ -75,13 +78,14 @@ impl Monitor {
 
     /// Publishes a command (`leaf` after `cmd/`) with a raw payload.
     pub fn command(&self, leaf: &str, payload: &[u8]) -> Result<()> {
-        self.client.publish(
-            format!("{}/cmd/{leaf}", self.prefix),
-            QoS::AtLeastOnce,
-            false,
-            payload.to_vec(),
-        )?;
-        Ok(())
+        self.client
+            .publish(
+                format!("{}/cmd/{leaf}", self.prefix),
+                QoS::AtLeastOnce,
+                false,
+                payload.to_vec(),
+            )
+            .map_err(|e| Error::Failed(format!("cannot send command {leaf}: {e}")))
     }
 
     /// Waits until `f` holds for what was seen.
