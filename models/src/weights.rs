@@ -59,9 +59,10 @@ pub struct VitWeights {
     tensors: BTreeMap<String, Tensor>,
 }
 
-/// Expected backbone keys and shapes for a config. `pos_embed` is checked separately because
-/// checkpoints may or may not give the CLS token a position.
-fn expected_keys(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
+/// The backbone's checkpoint keys and shapes for a config, in timm's names (the contract every
+/// reader and writer of weights follows). `pos_embed` is left out: checkpoints may or may not
+/// give the CLS token a position.
+pub fn backbone_keys(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.embed_dim;
     let h = cfg.mlp_hidden;
     let mut keys = vec![
@@ -210,7 +211,7 @@ impl VitWeights {
         tensors: BTreeMap<String, Tensor>,
     ) -> Result<Self, Error> {
         config.validate()?;
-        for (key, expected) in expected_keys(&config) {
+        for (key, expected) in backbone_keys(&config) {
             match tensors.get(&key) {
                 None => return Err(Error::MissingTensor { key, expected }),
                 Some(t) if t.shape != expected => {
@@ -258,7 +259,7 @@ impl VitWeights {
             Tensor::new(shape, data)
         };
         let mut tensors = BTreeMap::new();
-        for (key, shape) in expected_keys(config) {
+        for (key, shape) in backbone_keys(config) {
             let t = if key.ends_with("gamma") {
                 sample(shape, gamma, 0.1 * gamma.abs().max(1e-6))
             } else if key.contains("norm") && key.ends_with("weight") {

@@ -19,6 +19,21 @@ pub enum Knn {
     Cosine { temperature: f64 },
 }
 
+/// Share of `test` whose kNN prediction (Euclidean, uniform votes, ties to the smaller label:
+/// RedDino's protocol) is its label.
+pub fn knn_accuracy(
+    train: &Tensor,
+    train_y: &[i64],
+    test: &Tensor,
+    test_y: &[i64],
+    k: usize,
+) -> f64 {
+    let classes = train_y.iter().chain(test_y).copied().max().unwrap_or(0) as usize + 1;
+    let pred = knn_predict(train, train_y, test, k, Knn::Euclidean, classes);
+    let correct = pred.iter().zip(test_y).filter(|(p, y)| p == y).count();
+    correct as f64 / test_y.len().max(1) as f64
+}
+
 /// kNN predictions for `test` given labelled `train` features.
 pub fn knn_predict(
     train: &Tensor,
@@ -332,6 +347,25 @@ mod tests {
                 assert_eq!(n, 5, "fold {k} class {c}");
             }
         }
+    }
+
+    #[test]
+    fn knn_on_separable_points() {
+        let train = Tensor::from_slice(&[0.0f32, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0]).view([4, 2]);
+        let test = Tensor::from_slice(&[0.05f32, 0.1, 4.9, 5.2, 0.2, 0.0]).view([3, 2]);
+        assert_eq!(
+            knn_accuracy(&train, &[0, 0, 1, 1], &test, &[0, 1, 0], 1),
+            1.0
+        );
+        assert_eq!(
+            knn_accuracy(&train, &[0, 0, 1, 1], &test, &[1, 1, 0], 1),
+            2.0 / 3.0
+        );
+        // k = 3: two votes of the near class beat one of the far class.
+        assert_eq!(
+            knn_accuracy(&train, &[0, 0, 1, 1], &test, &[0, 1, 0], 3),
+            1.0
+        );
     }
 
     #[test]

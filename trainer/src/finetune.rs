@@ -12,8 +12,8 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::augment::{augment_with, AugmentConfig, Op};
 use crate::eval::{metrics, Metrics};
+use crate::labelled::LabelledSet;
 use crate::optim::{AdamW, Optimizer};
-use crate::report::LabelledSet;
 use crate::schedule::Cosine;
 use crate::vit::{linear, Vit};
 

@@ -1,13 +1,25 @@
 //! RedDino trainer: DINOv2 self-supervised pretraining of the RedDino ViT with tch (libtorch),
-//! on CUDA when present and on the CPU otherwise.
+//! on CUDA when present and on the CPU otherwise, then evaluation, fine-tuning and export.
+//!
+//! - Pretraining: [`config`] (TOML runs from presets), [`data`] (smear patches or crops),
+//!   [`augment`] (RedDino's transforms), [`masking`] (iBOT masks), [`vit`] (the backbone in
+//!   timm's names), [`head`] (the DINO head), [`loss`], [`ssl`] (one student/teacher step),
+//!   [`optim`], [`schedule`], [`train`] (the loop and checkpoints), [`synth`] (synthetic smears).
+//! - Labelled crops: [`labelled`] (a crop folder and its features), [`probe`] (features with
+//!   the shared preprocessing), [`eval`] (kNN, the linear probe, metrics, folds), [`report`]
+//!   (the protocols' runs, their Markdown and plots), [`finetune`] (backbone + head).
+//! - Out: [`export`] (signed bundles for the edge); [`commands`] (one function per
+//!   `reddino-trainer` command).
 
 pub mod augment;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
 pub mod finetune;
 pub mod head;
+pub mod labelled;
 pub mod loss;
 pub mod masking;
 pub mod optim;

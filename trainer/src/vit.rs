@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use reddino_models::arch::{VitConfig, LN_EPS, PATCH_SIZE};
-use reddino_models::weights::{Tensor as WTensor, VitWeights};
+use reddino_models::weights::{backbone_keys, Tensor as WTensor, VitWeights};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -42,6 +42,9 @@ pub struct Vit {
     mask_token: Tensor,
     blocks: Vec<Block>,
     norm: nn::LayerNorm,
+    /// Every variable by its timm name (relative to this backbone), looked up once in the
+    /// var store by the names of the weights contract ([`backbone_keys`]).
+    named: Vec<(String, Tensor)>,
     /// Stochastic-depth rate (training only).
     pub drop_path: f64,
 }
@@ -52,6 +55,17 @@ pub struct VitOutput {
     pub cls: Tensor,
     /// Patch tokens after the final norm, [B, N, D].
     pub patches: Tensor,
+}
+
+/// The variable `key` (dot-separated, e.g. `blocks.0.attn.qkv.weight`) under `p`.
+fn var_at(p: &nn::Path, key: &str) -> Result<Tensor> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let name = parts.pop().unwrap_or_default();
+    let found = match parts.split_first() {
+        None => p.get(name),
+        Some((first, rest)) => rest.iter().fold(p.sub(*first), |q, s| q.sub(*s)).get(name),
+    };
+    found.with_context(|| format!("the backbone has no variable `{key}`"))
 }
 
 fn ln(p: nn::Path, d: i64) -> nn::LayerNorm {
@@ -151,6 +165,13 @@ impl Vit {
                 }
             })
             .collect();
+        let norm = ln(p / "norm", d);
+        let named = ["pos_embed", "mask_token"]
+            .into_iter()
+            .map(String::from)
+            .chain(backbone_keys(config).into_iter().map(|(k, _)| k))
+            .map(|k| var_at(p, &k).map(|t| (k, t)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Vit {
             config: config.clone(),
             pos_prefix,
@@ -160,7 +181,8 @@ impl Vit {
             pos_embed,
             mask_token,
             blocks,
-            norm: ln(p / "norm", d),
+            norm,
+            named,
             drop_path: 0.0,
         })
     }
@@ -221,52 +243,10 @@ impl Vit {
 
     /// Every variable with its timm name (relative to this backbone).
     pub fn named_vars(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = vec![
-            ("cls_token".into(), self.cls_token.shallow_clone()),
-            ("pos_embed".into(), self.pos_embed.shallow_clone()),
-            ("mask_token".into(), self.mask_token.shallow_clone()),
-            (
-                "patch_embed.proj.weight".into(),
-                self.patch_embed.ws.shallow_clone(),
-            ),
-        ];
-        if let Some(b) = &self.patch_embed.bs {
-            v.push(("patch_embed.proj.bias".into(), b.shallow_clone()));
-        }
-        if let Some(r) = &self.reg_token {
-            v.push(("reg_token".into(), r.shallow_clone()));
-        }
-        let push_ln = |v: &mut Vec<(String, Tensor)>, name: String, l: &nn::LayerNorm| {
-            if let Some(w) = &l.ws {
-                v.push((format!("{name}.weight"), w.shallow_clone()));
-            }
-            if let Some(b) = &l.bs {
-                v.push((format!("{name}.bias"), b.shallow_clone()));
-            }
-        };
-        let push_lin = |v: &mut Vec<(String, Tensor)>, name: String, l: &nn::Linear| {
-            v.push((format!("{name}.weight"), l.ws.shallow_clone()));
-            if let Some(b) = &l.bs {
-                v.push((format!("{name}.bias"), b.shallow_clone()));
-            }
-        };
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("blocks.{i}");
-            push_ln(&mut v, format!("{p}.norm1"), &b.norm1);
-            push_lin(&mut v, format!("{p}.attn.qkv"), &b.qkv);
-            push_lin(&mut v, format!("{p}.attn.proj"), &b.proj);
-            push_ln(&mut v, format!("{p}.norm2"), &b.norm2);
-            push_lin(&mut v, format!("{p}.mlp.fc1"), &b.fc1);
-            push_lin(&mut v, format!("{p}.mlp.fc2"), &b.fc2);
-            if let Some(g) = &b.ls1 {
-                v.push((format!("{p}.ls1.gamma"), g.shallow_clone()));
-            }
-            if let Some(g) = &b.ls2 {
-                v.push((format!("{p}.ls2.gamma"), g.shallow_clone()));
-            }
-        }
-        push_ln(&mut v, "norm".into(), &self.norm);
-        v
+        self.named
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect()
     }
 
     /// The current weights as a `reddino-models` checkpoint (f32, CPU).

@@ -4,7 +4,8 @@ use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::synth::{export_crops, CropExport, SourcePreset};
 use reddino_models::weights::VitWeights;
 use reddino_trainer::eval::Knn;
-use reddino_trainer::report::{evaluate, markdown, LabelledSet, Protocol};
+use reddino_trainer::labelled::LabelledSet;
+use reddino_trainer::report::{evaluate, markdown, Protocol};
 use reddino_trainer::vit::Vit;
 use tch::{nn, Device};
 

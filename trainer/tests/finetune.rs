@@ -7,7 +7,8 @@ use image::{Rgb, RgbImage};
 use reddino_models::arch::VitConfig;
 use reddino_models::weights::VitWeights;
 use reddino_trainer::finetune::{classify_set, finetune, FinetuneConfig};
-use reddino_trainer::report::{score_report, LabelledSet};
+use reddino_trainer::labelled::LabelledSet;
+use reddino_trainer::report::score_report;
 use tch::{nn, Device};
 
 /// `root/{source}/{disc,ring}/*.png`: a dark disc or a dark ring (pale centre) on a light

@@ -1,0 +1,43 @@
+//! `reddino-trainer embed`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::ModelArgs;
+
+/// Write CLS features (after the final norm) of a folder of labelled crops
+/// ({class}/image or {source}/{class}/image) to FILE.safetensors (+ FILE.json with names).
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder of labelled crops.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs `reddino-trainer embed`.
+pub fn run(args: EmbedArgs) -> Result<()> {
+    let EmbedArgs { model, data, out } = args;
+    let (set, f) = model.features(&data)?;
+    let labels = tch::Tensor::from_slice(&set.labels);
+    let sources = tch::Tensor::from_slice(&set.sources);
+    tch::Tensor::write_safetensors(
+        &[("features", &f), ("labels", &labels), ("sources", &sources)],
+        &out,
+    )?;
+    let json = out.with_extension("json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&set)?)?;
+    println!(
+        "{} features [{} x {}] -> {} (+ {})",
+        set.files.len(),
+        f.size()[0],
+        f.size()[1],
+        out.display(),
+        json.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! `reddino-trainer export`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+/// Export a backbone (+ optional linear head) to a signed bundle for reddino-edge; the ONNX
+/// is checked against the tch model (max difference 1e-4) before anything is written.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Backbone safetensors: this trainer's backbone.safetensors, or a timm / DINOv2 /
+    /// RedDino checkpoint (detected from the keys).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Linear head safetensors (with its class names).
+    #[arg(long)]
+    pub head: Option<PathBuf>,
+    /// Model input size (a multiple of 14); the position embedding is resampled.
+    #[arg(long, default_value_t = 224)]
+    pub input_size: usize,
+    /// Bundle directory to write; `--tar` also packs it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Minisign secret key (reddino-models keygen makes one).
+    #[arg(long)]
+    pub sign: PathBuf,
+    #[arg(long, default_value = "reddino")]
+    pub name: String,
+    #[arg(long, default_value = "0.1.0")]
+    pub version: String,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// The crops the model was trained on: none smaller than this multiple of the frame's
+    /// median cell (`--min-side` of the crop tools); 0 = each crop scaled to its cell.
+    #[arg(long, default_value_t = 0.0)]
+    pub crop_min_side: f32,
+    /// The crops the model was trained on had their neighbours blanked out
+    /// (`--blank-neighbours` of the crop tools); the edge then cuts them so too.
+    #[arg(long)]
+    pub blank_neighbours: bool,
+    /// The edge's cell-finder profile the training crops were cut with (`reddino-edge
+    /// import --profile`): `real-smear` for real fields; default: the synthetic microscope's.
+    #[arg(long, default_value = "")]
+    pub cell_finder: String,
+    #[arg(long)]
+    pub tar: bool,
+}
+
+/// Runs `reddino-trainer export`.
+pub fn run(args: ExportArgs) -> Result<()> {
+    let ExportArgs {
+        checkpoint,
+        head,
+        input_size,
+        out,
+        sign,
+        name,
+        version,
+        description,
+        crop_min_side,
+        blank_neighbours,
+        cell_finder,
+        tar,
+    } = args;
+    let w = reddino_models::weights::VitWeights::load(&checkpoint)?;
+    let head = head
+        .map(|p| -> Result<_> {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(reddino_models::weights::LinearHead::from_bytes(
+                &bytes,
+                &p.display().to_string(),
+            )?)
+        })
+        .transpose()?;
+    let key = reddino_models::bundle::SigningKey::from_file(&sign, None)?;
+    let (m, diff) = crate::export::export(
+        &crate::export::ExportSpec {
+            weights: &w,
+            head: head.as_ref(),
+            input_size,
+            name,
+            version,
+            description,
+            crop_min_side,
+            blank_neighbours,
+            cell_finder,
+        },
+        &key,
+        &out,
+    )?;
+    println!(
+        "{}: {} {} (ViT {}-d x {}, input {input_size}, {} classes); ONNX vs tch max diff {diff:.1e}",
+        out.display(),
+        m.name,
+        m.version,
+        w.config.embed_dim,
+        w.config.depth,
+        m.class_names.len()
+    );
+    if tar {
+        let t = out.with_extension("tar");
+        reddino_models::bundle::pack(&out, &t)?;
+        println!("{}", t.display());
+    }
+    Ok(())
+}
