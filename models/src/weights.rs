@@ -325,13 +325,8 @@ impl VitWeights {
 
     /// Serialises to safetensors bytes (f32), with the config in the metadata.
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
-        let mut meta = std::collections::HashMap::new();
-        meta.insert(
-            CONFIG_META.to_string(),
-            serde_json::to_string(&self.config).expect("config serialises"),
-        );
-        meta.insert("format".to_string(), "pt".to_string());
-        serialize_tensors(self.tensors.iter(), Some(meta))
+        let config = serde_json::to_string(&self.config).expect("config serialises");
+        serialize_tensors(self.tensors.iter(), Some(meta(CONFIG_META, config)))
     }
 
     /// Writes a safetensors file.
@@ -342,6 +337,14 @@ impl VitWeights {
 }
 
 /// Serialises f32 tensors to safetensors.
+/// safetensors metadata: `key` = `value`, and the `format` PyTorch's loaders expect.
+fn meta(key: &str, value: String) -> std::collections::HashMap<String, String> {
+    std::collections::HashMap::from([
+        (key.to_string(), value),
+        ("format".to_string(), "pt".to_string()),
+    ])
+}
+
 pub(crate) fn serialize_tensors<'a>(
     tensors: impl Iterator<Item = (&'a String, &'a Tensor)>,
     meta: Option<std::collections::HashMap<String, String>>,
@@ -549,16 +552,12 @@ impl LinearHead {
 
     /// Serialises to safetensors (`head.weight`, `head.bias`, class names in the metadata).
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
-        let mut meta = std::collections::HashMap::new();
-        meta.insert(
-            CLASSES_META.to_string(),
-            serde_json::to_string(&self.class_names).expect("names serialise"),
-        );
+        let names = serde_json::to_string(&self.class_names).expect("names serialise");
         let w = "head.weight".to_string();
         let b = "head.bias".to_string();
         serialize_tensors(
             [(&w, &self.weight), (&b, &self.bias)].into_iter(),
-            Some(meta),
+            Some(meta(CLASSES_META, names)),
         )
     }
 

@@ -12,16 +12,14 @@ use super::ModelArgs;
 pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Folder of labelled crops.
-    #[arg(long)]
-    pub data: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
 }
 
 /// Runs `reddino-trainer embed`.
 pub fn run(args: EmbedArgs) -> Result<()> {
-    let EmbedArgs { model, data, out } = args;
+    let EmbedArgs { model, out } = args;
+    let data = model.data.clone();
     let (set, f) = model.features(&data)?;
     let labels = tch::Tensor::from_slice(&set.labels);
     let sources = tch::Tensor::from_slice(&set.sources);

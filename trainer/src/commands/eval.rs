@@ -12,9 +12,6 @@ use super::{FeatureKind, ModelArgs};
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Folder of labelled crops.
-    #[arg(long)]
-    pub data: PathBuf,
     /// Report folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -34,12 +31,12 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let EvalArgs {
         model,
-        data,
         out,
         cosine,
         features,
         loso_only,
     } = args;
+    let data = model.data.clone();
     use crate::report::{evaluate, markdown, Protocol};
     let (set, f) = model.features_of(&data, features)?;
     let knn = if cosine {

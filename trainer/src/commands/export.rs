@@ -48,58 +48,47 @@ pub struct ExportArgs {
 
 /// Runs `reddino-trainer export`.
 pub fn run(args: ExportArgs) -> Result<()> {
-    let ExportArgs {
-        checkpoint,
-        head,
-        input_size,
-        out,
-        sign,
-        name,
-        version,
-        description,
-        crop_min_side,
-        blank_neighbours,
-        cell_finder,
-        tar,
-    } = args;
-    let w = reddino_models::weights::VitWeights::load(&checkpoint)?;
-    let head = head
+    let input_size = args.input_size;
+    let w = reddino_models::weights::VitWeights::load(&args.checkpoint)?;
+    let head = args
+        .head
+        .as_ref()
         .map(|p| -> Result<_> {
-            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
             Ok(reddino_models::weights::LinearHead::from_bytes(
                 &bytes,
                 &p.display().to_string(),
             )?)
         })
         .transpose()?;
-    let key = reddino_models::bundle::SigningKey::from_file(&sign, None)?;
+    let key = reddino_models::bundle::SigningKey::from_file(&args.sign, None)?;
     let (m, diff) = crate::export::export(
         &crate::export::ExportSpec {
             weights: &w,
             head: head.as_ref(),
             input_size,
-            name,
-            version,
-            description,
-            crop_min_side,
-            blank_neighbours,
-            cell_finder,
+            name: args.name,
+            version: args.version,
+            description: args.description,
+            crop_min_side: args.crop_min_side,
+            blank_neighbours: args.blank_neighbours,
+            cell_finder: args.cell_finder,
         },
         &key,
-        &out,
+        &args.out,
     )?;
     println!(
         "{}: {} {} (ViT {}-d x {}, input {input_size}, {} classes); ONNX vs tch max diff {diff:.1e}",
-        out.display(),
+        args.out.display(),
         m.name,
         m.version,
         w.config.embed_dim,
         w.config.depth,
         m.class_names.len()
     );
-    if tar {
-        let t = out.with_extension("tar");
-        reddino_models::bundle::pack(&out, &t)?;
+    if args.tar {
+        let t = args.out.with_extension("tar");
+        reddino_models::bundle::pack(&args.out, &t)?;
         println!("{}", t.display());
     }
     Ok(())

@@ -15,9 +15,6 @@ use crate::labelled::LabelledSet;
 pub struct FinetuneArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Folder of labelled crops ({class}/image or {source}/{class}/image).
-    #[arg(long)]
-    pub data: PathBuf,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -59,7 +56,6 @@ pub struct FinetuneArgs {
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let FinetuneArgs {
         model,
-        data,
         out,
         epochs,
         lr,
@@ -73,6 +69,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         cross_validate,
         cv_only,
     } = args;
+    let data = model.data.clone();
     use crate::finetune::{finetune, FinetuneConfig};
     if cv_only && !cross_validate {
         anyhow::bail!("--cv-only needs --cross-validate");

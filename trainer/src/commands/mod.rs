@@ -17,12 +17,16 @@ use anyhow::Result;
 
 use crate::labelled::LabelledSet;
 
-/// The backbone to take features from.
+/// The backbone to take features from, and the labelled crops to take them of.
 #[derive(clap::Args)]
 pub struct ModelArgs {
     /// Backbone safetensors (this trainer's, timm's, DINOv2's or RedDino's).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Folder of labelled crops ({class}/image or {source}/{class}/image, as `reddino-edge
+    /// import` writes them).
+    #[arg(long)]
+    pub data: PathBuf,
     /// Input size the crops are resized to (position embedding resampled); default: the
     /// checkpoint's.
     #[arg(long)]

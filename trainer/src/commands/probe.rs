@@ -12,9 +12,6 @@ use super::ModelArgs;
 pub struct ProbeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Folder of labelled crops.
-    #[arg(long)]
-    pub data: PathBuf,
     /// Head safetensors to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -26,12 +23,8 @@ pub struct ProbeArgs {
 
 /// Runs `reddino-trainer probe`.
 pub fn run(args: ProbeArgs) -> Result<()> {
-    let ProbeArgs {
-        model,
-        data,
-        out,
-        l2,
-    } = args;
+    let ProbeArgs { model, out, l2 } = args;
+    let data = model.data.clone();
     use crate::eval::{default_l2, metrics, LinearProbe};
     let (set, f) = model.features(&data)?;
     let classes = set.class_names.len();

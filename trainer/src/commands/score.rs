@@ -18,19 +18,13 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub head: PathBuf,
     #[arg(long)]
-    pub data: PathBuf,
-    #[arg(long)]
     pub out: PathBuf,
 }
 
 /// Runs `reddino-trainer score`.
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let ScoreArgs {
-        model,
-        head,
-        data,
-        out,
-    } = args;
+    let ScoreArgs { model, head, out } = args;
+    let data = model.data.clone();
     let bytes = std::fs::read(&head).with_context(|| format!("reading {}", head.display()))?;
     let head_name = head.display().to_string();
     let head = reddino_models::weights::LinearHead::from_bytes(&bytes, &head_name)?;
@@ -41,7 +35,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let report = crate::report::score_report(&set, &head.class_names, &truth, &pred);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
-    crate::report::confusion_png(&report.overall.confusion, &head.class_names)
+    crate::report::confusion_png(&report.overall.confusion, &head.class_names)?
         .save(out.join("confusion.png"))
         .context("writing confusion.png")?;
     let md = crate::report::score_markdown(

@@ -15,9 +15,7 @@ use crate::eval::{default_l2, knn_predict, metrics, stratified_folds, Knn, Linea
 use crate::labelled::LabelledSet;
 
 pub use markdown::{confusion_markdown, cv_markdown, markdown, score_markdown};
-pub use plots::{
-    colour_hex, confusion_layout, confusion_png, draw_text, pca2, scatter_png, write_plots, PALETTE,
-};
+pub use plots::{colour_hex, confusion_png, heat_colour, pca2, scatter_png, write_plots, PALETTE};
 
 /// Results of one protocol.
 #[derive(Debug, Clone, Serialize)]

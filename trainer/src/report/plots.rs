@@ -1,14 +1,33 @@
-//! The report's pictures: the confusion matrix as a heat map and the features' first two
-//! principal components as scatter plots, with their colour keys.
+//! The report's pictures, drawn with plotters: the confusion matrix as a heat map (class names
+//! on both axes, counts in the cells) and the features' first two principal components as
+//! scatter plots with a legend of the class or source names.
 
 use std::path::Path;
+use std::sync::Once;
 
-use anyhow::Result;
-use image::{Rgb, RgbImage};
+use anyhow::{anyhow, Context, Result};
+use image::RgbImage;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle, FontTransform};
 use tch::{Device, Tensor};
 
 use super::ProtocolReport;
 use crate::labelled::LabelledSet;
+
+/// The face every label is drawn in: DejaVu Sans, shipped with the source (assets/, its
+/// licence beside it), so a plot looks the same on every machine and needs no system fonts.
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+const FACE: &str = "sans-serif";
+
+fn register_face() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if register_font(FACE, FontStyle::Normal, FONT).is_err() {
+            log::warn!("the plots' font did not load: labels are left out");
+        }
+    });
+}
 
 /// Distinct colours (Tableau 20) for classes and sources in the plots.
 pub const PALETTE: [[u8; 3]; 20] = [
@@ -40,125 +59,120 @@ pub fn colour_hex(i: usize) -> String {
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
 
-/// Draws `text` in the 8 x 8 bitmap font with its top-left corner at (`x`, `y`), or, when
-/// `upward`, rotated to read bottom to top with its bottom-left corner at (`x`, `y`). Pixels
-/// outside the image are skipped; characters the font lacks are drawn as `?`.
-pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, colour: Rgb<u8>, upward: bool) {
-    use font8x8::UnicodeFonts;
-    for (i, ch) in text.chars().enumerate() {
-        let glyph = font8x8::BASIC_FONTS
-            .get(ch)
-            .or_else(|| font8x8::BASIC_FONTS.get('?'))
-            .unwrap_or([0; 8]);
-        for (r, bits) in glyph.iter().enumerate() {
-            for c in 0..8 {
-                if bits & (1 << c) == 0 {
-                    continue;
+fn palette(i: usize) -> RGBColor {
+    let c = PALETTE[i % PALETTE.len()];
+    RGBColor(c[0], c[1], c[2])
+}
+
+/// The heat map's colour for a row-normalised share: white at 0 to dark blue at 1.
+pub fn heat_colour(f: f64) -> [u8; 3] {
+    let f = f.clamp(0.0, 1.0);
+    let lerp = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
+    [lerp(255.0, 8.0), lerp(255.0, 48.0), lerp(255.0, 107.0)]
+}
+
+/// Draws into a white `w` x `h` picture and returns it.
+fn picture(
+    w: u32,
+    h: u32,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,
+) -> Result<RgbImage> {
+    register_face();
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(|e| anyhow!("drawing a plot: {e}"))?;
+    }
+    RgbImage::from_raw(w, h, buf).context("plot buffer")
+}
+
+fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("drawing a plot: {e}")
+}
+
+/// The confusion matrix (rows = truth, columns = prediction) as a heat map: each cell shaded
+/// by its share of its row (white 0 to dark blue 1) with its count written in it, the class
+/// names along both axes.
+pub fn confusion_png(confusion: &[Vec<usize>], names: &[String]) -> Result<RgbImage> {
+    let n = names.len().max(1);
+    let cell = 40u32;
+    let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(1) as u32;
+    let label_area = 24 + 8 * longest;
+    let side = label_area + n as u32 * cell + 20;
+    picture(side, side + 40, |root| {
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption("confusion matrix (rows = truth)", (FACE, 18))
+            .margin(10)
+            .x_label_area_size(label_area)
+            .y_label_area_size(label_area)
+            .build_cartesian_2d(0..n, 0..n)
+            .map_err(plot_err)?;
+        for (r, row) in confusion.iter().enumerate().take(n) {
+            let total = row.iter().sum::<usize>().max(1) as f64;
+            for (c, &count) in row.iter().enumerate().take(n) {
+                let f = count as f64 / total;
+                let [cr, cg, cb] = heat_colour(f);
+                let y = n - 1 - r;
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(c, y), (c + 1, y + 1)],
+                        RGBColor(cr, cg, cb).filled(),
+                    )))
+                    .map_err(plot_err)?;
+                if count > 0 {
+                    let ink = if f > 0.5 { &WHITE } else { &BLACK };
+                    let text = count.to_string();
+                    let (x0, y0) = chart.backend_coord(&(c, y + 1));
+                    let style = (FACE, 14).into_font().color(ink);
+                    let tw = 8 * text.len() as i32;
+                    root.draw(&Text::new(
+                        text,
+                        (x0 + (cell as i32 - tw) / 2, y0 + cell as i32 / 2 - 7),
+                        style,
+                    ))
+                    .map_err(plot_err)?;
                 }
-                let (px, py) = if upward {
-                    (x + r as i64, y - 8 * i as i64 - c as i64)
+            }
+        }
+        // Labels after the cells: the rotated column names start over the grid's edge.
+        let name_of = |i: usize| names.get(i).cloned().unwrap_or_default();
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(n + 1)
+            .y_labels(n + 1)
+            .x_label_formatter(&|_| String::new())
+            .y_label_formatter(&|&i| {
+                if i < n {
+                    name_of(n - 1 - i)
                 } else {
-                    (x + 8 * i as i64 + c as i64, y + r as i64)
-                };
-                if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
-                    img.put_pixel(px as u32, py as u32, colour);
+                    String::new()
                 }
-            }
+            })
+            .y_label_style((FACE, 13).into_font().color(&BLACK))
+            .y_label_offset(-(cell as i32) / 2)
+            .x_desc("prediction")
+            .y_desc("truth")
+            .axis_desc_style((FACE, 14))
+            .draw()
+            .map_err(plot_err)?;
+        // Column names below the grid, read top to bottom, each under its column.
+        for c in 0..n {
+            let (x, y) = chart.backend_coord(&(c, 0));
+            root.draw(&Text::new(
+                name_of(c),
+                (x + cell as i32 / 2 + 7, y + 6),
+                (FACE, 13)
+                    .into_font()
+                    .transform(FontTransform::Rotate90)
+                    .color(&BLACK),
+            ))
+            .map_err(plot_err)?;
         }
-    }
-}
-
-/// Width in pixels of `text` in the 8 x 8 font.
-fn text_width(text: &str) -> u32 {
-    8 * text.chars().count() as u32
-}
-
-/// Where [`confusion_png`] puts its grid: the top-left pixel of the matrix and the side of one
-/// cell, for `names` and the largest count in the matrix.
-pub fn confusion_layout(names: &[String], max_count: usize) -> (u32, u32, u32) {
-    let label = names.iter().map(|n| text_width(n)).max().unwrap_or(0);
-    let cell = 32u32.max(text_width(&max_count.to_string()) + 6);
-    // Left: "truth" written upward, then the row names; top: the title, "prediction", then
-    // the column names written upward.
-    (12 + label + 8, 12 + 12 + label + 8, cell)
-}
-
-/// The confusion matrix as a labelled heat map: rows = truth, columns = prediction, in the
-/// order of `names`; row-normalised shading, white (0) to dark blue (1), with the count in
-/// every non-empty cell.
-pub fn confusion_png(confusion: &[Vec<usize>], names: &[String]) -> RgbImage {
-    let n = confusion.len() as u32;
-    let max_count = confusion.iter().flatten().copied().max().unwrap_or(0);
-    let (ox, oy, cell) = confusion_layout(names, max_count);
-    let (w, h) = (ox + n * cell + 9, oy + n * cell + 9);
-    let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
-    let black = Rgb([0, 0, 0]);
-    draw_text(&mut img, ox as i64, 4, "prediction", black, false);
-    draw_text(
-        &mut img,
-        2,
-        (oy + n * cell / 2 + text_width("truth") / 2) as i64,
-        "truth",
-        black,
-        true,
-    );
-    let name = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
-    for i in 0..n as usize {
-        let label = name(i);
-        let centre = (i as u32 * cell + cell / 2) as i64;
-        // Row names right-aligned against the grid; column names upward above it.
-        let x = ox as i64 - 6 - text_width(&label) as i64;
-        draw_text(&mut img, x, oy as i64 + centre - 4, &label, black, false);
-        draw_text(
-            &mut img,
-            ox as i64 + centre - 4,
-            oy as i64 - 6,
-            &label,
-            black,
-            true,
-        );
-    }
-    // Grid lines, then the cells.
-    for y in oy..=oy + n * cell {
-        for x in ox..=ox + n * cell {
-            img.put_pixel(x, y, Rgb([200, 200, 200]));
-        }
-    }
-    for (i, row) in confusion.iter().enumerate() {
-        let total: usize = row.iter().sum();
-        for (j, &v) in row.iter().enumerate() {
-            let f = if total == 0 {
-                0.0
-            } else {
-                v as f32 / total as f32
-            };
-            let c = Rgb([
-                (255.0 * (1.0 - f) + 8.0 * f) as u8,
-                (255.0 * (1.0 - f) + 48.0 * f) as u8,
-                (255.0 * (1.0 - f) + 107.0 * f) as u8,
-            ]);
-            let (x0, y0) = (ox + j as u32 * cell, oy + i as u32 * cell);
-            for y in 1..cell {
-                for x in 1..cell {
-                    img.put_pixel(x0 + x, y0 + y, c);
-                }
-            }
-            if v > 0 {
-                let text = v.to_string();
-                let ink = if f > 0.5 { Rgb([255, 255, 255]) } else { black };
-                let tx = x0 + (cell - text_width(&text)) / 2;
-                draw_text(
-                    &mut img,
-                    tx as i64,
-                    (y0 + cell / 2 - 4) as i64,
-                    &text,
-                    ink,
-                    false,
-                );
-            }
-        }
-    }
-    img
+        Ok(())
+    })
 }
 
 /// First two principal components of `features` ([N, D]).
@@ -182,14 +196,14 @@ pub fn pca2(features: &Tensor) -> Vec<[f32; 2]> {
         .collect()
 }
 
-/// A scatter plot of 2-D points coloured by `group` (palette index into `names`), 512 x 512,
-/// with a colour key of `names` on its right.
-pub fn scatter_png(points: &[[f32; 2]], group: &[i64], names: &[String]) -> RgbImage {
-    let size = 512u32;
-    let margin = 16.0;
-    let key_width = 28 + names.iter().map(|n| text_width(n)).max().unwrap_or(0);
-    let height = size.max(16 + 14 * names.len() as u32);
-    let mut img = RgbImage::from_pixel(size + key_width, height, Rgb([255, 255, 255]));
+/// A scatter plot of 2-D points coloured by `group` (palette index into `names`), with axes,
+/// ticks and a legend of `names` on the picture.
+pub fn scatter_png(
+    title: &str,
+    points: &[[f32; 2]],
+    group: &[i64],
+    names: &[String],
+) -> Result<RgbImage> {
     let (mut lo, mut hi) = ([f32::MAX; 2], [f32::MIN; 2]);
     for p in points {
         for a in 0..2 {
@@ -197,69 +211,100 @@ pub fn scatter_png(points: &[[f32; 2]], group: &[i64], names: &[String]) -> RgbI
             hi[a] = hi[a].max(p[a]);
         }
     }
-    let span = |a: usize| (hi[a] - lo[a]).max(1e-12);
-    for (p, &g) in points.iter().zip(group) {
-        let x = margin + (p[0] - lo[0]) / span(0) * (size as f32 - 2.0 * margin);
-        let y = size as f32 - margin - (p[1] - lo[1]) / span(1) * (size as f32 - 2.0 * margin);
-        let c = Rgb(PALETTE[g as usize % PALETTE.len()]);
-        for dy in -2i32..=2 {
-            for dx in -2i32..=2 {
-                if dx * dx + dy * dy <= 5 {
-                    let (px, py) = (x as i32 + dx, y as i32 + dy);
-                    if px >= 0 && py >= 0 && (px as u32) < size && (py as u32) < size {
-                        img.put_pixel(px as u32, py as u32, c);
-                    }
-                }
-            }
-        }
+    if points.is_empty() {
+        (lo, hi) = ([0.0; 2], [1.0; 2]);
     }
-    for (i, name) in names.iter().enumerate() {
-        let y = 12 + 14 * i as u32;
-        let c = Rgb(PALETTE[i % PALETTE.len()]);
-        for dy in 0..8 {
-            for dx in 0..8 {
-                img.put_pixel(size + 4 + dx, y + dy, c);
-            }
+    let pad = |a: usize| ((hi[a] - lo[a]) * 0.05).max(1e-6);
+    let (x0, x1) = (lo[0] - pad(0), hi[0] + pad(0));
+    let (y0, y1) = (lo[1] - pad(1), hi[1] + pad(1));
+    let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(1) as u32;
+    let key_width = 40 + 8 * longest;
+    let height = 560.max(60 + 20 * names.len() as u32);
+    picture(560 + key_width, height, |root| {
+        root.fill(&WHITE).map_err(plot_err)?;
+        // The plot on the left, its legend beside it (never over the points).
+        let (plot, key) = root.split_horizontally(560);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(title, (FACE, 18))
+            .margin(10)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .light_line_style(WHITE.mix(0.0))
+            .x_desc("PC 1")
+            .y_desc("PC 2")
+            .label_style((FACE, 12))
+            .draw()
+            .map_err(plot_err)?;
+        for (g, name) in names.iter().enumerate() {
+            let colour = palette(g);
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .zip(group)
+                        .filter(|(_, &k)| k == g as i64)
+                        .map(|(p, _)| Circle::new((p[0], p[1]), 3, colour.filled())),
+                )
+                .map_err(plot_err)?;
+            let y = 40 + 20 * g as i32;
+            key.draw(&Circle::new((12, y), 5, colour.filled()))
+                .map_err(plot_err)?;
+            key.draw(&Text::new(
+                name.clone(),
+                (24, y - 7),
+                (FACE, 14).into_font().color(&BLACK),
+            ))
+            .map_err(plot_err)?;
         }
-        draw_text(
-            &mut img,
-            (size + 16) as i64,
-            y as i64,
-            name,
-            Rgb([0, 0, 0]),
-            false,
-        );
-    }
-    img
+        Ok(())
+    })
 }
 
 /// Writes confusion.png, pca_class.png and pca_source.png into `dir` and returns the Markdown
-/// that shows them with their colour keys.
+/// that shows them.
 pub fn write_plots(
     dir: &Path,
     features: &Tensor,
     set: &LabelledSet,
     report: &ProtocolReport,
 ) -> Result<String> {
-    confusion_png(&report.linear.confusion, &set.class_names).save(dir.join("confusion.png"))?;
-    let pts = pca2(features);
-    scatter_png(&pts, &set.labels, &set.class_names).save(dir.join("pca_class.png"))?;
-    scatter_png(&pts, &set.sources, &set.source_names).save(dir.join("pca_source.png"))?;
-    let key = |names: &[String]| {
-        names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| format!("{n} `{}`", colour_hex(i)))
-            .collect::<Vec<_>>()
-            .join(", ")
+    let save = |img: RgbImage, name: &str| {
+        let p = dir.join(name);
+        img.save(&p)
+            .with_context(|| format!("writing {}", p.display()))
     };
+    save(
+        confusion_png(&report.linear.confusion, &set.class_names)?,
+        "confusion.png",
+    )?;
+    let pts = pca2(features);
+    save(
+        scatter_png(
+            "PCA of the features, by class",
+            &pts,
+            &set.labels,
+            &set.class_names,
+        )?,
+        "pca_class.png",
+    )?;
+    save(
+        scatter_png(
+            "PCA of the features, by source",
+            &pts,
+            &set.sources,
+            &set.source_names,
+        )?,
+        "pca_source.png",
+    )?;
     Ok(format!(
         "\n## Plots\n\nConfusion matrix of the linear probe ({}; rows = truth, columns = \
          prediction, counts in the cells, shading row-normalised from white 0 to dark blue 1):\n\n![confusion](confusion.png)\n\n\
-         Features projected on their first two principal components, coloured by class \
-         ({}):\n\n![pca by class](pca_class.png)\n\nand by source ({}):\n\n![pca by source](pca_source.png)\n",
+         Features projected on their first two principal components, by class:\n\n\
+         ![pca by class](pca_class.png)\n\nand by source:\n\n![pca by source](pca_source.png)\n",
         report.protocol,
-        key(&set.class_names),
-        key(&set.source_names)
     ))
 }
