@@ -164,10 +164,7 @@ impl VitWeights {
             path: origin.into(),
             msg,
         };
-        let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
+        let (st, meta) = open_safetensors(bytes, origin)?;
         let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         let prefix = PREFIXES
             .iter()
@@ -191,9 +188,7 @@ impl VitWeights {
             tensors.insert(canonical_key(key), Tensor::new(view.shape().to_vec(), data));
         }
         let stored_cfg = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(CONFIG_META))
+            .get(CONFIG_META)
             .map(|s| serde_json::from_str::<VitConfig>(s))
             .transpose()
             .map_err(|e| ckpt_err(format!("metadata `{CONFIG_META}` is not a ViT config: {e}")))?;
@@ -379,20 +374,27 @@ type MetaMap = std::collections::HashMap<String, String>;
 
 /// Reads every tensor of a safetensors buffer as f32 (for self-test vectors and heads).
 pub(crate) fn read_tensors(bytes: &[u8], origin: &str) -> Result<(TensorMap, MetaMap), Error> {
-    let ckpt_err = |msg: String| Error::Checkpoint {
-        path: origin.into(),
-        msg,
-    };
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| ckpt_err(format!("not a safetensors file: {e}")))?;
+    let (st, meta) = open_safetensors(bytes, origin)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = to_f32(&view, &name, origin)?;
         out.insert(name, Tensor::new(view.shape().to_vec(), data));
     }
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
+    Ok((out, meta))
+}
+
+/// The tensors and the metadata of a safetensors buffer; `origin` names it in errors.
+fn open_safetensors<'a>(
+    bytes: &'a [u8],
+    origin: &str,
+) -> Result<(SafeTensors<'a>, MetaMap), Error> {
+    let not_safetensors = |e: safetensors::SafeTensorError| Error::Checkpoint {
+        path: origin.into(),
+        msg: format!("not a safetensors file: {e}"),
+    };
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
+    let st = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
+    Ok((st, meta.metadata().clone().unwrap_or_default()))
 }
 
 fn infer_config(t: &BTreeMap<String, Tensor>) -> Result<VitConfig, String> {
