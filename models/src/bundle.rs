@@ -373,6 +373,7 @@ impl SelfTestVector {
 }
 
 /// What goes into a new bundle.
+#[derive(Clone)]
 pub struct NewBundle<'a> {
     pub name: String,
     pub version: String,

@@ -15,20 +15,11 @@ use crate::vit::Vit;
 /// Largest difference allowed between the ONNX (tract) and tch outputs.
 pub const TOLERANCE: f32 = 1e-4;
 
-/// What to export.
+/// What to export: a bundle of these weights (name, version, head, crop policy, finder
+/// profile as the manifest will say), at this input size.
 pub struct ExportSpec<'a> {
-    pub weights: &'a VitWeights,
-    pub head: Option<&'a LinearHead>,
+    pub bundle: NewBundle<'a>,
     pub input_size: usize,
-    pub name: String,
-    pub version: String,
-    pub description: String,
-    /// The crop policy the model was trained with (`Manifest::crop_min_side`; 0 = off).
-    pub crop_min_side: f32,
-    /// Whether it was trained on crops with blanked neighbours (`Manifest::blank_neighbours`).
-    pub blank_neighbours: bool,
-    /// The edge's cell-finder profile its crops were cut with (`Manifest::cell_finder`).
-    pub cell_finder: String,
 }
 
 /// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`.
@@ -71,27 +62,22 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// signed bundle directory `dir` (and `dir.tar` when `tar`).
 pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Manifest, f32)> {
     // Refused before the (slow) ONNX check, not after it.
-    bundle::check_crop_min_side(spec.crop_min_side).map_err(anyhow::Error::msg)?;
-    let mut w = spec.weights.clone();
+    bundle::check_crop_min_side(spec.bundle.crop_min_side).map_err(anyhow::Error::msg)?;
+    let mut w = spec.bundle.weights.clone();
     w.resize_input(spec.input_size)
         .with_context(|| format!("input size {}", spec.input_size))?;
-    if let Some(h) = spec.head {
+    let head = spec.bundle.head;
+    if let Some(h) = head {
         h.validate(w.config.embed_dim)?;
     }
-    let diff = check_onnx(&w, spec.head, spec.input_size)?;
+    let diff = check_onnx(&w, head, spec.input_size)?;
     if diff.is_nan() || diff > TOLERANCE {
         bail!("the exported ONNX differs from the tch model by {diff:e} (limit {TOLERANCE:e}); nothing written");
     }
-    let mut new = NewBundle::new(
-        spec.name.clone(),
-        spec.version.clone(),
-        spec.description.clone(),
-        &w,
-        spec.head,
-    );
-    new.crop_min_side = spec.crop_min_side;
-    new.blank_neighbours = spec.blank_neighbours;
-    new.cell_finder = spec.cell_finder.clone();
+    let new = NewBundle {
+        weights: &w,
+        ..spec.bundle.clone()
+    };
     let m = bundle::write_dir(&new, dir, key)?;
     Ok((m, diff))
 }

@@ -2,7 +2,7 @@
 //! its self-test where the edge would open it.
 
 use reddino_models::arch::{Preset, VitConfig};
-use reddino_models::bundle::{self, Limits, SigningKey, TrustedKeys};
+use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys};
 use reddino_models::weights::{LinearHead, Tensor, VitWeights};
 use reddino_trainer::export::{check_onnx, export, ExportSpec};
 
@@ -35,15 +35,13 @@ fn preset_exports_and_opens(preset: Preset) {
     let out = dir.path().join("bundle");
     let (_, diff) = export(
         &ExportSpec {
-            weights: &w,
-            head: Some(&head),
+            bundle: NewBundle {
+                crop_min_side: 0.0,
+                blank_neighbours: false,
+                cell_finder: String::new(),
+                ..NewBundle::new(preset.name(), "1", String::new(), &w, Some(&head))
+            },
             input_size: 56,
-            name: preset.name().into(),
-            version: "1".into(),
-            description: String::new(),
-            crop_min_side: 0.0,
-            blank_neighbours: false,
-            cell_finder: String::new(),
         },
         &k,
         &out,
@@ -89,15 +87,13 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     let out = dir.path().join("bundle");
     let (m, diff) = export(
         &ExportSpec {
-            weights: &w,
-            head: Some(&head),
+            bundle: NewBundle {
+                crop_min_side: 1.0,
+                blank_neighbours: true,
+                cell_finder: "real-smear".into(),
+                ..NewBundle::new("t", "1", "test", &w, Some(&head))
+            },
             input_size: 112,
-            name: "t".into(),
-            version: "1".into(),
-            description: "test".into(),
-            crop_min_side: 1.0,
-            blank_neighbours: true,
-            cell_finder: "real-smear".into(),
         },
         &k,
         &out,
@@ -126,15 +122,13 @@ fn mismatching_head_is_refused_before_writing() {
     let (k, _) = key(dir.path());
     let out = dir.path().join("bundle");
     let spec = ExportSpec {
-        weights: &w,
-        head: Some(&head),
+        bundle: NewBundle {
+            crop_min_side: 0.0,
+            blank_neighbours: false,
+            cell_finder: String::new(),
+            ..NewBundle::new("t", "1", String::new(), &w, Some(&head))
+        },
         input_size: 56,
-        name: "t".into(),
-        version: "1".into(),
-        description: String::new(),
-        crop_min_side: 0.0,
-        blank_neighbours: false,
-        cell_finder: String::new(),
     };
     assert!(export(&spec, &k, &out).is_err());
     assert!(!out.exists());

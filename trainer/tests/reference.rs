@@ -75,7 +75,7 @@ fn vit_small_matches_timm() {
 
 #[test]
 fn timm_small_exports_to_a_bundle_the_edge_opens() {
-    use reddino_models::bundle::{self, Limits, SigningKey, TrustedKeys};
+    use reddino_models::bundle::{self, Limits, NewBundle, SigningKey, TrustedKeys};
     let Some(dir) = reference_dir() else { return };
     let w = VitWeights::load(&dir.join("vit_small.safetensors")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -85,15 +85,13 @@ fn timm_small_exports_to_a_bundle_the_edge_opens() {
     let mut trusted = TrustedKeys::new();
     trusted.add_file(&pubf).unwrap();
     let spec = reddino_trainer::export::ExportSpec {
-        weights: &w,
-        head: None,
+        bundle: NewBundle {
+            crop_min_side: 0.0,
+            blank_neighbours: false,
+            cell_finder: String::new(),
+            ..NewBundle::new("timm-small", "1", String::new(), &w, None)
+        },
         input_size: 112,
-        name: "timm-small".into(),
-        version: "1".into(),
-        description: String::new(),
-        crop_min_side: 0.0,
-        blank_neighbours: false,
-        cell_finder: String::new(),
     };
     let (_, diff) = reddino_trainer::export::export(&spec, &k, &tmp.path().join("b")).unwrap();
     assert!(diff < 1e-4, "{diff}");

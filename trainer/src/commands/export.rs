@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use reddino_models::bundle::NewBundle;
 
 /// Export a backbone (+ optional linear head) to a signed bundle for reddino-edge; the ONNX
 /// is checked against the tch model (max difference 1e-4) before anything is written.
@@ -64,15 +65,13 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let key = reddino_models::bundle::SigningKey::from_file(&args.sign, None)?;
     let (m, diff) = crate::export::export(
         &crate::export::ExportSpec {
-            weights: &w,
-            head: head.as_ref(),
+            bundle: NewBundle {
+                crop_min_side: args.crop_min_side,
+                blank_neighbours: args.blank_neighbours,
+                cell_finder: args.cell_finder,
+                ..NewBundle::new(args.name, args.version, args.description, &w, head.as_ref())
+            },
             input_size,
-            name: args.name,
-            version: args.version,
-            description: args.description,
-            crop_min_side: args.crop_min_side,
-            blank_neighbours: args.blank_neighbours,
-            cell_finder: args.cell_finder,
         },
         &key,
         &args.out,
