@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::infer::{Backend, TractBackend};
 use crate::model::open_bundle;
-use crate::pipeline::{ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
+use crate::pipeline::{CommandError, ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
 use crate::publish::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
 use crate::publish::outbox::Outbox;
 
@@ -107,11 +107,10 @@ impl Service {
         if let Some(p) = self.pipeline.take() {
             p.join();
         }
-        if self.shared.snapshot().session.is_some() {
-            match self.shared.stop_session() {
-                Ok(seq) => log::info!("active session closed at shutdown (summary seq {seq})"),
-                Err(e) => log::error!("{e}"),
-            }
+        match self.shared.stop_session() {
+            Ok(seq) => log::info!("active session closed at shutdown (summary seq {seq})"),
+            Err(CommandError::NoSession) => {}
+            Err(e) => log::error!("{e}"),
         }
         self.shared.pipeline_done.store(true, Ordering::SeqCst);
         self.shared.notify.notify_one();

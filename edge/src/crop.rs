@@ -6,6 +6,7 @@
 
 use image::RgbImage;
 pub use reddino_models::preprocess::CropPolicy;
+use reddino_models::preprocess::OwnerMap;
 
 use crate::cells::{self, Cell, CellFinderConfig};
 
@@ -17,7 +18,18 @@ pub fn find_and_crop(
     policy: &CropPolicy,
 ) -> (Vec<Cell>, Vec<RgbImage>) {
     let (found, owners) = cells::find_maybe_owners(img, finder, policy.blank_neighbours);
-    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-    let crops = policy.cut(img, &boxes, owners.as_ref());
+    let crops = cut(img, &found, owners.as_ref(), policy);
     (found, crops)
+}
+
+/// The crops of cells already found, one per cell in order; `owners` (the finder's map) is
+/// needed when the policy blanks neighbours.
+pub fn cut(
+    img: &RgbImage,
+    found: &[Cell],
+    owners: Option<&OwnerMap>,
+    policy: &CropPolicy,
+) -> Vec<RgbImage> {
+    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+    policy.cut(img, &boxes, owners)
 }

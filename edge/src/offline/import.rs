@@ -452,7 +452,7 @@ pub fn import_fields(
         let part = cfg.scheme.part(&field.name);
         let (found, owners) = cells::find_with_owners(&img, &cfg.finder);
         let (label, why) = match_labels(&found, &owners, field, classes, cfg.min_iou);
-        let crops = cut(&img, &found, &owners, cfg);
+        let crops = crate::crop::cut(&img, &found, Some(&owners), &cfg.crop);
         let mut fi = FieldImport {
             name: field.name.clone(),
             part: part.clone(),
@@ -620,16 +620,6 @@ pub fn import_crops(
     write_summary(&cfg.out, &summary)?;
     write_classes(cfg, &summary)?;
     Ok(summary)
-}
-
-fn cut(
-    img: &RgbImage,
-    found: &[cells::Cell],
-    owners: &OwnerMap,
-    cfg: &ImportConfig,
-) -> Vec<RgbImage> {
-    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
-    cfg.crop.cut(img, &boxes, Some(owners))
 }
 
 /// Creates `dir` once per import.

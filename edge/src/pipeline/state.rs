@@ -94,15 +94,13 @@ pub struct Snapshot {
     pub session_counts: Option<BTreeMap<String, u64>>,
 }
 
-/// The `q`-quantile (0..=1) of `v` by nearest rank.
-pub fn percentile(v: &[f64], q: f64) -> Option<f64> {
-    if v.is_empty() {
+/// The `q`-quantile (0..=1) of `sorted` (ascending) by nearest rank.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
         return None;
     }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    Some(s[rank - 1])
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
 }
 
 impl Shared {
@@ -155,7 +153,8 @@ impl Shared {
 
     pub fn snapshot(&self) -> Snapshot {
         let st = lock(&self.stats);
-        let lat: Vec<f64> = st.latencies_ms.iter().copied().collect();
+        let mut lat: Vec<f64> = st.latencies_ms.iter().copied().collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
         let sess = lock(&self.session);
         Snapshot {
             frames: st.frames.clone(),

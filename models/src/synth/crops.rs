@@ -48,12 +48,6 @@ impl CropExport {
             crop: CropPolicy::default(),
         }
     }
-
-    /// The smallest crop side (pixels, before resizing) for a source whose median cell side is
-    /// `median`: `margin x min_side x median`.
-    pub fn min_crop_side(&self, median: f32) -> f32 {
-        self.crop.min_crop_side(median)
-    }
 }
 
 /// Crops written per source and class.
@@ -77,7 +71,7 @@ impl CropSummary {
         for (src, m) in &self.median_side {
             s += &format!(
                 "{src}: median cell {m:.1} px, crops at least {:.0} px\n",
-                cfg.min_crop_side(*m)
+                cfg.crop.min_crop_side(*m)
             );
         }
         s

@@ -19,8 +19,7 @@ pub struct EmbedArgs {
 /// Runs `reddino-trainer embed`.
 pub fn run(args: EmbedArgs) -> Result<()> {
     let EmbedArgs { model, out } = args;
-    let data = model.data.clone();
-    let (set, f) = model.features(&data)?;
+    let (set, f) = model.features()?;
     let labels = tch::Tensor::from_slice(&set.labels);
     let sources = tch::Tensor::from_slice(&set.sources);
     tch::Tensor::write_safetensors(

@@ -36,9 +36,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         features,
         loso_only,
     } = args;
-    let data = model.data.clone();
     use crate::report::{evaluate, markdown, Protocol};
-    let (set, f) = model.features_of(&data, features)?;
+    let (set, f) = model.features_of(features)?;
     let knn = if cosine {
         crate::eval::Knn::Cosine { temperature: 0.07 }
     } else {
@@ -47,7 +46,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if loso_only && set.source_names.len() < 2 {
         anyhow::bail!(
             "--loso-only needs crops from two or more sources ({{source}}/{{class}}/image); {} has one",
-            data.display()
+            model.data.display()
         );
     }
     let mut reports = Vec::new();

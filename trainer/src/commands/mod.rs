@@ -39,8 +39,9 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn features(&self, data: &std::path::Path) -> Result<(LabelledSet, tch::Tensor)> {
-        self.features_of(data, FeatureKind::Model)
+    /// CLS features of the checkpoint for every crop of `data`.
+    pub fn features(&self) -> Result<(LabelledSet, tch::Tensor)> {
+        self.features_of(FeatureKind::Model)
     }
 
     /// The backbone (with the checkpoint's weights, or freshly initialised) at the input size.
@@ -60,12 +61,9 @@ impl ModelArgs {
         Ok((vs, vit))
     }
 
-    pub fn features_of(
-        &self,
-        data: &std::path::Path,
-        kind: FeatureKind,
-    ) -> Result<(LabelledSet, tch::Tensor)> {
-        let set = LabelledSet::scan(data)?;
+    /// The features `kind` names for every crop of `data`.
+    pub fn features_of(&self, kind: FeatureKind) -> Result<(LabelledSet, tch::Tensor)> {
+        let set = LabelledSet::scan(&self.data)?;
         let (vs, vit) = self.vit(kind == FeatureKind::RandomInit)?;
         let size = vit.config.img_size;
         log::info!(

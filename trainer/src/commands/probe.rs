@@ -24,9 +24,8 @@ pub struct ProbeArgs {
 /// Runs `reddino-trainer probe`.
 pub fn run(args: ProbeArgs) -> Result<()> {
     let ProbeArgs { model, out, l2 } = args;
-    let data = model.data.clone();
     use crate::eval::{default_l2, metrics, LinearProbe};
-    let (set, f) = model.features(&data)?;
+    let (set, f) = model.features()?;
     let classes = set.class_names.len();
     let l2 = l2.unwrap_or_else(|| default_l2(f.size()[1] as usize, classes, f.size()[0] as usize));
     let probe = LinearProbe::fit(&f, &set.labels, classes, l2, 5000);
