@@ -11,7 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use reddino_models::arch::{Preset, VitConfig};
 use serde::{Deserialize, Serialize};
 
@@ -247,9 +248,7 @@ impl Config {
         merge(&mut merged, user, "")?;
         // Re-parsed from text so that type errors quote the offending line (and so its key).
         let text = toml::to_string(&merged).context("merged config to TOML")?;
-        let mut cfg: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("invalid config")?;
+        let mut cfg: Config = toml::from_str(&text).context("invalid config")?;
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base_dir.join(&*p);

@@ -10,7 +10,8 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use image::imageops::FilterType;
 use image::RgbImage;
 use rand::seq::SliceRandom;
@@ -51,7 +52,9 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(dir).follow_links(true) {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let entry = entry
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("reading {}", dir.display()))?;
         let ok = entry.file_type().is_file()
             && entry
                 .path()
@@ -274,7 +277,7 @@ impl Loader {
 
     /// The next batch, in step order.
     pub fn next(&self) -> Result<RawBatch> {
-        self.rx.recv().context("data loader stopped")?
+        self.rx.recv().ok().context("data loader stopped")?
     }
 }
 

@@ -4,7 +4,8 @@
 //! precision/recall and the confusion matrix, and the protocols (fixed split, stratified k-fold,
 //! leave-one-source-out).
 
-use anyhow::{bail, Result};
+use crate::bail;
+use crate::error::Result;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Error, Result};
 use reddino_models::bundle::{self, Manifest, NewBundle, SigningKey};
 use reddino_models::runtime::TractModel;
 use reddino_models::weights::{LinearHead, VitWeights};
@@ -62,7 +63,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// signed bundle directory `dir` (and `dir.tar` when `tar`).
 pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Manifest, f32)> {
     // Refused before the (slow) ONNX check, not after it.
-    bundle::check_crop_min_side(spec.bundle.crop_min_side).map_err(anyhow::Error::msg)?;
+    bundle::check_crop_min_side(spec.bundle.crop_min_side).map_err(Error::Invalid)?;
     let mut w = spec.bundle.weights.clone();
     w.resize_input(spec.input_size)
         .with_context(|| format!("input size {}", spec.input_size))?;

@@ -3,7 +3,8 @@
 //! stain, colour, noise and focus-blur transforms of RedDino's set). The result is the backbone and the linear head the edge runs:
 //! logits = head(CLS after the final norm), the same graph `export` writes.
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reddino_models::preprocess::{preprocess_into, Normalization};

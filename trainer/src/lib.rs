@@ -9,12 +9,13 @@
 //!   the shared preprocessing), [`eval`] (kNN, the linear probe, metrics, folds), [`report`]
 //!   (the protocols' runs, their Markdown and plots), [`finetune`] (backbone + head).
 //! - Out: [`export`] (signed bundles for the edge); [`commands`] (one function per
-//!   `reddino-trainer` command).
+//!   `reddino-trainer` command); [`error`] (the one error type every function returns).
 
 pub mod augment;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod error;
 pub mod eval;
 pub mod export;
 pub mod finetune;

@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use crate::bail;
+use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// One parameter with its schedule multipliers.

@@ -1,7 +1,7 @@
 //! The student/teacher pair and one DINOv2 training step on two global crops (DINOv2's
 //! `SSLMetaArch.forward_backward` without local crops, as RedDino trains).
 
-use anyhow::Result;
+use crate::error::Result;
 use reddino_models::arch::VitConfig;
 use reddino_models::weights::VitWeights;
 use tch::nn::{self, Module};

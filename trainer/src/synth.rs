@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use reddino_models::synth::{render, FieldSpec, SourcePreset};
 
 /// Writes `per_source` fields of every acquisition source as PNG under `out/{source}/`.

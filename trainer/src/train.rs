@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use reddino_models::weights::VitWeights;

@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use reddino_models::arch::{VitConfig, LN_EPS, PATCH_SIZE};
 use reddino_models::weights::{backbone_keys, Tensor as WTensor, VitWeights};
 use tch::nn::{self, Module};

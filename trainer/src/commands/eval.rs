@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 
 use super::{FeatureKind, ModelArgs};
 
@@ -44,7 +45,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         crate::eval::Knn::Euclidean
     };
     if loso_only && set.source_names.len() < 2 {
-        anyhow::bail!(
+        bail!(
             "--loso-only needs crops from two or more sources ({{source}}/{{class}}/image); {} has one",
             model.data.display()
         );

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use reddino_models::bundle::NewBundle;
 
 /// Export a backbone (+ optional linear head) to a signed bundle for reddino-edge; the ONNX

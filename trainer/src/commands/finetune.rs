@@ -3,7 +3,8 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 
 use super::{progress_bar, ModelArgs};
 use crate::labelled::LabelledSet;
@@ -72,7 +73,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let data = model.data.clone();
     use crate::finetune::{finetune, FinetuneConfig};
     if cv_only && !cross_validate {
-        anyhow::bail!("--cv-only needs --cross-validate");
+        bail!("--cv-only needs --cross-validate");
     }
     if threads > 0 {
         tch::set_num_threads(threads as i32);

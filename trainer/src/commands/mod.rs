@@ -13,7 +13,7 @@ pub mod synth_smears;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use crate::error::Result;
 
 use crate::labelled::LabelledSet;
 

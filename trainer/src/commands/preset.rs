@@ -1,6 +1,6 @@
 //! `reddino-trainer preset`.
 
-use anyhow::Result;
+use crate::error::Result;
 
 use crate::config::Config;
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 
 use super::ModelArgs;
 use crate::labelled::LabelledSet;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use crate::error::Result;
 
 /// Write synthetic smear fields (PNG) to try pretraining without real data.
 #[derive(clap::Args)]

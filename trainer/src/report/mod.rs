@@ -7,7 +7,8 @@ mod plots;
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use crate::bail;
+use crate::error::Result;
 use serde::Serialize;
 use tch::Tensor;
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Once;
 
-use anyhow::{anyhow, Context, Result};
+use crate::error::{Context, Error, Result};
 use image::RgbImage;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -82,13 +82,13 @@ fn picture(
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         draw(&root)?;
-        root.present().map_err(|e| anyhow!("drawing a plot: {e}"))?;
+        root.present().map_err(plot_err)?;
     }
     RgbImage::from_raw(w, h, buf).context("plot buffer")
 }
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("drawing a plot: {e}")
+fn plot_err<E: std::fmt::Display>(e: E) -> Error {
+    Error::Plot(e.to_string())
 }
 
 /// The confusion matrix (rows = truth, columns = prediction) as a heat map: each cell shaded
