@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::infer::{Backend, TractBackend};
 use crate::model::open_bundle;
+use crate::model::store::Store;
 use crate::pipeline::{CommandError, ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
 use crate::publish::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
 use crate::publish::outbox::Outbox;
@@ -149,9 +150,21 @@ pub fn command(config: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The model a run serves: the store's active version (or, when it cannot run, the previous
+/// one), else the config's `model.bundle`.
+pub fn open_model(cfg: &Config) -> Result<Bundle> {
+    if let Some(store) = Store::existing(&cfg.model_store()) {
+        if let Some((id, bundle)) = store.runnable(&cfg.model.trusted_keys)? {
+            log::info!("serving installed model {id}");
+            return Ok(bundle);
+        }
+    }
+    open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)
+}
+
 /// `reddino-edge run`: everything from a config, until the source ends or `stop` is set.
 pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
-    let bundle = open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)?;
+    let bundle = open_model(cfg)?;
     let backend = TractBackend::from_bundle(&bundle, cfg.model.batch, cfg.model.threads)?;
     let source = build_source(&cfg.camera)?;
     let svc = Service::start(cfg, &bundle, Box::new(backend), source, stop, None)?;

@@ -48,6 +48,11 @@ pub struct ModelConfig {
     /// Below this top probability a cell counts as `uncertain`.
     #[serde(default = "default_min_confidence")]
     pub min_confidence: f32,
+    /// Where installed model versions live (`reddino-edge model install`); absent = `models`
+    /// beside the outbox (the state directory). An active installed version is run instead
+    /// of `bundle`, which stays the fallback.
+    #[serde(default)]
+    pub store: Option<PathBuf>,
 }
 
 fn default_batch() -> usize {
@@ -173,6 +178,19 @@ pub fn valid_id(s: &str) -> bool {
 }
 
 impl Config {
+    /// The model store's directory: `model.store`, or `models` beside the outbox.
+    pub fn model_store(&self) -> PathBuf {
+        match &self.model.store {
+            Some(p) => p.clone(),
+            None => self
+                .outbox
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("models"),
+        }
+    }
+
     /// Reads and checks a config file. Relative paths in it are taken relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -204,6 +222,9 @@ impl Config {
         };
         self.camera.paths.iter_mut().for_each(fix);
         fix(&mut self.model.bundle);
+        if let Some(p) = self.model.store.as_mut() {
+            fix(p)
+        }
         self.model.trusted_keys.iter_mut().for_each(fix);
         fix(&mut self.outbox.path);
         if let Some(p) = self.mqtt.password_file.as_mut() {

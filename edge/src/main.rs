@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use reddino_edge::model::store;
 use reddino_edge::offline::{analyze, demo, import, quality, synth_crops};
 
 #[derive(Parser)]
@@ -46,6 +47,9 @@ enum Cmd {
     Import(import::ImportArgs),
     /// Analyse image files offline: one JSON object per image with counts and cells.
     Analyze(analyze::AnalyzeArgs),
+    /// Installed model versions: install (verified first), list, activate, rollback, verify,
+    /// remove. `run` serves the active one.
+    Model(store::ModelArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::SynthCrops(o) => synth_crops::command(&o),
         Cmd::Import(o) => import::command(&o),
         Cmd::Analyze(o) => analyze::command(&o),
+        Cmd::Model(o) => store::command(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,9 @@
 //! Opening a model, the same way for every command (`run`, `demo`, `analyze`): trusted keys
 //! (with a warning for the published demo key), the bundle's signature and hashes, a
 //! classification head, the self-test. Also the models shipped inside the binary and the
-//! random bundles that exercise the pipeline.
+//! random bundles that exercise the pipeline. [`store`] keeps the installed versions.
+
+pub mod store;
 
 use std::path::{Path, PathBuf};
 
@@ -43,13 +45,13 @@ pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Resul
 /// The shipped demo model (models/demo/reddino-demo.tar): a ViT-tiny pretrained and
 /// fine-tuned on synthetic smears only (docs/models/demo.md). For demonstrations and tests;
 /// never for patients.
-pub const DEMO_BUNDLE_TAR: &[u8] = include_bytes!("../../models/demo/reddino-demo.tar");
+pub const DEMO_BUNDLE_TAR: &[u8] = include_bytes!("../../../models/demo/reddino-demo.tar");
 
 /// The shipped real-smear model (models/chula/reddino-chula.tar): a ViT-tiny pretrained and
 /// fine-tuned on the development fields of Chula RBC-12 (docs/models/chula.md), cut by the
 /// real-smear finder; one lab, one microscope, 1000x; signed with the demo key; not for
 /// diagnosis.
-pub const CHULA_BUNDLE_TAR: &[u8] = include_bytes!("../../models/chula/reddino-chula.tar");
+pub const CHULA_BUNDLE_TAR: &[u8] = include_bytes!("../../../models/chula/reddino-chula.tar");
 
 /// A model shipped inside the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -77,7 +79,7 @@ pub fn shipped_model(which: Shipped, dir: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// The demo model's signing key: published with the source (its secret too), so a device must
 /// never trust it for clinical use.
-pub const DEMO_PUBLIC_KEY: &str = include_str!("../../models/demo/demo.pub");
+pub const DEMO_PUBLIC_KEY: &str = include_str!("../../../models/demo/demo.pub");
 
 /// Writes the shipped demo model and its public key into `dir`; returns (bundle tar, key).
 pub fn demo_model(dir: &Path) -> Result<(PathBuf, PathBuf)> {

@@ -1,0 +1,439 @@
+//! The installed model versions of a device (`reddino-edge model ...`): each verified bundle
+//! in its own slot, and which one is active and which came before it.
+//!
+//! ```text
+//! STORE/slots/{name}-{version}/   a verified copy of the bundle's files (never changed)
+//! STORE/active                    the active slot's id, one line
+//! STORE/previous                  the slot that was active before it
+//! ```
+//!
+//! Installing verifies the bundle (trusted keys, signature, every hash, the graph, the
+//! self-test), copies the verified files into a hidden staging folder, verifies the copy again
+//! and only then renames it into place; activating verifies the slot again before it points
+//! `active` at it. Pointers are replaced by writing a new file, syncing it and renaming it over
+//! the old one, then syncing the folder, so a power cut or a kill at any moment leaves either
+//! the old pointer or the new one, never a torn one, and never a pointer to a half-copied slot.
+//! A failure at any step leaves the active model as it was. The previous version is kept (it
+//! cannot be removed) until another one is active.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use reddino_models::bundle::{self, Bundle};
+
+use crate::error::{Error, Result};
+
+use super::open_bundle;
+
+const SLOTS: &str = "slots";
+const ACTIVE: &str = "active";
+const PREVIOUS: &str = "previous";
+/// Staging folders start with this; `Store::open` sweeps what a killed install left.
+const STAGING: &str = ".staging-";
+
+/// One installed version, as `model list` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Installed {
+    /// The slot's id: `{name}-{version}`.
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    /// sha256 of the signed manifest, which names every file's hash: it identifies the model.
+    pub sha256: String,
+    pub active: bool,
+    pub previous: bool,
+}
+
+/// A device's model store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// The store at `root`, created if missing; staging left by an interrupted install is
+    /// removed.
+    pub fn open(root: &Path) -> Result<Store> {
+        let slots = root.join(SLOTS);
+        fs::create_dir_all(&slots).map_err(|e| Error::file("creating", &slots, e))?;
+        for entry in fs::read_dir(&slots).map_err(|e| Error::file("reading", &slots, e))? {
+            let entry = entry.map_err(|e| Error::file("reading", &slots, e))?;
+            if entry.file_name().to_string_lossy().starts_with(STAGING) {
+                let p = entry.path();
+                log::warn!("removing {} left by an interrupted install", p.display());
+                fs::remove_dir_all(&p).map_err(|e| Error::file("removing", &p, e))?;
+            }
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The store at `root` if one was ever created there, without creating anything.
+    pub fn existing(root: &Path) -> Option<Store> {
+        root.join(SLOTS).is_dir().then(|| Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Where a slot's files are.
+    pub fn slot(&self, id: &str) -> PathBuf {
+        self.root.join(SLOTS).join(id)
+    }
+
+    /// The active slot's id, if one was activated.
+    pub fn active(&self) -> Result<Option<String>> {
+        self.pointer(ACTIVE)
+    }
+
+    /// The slot that was active before the active one.
+    pub fn previous(&self) -> Result<Option<String>> {
+        self.pointer(PREVIOUS)
+    }
+
+    /// Verifies `bundle` against `keys` (signature, hashes, graph, self-test) and installs it
+    /// in its own slot; returns the slot's id. Installing the same model twice is a no-op;
+    /// another model under an installed name and version is refused.
+    pub fn install(&self, bundle: &Path, keys: &[PathBuf]) -> Result<String> {
+        let verified = open_bundle(bundle, keys)?;
+        let id = slot_id(&verified)?;
+        let sha = manifest_sha256(verified.dir())?;
+        let dest = self.slot(&id);
+        if dest.exists() {
+            let have = manifest_sha256(&dest)?;
+            if have == sha {
+                log::info!("{id} is already installed");
+                return Ok(id);
+            }
+            return Err(Error::Usage(format!(
+                "{id} is already installed with other contents (manifest sha256 {have}, this \
+                 bundle's {sha}): give the new model another version, or remove {id} first"
+            )));
+        }
+        let staging = self.root.join(SLOTS).join(format!("{STAGING}{id}"));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(|e| Error::file("removing", &staging, e))?;
+        }
+        fs::create_dir(&staging).map_err(|e| Error::file("creating", &staging, e))?;
+        let copied = copy_bundle_files(&verified, &staging).and_then(|()| {
+            // The copy is what will run: verify it, not only its source.
+            open_bundle(&staging, keys)?;
+            sync_dir(&staging)
+        });
+        if let Err(e) = copied {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        fs::rename(&staging, &dest).map_err(|e| Error::file("installing", &dest, e))?;
+        sync_dir(&self.root.join(SLOTS))?;
+        log::info!("installed {id} (manifest sha256 {sha})");
+        Ok(id)
+    }
+
+    /// Verifies the installed slot `id` again and makes it the active model; the one active
+    /// before becomes `previous`.
+    pub fn activate(&self, id: &str, keys: &[PathBuf]) -> Result<()> {
+        let slot = self.installed_slot(id)?;
+        open_bundle(&slot, keys)?;
+        let active = self.active()?;
+        if active.as_deref() == Some(id) {
+            log::info!("{id} is already active");
+            return Ok(());
+        }
+        // `previous` first: a kill between the two writes leaves the old model active with
+        // the right fallback, never an active model without one.
+        if let Some(old) = &active {
+            self.set_pointer(PREVIOUS, old)?;
+        }
+        self.set_pointer(ACTIVE, id)?;
+        log::info!("activated {id}");
+        Ok(())
+    }
+
+    /// Makes the previous version active again (after verifying it); the one rolled back from
+    /// becomes `previous`. Returns the id now active.
+    pub fn rollback(&self, keys: &[PathBuf]) -> Result<String> {
+        let prev = self
+            .previous()?
+            .ok_or_else(|| Error::Usage("no previous model version to roll back to".into()))?;
+        let slot = self.installed_slot(&prev)?;
+        open_bundle(&slot, keys)?;
+        let active = self.active()?;
+        self.set_pointer(ACTIVE, &prev)?;
+        match active {
+            Some(a) if a != prev => self.set_pointer(PREVIOUS, &a)?,
+            _ => {}
+        }
+        log::info!("rolled back to {prev}");
+        Ok(prev)
+    }
+
+    /// Removes an installed version that is neither active nor the previous one.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let slot = self.installed_slot(id)?;
+        if self.active()?.as_deref() == Some(id) {
+            return Err(Error::Usage(format!(
+                "{id} is the active model: activate another version first"
+            )));
+        }
+        if self.previous()?.as_deref() == Some(id) {
+            return Err(Error::Usage(format!(
+                "{id} is the previous model, kept for a rollback until another version is active"
+            )));
+        }
+        // Renamed out of the slots first, so a kill mid-removal leaves staging to sweep and
+        // never a half-removed slot that looks installed.
+        let doomed = self.root.join(SLOTS).join(format!("{STAGING}removed-{id}"));
+        fs::rename(&slot, &doomed).map_err(|e| Error::file("removing", &slot, e))?;
+        sync_dir(&self.root.join(SLOTS))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::file("removing", &doomed, e))?;
+        log::info!("removed {id}");
+        Ok(())
+    }
+
+    /// Every installed version, by id.
+    pub fn list(&self) -> Result<Vec<Installed>> {
+        let (active, previous) = (self.active()?, self.previous()?);
+        let slots = self.root.join(SLOTS);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&slots).map_err(|e| Error::file("reading", &slots, e))? {
+            let entry = entry.map_err(|e| Error::file("reading", &slots, e))?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if id.starts_with(STAGING) {
+                continue;
+            }
+            let manifest_path = entry.path().join(bundle::MANIFEST);
+            let text =
+                fs::read(&manifest_path).map_err(|e| Error::file("reading", &manifest_path, e))?;
+            let m: bundle::Manifest = serde_json::from_slice(&text).map_err(|e| {
+                Error::Failed(format!("{}: not a manifest: {e}", manifest_path.display()))
+            })?;
+            out.push(Installed {
+                active: active.as_deref() == Some(id.as_str()),
+                previous: previous.as_deref() == Some(id.as_str()),
+                sha256: sha256_hex(&text),
+                name: m.name,
+                version: m.version,
+                id,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The model `run` should open: the active slot if it verifies, else the previous one if
+    /// it does, else `None` (the config's bundle). Each refusal is logged with its reason.
+    pub fn runnable(&self, keys: &[PathBuf]) -> Result<Option<(String, Bundle)>> {
+        for id in [self.active()?, self.previous()?].into_iter().flatten() {
+            match self.installed_slot(&id).and_then(|p| open_bundle(&p, keys)) {
+                Ok(b) => return Ok(Some((id, b))),
+                Err(e) => log::error!("installed model {id} cannot run: {e}"),
+            }
+        }
+        Ok(None)
+    }
+
+    fn installed_slot(&self, id: &str) -> Result<PathBuf> {
+        if !valid_slot_id(id) {
+            return Err(Error::Usage(format!("{id:?} is not a model version id")));
+        }
+        let slot = self.slot(id);
+        if !slot.is_dir() {
+            let known: Vec<String> = self.list()?.into_iter().map(|i| i.id).collect();
+            return Err(Error::Usage(format!(
+                "{id} is not installed (installed: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        Ok(slot)
+    }
+
+    fn pointer(&self, name: &str) -> Result<Option<String>> {
+        let p = self.root.join(name);
+        match fs::read_to_string(&p) {
+            Ok(s) => {
+                let id = s.trim();
+                if !valid_slot_id(id) {
+                    return Err(Error::Failed(format!(
+                        "{} holds {id:?}, not a model version id",
+                        p.display()
+                    )));
+                }
+                Ok(Some(id.to_string()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::file("reading", &p, e)),
+        }
+    }
+
+    /// Replaces pointer `name` atomically: a new file written and synced, renamed over the
+    /// old one, the folder synced.
+    fn set_pointer(&self, name: &str, id: &str) -> Result<()> {
+        let tmp = self.root.join(format!(".{name}.new"));
+        let dest = self.root.join(name);
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::file("writing", &tmp, e))?;
+        f.write_all(format!("{id}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::file("writing", &tmp, e))?;
+        fs::rename(&tmp, &dest).map_err(|e| Error::file("writing", &dest, e))?;
+        sync_dir(&self.root)
+    }
+}
+
+/// `{name}-{version}` of a verified bundle, refused when it could not be a folder name.
+fn slot_id(b: &Bundle) -> Result<String> {
+    let m = b.manifest();
+    let id = format!("{}-{}", m.name, m.version);
+    if valid_slot_id(&id) {
+        Ok(id)
+    } else {
+        Err(Error::Usage(format!(
+            "model name {:?} and version {:?} cannot name a slot: letters, digits, `.`, `-`, `_` only",
+            m.name, m.version
+        )))
+    }
+}
+
+fn valid_slot_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The manifest, its signature and every file it lists, copied from a verified bundle's
+/// folder into `dest`, each synced.
+fn copy_bundle_files(b: &Bundle, dest: &Path) -> Result<()> {
+    let names = [bundle::MANIFEST, bundle::SIGNATURE]
+        .into_iter()
+        .map(str::to_string)
+        .chain(b.manifest().files.keys().cloned());
+    for name in names {
+        let from = b.dir().join(&name);
+        let to = dest.join(&name);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::file("creating", parent, e))?;
+        }
+        fs::copy(&from, &to).map_err(|e| Error::file("copying", &from, e))?;
+        fs::File::open(&to)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::file("syncing", &to, e))?;
+    }
+    Ok(())
+}
+
+fn manifest_sha256(dir: &Path) -> Result<String> {
+    let p = dir.join(bundle::MANIFEST);
+    let bytes = fs::read(&p).map_err(|e| Error::file("reading", &p, e))?;
+    Ok(sha256_hex(&bytes))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::file("syncing", dir, e))
+}
+
+/// `reddino-edge model`: the arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The device's config: its trusted keys and its store (`model.store`, or `models` beside
+    /// the outbox).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub action: ModelAction,
+}
+
+/// What `reddino-edge model` does.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ModelAction {
+    /// Verify a bundle (signature against the config's trusted keys, every hash, the graph,
+    /// the self-test) and install it in its own slot; the active model is left as it is
+    /// unless --activate.
+    Install {
+        bundle: PathBuf,
+        /// Activate it once installed.
+        #[arg(long)]
+        activate: bool,
+    },
+    /// The installed versions, the active and previous ones marked.
+    List,
+    /// Verify an installed version again and make it the active model.
+    Activate { version: String },
+    /// Make the previous version active again.
+    Rollback,
+    /// Verify a bundle as install would, without installing it.
+    Verify { bundle: PathBuf },
+    /// Remove an installed version (never the active or the previous one).
+    Remove { version: String },
+}
+
+/// Runs `reddino-edge model ...`; what it did is printed on stdout.
+pub fn command(args: &ModelArgs) -> Result<()> {
+    let cfg = crate::config::Config::load(&args.config)?;
+    let keys = &cfg.model.trusted_keys;
+    let store = || Store::open(&cfg.model_store());
+    match &args.action {
+        ModelAction::Verify { bundle } => {
+            let b = open_bundle(bundle, keys)?;
+            let m = b.manifest();
+            println!(
+                "{}: {} {} verified (signature, hashes, graph, self-test); manifest sha256 {}",
+                bundle.display(),
+                m.name,
+                m.version,
+                manifest_sha256(b.dir())?
+            );
+        }
+        ModelAction::Install { bundle, activate } => {
+            let store = store()?;
+            let id = store.install(bundle, keys)?;
+            println!("installed {id}");
+            if *activate {
+                store.activate(&id, keys)?;
+                println!("active: {id}");
+            }
+        }
+        ModelAction::List => {
+            let store = store()?;
+            let all = store.list()?;
+            if all.is_empty() {
+                println!("no model installed in {}", store.root.display());
+            }
+            for i in all {
+                let mark = if i.active {
+                    "active"
+                } else if i.previous {
+                    "previous"
+                } else {
+                    ""
+                };
+                println!("{:<40} {:<8} {}", i.id, mark, i.sha256);
+            }
+        }
+        ModelAction::Activate { version } => {
+            store()?.activate(version, keys)?;
+            println!("active: {version}");
+        }
+        ModelAction::Rollback => println!("active: {}", store()?.rollback(keys)?),
+        ModelAction::Remove { version } => {
+            store()?.remove(version)?;
+            println!("removed {version}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! The model store (`reddino-edge model ...`): installs verify before anything changes, a
+//! refused bundle leaves the active model serving, activation and rollback switch atomically,
+//! and a kill at any moment of an install or activation leaves a state that starts with a
+//! valid model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use reddino_edge::config::Config;
+use reddino_edge::model::store::Store;
+use reddino_models::arch::{Preset, VitConfig};
+use reddino_models::bundle::{self, NewBundle, SigningKey};
+use reddino_models::taxonomy::default_class_names;
+use reddino_models::weights::{LinearHead, Tensor, VitWeights};
+
+const SIZE: usize = 28;
+
+/// A signed tiny bundle `name`-`version` in `dir`/`folder`.
+fn make_bundle(dir: &Path, folder: &str, version: &str, key: &SigningKey, seed: u64) -> PathBuf {
+    let cfg = VitConfig::preset(Preset::Tiny, SIZE).unwrap();
+    let w = VitWeights::random(&cfg, seed, 1.0).unwrap();
+    let names = default_class_names();
+    let (c, d) = (names.len(), cfg.embed_dim);
+    let head = LinearHead {
+        class_names: names,
+        weight: Tensor::new(
+            vec![c, d],
+            (0..c * d).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect(),
+        ),
+        bias: Tensor::new(vec![c], vec![0.0; c]),
+    };
+    let out = dir.join(folder);
+    bundle::write_dir(
+        &NewBundle::new("rbc", version, "store test", &w, Some(&head)),
+        &out,
+        key,
+    )
+    .unwrap();
+    out
+}
+
+struct Device {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    config: PathBuf,
+    key: SigningKey,
+    factory: PathBuf,
+}
+
+impl Device {
+    fn new() -> Device {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let key = SigningKey::generate().unwrap();
+        std::fs::write(dir.join("k.pub"), key.public_key_file().unwrap()).unwrap();
+        let factory = make_bundle(&dir, "factory", "0.1.0", &key, 1);
+        let config = dir.join("edge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"store-test\"\n[camera]\nsource = \"synthetic\"\n[model]\n\
+                 bundle = {:?}\ntrusted_keys = [\"k.pub\"]\n[outbox]\npath = \"state/outbox.db\"\n",
+                factory.display().to_string()
+            ),
+        )
+        .unwrap();
+        Device {
+            _tmp: tmp,
+            dir,
+            config,
+            key,
+            factory,
+        }
+    }
+
+    fn cfg(&self) -> Config {
+        Config::load(&self.config).unwrap()
+    }
+
+    fn keys(&self) -> Vec<PathBuf> {
+        vec![self.dir.join("k.pub")]
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.cfg().model_store()).unwrap()
+    }
+
+    /// What `run` would serve: (name, version).
+    fn serving(&self) -> String {
+        let b = reddino_edge::app::open_model(&self.cfg()).unwrap();
+        format!("{}-{}", b.manifest().name, b.manifest().version)
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_reddino-edge"))
+            .arg("model")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn install_activate_rollback_remove() {
+    let d = Device::new();
+    // The store is `models` beside the outbox; nothing installed: the config's bundle serves.
+    assert_eq!(d.cfg().model_store(), d.dir.join("state/models"));
+    assert_eq!(d.serving(), "rbc-0.1.0");
+    let s = d.store();
+    let v1 = make_bundle(&d.dir, "v1", "1.0.0", &d.key, 2);
+    let v2 = make_bundle(&d.dir, "v2", "2.0.0", &d.key, 3);
+    assert_eq!(s.install(&v1, &d.keys()).unwrap(), "rbc-1.0.0");
+    // Installed is not active.
+    assert_eq!(s.active().unwrap(), None);
+    assert_eq!(d.serving(), "rbc-0.1.0");
+    // The same bundle twice is a no-op.
+    assert_eq!(s.install(&v1, &d.keys()).unwrap(), "rbc-1.0.0");
+    s.activate("rbc-1.0.0", &d.keys()).unwrap();
+    assert_eq!(d.serving(), "rbc-1.0.0");
+    s.install(&v2, &d.keys()).unwrap();
+    s.activate("rbc-2.0.0", &d.keys()).unwrap();
+    assert_eq!(d.serving(), "rbc-2.0.0");
+    assert_eq!(s.previous().unwrap().as_deref(), Some("rbc-1.0.0"));
+    let list = s.list().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[1].active && list[0].previous && list[0].sha256.len() == 64);
+
+    // Neither the active nor the previous version can be removed.
+    let e = s.remove("rbc-2.0.0").unwrap_err().to_string();
+    assert!(e.contains("active model"), "{e}");
+    let e = s.remove("rbc-1.0.0").unwrap_err().to_string();
+    assert!(e.contains("previous model"), "{e}");
+    let e = s.activate("rbc-9.9.9", &d.keys()).unwrap_err().to_string();
+    assert!(
+        e.contains("not installed") && e.contains("rbc-1.0.0, rbc-2.0.0"),
+        "{e}"
+    );
+    let e = s.activate("../../etc", &d.keys()).unwrap_err().to_string();
+    assert!(e.contains("not a model version id"), "{e}");
+
+    // Another model under an installed version is refused.
+    let imposter = make_bundle(&d.dir, "imposter", "1.0.0", &d.key, 9);
+    let e = s.install(&imposter, &d.keys()).unwrap_err().to_string();
+    assert!(e.contains("already installed with other contents"), "{e}");
+
+    assert_eq!(s.rollback(&d.keys()).unwrap(), "rbc-1.0.0");
+    assert_eq!(d.serving(), "rbc-1.0.0");
+    assert_eq!(s.previous().unwrap().as_deref(), Some("rbc-2.0.0"));
+    // Rolling back twice returns to where it was.
+    assert_eq!(s.rollback(&d.keys()).unwrap(), "rbc-2.0.0");
+    let v3 = make_bundle(&d.dir, "v3", "3.0.0", &d.key, 4);
+    s.install(&v3, &d.keys()).unwrap();
+    s.activate("rbc-3.0.0", &d.keys()).unwrap();
+    // rbc-1.0.0 is neither active nor previous now.
+    s.remove("rbc-1.0.0").unwrap();
+    let ids: Vec<String> = s.list().unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(ids, ["rbc-2.0.0", "rbc-3.0.0"]);
+}
+
+#[test]
+fn refused_bundles_leave_the_active_model_serving() {
+    let d = Device::new();
+    let s = d.store();
+    let good = make_bundle(&d.dir, "good", "1.0.0", &d.key, 2);
+    s.install(&good, &d.keys()).unwrap();
+    s.activate("rbc-1.0.0", &d.keys()).unwrap();
+
+    // A changed ONNX file: its hash no longer matches the signed manifest.
+    let tampered = make_bundle(&d.dir, "tampered", "2.0.0", &d.key, 3);
+    let onnx = tampered.join(bundle::MODEL);
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&onnx, bytes).unwrap();
+    // Signed by a key the device does not trust.
+    let stranger = SigningKey::generate().unwrap();
+    let untrusted = make_bundle(&d.dir, "untrusted", "3.0.0", &stranger, 4);
+    // A manifest changed after signing.
+    let resigned = make_bundle(&d.dir, "resigned", "4.0.0", &d.key, 5);
+    let m = resigned.join(bundle::MANIFEST);
+    let text = std::fs::read_to_string(&m).unwrap();
+    std::fs::write(&m, text.replace("store test", "store tests")).unwrap();
+
+    let mut messages = Vec::new();
+    for b in [&tampered, &untrusted, &resigned, &d.dir.join("missing")] {
+        let e = s.install(b, &d.keys()).unwrap_err().to_string();
+        messages.push(e);
+        assert_eq!(s.active().unwrap().as_deref(), Some("rbc-1.0.0"));
+        assert_eq!(d.serving(), "rbc-1.0.0");
+    }
+    assert!(messages[0].contains(bundle::MODEL), "{}", messages[0]);
+    assert!(
+        messages[1].contains("trust") || messages[1].contains("key"),
+        "{}",
+        messages[1]
+    );
+    assert!(
+        messages[2].contains("signature") || messages[2].contains("signed"),
+        "{}",
+        messages[2]
+    );
+    assert!(messages[3].contains("missing"), "{}", messages[3]);
+    // Each says its own thing, and nothing of them was left in the store.
+    for (i, a) in messages.iter().enumerate() {
+        for b in &messages[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    let ids: Vec<String> = s.list().unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(ids, ["rbc-1.0.0"]);
+    let slots = std::fs::read_dir(d.cfg().model_store().join("slots"))
+        .unwrap()
+        .count();
+    assert_eq!(slots, 1, "no staging left behind");
+}
+
+#[test]
+fn a_damaged_active_slot_falls_back_to_the_previous_then_the_config() {
+    let d = Device::new();
+    let s = d.store();
+    for (v, seed) in [("1.0.0", 2), ("2.0.0", 3)] {
+        let b = make_bundle(&d.dir, v, v, &d.key, seed);
+        let id = s.install(&b, &d.keys()).unwrap();
+        s.activate(&id, &d.keys()).unwrap();
+    }
+    assert_eq!(d.serving(), "rbc-2.0.0");
+    let damage = |id: &str| {
+        let onnx = s.slot(id).join(bundle::MODEL);
+        std::fs::write(&onnx, b"not a model").unwrap();
+    };
+    damage("rbc-2.0.0");
+    assert_eq!(d.serving(), "rbc-1.0.0");
+    // Activating a damaged slot is refused and changes nothing.
+    assert!(s.activate("rbc-2.0.0", &d.keys()).is_err());
+    damage("rbc-1.0.0");
+    assert_eq!(
+        d.serving(),
+        "rbc-0.1.0",
+        "the config's bundle is the last fallback"
+    );
+    let _ = &d.factory;
+}
+
+#[test]
+fn cli_installs_lists_and_refuses_with_exit_status() {
+    let d = Device::new();
+    let v1 = make_bundle(&d.dir, "v1", "1.0.0", &d.key, 2);
+    let out = d.cli(&["verify", v1.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rbc 1.0.0 verified"));
+    let out = d.cli(&["install", "--activate", v1.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.cli(&["list"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("rbc-1.0.0") && text.contains("active"),
+        "{text}"
+    );
+    let out = d.cli(&["rollback"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "nothing to roll back to is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no previous model version"));
+    let out = d.cli(&["remove", "rbc-1.0.0"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// SIGKILL at random moments of `model install --activate` and `model activate`: whatever
+/// moment it lands on, the store opens, names only slots that verify, and `run` gets a valid
+/// model.
+#[test]
+fn sigkill_during_install_or_activation_leaves_a_valid_model() {
+    let d = Device::new();
+    let versions: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            make_bundle(
+                &d.dir,
+                &format!("v{i}"),
+                &format!("{i}.0.0"),
+                &d.key,
+                10 + i,
+            )
+        })
+        .collect();
+    // How long one install takes here, to spread the kills over it.
+    let t = std::time::Instant::now();
+    let out = d.cli(&["install", "--activate", versions[0].to_str().unwrap()]);
+    assert!(out.status.success());
+    let span = t.elapsed().as_millis().max(20) as u64;
+    let mut rng = 0x9E3779B97F4A7C15u64;
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    for i in 0..24 {
+        let v = &versions[1 + (i % 3)];
+        let args: Vec<String> = if i % 4 == 3 {
+            vec!["activate".into(), format!("rbc-{}.0.0", 1 + (i + 1) % 3)]
+        } else {
+            vec![
+                "install".into(),
+                "--activate".into(),
+                v.display().to_string(),
+            ]
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_reddino-edge"))
+            .arg("model")
+            .arg("--config")
+            .arg(&d.config)
+            .args(&args)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(next(span + 10)));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // A fresh start: the store opens (sweeping staging), and what it points at verifies.
+        let s = d.store();
+        let keys = d.keys();
+        for id in [s.active().unwrap(), s.previous().unwrap()]
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                reddino_edge::model::open_bundle(&s.slot(&id), &keys).is_ok(),
+                "kill {i}: {id} does not verify"
+            );
+        }
+        assert!(s.active().unwrap().is_some(), "kill {i}: no active model");
+        let name = d.serving();
+        assert!(
+            name.starts_with("rbc-") && name != "rbc-0.1.0",
+            "kill {i}: {name}"
+        );
+        let staging = std::fs::read_dir(d.cfg().model_store().join("slots"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        assert_eq!(staging, 0, "kill {i}: staging swept");
+    }
+}
