@@ -108,6 +108,8 @@ impl Service {
         if let Some(p) = self.pipeline.take() {
             p.join();
         }
+        // Frames have stopped; what is left is draining the outbox.
+        self.shared.supervisor.stopping();
         match self.shared.stop_session() {
             Ok(seq) => log::info!("active session closed at shutdown (summary seq {seq})"),
             Err(CommandError::NoSession) => {}

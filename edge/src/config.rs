@@ -178,17 +178,21 @@ pub fn valid_id(s: &str) -> bool {
 }
 
 impl Config {
-    /// The model store's directory: `model.store`, or `models` beside the outbox.
+    /// The model store's directory: `model.store`, or `models` in the state directory.
     pub fn model_store(&self) -> PathBuf {
         match &self.model.store {
             Some(p) => p.clone(),
-            None => self
-                .outbox
-                .path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("models"),
+            None => self.state_dir().join("models"),
         }
+    }
+
+    /// The state directory: the outbox's folder (`/var/lib/reddino-edge` by default).
+    pub fn state_dir(&self) -> PathBuf {
+        self.outbox
+            .path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
     }
 
     /// Reads and checks a config file. Relative paths in it are taken relative to its directory.

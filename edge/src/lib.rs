@@ -11,8 +11,9 @@
 //!
 //! Around them: [`config`] (the TOML config, made of each stage's section), [`model`] (opening
 //! a bundle, the same for every command), [`app`] (`reddino-edge run`: the wiring),
-//! [`offline`] (analysis of image files, data-set import, finder quality, the demo), and
-//! [`error`] (the commands' error and exit status).
+//! [`offline`] (analysis of image files, data-set import, finder quality, the demo),
+//! [`supervise`] (readiness and watchdog for systemd) and [`error`] (the commands' error and
+//! exit status).
 
 pub mod app;
 pub mod capture;
@@ -26,3 +27,4 @@ pub mod model;
 pub mod offline;
 pub mod pipeline;
 pub mod publish;
+pub mod supervise;

@@ -234,6 +234,62 @@ impl Store {
         Ok(None)
     }
 
+    /// Installs and activates each bundle in the inbox `dir` (a `.tar` or a bundle folder; names
+    /// starting with `.` are still being copied in and are skipped), in name order; writes
+    /// NAME.result.json beside each and moves it to `dir/done`. Returns each bundle's outcome;
+    /// a refused bundle leaves the active model as it was.
+    pub fn inbox(&self, dir: &Path, keys: &[PathBuf]) -> Result<Vec<(String, Result<String>)>> {
+        let done = dir.join("done");
+        fs::create_dir_all(&done).map_err(|e| Error::file("creating", &done, e))?;
+        let mut names: Vec<String> = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|e| Error::file("reading", dir, e))? {
+            let entry = entry.map_err(|e| Error::file("reading", dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let p = entry.path();
+            let is_bundle = if p.is_dir() {
+                p.join(bundle::MANIFEST).is_file()
+            } else {
+                name.ends_with(".tar")
+            };
+            if is_bundle && !name.starts_with('.') {
+                names.push(name);
+            }
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let p = dir.join(&name);
+            let outcome = self.install(&p, keys).and_then(|id| {
+                self.activate(&id, keys)?;
+                Ok(id)
+            });
+            let record = match &outcome {
+                Ok(id) => serde_json::json!({"bundle": name, "ok": true, "active": id}),
+                Err(e) => serde_json::json!({"bundle": name, "ok": false, "error": e.to_string()}),
+            };
+            match &outcome {
+                Ok(id) => log::info!("inbox: {name} installed and activated as {id}"),
+                Err(e) => log::error!("inbox: {name} refused: {e}"),
+            }
+            let result = dir.join(format!("{name}.result.json"));
+            let tmp = dir.join(format!(".{name}.result.json"));
+            fs::write(&tmp, format!("{record:#}\n"))
+                .and_then(|()| fs::rename(&tmp, &result))
+                .map_err(|e| Error::file("writing", &result, e))?;
+            let moved = done.join(&name);
+            if moved.exists() {
+                let _ = if moved.is_dir() {
+                    fs::remove_dir_all(&moved)
+                } else {
+                    fs::remove_file(&moved)
+                };
+            }
+            fs::rename(&p, &moved).map_err(|e| Error::file("moving", &p, e))?;
+            out.push((name, outcome));
+        }
+        Ok(out)
+    }
+
     fn installed_slot(&self, id: &str) -> Result<PathBuf> {
         if !valid_slot_id(id) {
             return Err(Error::Usage(format!("{id:?} is not a model version id")));
@@ -380,6 +436,11 @@ pub enum ModelAction {
     Verify { bundle: PathBuf },
     /// Remove an installed version (never the active or the previous one).
     Remove { version: String },
+    /// Install and activate every bundle dropped in DIR (default: `inbox` beside the outbox;
+    /// the systemd path unit runs this when the folder changes): each gets NAME.result.json
+    /// beside it, saying what was done or why it was refused, and moves to DIR/done. Names
+    /// starting with `.` are skipped: copy a bundle in under such a name, then rename it.
+    Inbox { dir: Option<PathBuf> },
 }
 
 /// Runs `reddino-edge model ...`; what it did is printed on stdout.
@@ -433,6 +494,15 @@ pub fn command(args: &ModelArgs) -> Result<()> {
         ModelAction::Remove { version } => {
             store()?.remove(version)?;
             println!("removed {version}");
+        }
+        ModelAction::Inbox { dir } => {
+            let dir = dir.clone().unwrap_or_else(|| cfg.state_dir().join("inbox"));
+            for (name, outcome) in store()?.inbox(&dir, keys)? {
+                match outcome {
+                    Ok(id) => println!("{name}: installed and activated {id}"),
+                    Err(e) => println!("{name}: refused: {e}"),
+                }
+            }
         }
     }
     Ok(())

@@ -239,5 +239,7 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Fram
         st.latencies_ms.pop_front();
     }
     st.latencies_ms.push_back(latency_ms);
+    drop(st);
+    sh.supervisor.frame_done(&sh.model.id);
     Ok(())
 }

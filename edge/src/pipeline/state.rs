@@ -14,6 +14,7 @@ use crate::classify::Session;
 use crate::publish::messages::{FrameStats, OutboxStats, ReplyMsg, StatusMsg, VERSION};
 use crate::publish::outbox::Outbox;
 use crate::publish::{now_ms, Device, Link};
+use crate::supervise::Supervisor;
 
 /// What the pipeline needs besides its source and backend.
 #[derive(Debug, Clone)]
@@ -72,6 +73,8 @@ pub struct Shared {
     pub(super) stages_done: AtomicBool,
     /// Woken whenever a result is stored.
     pub notify: Arc<tokio::sync::Notify>,
+    /// systemd's readiness and watchdog (a no-op outside systemd).
+    pub supervisor: Supervisor,
     started: Instant,
     pub(super) stats: Mutex<Stats>,
     pub(super) session: Mutex<Option<ActiveSession>>,
@@ -118,6 +121,7 @@ impl Shared {
             pipeline_done: Arc::new(AtomicBool::new(false)),
             stages_done: AtomicBool::new(false),
             notify: Arc::new(tokio::sync::Notify::new()),
+            supervisor: Supervisor::from_env(),
             started: Instant::now(),
             stats: Mutex::new(Stats::default()),
             session: Mutex::new(None),

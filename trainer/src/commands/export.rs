@@ -86,7 +86,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
         m.class_names.len()
     );
     if args.tar {
-        let t = args.out.with_extension("tar");
+        // OUT.tar beside OUT (not `with_extension`, which would turn `rbc-2.1.0` into
+        // `rbc-2.1.tar`).
+        let mut t = args.out.clone().into_os_string();
+        t.push(".tar");
+        let t = PathBuf::from(t);
         reddino_models::bundle::pack(&args.out, &t)?;
         println!("{}", t.display());
     }
