@@ -12,8 +12,8 @@ use crate::cells::CellFinderConfig;
 use crate::config::Config;
 use crate::error::Result;
 use crate::infer::{Backend, TractBackend};
-use crate::model::open_bundle;
-use crate::model::store::Store;
+use crate::model::store::{StartCheck, Store};
+use crate::model::{manifest_sha256, open_bundle};
 use crate::pipeline::{CommandError, ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
 use crate::publish::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
 use crate::publish::outbox::Outbox;
@@ -62,6 +62,7 @@ impl Service {
         };
         let model = ModelInfo {
             id: format!("{}@{}", m.name, m.version),
+            sha256: manifest_sha256(bundle.dir())?,
             backend: backend.describe(),
             class_names: m.class_names.clone(),
             normalization: m.normalization(),
@@ -155,20 +156,52 @@ pub fn command(config: &std::path::Path) -> Result<()> {
 /// The model a run serves: the store's active version (or, when it cannot run, the previous
 /// one), else the config's `model.bundle`.
 pub fn open_model(cfg: &Config) -> Result<Bundle> {
+    Ok(open_served(cfg)?.0)
+}
+
+/// An installed version being served, and what its start did.
+struct Served {
+    store: Store,
+    id: String,
+    check: Option<StartCheck>,
+}
+
+/// [`open_model`], with the store's crash-loop check counted for this start.
+fn open_served(cfg: &Config) -> Result<(Bundle, Option<Served>)> {
     if let Some(store) = Store::existing(&cfg.model_store()) {
+        let check = store.note_start(&cfg.model.trusted_keys)?;
         if let Some((id, bundle)) = store.runnable(&cfg.model.trusted_keys)? {
             log::info!("serving installed model {id}");
-            return Ok(bundle);
+            return Ok((bundle, Some(Served { store, id, check })));
         }
     }
-    open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)
+    Ok((
+        open_bundle(&cfg.model.bundle, &cfg.model.trusted_keys)?,
+        None,
+    ))
 }
 
 /// `reddino-edge run`: everything from a config, until the source ends or `stop` is set.
 pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
-    let bundle = open_model(cfg)?;
+    let (bundle, served) = open_served(cfg)?;
     let backend = TractBackend::from_bundle(&bundle, cfg.model.batch, cfg.model.threads)?;
     let source = build_source(&cfg.camera)?;
     let svc = Service::start(cfg, &bundle, Box::new(backend), source, stop, None)?;
+    if let Some(Served { store, id, check }) = served {
+        if let Some(StartCheck::RolledBack { from, to, starts }) = check {
+            svc.shared.model_event(
+                "rollback",
+                &from,
+                &to,
+                &format!("{from} started {starts} times without analysing a frame"),
+            )?;
+        }
+        // A version that analyses a frame is healthy: its start count is cleared.
+        svc.shared.supervisor.on_first_frame(move || {
+            if let Err(e) = store.note_healthy(&id) {
+                log::error!("cannot record that {id} is healthy: {e}");
+            }
+        });
+    }
     Ok(svc.finish())
 }

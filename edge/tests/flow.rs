@@ -64,6 +64,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
         },
         ModelInfo {
             id: "slow@1".into(),
+            sha256: "0".repeat(64),
             backend: "slow".into(),
             class_names: names,
             normalization: Normalization::default(),

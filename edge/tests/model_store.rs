@@ -3,6 +3,8 @@
 //! and a kill at any moment of an install or activation leaves a state that starts with a
 //! valid model.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -362,4 +364,82 @@ fn sigkill_during_install_or_activation_leaves_a_valid_model() {
             .count();
         assert_eq!(staging, 0, "kill {i}: staging swept");
     }
+}
+
+/// A version that keeps exiting before it analyses a frame (a crash loop under
+/// `Restart=always`) is given up after `CRASH_LOOP_STARTS` starts: the previous version is
+/// active again, and the rollback is published as a `model` event. A version that analyses a
+/// frame has its count cleared.
+#[test]
+fn crash_loop_rolls_back_to_the_previous_version_and_says_so() {
+    use reddino_edge::model::store::CRASH_LOOP_STARTS;
+    let d = Device::new();
+    let s = d.store();
+    for (v, seed) in [("1.0.0", 2), ("2.0.0", 3)] {
+        let b = make_bundle(&d.dir, v, v, &d.key, seed);
+        let id = s.install(&b, &d.keys()).unwrap();
+        s.activate(&id, &d.keys()).unwrap();
+    }
+    let Some(bin) = common::mosquitto_bin() else {
+        return;
+    };
+    let broker = common::Mosquitto::start(bin, &d.dir);
+    let config = |frames: u32| {
+        let text = std::fs::read_to_string(&d.config).unwrap();
+        let camera = format!(
+            "[camera]\nsource = \"synthetic\"\nframes = {frames}\nwidth = 320\nheight = 240\n"
+        );
+        let text = text.replace("[camera]\nsource = \"synthetic\"\n", &camera)
+            + &format!(
+                "[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nreconnect_max_s = 0.5\ndrain_timeout_s = 10.0\n",
+                broker.port
+            );
+        let p = d.dir.join(format!("run-{frames}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let run = |cfg: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_reddino-edge"))
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // One good start: the count is cleared once a frame is analysed.
+    run(&config(2));
+    let starts = || std::fs::read_to_string(d.cfg().model_store().join("starts")).unwrap();
+    assert_eq!(starts().trim(), "rbc-2.0.0 0");
+    let mon = reddino_edge::offline::demo::monitor::Monitor::connect(
+        "127.0.0.1",
+        broker.port,
+        "sub-model",
+        "reddino/store-test",
+    )
+    .unwrap();
+    // Starts that end before any frame.
+    let no_frames = config(0);
+    for n in 1..=CRASH_LOOP_STARTS {
+        run(&no_frames);
+        assert_eq!(starts().trim(), format!("rbc-2.0.0 {n}"));
+        assert_eq!(s.active().unwrap().as_deref(), Some("rbc-2.0.0"));
+    }
+    run(&no_frames);
+    assert_eq!(s.active().unwrap().as_deref(), Some("rbc-1.0.0"));
+    assert_eq!(s.previous().unwrap().as_deref(), Some("rbc-2.0.0"));
+    assert!(mon.wait_for(Duration::from_secs(20), |o| !o.model_events.is_empty()));
+    let o = mon.observed();
+    let e = &o.model_events[0];
+    assert_eq!(
+        (e.event.as_str(), e.from.as_str(), e.to.as_str()),
+        ("rollback", "rbc-2.0.0", "rbc-1.0.0")
+    );
+    assert!(e.reason.contains("3 times"), "{}", e.reason);
+    assert_eq!(o.malformed, 0);
 }

@@ -81,6 +81,8 @@ seed = 40"#;
         40,
         Some(8),
     );
+    let sha = reddino_edge::model::manifest_sha256(&b).unwrap();
+    assert_eq!(sha.len(), 64);
     let mut total = 0;
     while let Some(f) = src.next_frame().unwrap() {
         let found = cells::find(&f.image, &CellFinderConfig::default()).len() as u64;
@@ -88,6 +90,9 @@ seed = 40"#;
         assert_eq!(m.cells, found, "frame {}", f.index);
         assert_eq!(m.counts.values().sum::<u64>(), found);
         assert_eq!(m.device, "test-scope");
+        // Every result names the exact model that produced it.
+        assert_eq!(m.model, "demo-random@0.0.1");
+        assert_eq!(m.model_sha256, sha);
         total += found;
     }
     assert!(total > 20, "too few cells to mean anything: {total}");

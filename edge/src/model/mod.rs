@@ -42,6 +42,20 @@ pub fn open_bundle(path: &std::path::Path, keys: &[std::path::PathBuf]) -> Resul
     Ok(b)
 }
 
+/// sha256 (hex) of the signed manifest in a bundle folder: it names every file's hash, so it
+/// identifies the model exactly.
+pub fn manifest_sha256(dir: &Path) -> Result<String> {
+    let p = dir.join(reddino_models::bundle::MANIFEST);
+    let bytes = std::fs::read(&p).map_err(|e| Error::file("reading", &p, e))?;
+    Ok(sha256_hex(&bytes))
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The shipped demo model (models/demo/reddino-demo.tar): a ViT-tiny pretrained and
 /// fine-tuned on synthetic smears only (docs/models/demo.md). For demonstrations and tests;
 /// never for patients.

@@ -24,11 +24,30 @@ use reddino_models::bundle::{self, Bundle};
 
 use crate::error::{Error, Result};
 
-use super::open_bundle;
+use super::{manifest_sha256, open_bundle, sha256_hex};
 
 const SLOTS: &str = "slots";
 const ACTIVE: &str = "active";
 const PREVIOUS: &str = "previous";
+/// `ID N`: starts of the active version that have not yet analysed a frame.
+const STARTS: &str = "starts";
+
+/// Starts of an activated version that end before its first analysed frame after which the
+/// previous version comes back by itself (a crash loop).
+pub const CRASH_LOOP_STARTS: u32 = 3;
+
+/// What [`Store::note_start`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartCheck {
+    /// Serve the active version (this is its `n`th start without a frame analysed yet).
+    Serve { id: String, n: u32 },
+    /// The active version crash-looped: the previous one is active again.
+    RolledBack {
+        from: String,
+        to: String,
+        starts: u32,
+    },
+}
 /// Staging folders start with this; `Store::open` sweeps what a killed install left.
 const STAGING: &str = ".staging-";
 
@@ -222,6 +241,64 @@ impl Store {
         Ok(out)
     }
 
+    /// Called by `run` before it opens the active version: counts this start, and when the
+    /// active version has started [`CRASH_LOOP_STARTS`] times without analysing a frame and a
+    /// previous version is installed, activates the previous one instead. `None` when no
+    /// version is active.
+    pub fn note_start(&self, keys: &[PathBuf]) -> Result<Option<StartCheck>> {
+        let Some(active) = self.active()? else {
+            return Ok(None);
+        };
+        let starts = match self.read_starts()? {
+            Some((id, n)) if id == active => n,
+            _ => 0,
+        };
+        if starts >= CRASH_LOOP_STARTS {
+            if let Some(prev) = self.previous()? {
+                let to = self.rollback(keys)?;
+                debug_assert_eq!(to, prev);
+                self.set_pointer(STARTS, &format!("{to} 1"))?;
+                log::error!(
+                    "model {active} started {starts} times without analysing a frame: rolled back to {to}"
+                );
+                return Ok(Some(StartCheck::RolledBack {
+                    from: active,
+                    to,
+                    starts,
+                }));
+            }
+        }
+        self.set_pointer(STARTS, &format!("{active} {}", starts + 1))?;
+        Ok(Some(StartCheck::Serve {
+            id: active,
+            n: starts + 1,
+        }))
+    }
+
+    /// The active version analysed a frame: it is healthy, its start count is cleared.
+    pub fn note_healthy(&self, id: &str) -> Result<()> {
+        if matches!(self.read_starts()?, Some((ref a, n)) if a == id && n > 0) {
+            self.set_pointer(STARTS, &format!("{id} 0"))?;
+        }
+        Ok(())
+    }
+
+    fn read_starts(&self) -> Result<Option<(String, u32)>> {
+        let p = self.root.join(STARTS);
+        match fs::read_to_string(&p) {
+            Ok(s) => {
+                let mut it = s.split_whitespace();
+                match (it.next(), it.next().and_then(|n| n.parse().ok())) {
+                    (Some(id), Some(n)) => Ok(Some((id.to_string(), n))),
+                    // A torn or foreign file counts as no record.
+                    _ => Ok(None),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::file("reading", &p, e)),
+        }
+    }
+
     /// The model `run` should open: the active slot if it verifies, else the previous one if
     /// it does, else `None` (the config's bundle). Each refusal is logged with its reason.
     pub fn runnable(&self, keys: &[PathBuf]) -> Result<Option<(String, Bundle)>> {
@@ -383,18 +460,6 @@ fn copy_bundle_files(b: &Bundle, dest: &Path) -> Result<()> {
             .map_err(|e| Error::file("syncing", &to, e))?;
     }
     Ok(())
-}
-
-fn manifest_sha256(dir: &Path) -> Result<String> {
-    let p = dir.join(bundle::MANIFEST);
-    let bytes = fs::read(&p).map_err(|e| Error::file("reading", &p, e))?;
-    Ok(sha256_hex(&bytes))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(bytes);
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

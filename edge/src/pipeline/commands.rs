@@ -3,7 +3,9 @@
 
 use crate::classify::Session;
 use crate::config::valid_id;
-use crate::publish::messages::{ClassShare, CommandMsg, ReplyMsg, SessionMsg, VERSION};
+use crate::publish::messages::{
+    ClassShare, CommandMsg, ModelEventMsg, ReplyMsg, SessionMsg, VERSION,
+};
 use crate::publish::now_ms;
 use crate::publish::outbox::OutboxError;
 
@@ -133,6 +135,33 @@ impl Shared {
         self.notify.notify_one();
         Ok(seq)
     }
+
+    /// Stores a `model` event (the served model changed by itself) for the broker; returns
+    /// its `seq`.
+    pub fn model_event(
+        &self,
+        event: &str,
+        from: &str,
+        to: &str,
+        reason: &str,
+    ) -> Result<u64, CommandError> {
+        let mut msg = ModelEventMsg {
+            schema_version: VERSION,
+            seq: 0,
+            device: self.settings.device_id.clone(),
+            time_ms: now_ms(),
+            event: event.into(),
+            from: from.into(),
+            to: to.into(),
+            reason: reason.into(),
+        };
+        let seq = lock(&self.outbox).push(&self.topic("model"), |seq| {
+            msg.seq = seq;
+            serde_json::to_vec(&msg).expect("serialisable")
+        })?;
+        self.notify.notify_one();
+        Ok(seq)
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +191,7 @@ mod tests {
         };
         let model = ModelInfo {
             id: "test@1".into(),
+            sha256: "0".repeat(64),
             backend: "tract".into(),
             class_names: vec!["normal".into(), "target".into()],
             normalization: Normalization::default(),

@@ -215,6 +215,7 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Fram
         origin: job.frame.origin.clone(),
         session: None,
         model: sh.model.id.clone(),
+        model_sha256: sh.model.sha256.clone(),
         cells: counts.total(),
         counts: by_name,
         latency_ms,

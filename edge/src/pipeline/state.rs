@@ -37,6 +37,8 @@ pub struct PipelineSettings {
 pub struct ModelInfo {
     /// `name@version`.
     pub id: String,
+    /// sha256 of the bundle's signed manifest.
+    pub sha256: String,
     pub backend: String,
     pub class_names: Vec<String>,
     pub normalization: Normalization,
@@ -193,6 +195,7 @@ impl Shared {
             state: state.into(),
             time_ms: now_ms(),
             model: Some(self.model.id.clone()),
+            model_sha256: Some(self.model.sha256.clone()),
             backend: Some(self.model.backend.clone()),
             session: lock(&self.session).as_ref().map(|s| s.name.clone()),
             camera_error,

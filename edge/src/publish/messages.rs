@@ -23,6 +23,10 @@ pub struct CountsMsg {
     pub session: Option<String>,
     /// `name@version` of the bundle.
     pub model: String,
+    /// sha256 of the bundle's signed manifest (which holds every file's hash): exactly which
+    /// model produced this result.
+    #[serde(default)]
+    pub model_sha256: String,
     /// Cells found in the frame (all classes and `uncertain`).
     pub cells: u64,
     /// Cells per class name, `uncertain` included.
@@ -39,6 +43,24 @@ pub struct ClassShare {
     pub count: u64,
     pub proportion: f64,
     pub ci95: [f64; 2],
+}
+
+/// `{prefix}/{device}/model`: the served model changed by itself (through the outbox, with its
+/// own `seq`): `event` is `rollback` when the active version kept failing to start and the
+/// previous one came back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEventMsg {
+    pub schema_version: u32,
+    pub seq: u64,
+    pub device: String,
+    pub time_ms: u64,
+    pub event: String,
+    /// The version given up.
+    pub from: String,
+    /// The version served now.
+    pub to: String,
+    pub reason: String,
 }
 
 /// `{prefix}/{device}/session`: summary of a slide when its session stops.
@@ -95,6 +117,9 @@ pub struct StatusMsg {
     pub time_ms: u64,
     #[serde(default)]
     pub model: Option<String>,
+    /// sha256 of the served bundle's signed manifest.
+    #[serde(default)]
+    pub model_sha256: Option<String>,
     #[serde(default)]
     pub backend: Option<String>,
     #[serde(default)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
-use crate::publish::messages::{CountsMsg, ReplyMsg, SessionMsg, StatusMsg};
+use crate::publish::messages::{CountsMsg, ModelEventMsg, ReplyMsg, SessionMsg, StatusMsg};
 
 /// What a subscriber saw.
 #[derive(Debug, Default, Clone)]
@@ -17,6 +17,7 @@ pub struct Observed {
     pub duplicates: u64,
     pub counts: Vec<CountsMsg>,
     pub sessions: Vec<SessionMsg>,
+    pub model_events: Vec<ModelEventMsg>,
     pub replies: Vec<ReplyMsg>,
     pub status: Option<StatusMsg>,
     pub malformed: u64,
@@ -130,6 +131,16 @@ fn record(seen: &Mutex<Observed>, prefix: &str, topic: &str, payload: &[u8]) {
             Ok(m) => {
                 if s.seqs.insert(m.seq) {
                     s.sessions.push(m);
+                } else {
+                    s.duplicates += 1;
+                }
+            }
+            Err(_) => s.malformed += 1,
+        },
+        "model" => match serde_json::from_slice::<ModelEventMsg>(payload) {
+            Ok(m) => {
+                if s.seqs.insert(m.seq) {
+                    s.model_events.push(m);
                 } else {
                     s.duplicates += 1;
                 }
