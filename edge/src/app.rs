@@ -8,13 +8,12 @@ use std::time::Duration;
 use reddino_models::bundle::Bundle;
 
 use crate::capture::{build_source, FrameSource};
-use crate::cells::CellFinderConfig;
 use crate::config::Config;
 use crate::error::Result;
 use crate::infer::{Backend, TractBackend};
+use crate::model::open_bundle;
 use crate::model::store::{StartCheck, Store};
-use crate::model::{manifest_sha256, open_bundle};
-use crate::pipeline::{CommandError, ModelInfo, Pipeline, PipelineSettings, Shared, Snapshot};
+use crate::pipeline::{CommandError, Pipeline, PipelineSettings, Shared, Snapshot};
 use crate::publish::mqtt::{spawn_publisher, MqttSettings, PublisherReport};
 use crate::publish::outbox::Outbox;
 
@@ -44,28 +43,16 @@ impl Service {
     ) -> Result<Service> {
         let outbox = Outbox::open(&cfg.outbox.path, cfg.outbox.limits())?;
         let mqtt = MqttSettings::from_config(&cfg.mqtt, cfg.client_id())?;
-        let m = bundle.manifest();
-        let cells = CellFinderConfig {
-            mode: cfg.analysis.mode,
-            tile: backend.input_size() as u32,
-            ..CellFinderConfig::for_model(m)?
-        };
+        let (model, cells, crop) = crate::switch::describe(cfg, bundle, backend.as_ref())?;
         let settings = PipelineSettings {
             device_id: cfg.device_id.clone(),
             topic_prefix: cfg.mqtt.topic_prefix.clone(),
             cells,
-            crop: m.crop_policy(cfg.analysis.margin),
+            crop,
             min_confidence: cfg.model.min_confidence,
             frame_queue: cfg.pipeline.frame_queue,
             crop_queue: cfg.pipeline.crop_queue,
             camera_retry_max: Duration::from_secs_f64(cfg.camera.retry_max_s),
-        };
-        let model = ModelInfo {
-            id: format!("{}@{}", m.name, m.version),
-            sha256: manifest_sha256(bundle.dir())?,
-            backend: backend.describe(),
-            class_names: m.class_names.clone(),
-            normalization: m.normalization(),
         };
         {
             let ob = &outbox;
@@ -81,8 +68,8 @@ impl Service {
         log::info!(
             "device {}: {} on {}; publishing to {}:{}",
             cfg.device_id,
-            shared.model.id,
-            shared.model.backend,
+            shared.model().info.id,
+            shared.model().info.backend,
             cfg.mqtt.host,
             cfg.mqtt.port
         );
@@ -160,19 +147,19 @@ pub fn open_model(cfg: &Config) -> Result<Bundle> {
 }
 
 /// An installed version being served, and what its start did.
-struct Served {
+struct FromStore {
     store: Store,
     id: String,
     check: Option<StartCheck>,
 }
 
 /// [`open_model`], with the store's crash-loop check counted for this start.
-fn open_served(cfg: &Config) -> Result<(Bundle, Option<Served>)> {
+fn open_served(cfg: &Config) -> Result<(Bundle, Option<FromStore>)> {
     if let Some(store) = Store::existing(&cfg.model_store()) {
         let check = store.note_start(&cfg.model.trusted_keys)?;
         if let Some((id, bundle)) = store.runnable(&cfg.model.trusted_keys)? {
             log::info!("serving installed model {id}");
-            return Ok((bundle, Some(Served { store, id, check })));
+            return Ok((bundle, Some(FromStore { store, id, check })));
         }
     }
     Ok((
@@ -187,7 +174,17 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let backend = TractBackend::from_bundle(&bundle, cfg.model.batch, cfg.model.threads)?;
     let source = build_source(&cfg.camera)?;
     let svc = Service::start(cfg, &bundle, Box::new(backend), source, stop, None)?;
-    if let Some(Served { store, id, check }) = served {
+    svc.shared
+        .set_model_control(Arc::new(crate::switch::StoreControl {
+            root: cfg.model_store(),
+            keys: cfg.model.trusted_keys.clone(),
+        }));
+    let watcher = crate::switch::spawn_watcher(
+        cfg.clone(),
+        svc.shared.clone(),
+        served.as_ref().map(|s| s.id.clone()),
+    );
+    if let Some(FromStore { store, id, check }) = served {
         if let Some(StartCheck::RolledBack { from, to, starts }) = check {
             svc.shared.model_event(
                 "rollback",
@@ -203,5 +200,9 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
             }
         });
     }
-    Ok(svc.finish())
+    let report = svc.finish();
+    if watcher.join().is_err() {
+        log::error!("the model watcher panicked");
+    }
+    Ok(report)
 }

@@ -12,6 +12,7 @@
 //! Around them: [`config`] (the TOML config, made of each stage's section), [`model`] (opening
 //! a bundle, the same for every command), [`app`] (`reddino-edge run`: the wiring),
 //! [`offline`] (analysis of image files, data-set import, finder quality, the demo),
+//! [`switch`] (serving a newly activated model without a restart, its health check),
 //! [`supervise`] (readiness and watchdog for systemd) and [`error`] (the commands' error and
 //! exit status).
 
@@ -28,3 +29,4 @@ pub mod offline;
 pub mod pipeline;
 pub mod publish;
 pub mod supervise;
+pub mod switch;

@@ -20,6 +20,19 @@ const SIZE: usize = 28;
 
 /// A signed tiny bundle `name`-`version` in `dir`/`folder`.
 fn make_bundle(dir: &Path, folder: &str, version: &str, key: &SigningKey, seed: u64) -> PathBuf {
+    make_bundle_with_head(dir, folder, version, key, seed, 0.01)
+}
+
+/// [`make_bundle`] with the head's weights at `scale` (large: confident predictions; 0: every
+/// class equally likely, so every cell is uncertain).
+fn make_bundle_with_head(
+    dir: &Path,
+    folder: &str,
+    version: &str,
+    key: &SigningKey,
+    seed: u64,
+    scale: f32,
+) -> PathBuf {
     let cfg = VitConfig::preset(Preset::Tiny, SIZE).unwrap();
     let w = VitWeights::random(&cfg, seed, 1.0).unwrap();
     let names = default_class_names();
@@ -28,7 +41,9 @@ fn make_bundle(dir: &Path, folder: &str, version: &str, key: &SigningKey, seed: 
         class_names: names,
         weight: Tensor::new(
             vec![c, d],
-            (0..c * d).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect(),
+            (0..c * d)
+                .map(|i| ((i * 7919 % 13) as f32 - 6.0) * scale)
+                .collect(),
         ),
         bias: Tensor::new(vec![c], vec![0.0; c]),
     };
@@ -442,4 +457,181 @@ fn crash_loop_rolls_back_to_the_previous_version_and_says_so() {
     );
     assert!(e.reason.contains("3 times"), "{}", e.reason);
     assert_eq!(o.malformed, 0);
+}
+
+/// A running service with an installed version active, fed paced synthetic frames, watched
+/// over MQTT.
+struct Running {
+    d: Device,
+    _broker: common::Mosquitto,
+    mon: reddino_edge::offline::demo::monitor::Monitor,
+    handle: std::thread::JoinHandle<reddino_edge::app::RunReport>,
+}
+
+fn start_serving(d: Device, v1_scale: f32, frames: u32, min_confidence: f32) -> Option<Running> {
+    let bin = common::mosquitto_bin()?;
+    let s = d.store();
+    let v1 = make_bundle_with_head(&d.dir, "v1", "1.0.0", &d.key, 2, v1_scale);
+    s.install(&v1, &d.keys()).unwrap();
+    s.activate("rbc-1.0.0", &d.keys()).unwrap();
+    let broker = common::Mosquitto::start(bin, &d.dir);
+    let text = std::fs::read_to_string(&d.config).unwrap().replace(
+        "[camera]\nsource = \"synthetic\"\n",
+        &format!(
+            "[camera]\nsource = \"synthetic\"\nframes = {frames}\nfps = 12.0\nwidth = 320\nheight = 240\n"
+        ),
+    ) + &format!(
+        "min_confidence = {min_confidence}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nreconnect_max_s = 0.5\ndrain_timeout_s = 20.0\n",
+        broker.port
+    );
+    // min_confidence belongs to [model]: put it there.
+    let text = text
+        .replace(
+            &format!("min_confidence = {min_confidence}\n[mqtt]"),
+            "[mqtt]",
+        )
+        .replace(
+            "trusted_keys = [\"k.pub\"]\n",
+            &format!("trusted_keys = [\"k.pub\"]\nmin_confidence = {min_confidence}\n"),
+        );
+    std::fs::write(&d.config, text).unwrap();
+    let mon = reddino_edge::offline::demo::monitor::Monitor::connect(
+        "127.0.0.1",
+        broker.port,
+        "sub-switch",
+        "reddino/store-test",
+    )
+    .unwrap();
+    let cfg = d.cfg();
+    let handle = std::thread::spawn(move || {
+        reddino_edge::app::run(
+            &cfg,
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )
+        .unwrap()
+    });
+    Some(Running {
+        d,
+        _broker: broker,
+        mon,
+        handle,
+    })
+}
+
+/// The models that produced the results, in `seq` order, with repeats folded: `[a, b]` is one
+/// switch.
+fn model_runs(o: &reddino_edge::offline::demo::monitor::Observed) -> Vec<String> {
+    let mut counts = o.counts.clone();
+    counts.sort_by_key(|m| m.seq);
+    let mut runs: Vec<String> = Vec::new();
+    for m in counts {
+        if runs.last() != Some(&m.model) {
+            runs.push(m.model.clone());
+        }
+    }
+    runs
+}
+
+/// Activating an installed version while frames flow: the service switches without a restart,
+/// no frame is lost, every result names its model, and the version switches exactly once.
+#[test]
+fn activating_while_frames_flow_switches_once_and_loses_nothing() {
+    let frames = 60;
+    let Some(r) = start_serving(Device::new(), 0.01, frames, 0.0) else {
+        return;
+    };
+    assert!(r
+        .mon
+        .wait_for(Duration::from_secs(30), |o| o.counts.len() >= 8));
+    // The same network under a new version: its predictions match, so it stays healthy.
+    let v2 = make_bundle_with_head(&r.d.dir, "v2", "2.0.0", &r.d.key, 2, 0.01);
+    let s = r.d.store();
+    s.install(&v2, &r.d.keys()).unwrap();
+    s.activate("rbc-2.0.0", &r.d.keys()).unwrap();
+    let report = r.handle.join().unwrap();
+    assert_eq!(report.snapshot.frames.processed, frames as u64);
+    assert_eq!(report.snapshot.frames.failed, 0);
+    assert!(r.mon.wait_for(Duration::from_secs(20), |o| o.counts.len()
+        >= frames as usize));
+    let o = r.mon.observed();
+    assert_eq!(
+        o.counts.len(),
+        frames as usize,
+        "every frame's result arrived once"
+    );
+    assert!(
+        o.seqs.iter().copied().eq(1..=o.seqs.len() as u64),
+        "no gap in seq"
+    );
+    assert_eq!(model_runs(&o), ["rbc@1.0.0", "rbc@2.0.0"], "one switch");
+    let sha: std::collections::BTreeSet<&str> =
+        o.counts.iter().map(|m| m.model_sha256.as_str()).collect();
+    assert_eq!(sha.len(), 2, "each result names its model's manifest");
+    let events: Vec<(&str, &str, &str)> = o
+        .model_events
+        .iter()
+        .map(|e| (e.event.as_str(), e.from.as_str(), e.to.as_str()))
+        .collect();
+    assert_eq!(events, [("activated", "rbc-1.0.0", "rbc-2.0.0")]);
+    assert_eq!(s.active().unwrap().as_deref(), Some("rbc-2.0.0"));
+}
+
+/// A version whose first frames look wrong (every cell uncertain, where the model before it
+/// was sure of most) is rolled back by itself, and both events are published.
+#[test]
+fn an_unhealthy_switch_is_rolled_back_and_reported() {
+    let frames = 90;
+    let Some(r) = start_serving(Device::new(), 5.0, frames, 0.5) else {
+        return;
+    };
+    assert!(r
+        .mon
+        .wait_for(Duration::from_secs(30), |o| o.counts.len() >= 10));
+    let before = r.mon.observed();
+    let sure: u64 = before
+        .counts
+        .iter()
+        .map(|m| m.cells - m.counts["uncertain"])
+        .sum();
+    let cells: u64 = before.counts.iter().map(|m| m.cells).sum();
+    assert!(
+        sure * 2 > cells,
+        "the first model is sure of most cells: {sure}/{cells}"
+    );
+    let v2 = make_bundle_with_head(&r.d.dir, "v2", "2.0.0", &r.d.key, 2, 0.0);
+    let s = r.d.store();
+    s.install(&v2, &r.d.keys()).unwrap();
+    s.activate("rbc-2.0.0", &r.d.keys()).unwrap();
+    let report = r.handle.join().unwrap();
+    assert_eq!(report.snapshot.frames.processed, frames as u64);
+    assert!(r.mon.wait_for(Duration::from_secs(20), |o| o.counts.len()
+        >= frames as usize));
+    let o = r.mon.observed();
+    assert_eq!(
+        s.active().unwrap().as_deref(),
+        Some("rbc-1.0.0"),
+        "rolled back"
+    );
+    let events: Vec<(&str, &str, &str)> = o
+        .model_events
+        .iter()
+        .map(|e| (e.event.as_str(), e.from.as_str(), e.to.as_str()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("activated", "rbc-1.0.0", "rbc-2.0.0"),
+            ("rollback", "rbc-2.0.0", "rbc-1.0.0")
+        ]
+    );
+    assert!(
+        o.model_events[1].reason.contains("uncertain"),
+        "{}",
+        o.model_events[1].reason
+    );
+    assert_eq!(model_runs(&o), ["rbc@1.0.0", "rbc@2.0.0", "rbc@1.0.0"]);
+    assert!(
+        o.seqs.iter().copied().eq(1..=o.seqs.len() as u64),
+        "no gap in seq"
+    );
 }

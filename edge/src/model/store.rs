@@ -188,6 +188,17 @@ impl Store {
         Ok(prev)
     }
 
+    /// No version active any more: `run` serves the config's bundle (a rollback with no
+    /// previous version to go back to). `previous` is kept.
+    pub fn deactivate(&self) -> Result<()> {
+        let p = self.root.join(ACTIVE);
+        match fs::remove_file(&p) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::file("removing", &p, e)),
+        }
+    }
+
     /// Removes an installed version that is neither active nor the previous one.
     pub fn remove(&self, id: &str) -> Result<()> {
         let slot = self.installed_slot(id)?;

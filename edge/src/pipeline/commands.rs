@@ -14,8 +14,17 @@ use super::state::{lock, ActiveSession, Shared};
 /// Why a command was refused: the reply's `error`.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    #[error("unknown command {0:?}; known: session/start, session/stop, status")]
+    #[error(
+        "unknown command {0:?}; known: session/start, session/stop, status, model/activate, model/rollback"
+    )]
     Unknown(String),
+    #[error("model/activate needs \"version\": an installed version (`reddino-edge model list`)")]
+    NoVersion,
+    #[error("this device has no model store to activate versions from")]
+    NoStore,
+    /// The store refused (not installed, fails verification, nothing to roll back to).
+    #[error("{0}")]
+    Model(String),
     #[error("session/start needs \"session\": the slide's name")]
     NoSessionName,
     #[error("session name {0:?} must be 1-64 letters, digits, '-', '_' or '.'")]
@@ -26,6 +35,15 @@ pub enum CommandError {
     NoSession,
     #[error("cannot store the session summary: {0}")]
     Store(#[from] OutboxError),
+}
+
+/// What `model/...` commands act on: the device's model store. The switch itself follows
+/// the store (crate::switch).
+pub trait ModelControl: Send + Sync {
+    /// Verifies installed version `version` and makes it active.
+    fn activate(&self, version: &str) -> Result<(), String>;
+    /// Makes the previous version active again; returns it.
+    fn rollback(&self) -> Result<String, String>;
 }
 
 impl Shared {
@@ -66,6 +84,15 @@ impl Shared {
                 reply.status = Some(self.status("online"));
                 Ok(())
             }
+            "model/activate" => match (cmd.version.as_deref(), self.model_control()) {
+                (None, _) => Err(CommandError::NoVersion),
+                (_, None) => Err(CommandError::NoStore),
+                (Some(v), Some(c)) => c.activate(v).map_err(CommandError::Model),
+            },
+            "model/rollback" => match self.model_control() {
+                None => Err(CommandError::NoStore),
+                Some(c) => c.rollback().map(|_| ()).map_err(CommandError::Model),
+            },
             other => Err(CommandError::Unknown(other.to_string())),
         };
         match result {
@@ -89,7 +116,7 @@ impl Shared {
         *s = Some(ActiveSession {
             name: name.to_string(),
             started_ms: now_ms(),
-            session: Session::new(self.model.class_names.clone()),
+            session: Session::new(self.model().info.class_names.clone()),
         });
         Ok(())
     }
@@ -338,5 +365,60 @@ mod tests {
         assert_eq!(st.model.as_deref(), Some("test@1"));
         assert_eq!(st.session.as_deref(), Some("slide-3"));
         assert_eq!(st.outbox.pending, 0);
+    }
+
+    /// A store stand-in that records what it was asked.
+    struct FakeStore(std::sync::Mutex<Vec<String>>);
+
+    impl super::ModelControl for FakeStore {
+        fn activate(&self, version: &str) -> Result<(), String> {
+            self.0.lock().unwrap().push(format!("activate {version}"));
+            if version == "rbc-9" {
+                Err("rbc-9 is not installed (installed: rbc-1)".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn rollback(&self) -> Result<String, String> {
+            self.0.lock().unwrap().push("rollback".into());
+            Err("no previous model version to roll back to".into())
+        }
+    }
+
+    #[test]
+    fn model_commands_need_a_store_and_a_version_and_pass_refusals_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(&dir);
+        let v1 = br#"{"schema_version":1,"id":"m1","version":"rbc-1"}"#;
+        refused(&sh.handle_command("model/activate", v1), "no model store");
+        refused(
+            &sh.handle_command("model/rollback", br#"{"schema_version":1}"#),
+            "no model store",
+        );
+        let store = Arc::new(FakeStore(Default::default()));
+        sh.set_model_control(store.clone());
+        refused(
+            &sh.handle_command("model/activate", br#"{"schema_version":1}"#),
+            "needs \"version\"",
+        );
+        let r = sh.handle_command("model/activate", v1);
+        assert!(r.ok && r.id.as_deref() == Some("m1"), "{r:?}");
+        refused(
+            &sh.handle_command(
+                "model/activate",
+                br#"{"schema_version":1,"version":"rbc-9"}"#,
+            ),
+            "not installed",
+        );
+        refused(
+            &sh.handle_command("model/rollback", br#"{"schema_version":1}"#),
+            "no previous",
+        );
+        assert_eq!(
+            *store.0.lock().unwrap(),
+            ["activate rbc-1", "activate rbc-9", "rollback"]
+        );
+        // Nothing was stored for the broker by a command that only moves the store.
+        assert!(stored(&sh).is_empty());
     }
 }

@@ -24,15 +24,18 @@ use crate::classify::Counts;
 use crate::crop::find_and_crop;
 use crate::infer::{classify_crops, Backend};
 use crate::publish::messages::{CountsMsg, VERSION};
-pub use commands::CommandError;
+pub use commands::{CommandError, ModelControl};
 use queue::Queue;
+pub use state::HEALTH_WINDOW;
 use state::{lock, LATENCY_WINDOW};
-pub use state::{percentile, ModelInfo, PipelineSettings, Shared, Snapshot};
+pub use state::{percentile, ModelInfo, PipelineSettings, Served, Shared, Snapshot};
 
 struct Job {
     frame: Frame,
     arrived: Instant,
     crops: Vec<RgbImage>,
+    /// The model that cut the crops, and so classifies them.
+    model: Arc<Served>,
 }
 
 /// Handles to the running pipeline threads.
@@ -100,7 +103,6 @@ impl Pipeline {
         {
             let (sh, fq, jq) = (shared.clone(), frames.clone(), jobs.clone());
             threads.push(spawn("cells", move || {
-                let cfg = sh.settings.cells.clone();
                 while let Ok(item) = fq.pop_timeout(Duration::from_millis(200)) {
                     let Some((frame, arrived)) = item else {
                         continue;
@@ -108,11 +110,13 @@ impl Pipeline {
                     if sh.stopping() {
                         continue;
                     }
-                    let (_, crops) = find_and_crop(&frame.image, &cfg, &sh.settings.crop);
+                    let model = sh.model();
+                    let (_, crops) = find_and_crop(&frame.image, &model.cells, &model.crop);
                     let job = Job {
                         frame,
                         arrived,
                         crops,
+                        model,
                     };
                     if jq.push_wait(job).is_err() {
                         break;
@@ -126,10 +130,30 @@ impl Pipeline {
         {
             let (sh, jq) = (shared.clone(), jobs.clone());
             threads.push(spawn("infer", move || {
+                let mut serving = sh.model();
                 while let Ok(item) = jq.pop_timeout(Duration::from_millis(200)) {
                     let Some(job) = item else { continue };
                     if sh.stopping() {
                         continue;
+                    }
+                    if !Arc::ptr_eq(&job.model, &serving) {
+                        // The first frame cut for a new model: its backend takes over.
+                        match job.model.take_backend() {
+                            Some(b) => {
+                                backend = b;
+                                serving = job.model.clone();
+                                log::info!(
+                                    "frame {}: now classified by {}",
+                                    job.frame.index,
+                                    serving.info.id
+                                );
+                            }
+                            None => {
+                                lock(&sh.stats).frames.failed += 1;
+                                log::error!("frame {}: its model has no backend", job.frame.index);
+                                continue;
+                            }
+                        }
                     }
                     match process(&sh, backend.as_mut(), &job) {
                         Ok(()) => sh.notify.notify_one(),
@@ -189,12 +213,13 @@ enum FrameError {
 }
 
 fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), FrameError> {
-    let names = &sh.model.class_names;
+    let model = &job.model.info;
+    let names = &model.class_names;
     let predictions = classify_crops(
         &job.crops,
         backend,
         names,
-        &sh.model.normalization,
+        &model.normalization,
         sh.settings.min_confidence,
     )?;
     let mut counts = Counts::new(names.len());
@@ -214,8 +239,8 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Fram
             .unwrap_or(0),
         origin: job.frame.origin.clone(),
         session: None,
-        model: sh.model.id.clone(),
-        model_sha256: sh.model.sha256.clone(),
+        model: model.id.clone(),
+        model_sha256: model.sha256.clone(),
         cells: counts.total(),
         counts: by_name,
         latency_ms,
@@ -240,7 +265,11 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Fram
         st.latencies_ms.pop_front();
     }
     st.latencies_ms.push_back(latency_ms);
+    if st.recent.len() == HEALTH_WINDOW {
+        st.recent.pop_front();
+    }
+    st.recent.push_back((model.id.clone(), counts.clone()));
     drop(st);
-    sh.supervisor.frame_done(&sh.model.id);
+    sh.supervisor.frame_done(&model.id);
     Ok(())
 }

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use reddino_models::preprocess::{CropPolicy, Normalization};
 
+use super::commands::ModelControl;
 use crate::cells::CellFinderConfig;
-use crate::classify::Session;
+use crate::classify::{Counts, Session};
+use crate::infer::Backend;
 use crate::publish::messages::{FrameStats, OutboxStats, ReplyMsg, StatusMsg, VERSION};
 use crate::publish::outbox::Outbox;
 use crate::publish::{now_ms, Device, Link};
@@ -44,6 +46,40 @@ pub struct ModelInfo {
     pub normalization: Normalization,
 }
 
+/// A model as the stages use it: its identity, how its cells are found and cut, and (until
+/// the inference stage takes it) the backend that runs it. A frame is cut and classified by
+/// one `Served`, so a switch never mixes two models in one result.
+pub struct Served {
+    pub info: ModelInfo,
+    pub cells: CellFinderConfig,
+    pub crop: CropPolicy,
+    backend: Mutex<Option<Box<dyn Backend>>>,
+}
+
+impl Served {
+    pub fn new(
+        info: ModelInfo,
+        cells: CellFinderConfig,
+        crop: CropPolicy,
+        backend: Option<Box<dyn Backend>>,
+    ) -> Served {
+        Served {
+            info,
+            cells,
+            crop,
+            backend: Mutex::new(backend),
+        }
+    }
+
+    /// The backend, once: the inference stage takes it at the first frame cut for this model.
+    pub(super) fn take_backend(&self) -> Option<Box<dyn Backend>> {
+        lock(&self.backend).take()
+    }
+}
+
+/// Frames' class counts kept per model for the health check after a switch.
+pub const HEALTH_WINDOW: usize = 200;
+
 pub(super) struct ActiveSession {
     pub(super) name: String,
     pub(super) started_ms: u64,
@@ -58,12 +94,15 @@ pub(super) struct Stats {
     pub(super) frames: FrameStats,
     pub(super) camera_error: Option<String>,
     pub(super) latencies_ms: std::collections::VecDeque<f64>,
+    /// The last frames' counts, by the id of the model that produced them.
+    pub(super) recent: std::collections::VecDeque<(String, Counts)>,
 }
 
 /// State shared by the stages, the publisher and the caller.
 pub struct Shared {
     pub settings: PipelineSettings,
-    pub model: ModelInfo,
+    /// The model new frames are cut and classified by ([`Shared::switch_model`]).
+    model: Mutex<Arc<Served>>,
     /// The results not yet acknowledged by the broker (shared with the publisher).
     pub outbox: Arc<Mutex<Outbox>>,
     /// Set to stop: capture ends, queued frames are discarded, the publisher drains.
@@ -80,6 +119,8 @@ pub struct Shared {
     started: Instant,
     pub(super) stats: Mutex<Stats>,
     pub(super) session: Mutex<Option<ActiveSession>>,
+    /// The model store the `model/...` commands act on, once the owner sets it.
+    model_control: Mutex<Option<Arc<dyn ModelControl>>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,9 +156,10 @@ impl Shared {
         outbox: Outbox,
         stop: Arc<AtomicBool>,
     ) -> Arc<Self> {
+        let first = Served::new(model, settings.cells.clone(), settings.crop, None);
         Arc::new(Shared {
             settings,
-            model,
+            model: Mutex::new(Arc::new(first)),
             outbox: Arc::new(Mutex::new(outbox)),
             stop,
             pipeline_done: Arc::new(AtomicBool::new(false)),
@@ -127,7 +169,59 @@ impl Shared {
             started: Instant::now(),
             stats: Mutex::new(Stats::default()),
             session: Mutex::new(None),
+            model_control: Mutex::new(None),
         })
+    }
+
+    /// Lets `model/activate` and `model/rollback` act on `control`.
+    pub fn set_model_control(&self, control: Arc<dyn ModelControl>) {
+        *lock(&self.model_control) = Some(control);
+    }
+
+    pub(super) fn model_control(&self) -> Option<Arc<dyn ModelControl>> {
+        lock(&self.model_control).clone()
+    }
+
+    /// Whether a session is counting.
+    pub fn session_active(&self) -> bool {
+        lock(&self.session).is_some()
+    }
+
+    /// The model new frames are served by.
+    pub fn model(&self) -> Arc<Served> {
+        lock(&self.model).clone()
+    }
+
+    /// Serves `next` from the next frame cut on: frames already cut finish with the model
+    /// that cut them, so no result mixes two models and none is lost. `next` must carry its
+    /// backend.
+    pub fn switch_model(&self, next: Served) {
+        assert!(
+            lock(&next.backend).is_some(),
+            "a switch needs the new model's backend"
+        );
+        log::info!(
+            "switching to model {} ({})",
+            next.info.id,
+            next.info.backend
+        );
+        *lock(&self.model) = Arc::new(next);
+    }
+
+    /// Summed class counts of the last `n` frames analysed by model `id` (at most
+    /// [`HEALTH_WINDOW`]), and how many frames they are.
+    pub fn recent_counts(&self, id: &str, n: usize) -> (Counts, usize) {
+        let st = lock(&self.stats);
+        let mut total: Option<Counts> = None;
+        let mut frames = 0;
+        for (_, c) in st.recent.iter().rev().filter(|(m, _)| m == id).take(n) {
+            match total.as_mut() {
+                Some(t) => t.merge(c),
+                None => total = Some(c.clone()),
+            }
+            frames += 1;
+        }
+        (total.unwrap_or_else(|| Counts::new(0)), frames)
     }
 
     pub fn topic(&self, leaf: &str) -> String {
@@ -181,6 +275,7 @@ impl Shared {
             let st = lock(&self.stats);
             (st.frames.clone(), st.camera_error.clone())
         };
+        let model = self.model();
         let outbox = {
             let ob = lock(&self.outbox);
             OutboxStats {
@@ -194,9 +289,9 @@ impl Shared {
             device: self.settings.device_id.clone(),
             state: state.into(),
             time_ms: now_ms(),
-            model: Some(self.model.id.clone()),
-            model_sha256: Some(self.model.sha256.clone()),
-            backend: Some(self.model.backend.clone()),
+            model: Some(model.info.id.clone()),
+            model_sha256: Some(model.info.sha256.clone()),
+            backend: Some(model.info.backend.clone()),
             session: lock(&self.session).as_ref().map(|s| s.name.clone()),
             camera_error,
             frames,

@@ -146,6 +146,9 @@ pub struct CommandMsg {
     /// `session/start`: the slide's name.
     #[serde(default)]
     pub session: Option<String>,
+    /// `model/activate`: the installed version (`name-version`, as `model list` shows it).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// `{prefix}/{device}/reply`: the answer to a command.
