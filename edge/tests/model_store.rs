@@ -57,6 +57,15 @@ fn make_bundle_with_head(
     out
 }
 
+/// Edits a bundle's manifest and signs it again with `key`.
+fn edit_manifest(dir: &Path, key: &SigningKey, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(bundle::MANIFEST);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    bundle::sign_dir(dir, key).unwrap();
+}
+
 struct Device {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -202,8 +211,72 @@ fn refused_bundles_leave_the_active_model_serving() {
     let text = std::fs::read_to_string(&m).unwrap();
     std::fs::write(&m, text.replace("store test", "store tests")).unwrap();
 
+    // A signed, consistent manifest whose input size the graph does not have.
+    let reshaped = make_bundle(&d.dir, "reshaped", "5.0.0", &d.key, 6);
+    edit_manifest(&reshaped, &d.key, |v| {
+        v["input_size"] = serde_json::json!(56);
+        v["arch"]["img_size"] = serde_json::json!(56);
+    });
+    // A self-test whose expected output the model does not compute (hash and signature
+    // updated to match).
+    let selftest = make_bundle(&d.dir, "selftest", "6.0.0", &d.key, 7);
+    {
+        let mut trusted = bundle::TrustedKeys::new();
+        trusted.add_file(&d.dir.join("k.pub")).unwrap();
+        let b = bundle::open(&selftest, &trusted, &bundle::Limits::default()).unwrap();
+        let mut v = b.self_test_vector().unwrap();
+        let file = b.manifest().self_test.file.clone();
+        drop(b);
+        v.embedding.data[0] += 0.5;
+        let mut t = std::collections::BTreeMap::new();
+        t.insert("pixels".to_string(), v.pixels.clone());
+        t.insert("embedding".to_string(), v.embedding.clone());
+        t.insert("logits".to_string(), v.logits.clone().unwrap());
+        let bytes = reddino_models::weights::tensors_to_bytes(&t).unwrap();
+        std::fs::write(selftest.join(&file), &bytes).unwrap();
+        let sha: String = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        edit_manifest(&selftest, &d.key, |m| {
+            m["files"][file.as_str()] = serde_json::json!({"sha256": sha, "size": bytes.len()});
+        });
+    }
+    // An archive cut short in transit.
+    let whole = d.dir.join("whole.tar");
+    bundle::pack(&make_bundle(&d.dir, "packed", "7.0.0", &d.key, 8), &whole).unwrap();
+    let bytes = std::fs::read(&whole).unwrap();
+    let truncated = d.dir.join("truncated.tar");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    // An archive with an entry that would land outside the bundle.
+    let escaping = d.dir.join("escaping.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&escaping).unwrap());
+        let mut h = tar::Header::new_gnu();
+        let name = b"../evil.txt";
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &b"pwned"[..]).unwrap();
+        b.finish().unwrap();
+    }
+
     let mut messages = Vec::new();
-    for b in [&tampered, &untrusted, &resigned, &d.dir.join("missing")] {
+    for b in [
+        &tampered,
+        &untrusted,
+        &resigned,
+        &d.dir.join("missing"),
+        &reshaped,
+        &selftest,
+        &truncated,
+        &escaping,
+    ] {
         let e = s.install(b, &d.keys()).unwrap_err().to_string();
         messages.push(e);
         assert_eq!(s.active().unwrap().as_deref(), Some("rbc-1.0.0"));
@@ -221,6 +294,19 @@ fn refused_bundles_leave_the_active_model_serving() {
         messages[2]
     );
     assert!(messages[3].contains("missing"), "{}", messages[3]);
+    assert!(
+        messages[4].contains("model.onnx does not match"),
+        "{}",
+        messages[4]
+    );
+    assert!(messages[5].contains("self-test failed"), "{}", messages[5]);
+    assert!(
+        messages[6].contains("truncated") || messages[6].contains("missing"),
+        "{}",
+        messages[6]
+    );
+    assert!(messages[7].contains("escape"), "{}", messages[7]);
+    assert!(!d.dir.join("evil.txt").exists());
     // Each says its own thing, and nothing of them was left in the store.
     for (i, a) in messages.iter().enumerate() {
         for b in &messages[i + 1..] {
