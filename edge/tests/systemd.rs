@@ -210,3 +210,43 @@ fn inbox_installs_and_reports() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
+
+/// The Debian package (`cargo deb -p reddino-edge`) names files that exist: every asset but
+/// the release binary, the maintainer scripts, and each unit the package installs.
+#[test]
+fn debian_package_metadata_names_files_that_exist() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("Cargo.toml")).unwrap()).unwrap();
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let assets = deb["assets"].as_array().unwrap();
+    let mut units = Vec::new();
+    for a in assets {
+        let a = a.as_array().unwrap();
+        let (src, dest) = (a[0].as_str().unwrap(), a[1].as_str().unwrap());
+        if src.starts_with("target/") {
+            continue;
+        }
+        assert!(dir.join(src).is_file(), "asset {src} is missing");
+        if dest.starts_with("lib/systemd/system") {
+            units.push(
+                Path::new(src)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string(),
+            );
+        }
+    }
+    units.sort();
+    let mut expected: Vec<String> = UNITS.iter().map(|u| u.to_string()).collect();
+    expected.sort();
+    assert_eq!(units, expected, "every unit is packaged");
+    let scripts = dir.join(deb["maintainer-scripts"].as_str().unwrap());
+    for s in ["postinst", "postrm"] {
+        let p = scripts.join(s);
+        assert!(p.is_file(), "{} is missing", p.display());
+        use std::os::unix::fs::PermissionsExt;
+        assert!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o111 != 0);
+    }
+}
