@@ -297,6 +297,45 @@ pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, 
     Ok(img)
 }
 
+/// Largest image side decoded from a file (a 2592x1944 camera field fits many times over);
+/// larger images are refused before their pixels are allocated.
+pub const MAX_IMAGE_SIDE: u32 = 8192;
+/// Most memory one decoded image may take.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+
+/// Decodes an image file (png, jpg, bmp, tif; the format told by the content) to RGB: a JPEG
+/// cut short (no end-of-image marker) is refused rather than decoded with its missing part
+/// filled in, and an image over [`MAX_IMAGE_SIDE`] or [`MAX_IMAGE_BYTES`] is refused from its
+/// header, before its pixels are allocated.
+pub fn decode_image_file(path: &std::path::Path) -> Result<RgbImage, CaptureError> {
+    let fail = |msg: String| CaptureError::File {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let data = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    if data.starts_with(&[0xFF, 0xD8]) {
+        let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if !data[..end].ends_with(&[0xFF, 0xD9]) {
+            return Err(fail(format!(
+                "truncated JPEG: no end-of-image marker after {} bytes",
+                data.len()
+            )));
+        }
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&data))
+        .with_guessed_format()
+        .map_err(|e| fail(format!("cannot decode: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    Ok(reader
+        .decode()
+        .map_err(|e| fail(format!("cannot decode: {e}")))?
+        .to_rgb8())
+}
+
 /// Replays image files in order (png, jpg, bmp, tif), and raw camera frames recorded from
 /// V4L2 buffers (`.mjpg`, `.yuyv`), which go through the camera's own decoding and checks.
 pub struct ReplaySource {
@@ -367,12 +406,7 @@ impl ReplaySource {
         match ext.as_deref() {
             Some("yuyv") => yuyv_to_rgb(&raw()?, w, h).map_err(tag),
             Some("mjpg") => mjpg_to_rgb(&raw()?, Some((w, h))).map_err(tag),
-            _ => Ok(image::open(path)
-                .map_err(|e| CaptureError::File {
-                    path: path.clone(),
-                    msg: format!("cannot decode: {e}"),
-                })?
-                .to_rgb8()),
+            _ => decode_image_file(path),
         }
     }
 }
@@ -723,5 +757,35 @@ mod tests {
         assert_ne!(a.origin, b.origin);
         assert!(!a.truth.unwrap().is_empty());
         assert!(src.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn image_files_cut_short_or_too_large_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+        let jpg = dir.path().join("f.jpg");
+        img.save(&jpg).unwrap();
+        assert_eq!(decode_image_file(&jpg).unwrap().dimensions(), (64, 48));
+        // The same file cut short: refused, not decoded with its missing part filled in.
+        let bytes = std::fs::read(&jpg).unwrap();
+        let cut = dir.path().join("cut.jpg");
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let e = decode_image_file(&cut).unwrap_err().to_string();
+        assert!(e.contains("truncated JPEG") && e.contains("cut.jpg"), "{e}");
+        // Wider than any camera: refused from its header (a 9000 x 1 PNG is tiny on disk).
+        let wide = dir.path().join("wide.png");
+        RgbImage::new(MAX_IMAGE_SIDE + 808, 1).save(&wide).unwrap();
+        let e = decode_image_file(&wide).unwrap_err().to_string();
+        assert!(e.contains("wide.png") && e.contains("cannot decode"), "{e}");
+        // A PNG named .jpg (data sets have them) is told by its content.
+        let png_as_jpg = dir.path().join("png.jpg");
+        std::fs::copy(dir.path().join("wide.png"), &png_as_jpg).unwrap();
+        let small = dir.path().join("small.png");
+        img.save(&small).unwrap();
+        std::fs::copy(&small, &png_as_jpg).unwrap();
+        assert_eq!(
+            decode_image_file(&png_as_jpg).unwrap().dimensions(),
+            (64, 48)
+        );
     }
 }

@@ -124,6 +124,9 @@ impl OutboxConfig {
     }
 }
 
+/// Longest frame or crop queue (frames held in memory at once).
+pub const MAX_QUEUE: usize = 10_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
@@ -204,6 +207,17 @@ impl Config {
         let mut cfg = Self::parse(&text, path)?;
         if let Some(dir) = path.parent() {
             cfg.resolve_relative(dir);
+        }
+        // Files the service reads later are checked now, so a typo stops the start, not a
+        // frame an hour later.
+        if cfg.camera.source == SourceKind::Replay {
+            if let Some(missing) = cfg.camera.paths.iter().find(|p| !p.exists()) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "camera.paths",
+                    msg: format!("{} does not exist", missing.display()),
+                });
+            }
         }
         Ok(cfg)
     }
@@ -373,8 +387,16 @@ impl Config {
         if !(self.outbox.max_age_hours > 0.0 && self.outbox.max_age_hours.is_finite()) {
             return Err(bad("outbox.max_age_hours", "must be > 0".into()));
         }
-        if self.pipeline.frame_queue == 0 || self.pipeline.crop_queue == 0 {
-            return Err(bad("pipeline.frame_queue", "queues hold at least 1".into()));
+        for (key, n) in [
+            ("pipeline.frame_queue", self.pipeline.frame_queue),
+            ("pipeline.crop_queue", self.pipeline.crop_queue),
+        ] {
+            if !(1..=MAX_QUEUE).contains(&n) {
+                return Err(bad(
+                    key,
+                    format!("{n} is not a queue length: 1 to {MAX_QUEUE} frames"),
+                ));
+            }
         }
         Ok(())
     }
@@ -493,5 +515,40 @@ trusted_keys = ["k.pub"]
         assert_eq!(c.model.bundle, dir.path().join("m.tar"));
         let e = Config::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn queue_lengths_are_bounded_and_replay_paths_must_exist() {
+        for q in [
+            "frame_queue = 100000000000",
+            "crop_queue = 0",
+            "frame_queue = 10001",
+        ] {
+            let e = parse(&format!("{MINIMAL}[pipeline]\n{q}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("pipeline.") && e.contains("queue length"),
+                "{q}: {e}"
+            );
+        }
+        parse(&format!("{MINIMAL}[pipeline]\nframe_queue = 10000\n")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("frames")).unwrap();
+        let p = dir.path().join("edge.toml");
+        let replay = |paths: &str| {
+            MINIMAL.replace(
+                "source = \"synthetic\"",
+                &format!("source = \"replay\"\npaths = [{paths}]"),
+            )
+        };
+        std::fs::write(&p, replay("\"frames\"")).unwrap();
+        Config::load(&p).unwrap();
+        std::fs::write(&p, replay("\"frames\", \"fraems\"")).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("camera.paths") && e.contains("fraems") && e.contains("does not exist"),
+            "{e}"
+        );
     }
 }

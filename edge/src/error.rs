@@ -70,7 +70,7 @@ impl Error {
     /// input and run again), 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Usage(_) | Error::Profile(_) => 2,
+            Error::Config(_) | Error::Usage(_) | Error::Profile(_) | Error::Mqtt(_) => 2,
             _ => 1,
         }
     }

@@ -496,6 +496,10 @@ fn credentials_work_and_the_password_never_reaches_the_log() {
     for (password, delivered) in [(secret, true), ("wrong-password-also-secret", false)] {
         let pw_file = tmp.path().join("mqtt.password");
         std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&pw_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let outbox = tmp.path().join(format!("o-{delivered}.db"));
         let mqtt = format!(
             "username = \"edge\"\npassword_file = {:?}",
@@ -527,4 +531,48 @@ fn credentials_work_and_the_password_never_reaches_the_log() {
             assert!(log.contains("3 left in the outbox"), "{log}");
         }
     }
+}
+
+/// A retained command (which the broker would replay at every reconnect: a stopped slide
+/// starting again by itself) is refused with a reply and never run.
+#[test]
+fn retained_commands_are_refused_not_replayed() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let camera = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 12\nfps = 4.0";
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-retained", PREFIX).unwrap();
+    // Left on the broker before the device connects.
+    mon.command_with(
+        "session/start",
+        br#"{"schema_version": 1, "id": "ghost", "session": "ghost-slide"}"#,
+        true,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (_stop, h) = run_in_thread(cfg);
+    let report = h.join().unwrap();
+    assert_eq!(report.snapshot.frames.processed, 12);
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.counts.len() >= 12));
+    let o = mon.observed();
+    let reply = o
+        .replies
+        .iter()
+        .find(|r| r.id.as_deref() == Some("ghost"))
+        .expect("a reply to the retained command");
+    assert!(!reply.ok);
+    assert!(
+        reply.error.as_deref().unwrap().contains("retained"),
+        "{reply:?}"
+    );
+    assert!(
+        o.counts.iter().all(|m| m.session.is_none()),
+        "no session was started"
+    );
+    assert!(o.sessions.is_empty());
 }

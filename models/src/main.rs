@@ -312,8 +312,24 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let key = SigningKey::generate()?;
-            std::fs::write(&secret, key.secret_key_file("reddino bundle signing key")?)
+            // Readable by its owner only, from the moment it exists (never written first and
+            // restricted after).
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&secret)
+                    .with_context(|| format!("creating {}", secret.display()))?;
+                f.write_all(
+                    key.secret_key_file("reddino bundle signing key")?
+                        .as_bytes(),
+                )
+                .and_then(|()| f.sync_all())
                 .with_context(|| format!("writing {}", secret.display()))?;
+            }
             std::fs::write(&public, key.public_key_file()?)
                 .with_context(|| format!("writing {}", public.display()))?;
             println!(

@@ -69,10 +69,10 @@ pub fn command(args: &AnalyzeArgs) -> Result<()> {
     };
     let mut failed = 0;
     for path in &args.images {
-        let img = match image::open(path) {
-            Ok(i) => i.to_rgb8(),
+        let img = match crate::capture::decode_image_file(path) {
+            Ok(i) => i,
             Err(e) => {
-                eprintln!("error: {}: cannot decode image: {e}", path.display());
+                eprintln!("error: {e}");
                 failed += 1;
                 continue;
             }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
 use super::delivery::{Delivery, Sink, Tag};
+use super::messages::{ReplyMsg, VERSION};
 use super::outbox::Outbox;
 use super::Link;
 
@@ -129,6 +130,35 @@ pub enum SettingsError {
     },
     #[error("the MQTT password file {} is not UTF-8", .0.display())]
     NotUtf8(PathBuf),
+    #[error(
+        "the MQTT password file {} can be read by other users (mode {mode:o}): `chmod 600` it",
+        path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("the CA certificate {} holds no PEM certificate{why}", path.display())]
+    BadCa { path: PathBuf, why: String },
+}
+
+/// The CA file must hold at least one PEM certificate that parses (checked at start, not at
+/// the first connection).
+fn check_ca(path: &Path, pem: &[u8]) -> Result<(), SettingsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut n = 0;
+    for c in CertificateDer::pem_slice_iter(pem) {
+        c.map_err(|e| SettingsError::BadCa {
+            path: path.to_path_buf(),
+            why: format!(": {e}"),
+        })?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(SettingsError::BadCa {
+            path: path.to_path_buf(),
+            why: String::new(),
+        });
+    }
+    Ok(())
 }
 
 fn read_file(what: &'static str, p: &Path) -> Result<Vec<u8>, SettingsError> {
@@ -144,6 +174,21 @@ impl MqttSettings {
     pub fn from_config(cfg: &MqttConfig, client_id: String) -> Result<Self, SettingsError> {
         let password = match &cfg.password_file {
             Some(p) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(p)
+                    .map_err(|source| SettingsError::Read {
+                        what: "MQTT password file",
+                        path: p.clone(),
+                        source,
+                    })?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(SettingsError::Exposed {
+                        path: p.clone(),
+                        mode: mode & 0o777,
+                    });
+                }
                 let text = String::from_utf8(read_file("MQTT password file", p)?)
                     .map_err(|_| SettingsError::NotUtf8(p.clone()))?;
                 Some(text.lines().next().unwrap_or("").to_string())
@@ -153,6 +198,7 @@ impl MqttSettings {
         let tls = match &cfg.tls {
             Some(t) => {
                 let ca = read_file("CA certificate", &t.ca)?;
+                check_ca(&t.ca, &ca)?;
                 let client = match (&t.client_cert, &t.client_key) {
                     (Some(c), Some(k)) => Some((
                         read_file("client certificate", c)?,
@@ -349,7 +395,13 @@ async fn run(link: Link, s: MqttSettings) -> PublisherReport {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Some(leaf) = p.topic.strip_prefix(&cmd_prefix) {
-                            let reply = link.device.command(leaf, &p.payload);
+                            // A retained command would run again at every reconnect (a stopped
+                            // slide restarting by itself): it is refused, never run.
+                            let reply = if p.retain {
+                                retained_refusal(leaf, &p.payload)
+                            } else {
+                                link.device.command(leaf, &p.payload)
+                            };
                             if reply.ok {
                                 log::info!("command {leaf}: ok");
                             } else {
@@ -406,6 +458,25 @@ async fn run(link: Link, s: MqttSettings) -> PublisherReport {
     report
 }
 
+/// The reply to a command that came retained: refused, and not run.
+fn retained_refusal(leaf: &str, payload: &[u8]) -> ReplyMsg {
+    ReplyMsg {
+        schema_version: VERSION,
+        id: serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(String::from)),
+        command: leaf.to_string(),
+        ok: false,
+        error: Some(
+            "retained commands are refused (the broker would replay them at every reconnect): \
+             publish commands without the retain flag, and clear this one with an empty \
+             retained message"
+                .into(),
+        ),
+        status: None,
+    }
+}
+
 /// Publishes the retained `offline` status and disconnects cleanly (so the will is not needed).
 /// Acknowledgements that arrive meanwhile still clear their outbox rows.
 async fn goodbye(
@@ -443,5 +514,68 @@ async fn goodbye(
             Ok(Err(_)) => return,
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A self-signed CA certificate, for parsing only.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBizCCATGgAwIBAgIURXtsutoPdbBW0ZwTuP6KONUWrtswCgYIKoZIzj0EAwIw\nGjEYMBYGA1UEAwwPcmVkZGluby10ZXN0LWNhMCAXDTI2MTIwNDIyMzU0OFoYDzIx\nMjYxMTEwMjIzNTQ4WjAaMRgwFgYDVQQDDA9yZWRkaW5vLXRlc3QtY2EwWTATBgcq\nhkjOPQIBBggqhkjOPQMBBwNCAAQWSW16B1GMxLb8ty/kuedI3Ai1YpTSA84K8ETX\nEgx6dWGguCOXObleRwo/1yA2HDylmNODpud41knueitvjpGMo1MwUTAdBgNVHQ4E\nFgQUD2d1r2b7UcS79KjFNVfRvuyq1uIwHwYDVR0jBBgwFoAUD2d1r2b7UcS79KjF\nNVfRvuyq1uIwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAo7mT\npjPqdOG3WT+LsdWRmW9dMlcMTA/cfUB0tZM1HrACIHBc/2H/+5IQky7rf7kMxi5Q\nLqQPjGVbNvUQH/VoLiJG\n-----END CERTIFICATE-----\n";
+
+    fn settings(f: impl FnOnce(&mut MqttConfig)) -> Result<MqttSettings, SettingsError> {
+        let mut cfg = MqttConfig::default();
+        f(&mut cfg);
+        MqttSettings::from_config(&cfg, "t".into())
+    }
+
+    #[test]
+    fn a_password_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let with = |c: &mut MqttConfig| {
+            c.username = Some("edge".into());
+            c.password_file = Some(p.clone());
+        };
+        let e = settings(with).unwrap_err().to_string();
+        assert!(
+            e.contains("chmod 600") && e.contains("644") && !e.contains("s3cret"),
+            "{e}"
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = settings(with).unwrap();
+        assert_eq!(s.password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let with = |c: &mut MqttConfig| {
+            c.tls = Some(TlsConfig {
+                ca: ca.clone(),
+                client_cert: None,
+                client_key: None,
+            })
+        };
+        for bad in [
+            "",
+            "not a certificate",
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        ] {
+            std::fs::write(&ca, bad).unwrap();
+            let e = settings(with).unwrap_err().to_string();
+            assert!(
+                e.contains("ca.pem") && e.contains("CA certificate"),
+                "{bad:?}: {e}"
+            );
+        }
+        std::fs::write(&ca, TEST_CA).unwrap();
+        assert!(settings(with).unwrap().tls.is_some());
     }
 }

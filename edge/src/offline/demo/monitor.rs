@@ -79,11 +79,17 @@ impl Monitor {
 
     /// Publishes a command (`leaf` after `cmd/`) with a raw payload.
     pub fn command(&self, leaf: &str, payload: &[u8]) -> Result<()> {
+        self.command_with(leaf, payload, false)
+    }
+
+    /// [`Monitor::command`], with the retain flag as given (the device refuses retained
+    /// commands).
+    pub fn command_with(&self, leaf: &str, payload: &[u8], retain: bool) -> Result<()> {
         self.client
             .publish(
                 format!("{}/cmd/{leaf}", self.prefix),
                 QoS::AtLeastOnce,
-                false,
+                retain,
                 payload.to_vec(),
             )
             .map_err(|e| Error::Failed(format!("cannot send command {leaf}: {e}")))
