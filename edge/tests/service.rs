@@ -576,3 +576,58 @@ fn retained_commands_are_refused_not_replayed() {
     );
     assert!(o.sessions.is_empty());
 }
+
+/// A command over the client's packet limit (1 MiB) costs one reconnect, not the device: it is
+/// not offered again, results keep flowing with no gap, and the next command is answered.
+#[test]
+fn an_oversized_command_does_not_silence_the_device() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let camera = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 40\nfps = 5.0";
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-big", PREFIX).unwrap();
+    let (_stop, h) = run_in_thread(cfg);
+    assert!(mon.wait_for(Duration::from_secs(30), |o| o.counts.len() >= 5));
+    let mut big = br#"{"schema_version": 1, "id": "big", "session": ""#.to_vec();
+    big.extend(std::iter::repeat_n(b'x', (1 << 20) + 1000));
+    big.extend(br#""}"#);
+    // Sent by a client that allows packets that large (the monitor's would refuse to send it).
+    {
+        let mut o = rumqttc::MqttOptions::new("big-sender", "127.0.0.1", broker.port);
+        o.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut conn) = rumqttc::Client::new(o, 10);
+        client
+            .publish(
+                format!("{PREFIX}/cmd/session/start"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                big,
+            )
+            .unwrap();
+        for ev in conn.iter().take(20) {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev {
+                break;
+            }
+        }
+        let _ = client.disconnect();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    mon.command("status", br#"{"schema_version": 1, "id": "after"}"#)
+        .unwrap();
+    let report = h.join().unwrap();
+    assert_eq!(report.snapshot.frames.processed, 40);
+    assert_eq!(report.publisher.left_in_outbox, 0, "every result delivered");
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.counts.len() >= 40));
+    let o = mon.observed();
+    assert!(contiguous(&o.seqs), "{:?}", o.seqs);
+    assert!(o
+        .replies
+        .iter()
+        .any(|r| r.id.as_deref() == Some("after") && r.ok));
+    assert!(o.counts.iter().all(|m| m.session.is_none()));
+}

@@ -380,7 +380,12 @@ async fn run(link: Link, s: MqttSettings) -> PublisherReport {
                         backoff = Duration::from_millis(250);
                         last_error.clear();
                         log::info!("MQTT: connected to {}:{} as {}", s.host, s.port, s.client_id);
-                        if let Err(e) = c.client.try_subscribe(format!("{cmd_prefix}#"), QoS::AtLeastOnce) {
+                        // Commands at QoS 0: the broker keeps none for the device while it is
+                        // away and resends none at a reconnect, so a command is run when it is
+                        // sent or not at all (its sender sees the reply, or none and retries),
+                        // and a command the client cannot take (over the packet limit: the
+                        // connection drops) is not offered again at every reconnect.
+                        if let Err(e) = c.client.try_subscribe(format!("{cmd_prefix}#"), QoS::AtMostOnce) {
                             log::warn!("MQTT: cannot subscribe to commands: {e}");
                         }
                         c.status(&link, &status_topic, "online");

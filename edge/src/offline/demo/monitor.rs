@@ -23,7 +23,8 @@ pub struct Observed {
     pub malformed: u64,
 }
 
-/// An MQTT subscriber to `{prefix}/{device}/#` that records results by `seq` (de-duplicated),
+/// An MQTT subscriber to what the device publishes (`{prefix}/{device}/+`: counts, session,
+/// model, status, reply; not the commands under `cmd/`) that records results by `seq` (de-duplicated),
 /// replies and the status; it can also send commands.
 pub struct Monitor {
     client: Client,
@@ -41,7 +42,7 @@ impl Monitor {
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut conn) = Client::new(o, 256);
         client
-            .subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+            .subscribe(format!("{prefix}/+"), QoS::AtLeastOnce)
             .map_err(|e| Error::Failed(format!("the subscriber could not subscribe: {e}")))?;
         let seen = Arc::new(Mutex::new(Observed::default()));
         let (s2, p2) = (seen.clone(), prefix.to_string());
