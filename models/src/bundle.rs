@@ -523,7 +523,9 @@ pub fn pack(dir: &Path, out: &Path) -> Result<(), Error> {
         }
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
-    names.sort();
+    // The manifest and its signature first: opening checks them before it writes anything
+    // else from the archive.
+    names.sort_by_key(|n| (n != MANIFEST, n != SIGNATURE, n.clone()));
     let tmp = out.with_extension("tar.partial");
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut builder = tar::Builder::new(io::BufWriter::new(file));
@@ -635,7 +637,7 @@ pub fn open_in(
         .tempdir_in(staging_parent)
         .map_err(|e| Error::io(staging_parent, e))?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    unpack_inner(file, staging.path(), limits).map_err(|e| e.into_error(&label))?;
+    unpack_inner(file, staging.path(), limits, Some(trusted)).map_err(|e| e.into_error(&label))?;
     let manifest = verify_dir(staging.path(), trusted, limits).map_err(|e| e.into_error(&label))?;
     Ok(Bundle {
         dir: staging.path().to_path_buf(),
@@ -688,10 +690,26 @@ fn plain_name(path: &Path) -> Option<String> {
 /// Unpacks a tar into `dest`, refusing entries that are not plain regular files, paths that
 /// leave `dest`, oversized or duplicate entries, and truncated data.
 pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), Error> {
-    unpack_inner(reader, dest, limits).map_err(|e| e.into_error(&dest.display().to_string()))
+    unpack_inner(reader, dest, limits, None).map_err(|e| e.into_error(&dest.display().to_string()))
 }
 
-fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), Refusal> {
+/// What the archive's first two entries said, once checked.
+struct SignedList {
+    files: BTreeMap<String, FileEntry>,
+}
+
+/// Unpacks an archive into `dest`. With `trusted`, the archive must open with the manifest and
+/// its signature (as [`pack`] writes them): the signature is checked as soon as both are read,
+/// before any other entry is written, and every later entry must be a file the signed
+/// manifest lists, with the size it pins. An unsigned or forged archive is refused having
+/// written at most the two small manifest files.
+fn unpack_inner(
+    reader: impl Read,
+    dest: &Path,
+    limits: &Limits,
+    trusted: Option<&TrustedKeys>,
+) -> Result<(), Refusal> {
+    let mut signed: Option<SignedList> = None;
     let mut archive = tar::Archive::new(reader);
     let entries = archive
         .entries()
@@ -747,7 +765,8 @@ fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), R
             .header()
             .size()
             .map_err(|e| BundleError::Truncated(e.to_string()))?;
-        let limit = if name == MANIFEST || name == SIGNATURE {
+        let head = name == MANIFEST || name == SIGNATURE;
+        let limit = if head {
             limits.max_manifest_bytes
         } else {
             limits.max_file_bytes
@@ -759,6 +778,30 @@ fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), R
                 limit,
             }
             .into());
+        }
+        if let Some(trusted) = trusted {
+            if !head {
+                if signed.is_none() {
+                    signed = Some(check_head(dest, trusted, limits)?);
+                }
+                let list = signed.as_ref().expect("checked above");
+                match list.files.get(&name) {
+                    None => return Err(BundleError::UnlistedFile(name).into()),
+                    Some(f) if f.size != size => {
+                        return Err(BundleError::SizeMismatch {
+                            file: name,
+                            expected: f.size,
+                            actual: size,
+                        }
+                        .into())
+                    }
+                    Some(_) => {}
+                }
+            } else if signed.is_some() {
+                return Err(
+                    BundleError::BadManifest(format!("archive holds `{name}` twice")).into(),
+                );
+            }
         }
         let target = dest.join(&name);
         let mut out = fs::OpenOptions::new()
@@ -784,6 +827,23 @@ fn unpack_inner(reader: impl Read, dest: &Path, limits: &Limits) -> Result<(), R
         }
     }
     Ok(())
+}
+
+/// The manifest and signature written so far (an archive's first two entries) verified
+/// against `trusted`, and the files the manifest lists. Missing ones are refused as missing.
+fn check_head(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<SignedList, Refusal> {
+    let manifest_bytes = read_limited(&dir.join(MANIFEST), MANIFEST, limits.max_manifest_bytes)?;
+    let sig_bytes = read_limited(&dir.join(SIGNATURE), SIGNATURE, limits.max_manifest_bytes)?;
+    let sig_text = String::from_utf8(sig_bytes)
+        .map_err(|_| BundleError::BadSignature("the signature file is not text".into()))?;
+    trusted.verify(&manifest_bytes, &sig_text)?;
+    #[derive(serde::Deserialize)]
+    struct Files {
+        files: BTreeMap<String, FileEntry>,
+    }
+    let list: Files = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    Ok(SignedList { files: list.files })
 }
 
 fn read_limited(path: &Path, name: &str, limit: u64) -> Result<Vec<u8>, Refusal> {

@@ -485,3 +485,71 @@ fn self_test_detects_wrong_expected_output() {
     );
     assert!(e.to_string().contains("differ"), "{e}");
 }
+
+/// An archive is checked against its signature before anything but the manifest and the
+/// signature is written: an unsigned archive, a file the signed manifest does not list, or one
+/// of another size than it pins, is refused from its header, before its data is read. (Each
+/// archive below is cut inside that file's data: unpacking it would fail as truncated.)
+#[test]
+fn archives_are_checked_against_the_signature_before_their_files_are_written() {
+    let f = fixture();
+    let big = vec![7u8; 8 << 20];
+    // Writes `head` (bundle files) then `name` with 8 MiB, and cuts the archive 4 KiB into it.
+    let cut_archive = |file: &str, head: &[&str], name: &str| {
+        let path = f.root.join(file);
+        let mut b = tar::Builder::new(fs::File::create(&path).unwrap());
+        for n in head {
+            b.append_path_with_name(f.dir.join(n), n).unwrap();
+        }
+        let before = b.get_ref().metadata().unwrap().len();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(big.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, &big[..]).unwrap();
+        b.finish().unwrap();
+        drop(b);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..before as usize + 512 + 4096]).unwrap();
+        path
+    };
+    let e = refusal(open(&f, &cut_archive("unsigned.tar", &[], "payload.bin")));
+    assert!(matches!(e, BundleError::MissingFile(_)), "{e}");
+    let e = refusal(open(
+        &f,
+        &cut_archive("extra.tar", &[MANIFEST, SIGNATURE], "extra.bin"),
+    ));
+    assert!(
+        matches!(&e, BundleError::UnlistedFile(n) if n == "extra.bin"),
+        "{e}"
+    );
+    let e = refusal(open(
+        &f,
+        &cut_archive("grown.tar", &[MANIFEST, SIGNATURE], MODEL),
+    ));
+    assert!(
+        matches!(&e, BundleError::SizeMismatch { file, .. } if file == MODEL),
+        "{e}"
+    );
+    let stranger = SigningKey::generate().unwrap();
+    let mut other = TrustedKeys::new();
+    other.add(&stranger.public_key_file().unwrap()).unwrap();
+    let e = refusal(bundle::open(
+        &cut_archive("untrusted.tar", &[MANIFEST, SIGNATURE], MODEL),
+        &other,
+        &Limits::default(),
+    ));
+    assert!(matches!(e, BundleError::UntrustedKey(_)), "{e}");
+    // pack writes the manifest and signature first, and such an archive opens.
+    let tar = f.root.join("b.tar");
+    bundle::pack(&f.dir, &tar).unwrap();
+    let mut names = Vec::new();
+    for e in tar::Archive::new(fs::File::open(&tar).unwrap())
+        .entries()
+        .unwrap()
+    {
+        names.push(e.unwrap().path().unwrap().to_string_lossy().into_owned());
+    }
+    assert_eq!(&names[..2], [MANIFEST, SIGNATURE]);
+    open(&f, &tar).unwrap();
+}
