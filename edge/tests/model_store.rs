@@ -14,7 +14,7 @@ use reddino_edge::model::store::Store;
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::bundle::{self, NewBundle, SigningKey};
 use reddino_models::taxonomy::default_class_names;
-use reddino_models::weights::{LinearHead, Tensor, VitWeights};
+use reddino_models::weights::VitWeights;
 
 const SIZE: usize = 28;
 
@@ -35,18 +35,7 @@ fn make_bundle_with_head(
 ) -> PathBuf {
     let cfg = VitConfig::preset(Preset::Tiny, SIZE).unwrap();
     let w = VitWeights::random(&cfg, seed, 1.0).unwrap();
-    let names = default_class_names();
-    let (c, d) = (names.len(), cfg.embed_dim);
-    let head = LinearHead {
-        class_names: names,
-        weight: Tensor::new(
-            vec![c, d],
-            (0..c * d)
-                .map(|i| ((i * 7919 % 13) as f32 - 6.0) * scale)
-                .collect(),
-        ),
-        bias: Tensor::new(vec![c], vec![0.0; c]),
-    };
+    let head = reddino_edge::model::pattern_head(default_class_names(), cfg.embed_dim, seed, scale);
     let out = dir.join(folder);
     bundle::write_dir(
         &NewBundle::new("rbc", version, "store test", &w, Some(&head)),

@@ -111,6 +111,25 @@ pub fn is_demo_key(public_key_file: &str) -> bool {
     key_line(public_key_file).is_some() && key_line(public_key_file) == key_line(DEMO_PUBLIC_KEY)
 }
 
+/// A linear head over `classes` whose weights follow a fixed pattern of `seed` in
+/// `-scale..scale` (0: every class equally likely), zero bias: for bundles that exercise the
+/// pipeline and the store, never for counts that mean anything.
+pub fn pattern_head(class_names: Vec<String>, dim: usize, seed: u64, scale: f32) -> LinearHead {
+    let c = class_names.len();
+    LinearHead {
+        class_names,
+        weight: Tensor::new(
+            vec![c, dim],
+            (0..c * dim)
+                .map(|i| {
+                    (((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5) * 2.0 * scale
+                })
+                .collect(),
+        ),
+        bias: Tensor::new(vec![c], vec![0.0; c]),
+    }
+}
+
 /// Writes a signed bundle with a random tiny ViT and a random linear head over the default
 /// classes; returns the bundle directory and the public key file.
 pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBuf, PathBuf)> {
@@ -121,18 +140,7 @@ pub fn random_bundle(dir: &Path, input_size: usize, seed: u64) -> Result<(PathBu
         .map_err(|e| Error::file("writing", &pub_path, e))?;
     let cfg = VitConfig::preset(Preset::Tiny, input_size)?;
     let w = VitWeights::random(&cfg, seed, 1.0)?;
-    let names = default_class_names();
-    let (c, d) = (names.len(), cfg.embed_dim);
-    let head = LinearHead {
-        class_names: names,
-        weight: Tensor::new(
-            vec![c, d],
-            (0..c * d)
-                .map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5) * 0.2)
-                .collect(),
-        ),
-        bias: Tensor::new(vec![c], vec![0.0; c]),
-    };
+    let head = pattern_head(default_class_names(), cfg.embed_dim, seed, 0.1);
     let out = dir.join("bundle");
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| Error::file("removing", &out, e))?;

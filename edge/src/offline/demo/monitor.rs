@@ -117,6 +117,23 @@ impl Monitor {
     }
 }
 
+/// Records a message that carries an outbox `seq`: kept once, a repeat counted as a
+/// duplicate, an unparsable payload as malformed.
+fn by_seq<M: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    seq: impl Fn(&M) -> u64,
+    seqs: &mut BTreeSet<u64>,
+    into: &mut Vec<M>,
+    duplicates: &mut u64,
+    malformed: &mut u64,
+) {
+    match serde_json::from_slice::<M>(payload) {
+        Ok(m) if seqs.insert(seq(&m)) => into.push(m),
+        Ok(_) => *duplicates += 1,
+        Err(_) => *malformed += 1,
+    }
+}
+
 fn record(seen: &Mutex<Observed>, prefix: &str, topic: &str, payload: &[u8]) {
     let mut s = seen.lock().unwrap();
     let leaf = topic
@@ -124,36 +141,57 @@ fn record(seen: &Mutex<Observed>, prefix: &str, topic: &str, payload: &[u8]) {
         .unwrap_or(topic)
         .trim_start_matches('/');
     match leaf {
-        "counts" => match serde_json::from_slice::<CountsMsg>(payload) {
-            Ok(m) => {
-                if s.seqs.insert(m.seq) {
-                    s.counts.push(m);
-                } else {
-                    s.duplicates += 1;
-                }
-            }
-            Err(_) => s.malformed += 1,
-        },
-        "session" => match serde_json::from_slice::<SessionMsg>(payload) {
-            Ok(m) => {
-                if s.seqs.insert(m.seq) {
-                    s.sessions.push(m);
-                } else {
-                    s.duplicates += 1;
-                }
-            }
-            Err(_) => s.malformed += 1,
-        },
-        "model" => match serde_json::from_slice::<ModelEventMsg>(payload) {
-            Ok(m) => {
-                if s.seqs.insert(m.seq) {
-                    s.model_events.push(m);
-                } else {
-                    s.duplicates += 1;
-                }
-            }
-            Err(_) => s.malformed += 1,
-        },
+        "counts" => {
+            let Observed {
+                seqs,
+                counts,
+                duplicates,
+                malformed,
+                ..
+            } = &mut *s;
+            by_seq(
+                payload,
+                |m: &CountsMsg| m.seq,
+                seqs,
+                counts,
+                duplicates,
+                malformed,
+            )
+        }
+        "session" => {
+            let Observed {
+                seqs,
+                sessions,
+                duplicates,
+                malformed,
+                ..
+            } = &mut *s;
+            by_seq(
+                payload,
+                |m: &SessionMsg| m.seq,
+                seqs,
+                sessions,
+                duplicates,
+                malformed,
+            )
+        }
+        "model" => {
+            let Observed {
+                seqs,
+                model_events,
+                duplicates,
+                malformed,
+                ..
+            } = &mut *s;
+            by_seq(
+                payload,
+                |m: &ModelEventMsg| m.seq,
+                seqs,
+                model_events,
+                duplicates,
+                malformed,
+            )
+        }
         "reply" => match serde_json::from_slice::<ReplyMsg>(payload) {
             Ok(m) => s.replies.push(m),
             Err(_) => s.malformed += 1,
