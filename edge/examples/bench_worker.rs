@@ -6,8 +6,10 @@
 //! bench_worker fields   --out DIR --source S --width W --height H --count N --seed S [--density D]
 //! bench_worker model    --preset P --size S --out DIR      (weights.safetensors + model.onnx)
 //! bench_worker infer    --onnx F --size S --batch B --threads T [--min-time SEC] [--min-reps N]
+//!                       [--backend tract|onnxruntime [--onnxruntime-library LIB]]
 //! bench_worker cells    --fields DIR [--reps N]
 //! bench_worker pipeline --fields DIR [--model BUNDLE --trusted-key KEY] [--batch B] [--threads T]
+//!                       [--backend tract|onnxruntime [--onnxruntime-library LIB]]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -17,7 +19,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use image::RgbImage;
 use reddino_edge::cells;
-use reddino_edge::infer::{classify_crops, Backend, BatchOutput, TractBackend};
+use reddino_edge::infer::{
+    classify_crops, Backend, BackendKind, BackendSpec, BatchOutput, Provider,
+};
 use reddino_edge::offline::analyze::AnalyzeConfig;
 use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::preprocess::{cell_crops, cell_crops_blanked, OwnerMap};
@@ -61,10 +65,13 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Images/s of an ONNX model in tract.
+    /// Images/s of an ONNX model in tract, or in ONNX Runtime through the edge's backend
+    /// (the service's own call, input copy included).
     Infer {
         #[arg(long)]
         onnx: PathBuf,
+        #[command(flatten)]
+        backend: BackendArg,
         #[arg(long)]
         size: usize,
         #[arg(long)]
@@ -108,7 +115,30 @@ enum Cmd {
         batch: usize,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        #[command(flatten)]
+        backend: BackendArg,
     },
+}
+
+/// Which backend a measurement runs (ONNX Runtime with the CPU provider here).
+#[derive(clap::Args)]
+struct BackendArg {
+    #[arg(long, default_value = "tract", value_parser = BackendKind::parse)]
+    backend: BackendKind,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH).
+    #[arg(long)]
+    onnxruntime_library: Option<PathBuf>,
+}
+
+impl BackendArg {
+    fn spec(&self, batch: usize, threads: usize) -> BackendSpec {
+        BackendSpec {
+            kind: self.backend,
+            providers: vec![Provider::Cpu],
+            library: self.onnxruntime_library.clone(),
+            ..BackendSpec::tract(batch, threads)
+        }
+    }
 }
 
 fn main() {
@@ -139,12 +169,12 @@ fn load(p: &Path) -> Result<RgbImage> {
 }
 
 /// Counts the time spent in the model.
-struct Timed<B> {
-    inner: B,
+struct Timed {
+    inner: Box<dyn Backend>,
     seconds: f64,
 }
 
-impl<B: Backend> Backend for Timed<B> {
+impl Backend for Timed {
     fn input_size(&self) -> usize {
         self.inner.input_size()
     }
@@ -157,9 +187,77 @@ impl<B: Backend> Backend for Timed<B> {
         self.seconds += t.elapsed().as_secs_f64();
         r
     }
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn provider(&self) -> &str {
+        self.inner.provider()
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }
+}
+
+/// The edge's ONNX Runtime backend (CPU provider) on a `model` folder's graph, checked
+/// against tract's embeddings of the probe images first.
+#[cfg(feature = "onnxruntime")]
+fn ort_runner(
+    onnx: &Path,
+    bytes: Vec<u8>,
+    backend: &BackendArg,
+    size: usize,
+    batch: usize,
+    threads: usize,
+) -> Result<Box<dyn FnMut(&[f32]) -> Result<()>>> {
+    let dir = onnx.parent().unwrap_or(Path::new("."));
+    let w = VitWeights::load(&dir.join("weights.safetensors"))?;
+    let model = reddino_edge::infer::onnxruntime::OrtModel {
+        onnx: bytes,
+        sha256: String::new(),
+        input_size: size,
+        embed_dim: w.config.embed_dim,
+        classes: 0,
+    };
+    let spec = backend.spec(batch.max(2), threads);
+    let mut b = reddino_edge::infer::OrtBackend::from_model(&spec, &model)?;
+    // Same model as tract's: the probe images' embeddings.
+    let probe = std::fs::read(dir.join("probe.safetensors"))?;
+    let probe = safetensors::SafeTensors::deserialize(&probe)?;
+    let f32s = |name: &str| -> Result<Vec<f32>> {
+        Ok(probe
+            .tensor(name)?
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let got = b.run(&f32s("pixels")?, 2)?;
+    let diff = got
+        .embeddings
+        .iter()
+        .zip(f32s("embedding")?)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    if diff > 1e-3 {
+        bail!("onnxruntime disagrees with tract on the probe images: max diff {diff}");
+    }
+    let mut b = reddino_edge::infer::OrtBackend::from_model(&backend.spec(batch, threads), &model)?;
+    Ok(Box::new(move |x| {
+        b.run(x, batch)?;
+        Ok(())
+    }))
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+fn ort_runner(
+    _: &Path,
+    _: Vec<u8>,
+    _: &BackendArg,
+    _: usize,
+    _: usize,
+    _: usize,
+) -> Result<Box<dyn FnMut(&[f32]) -> Result<()>>> {
+    bail!("built without the onnxruntime feature")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -233,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Infer {
             onnx,
+            backend,
             size,
             batch,
             threads,
@@ -242,13 +341,24 @@ fn run(cli: Cli) -> Result<()> {
             let bytes =
                 std::fs::read(&onnx).with_context(|| format!("reading {}", onnx.display()))?;
             let t = Instant::now();
-            let m = TractModel::with_threads(&bytes, batch, size, threads)?;
-            let load_s = t.elapsed().as_secs_f64();
+            let mut run: Box<dyn FnMut(&[f32]) -> Result<()>> = match backend.backend {
+                BackendKind::Tract => {
+                    let m = TractModel::with_threads(&bytes, batch, size, threads)?;
+                    Box::new(move |x| {
+                        m.run(x)?;
+                        Ok(())
+                    })
+                }
+                BackendKind::Onnxruntime => {
+                    ort_runner(&onnx, bytes, &backend, size, batch, threads)?
+                }
+            };
             let x = input(batch * 3 * size * size);
-            m.run(&x)?;
+            run(&x)?;
+            let load_s = t.elapsed().as_secs_f64();
             let (mut reps, t) = (0usize, Instant::now());
             while reps < min_reps || t.elapsed().as_secs_f64() < min_time {
-                m.run(&x)?;
+                run(&x)?;
                 reps += 1;
             }
             let s = t.elapsed().as_secs_f64() / reps as f64;
@@ -324,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
             trusted_key,
             batch,
             threads,
+            backend,
         } => {
             let staging = tempfile::tempdir()?;
             let (bundle_path, key) = match (model, trusted_key) {
@@ -334,7 +445,7 @@ fn run(cli: Cli) -> Result<()> {
             let names = bundle.manifest().class_names.clone();
             let norm = bundle.manifest().normalization();
             let mut backend = Timed {
-                inner: TractBackend::from_bundle(&bundle, batch, threads)?,
+                inner: reddino_edge::infer::open(&backend.spec(batch, threads), &bundle)?,
                 seconds: 0.0,
             };
             let m = bundle.manifest();

@@ -10,7 +10,7 @@ use reddino_models::bundle::Bundle;
 use crate::capture::{build_source, FrameSource};
 use crate::config::Config;
 use crate::error::Result;
-use crate::infer::{Backend, TractBackend};
+use crate::infer::Backend;
 use crate::model::open_bundle;
 use crate::model::store::{StartCheck, Store};
 use crate::pipeline::{CommandError, Pipeline, PipelineSettings, Shared, Snapshot};
@@ -53,6 +53,7 @@ impl Service {
             frame_queue: cfg.pipeline.frame_queue,
             crop_queue: cfg.pipeline.crop_queue,
             camera_retry_max: Duration::from_secs_f64(cfg.camera.retry_max_s),
+            batch_wait: Duration::from_millis(cfg.pipeline.batch_wait_ms),
         };
         {
             let ob = &outbox;
@@ -171,9 +172,10 @@ fn open_served(cfg: &Config) -> Result<(Bundle, Option<FromStore>)> {
 /// `reddino-edge run`: everything from a config, until the source ends or `stop` is set.
 pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let (bundle, served) = open_served(cfg)?;
-    let backend = TractBackend::from_bundle(&bundle, cfg.model.batch, cfg.model.threads)?;
+    let backend = crate::infer::open(&cfg.backend_spec(), &bundle)?;
+    log::info!("inference: {}", backend.describe());
     let source = build_source(&cfg.camera)?;
-    let svc = Service::start(cfg, &bundle, Box::new(backend), source, stop, None)?;
+    let svc = Service::start(cfg, &bundle, backend, source, stop, None)?;
     svc.shared
         .set_model_control(Arc::new(crate::switch::StoreControl {
             root: cfg.model_store(),

@@ -11,6 +11,7 @@ use reddino_models::preprocess::CropPolicy;
 
 use crate::capture::{CameraConfig, SourceKind};
 use crate::cells::Mode;
+use crate::infer::{BackendKind, BackendSpec, Precision, Provider};
 use crate::publish::mqtt::MqttConfig;
 use crate::publish::outbox::OutboxLimits;
 
@@ -53,6 +54,25 @@ pub struct ModelConfig {
     /// of `bundle`, which stays the fallback.
     #[serde(default)]
     pub store: Option<PathBuf>,
+    /// `tract` (CPU, pure Rust) or `onnxruntime` (TensorRT, CUDA or CPU through ONNX Runtime).
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// ONNX Runtime providers, most preferred first; the first that registers runs the model.
+    #[serde(default = "default_providers")]
+    pub providers: Vec<Provider>,
+    /// libonnxruntime.so; absent: `ORT_DYLIB_PATH`, then the loader's search path.
+    #[serde(default)]
+    pub onnxruntime_library: Option<PathBuf>,
+    /// TensorRT engine precision: `fp16` (LayerNorm kept in FP32) or `fp32`.
+    #[serde(default)]
+    pub precision: Precision,
+    /// CUDA device ordinal for the GPU providers.
+    #[serde(default)]
+    pub device: i32,
+}
+
+fn default_providers() -> Vec<Provider> {
+    vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
 }
 
 fn default_batch() -> usize {
@@ -136,6 +156,11 @@ pub struct PipelineConfig {
     /// Frames with their crops waiting for inference.
     #[serde(default = "default_crop_queue")]
     pub crop_queue: usize,
+    /// Batching across frames: the inference stage waits up to this long (milliseconds) for
+    /// more frames' crops to fill a batch of `model.batch` (0: each frame on its own). The
+    /// latency bound a GPU trades for full batches.
+    #[serde(default)]
+    pub batch_wait_ms: u64,
 }
 
 fn default_frame_queue() -> usize {
@@ -150,6 +175,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             frame_queue: default_frame_queue(),
             crop_queue: default_crop_queue(),
+            batch_wait_ms: 0,
         }
     }
 }
@@ -189,6 +215,21 @@ impl Config {
         }
     }
 
+    /// The backend the config asks for; TensorRT engines go to `engines` in the state
+    /// directory.
+    pub fn backend_spec(&self) -> BackendSpec {
+        BackendSpec {
+            kind: self.model.backend,
+            batch: self.model.batch,
+            threads: self.model.threads,
+            providers: self.model.providers.clone(),
+            library: self.model.onnxruntime_library.clone(),
+            precision: self.model.precision,
+            engines: Some(self.state_dir().join("engines")),
+            device_id: self.model.device,
+        }
+    }
+
     /// The state directory: the outbox's folder (`/var/lib/reddino-edge` by default).
     pub fn state_dir(&self) -> PathBuf {
         self.outbox
@@ -219,6 +260,16 @@ impl Config {
                 });
             }
         }
+        // A bare file name is for the loader's search path; a path must exist.
+        if let Some(lib) = &cfg.model.onnxruntime_library {
+            if lib.components().count() > 1 && !lib.exists() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "model.onnxruntime_library",
+                    msg: format!("{} does not exist", lib.display()),
+                });
+            }
+        }
         Ok(cfg)
     }
 
@@ -240,6 +291,11 @@ impl Config {
         };
         self.camera.paths.iter_mut().for_each(fix);
         fix(&mut self.model.bundle);
+        if let Some(p) = self.model.onnxruntime_library.as_mut() {
+            if p.components().count() > 1 {
+                fix(p);
+            }
+        }
         if let Some(p) = self.model.store.as_mut() {
             fix(p)
         }
@@ -324,6 +380,36 @@ impl Config {
             return Err(bad(
                 "model.batch",
                 format!("{} is not in 1..=256", self.model.batch),
+            ));
+        }
+        if self.model.backend == BackendKind::Onnxruntime {
+            if !cfg!(feature = "onnxruntime") {
+                return Err(bad(
+                    "model.backend",
+                    "this build has no ONNX Runtime backend (built without the `onnxruntime` feature); use \"tract\"".into(),
+                ));
+            }
+            if self.model.providers.is_empty() {
+                return Err(bad(
+                    "model.providers",
+                    "name at least one of tensorrt, cuda, cpu".into(),
+                ));
+            }
+            let mut seen = Vec::new();
+            for p in &self.model.providers {
+                if seen.contains(p) {
+                    return Err(bad(
+                        "model.providers",
+                        format!("{} is listed twice", p.name()),
+                    ));
+                }
+                seen.push(*p);
+            }
+        }
+        if self.pipeline.batch_wait_ms > 10_000 {
+            return Err(bad(
+                "pipeline.batch_wait_ms",
+                format!("{} ms is more than 10 s", self.pipeline.batch_wait_ms),
             ));
         }
         if !(0.0..=1.0).contains(&self.model.min_confidence) {

@@ -32,6 +32,9 @@ pub enum Error {
     Command(#[from] CommandError),
     #[error(transparent)]
     Mqtt(#[from] SettingsError),
+    /// An inference backend that could not be opened (library, provider, engine build).
+    #[error(transparent)]
+    Backend(#[from] crate::infer::BackendError),
     /// A bundle refused or a model that failed (signature, hashes, self-test, inference).
     #[error(transparent)]
     Model(#[from] reddino_models::Error),
@@ -71,6 +74,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) | Error::Profile(_) | Error::Mqtt(_) => 2,
+            Error::Backend(e) if e.is_setup() => 2,
             _ => 1,
         }
     }

@@ -18,7 +18,7 @@ use crate::cells::CellFinderConfig;
 use crate::classify::Counts;
 use crate::config::Config;
 use crate::error::Result;
-use crate::infer::{Backend, TractBackend};
+use crate::infer::Backend;
 use crate::model::manifest_sha256;
 use crate::model::open_bundle;
 use crate::model::store::Store;
@@ -108,7 +108,9 @@ pub fn describe(
     let info = ModelInfo {
         id: format!("{}@{}", m.name, m.version),
         sha256: manifest_sha256(bundle.dir())?,
-        backend: backend.describe(),
+        backend: backend.name().into(),
+        provider: backend.provider().into(),
+        backend_detail: backend.describe(),
         class_names: m.class_names.clone(),
         normalization: m.normalization(),
     };
@@ -117,9 +119,9 @@ pub fn describe(
 
 /// A verified bundle, ready to be switched to: its backend built and warmed by the self-test.
 pub fn served(cfg: &Config, bundle: &Bundle) -> Result<Served> {
-    let backend = TractBackend::from_bundle(bundle, cfg.model.batch, cfg.model.threads)?;
-    let (info, cells, crop) = describe(cfg, bundle, &backend)?;
-    Ok(Served::new(info, cells, crop, Some(Box::new(backend))))
+    let backend = crate::infer::open(&cfg.backend_spec(), bundle)?;
+    let (info, cells, crop) = describe(cfg, bundle, backend.as_ref())?;
+    Ok(Served::new(info, cells, crop, Some(backend)))
 }
 
 /// A switch whose health is still to be judged.

@@ -41,6 +41,12 @@ impl Backend for SlowBackend {
             logits: Some(logits),
         })
     }
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn provider(&self) -> &str {
+        "cpu"
+    }
     fn describe(&self) -> String {
         "slow test backend".into()
     }
@@ -61,11 +67,14 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             frame_queue: cap,
             crop_queue: 1,
             camera_retry_max: Duration::from_millis(100),
+            batch_wait: Duration::ZERO,
         },
         ModelInfo {
             id: "slow@1".into(),
             sha256: "0".repeat(64),
             backend: "slow".into(),
+            provider: "cpu".into(),
+            backend_detail: "slow test backend".into(),
             class_names: names,
             normalization: Normalization::default(),
         },

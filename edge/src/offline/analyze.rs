@@ -12,7 +12,7 @@ use crate::cells::CellFinderConfig;
 use crate::classify::{Counts, UNCERTAIN};
 use crate::crop::{find_and_crop, CropPolicy};
 use crate::error::{Error, Result};
-use crate::infer::{classify_crops, Backend, TractBackend};
+use crate::infer::{classify_crops, Backend, BackendKind, BackendSpec, Provider};
 use crate::model::{model_or_shipped, open_bundle, Shipped};
 
 /// `reddino-edge analyze`'s arguments.
@@ -41,6 +41,18 @@ pub struct AnalyzeArgs {
     /// Below this top probability a cell counts as `uncertain`.
     #[arg(long, default_value_t = 0.5)]
     pub min_confidence: f32,
+    /// `tract` (CPU) or `onnxruntime`.
+    #[arg(long, default_value = "tract", value_parser = BackendKind::parse)]
+    pub backend: BackendKind,
+    /// ONNX Runtime providers, most preferred first (comma-separated: tensorrt,cuda,cpu).
+    #[arg(long, value_delimiter = ',', default_value = "tensorrt,cuda,cpu", value_parser = Provider::parse)]
+    pub providers: Vec<Provider>,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH, then the loader's search path).
+    #[arg(long)]
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Where TensorRT engines are cached (default: ~/.cache/reddino-edge/engines).
+    #[arg(long)]
+    pub engines: Option<PathBuf>,
     /// Image files (png, jpg, bmp, tif).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -60,7 +72,16 @@ pub fn command(args: &AnalyzeArgs) -> Result<()> {
     )?;
     let b = open_bundle(&model, &trusted_keys)?;
     let m = b.manifest();
-    let mut backend = TractBackend::from_bundle(&b, args.batch.max(1), args.threads)?;
+    let spec = BackendSpec {
+        kind: args.backend,
+        providers: args.providers.clone(),
+        library: args.onnxruntime_library.clone(),
+        engines: args.engines.clone().or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/reddino-edge/engines"))
+        }),
+        ..BackendSpec::tract(args.batch.max(1), args.threads)
+    };
+    let mut backend = crate::infer::open(&spec, &b)?;
     log::info!("model {} {}: {}", m.name, m.version, backend.describe());
     let cfg = AnalyzeConfig {
         min_confidence: args.min_confidence,
@@ -80,7 +101,7 @@ pub fn command(args: &AnalyzeArgs) -> Result<()> {
         let report = analyze_image(
             &path.display().to_string(),
             &img,
-            &mut backend,
+            backend.as_mut(),
             &m.class_names,
             &m.normalization(),
             &cfg,

@@ -215,11 +215,14 @@ mod tests {
             frame_queue: 2,
             crop_queue: 2,
             camera_retry_max: Duration::from_secs(1),
+            batch_wait: Duration::ZERO,
         };
         let model = ModelInfo {
             id: "test@1".into(),
             sha256: "0".repeat(64),
             backend: "tract".into(),
+            provider: "cpu".into(),
+            backend_detail: "tract".into(),
             class_names: vec!["normal".into(), "target".into()],
             normalization: Normalization::default(),
         };

@@ -241,6 +241,8 @@ fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), Fram
         session: None,
         model: model.id.clone(),
         model_sha256: model.sha256.clone(),
+        backend: model.backend.clone(),
+        provider: model.provider.clone(),
         cells: counts.total(),
         counts: by_name,
         latency_ms,

@@ -32,6 +32,8 @@ pub struct PipelineSettings {
     pub crop_queue: usize,
     /// Longest wait between attempts to reopen a failing camera.
     pub camera_retry_max: Duration,
+    /// How long the inference stage waits for more frames to fill a batch (zero: none).
+    pub batch_wait: Duration,
 }
 
 /// The bundle's identity and classes.
@@ -41,7 +43,11 @@ pub struct ModelInfo {
     pub id: String,
     /// sha256 of the bundle's signed manifest.
     pub sha256: String,
+    /// The backend's name (`tract`, `onnxruntime`), its provider (`cpu`, `cuda`, `tensorrt`)
+    /// and a one-line description (version, batch, input).
     pub backend: String,
+    pub provider: String,
+    pub backend_detail: String,
     pub class_names: Vec<String>,
     pub normalization: Normalization,
 }
@@ -292,6 +298,8 @@ impl Shared {
             model: Some(model.info.id.clone()),
             model_sha256: Some(model.info.sha256.clone()),
             backend: Some(model.info.backend.clone()),
+            provider: Some(model.info.provider.clone()),
+            backend_detail: Some(model.info.backend_detail.clone()),
             session: lock(&self.session).as_ref().map(|s| s.name.clone()),
             camera_error,
             frames,

@@ -27,6 +27,12 @@ pub struct CountsMsg {
     /// model produced this result.
     #[serde(default)]
     pub model_sha256: String,
+    /// The backend and execution provider that produced this result (`tract`/`cpu`,
+    /// `onnxruntime`/`tensorrt`, ...).
+    #[serde(default)]
+    pub backend: String,
+    #[serde(default)]
+    pub provider: String,
     /// Cells found in the frame (all classes and `uncertain`).
     pub cells: u64,
     /// Cells per class name, `uncertain` included.
@@ -120,8 +126,15 @@ pub struct StatusMsg {
     /// sha256 of the served bundle's signed manifest.
     #[serde(default)]
     pub model_sha256: Option<String>,
+    /// `tract` or `onnxruntime`.
     #[serde(default)]
     pub backend: Option<String>,
+    /// The execution provider that runs the model: `cpu`, `cuda` or `tensorrt`.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The backend in one line (version, provider, batch, input).
+    #[serde(default)]
+    pub backend_detail: Option<String>,
     #[serde(default)]
     pub session: Option<String>,
     /// Last camera error while the camera is failing; `null` when frames arrive.

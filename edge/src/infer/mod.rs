@@ -1,0 +1,259 @@
+//! Inference backends behind one trait, chosen by the config's `model.backend`:
+//! [`tract`] (pure Rust, CPU) and, with the `onnxruntime` cargo feature, [`onnxruntime`]
+//! (ONNX Runtime loaded at run time, with the TensorRT, CUDA or CPU provider). [`engines`]
+//! keeps compiled TensorRT engines in the state directory, keyed on all they depend on;
+//! [`gpu`] reads the TensorRT version and GPU architecture that key needs. [`open`] is the one
+//! way the service, `analyze` and `model compile` get a backend.
+
+use std::borrow::Borrow;
+use std::path::PathBuf;
+
+use image::RgbImage;
+use reddino_models::bundle::Bundle;
+use reddino_models::preprocess::{preprocess_into, Normalization};
+use serde::{Deserialize, Serialize};
+
+use crate::classify::{classify, Prediction};
+
+pub mod engines;
+#[cfg(feature = "onnxruntime")]
+pub mod gpu;
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
+pub mod tract;
+
+#[cfg(feature = "onnxruntime")]
+pub use self::onnxruntime::OrtBackend;
+pub use self::tract::TractBackend;
+
+/// Outputs for `n` images: embeddings `[n, dim]` and, with a head, logits `[n, classes]`.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    pub n: usize,
+    pub dim: usize,
+    pub embeddings: Vec<f32>,
+    pub classes: usize,
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Something that turns preprocessed pixels into embeddings and logits.
+pub trait Backend: Send {
+    /// Input side in pixels.
+    fn input_size(&self) -> usize;
+    /// Largest batch per call.
+    fn batch_size(&self) -> usize;
+    /// Runs `n <= batch_size()` images (`n * 3 * S * S` values, NCHW).
+    fn run(&mut self, pixels: &[f32], n: usize) -> Result<BatchOutput, reddino_models::Error>;
+    /// The backend's name (`tract`, `onnxruntime`).
+    fn name(&self) -> &'static str;
+    /// The execution provider that runs the model (`cpu`, `cuda`, `tensorrt`).
+    fn provider(&self) -> &str;
+    /// Short description for logs and the status message.
+    fn describe(&self) -> String;
+}
+
+/// Which inference library runs the model (`model.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Tract,
+    Onnxruntime,
+}
+
+impl BackendKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "tract" => Ok(BackendKind::Tract),
+            "onnxruntime" => Ok(BackendKind::Onnxruntime),
+            _ => Err(format!("unknown backend `{s}` (tract or onnxruntime)")),
+        }
+    }
+}
+
+/// ONNX Runtime execution providers, in the config's order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Tensorrt,
+    Cuda,
+    Cpu,
+}
+
+impl Provider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Tensorrt => "tensorrt",
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "tensorrt" => Ok(Provider::Tensorrt),
+            "cuda" => Ok(Provider::Cuda),
+            "cpu" => Ok(Provider::Cpu),
+            _ => Err(format!("unknown provider `{s}` (tensorrt, cuda or cpu)")),
+        }
+    }
+}
+
+/// Precision of TensorRT engines. FP16 keeps LayerNorm in FP32 (ViTs overflow otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp16 => "fp16",
+            Precision::Fp32 => "fp32",
+        }
+    }
+}
+
+/// Everything [`open`] needs to build a backend.
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    pub kind: BackendKind,
+    /// Largest batch per call (TensorRT: the profile's opt and max).
+    pub batch: usize,
+    /// CPU threads (0 = one per core).
+    pub threads: usize,
+    /// ONNX Runtime providers, most preferred first.
+    pub providers: Vec<Provider>,
+    /// libonnxruntime.so; absent: `ORT_DYLIB_PATH`, then the loader's search.
+    pub library: Option<PathBuf>,
+    pub precision: Precision,
+    /// The engine cache folder (`engines` in the state directory); TensorRT only.
+    pub engines: Option<PathBuf>,
+    /// CUDA device ordinal.
+    pub device_id: i32,
+}
+
+impl BackendSpec {
+    /// tract on the CPU.
+    pub fn tract(batch: usize, threads: usize) -> Self {
+        BackendSpec {
+            kind: BackendKind::Tract,
+            batch,
+            threads,
+            providers: vec![Provider::Cpu],
+            library: None,
+            precision: Precision::default(),
+            engines: None,
+            device_id: 0,
+        }
+    }
+}
+
+/// Why a backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("ONNX Runtime library {}: {reason}", path.display())]
+    Library { path: PathBuf, reason: String },
+    #[error("ONNX Runtime library {} is version {found}; this build needs {needed} or newer", path.display())]
+    TooOld {
+        path: PathBuf,
+        found: String,
+        needed: String,
+    },
+    #[error("no ONNX Runtime provider could run the model{}", tried_list(.0))]
+    NoProvider(Vec<(String, String)>),
+    #[error("this reddino-edge was built without the `onnxruntime` feature: use model.backend = \"tract\", or build with `--features onnxruntime`")]
+    NotBuilt,
+    #[error("GPU: {0}")]
+    Gpu(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error(transparent)]
+    Model(#[from] reddino_models::Error),
+}
+
+fn tried_list(tried: &[(String, String)]) -> String {
+    if tried.is_empty() {
+        return " (model.providers is empty)".into();
+    }
+    tried
+        .iter()
+        .map(|(p, e)| format!("; {p}: {e}"))
+        .collect::<String>()
+}
+
+impl BackendError {
+    /// A set-up the operator fixes (library path, providers, build): exit status 2.
+    pub fn is_setup(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Library { .. }
+                | BackendError::TooOld { .. }
+                | BackendError::NoProvider(_)
+                | BackendError::NotBuilt
+        )
+    }
+}
+
+/// Opens a verified bundle's model with the backend `spec` asks for.
+pub fn open(spec: &BackendSpec, bundle: &Bundle) -> Result<Box<dyn Backend>, BackendError> {
+    match spec.kind {
+        BackendKind::Tract => Ok(Box::new(TractBackend::from_bundle(
+            bundle,
+            spec.batch,
+            spec.threads,
+        )?)),
+        #[cfg(feature = "onnxruntime")]
+        BackendKind::Onnxruntime => Ok(Box::new(OrtBackend::open(spec, bundle)?)),
+        #[cfg(not(feature = "onnxruntime"))]
+        BackendKind::Onnxruntime => Err(BackendError::NotBuilt),
+    }
+}
+
+/// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the
+/// `uncertain` threshold. One prediction per crop, in order.
+pub fn classify_crops<C: Borrow<RgbImage>>(
+    crops: &[C],
+    backend: &mut dyn Backend,
+    class_names: &[String],
+    norm: &Normalization,
+    min_confidence: f32,
+) -> Result<Vec<Prediction>, reddino_models::Error> {
+    let size = backend.input_size();
+    let per = 3 * size * size;
+    let batch = backend.batch_size().max(1);
+    let mut pixels = vec![0f32; batch.min(crops.len().max(1)) * per];
+    let mut out_preds = Vec::with_capacity(crops.len());
+    for chunk in crops.chunks(batch) {
+        for (i, crop) in chunk.iter().enumerate() {
+            preprocess_into(
+                crop.borrow(),
+                size as u32,
+                norm,
+                &mut pixels[i * per..(i + 1) * per],
+            );
+        }
+        let out = backend.run(&pixels[..chunk.len() * per], chunk.len())?;
+        let logits = out.logits.ok_or_else(|| {
+            reddino_models::Error::Inference(
+                "the model has no classification head (`logits` output)".into(),
+            )
+        })?;
+        if out.classes != class_names.len() {
+            return Err(reddino_models::Error::Inference(format!(
+                "the model gives {} logits, the bundle lists {} classes",
+                out.classes,
+                class_names.len()
+            )));
+        }
+        out_preds.extend(
+            logits
+                .chunks_exact(out.classes)
+                .map(|l| classify(l, min_confidence)),
+        );
+    }
+    Ok(out_preds)
+}
