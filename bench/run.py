@@ -132,6 +132,23 @@ def infer_tract(ctx, model_dir, preset, size, batch, threads):
             "--batch", str(batch), "--threads", str(threads)] + ctx["timing"]
 
 
+def infer_edge_ort(ctx, model_dir, preset, size, batch, threads):
+    """The edge's own ONNX Runtime backend (CPU provider), on the wheel's libonnxruntime: the
+    Backend call the service makes per batch, input copy included."""
+    return infer_tract(ctx, model_dir, preset, size, batch, threads) + [
+        "--backend", "onnxruntime", "--onnxruntime-library", ctx["ort_lib"]]
+
+
+def ort_library():
+    """libonnxruntime of the venv's onnxruntime wheel."""
+    import glob
+    import onnxruntime
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))
+    if not libs:
+        raise SystemExit("the onnxruntime wheel has no libonnxruntime.so")
+    return libs[0]
+
+
 def infer_python(backend):
     def cmd(ctx, model_dir, preset, size, batch, threads):
         return [PY, os.path.join(HERE, "py_infer.py"), "--backend", backend, "--model-dir", model_dir,
@@ -144,6 +161,7 @@ def infer_python(backend):
 INFER_BACKENDS = {
     "tract": infer_tract,
     "onnxruntime": infer_python("ort"),
+    "edge-onnxruntime": infer_edge_ort,
     "pytorch": infer_python("torch"),
 }
 
@@ -344,20 +362,27 @@ def report(res, out_dir):
     L.append(f"Peak f32 FLOP/s: {m['derivation']}.")
     L.append("")
     if res.get("infer"):
-        L.append("### Inference: tract vs onnxruntime vs PyTorch eager (images/s)")
+        L.append("### Inference: tract vs onnxruntime (Python and the edge's) vs PyTorch eager (images/s)")
         L.append("")
         L.append("Same ONNX file for tract and onnxruntime, same weights in timm's DINOv2 ViT for "
                  "PyTorch; each contender first checks its embeddings of two probe images against "
                  "tract's (max difference in the JSON). Ratios are to onnxruntime; FLOP/s = 2 x "
                  "MACs per image x images/s, as a share of the T cores' peak.")
         L.append("")
-        L.append("| model | input | batch | threads | tract | onnxruntime | PyTorch | tract / ORT | PyTorch / ORT | tract GFLOP/s | tract % of peak | ORT % of peak |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("The edge's ONNX Runtime backend (`model.backend = \"onnxruntime\"`, CPU provider, "
+                 "the wheel's libonnxruntime loaded at run time) runs through the same Backend call "
+                 "the service makes per batch; its ratio to Python onnxruntime is the cost of that "
+                 "path.")
+        L.append("")
+        L.append("| model | input | batch | threads | tract | onnxruntime | edge ORT | PyTorch | tract / ORT | edge ORT / ORT | PyTorch / ORT | tract GFLOP/s | tract % of peak | ORT % of peak |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in res["infer"]:
             b = r["backends"]
             L.append(f"| {r['preset']} | {r['size']} | {r['batch']} | {r['threads']} | "
                      f"{fmt(b['tract']['images_per_s'])} | {fmt(b['onnxruntime']['images_per_s'])} | "
+                     f"{fmt(b['edge-onnxruntime']['images_per_s'])} | "
                      f"{fmt(b['pytorch']['images_per_s'])} | {fmt(b['tract']['ratio_to_ort'], 2)} | "
+                     f"{fmt(b['edge-onnxruntime']['ratio_to_ort'], 2)} | "
                      f"{fmt(b['pytorch']['ratio_to_ort'], 2)} | {fmt(b['tract']['gflops'])} | "
                      f"{fmt(b['tract']['pct_peak'])} | {fmt(b['onnxruntime']['pct_peak'])} |")
         L.append("")
@@ -572,6 +597,7 @@ def main():
 
     ctx = {"smoke": args.smoke, "work": work, "machine": machine(),
            "timing": ["--min-time", "0", "--min-reps", "1"] if args.smoke else ["--min-time", "3", "--min-reps", "2"]}
+    ctx["ort_lib"] = ort_library()
     ctx["worker"] = cargo_executable(profile, ["--workspace", "--example", "bench_worker"],
                                      "example", "bench_worker")
     if "trainer" in only:

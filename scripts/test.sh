@@ -17,6 +17,10 @@ REF="$PWD/target/reference"
 "$REDDINO_PYTHON" tests/reference/sklearn_probes.py "$REF"
 export REDDINO_REFERENCE_DIR="$REF"
 export REDDINO_REQUIRE_REFERENCE=1
+# The ONNX Runtime backend's tests load the PyPI wheel's libonnxruntime (CPU provider).
+REDDINO_ONNXRUNTIME_LIB="$("$REDDINO_PYTHON" -c 'import glob, os, onnxruntime
+print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')"
+export REDDINO_ONNXRUNTIME_LIB REDDINO_REQUIRE_ONNXRUNTIME=1
 
 echo "==> cargo test (all targets; benchmarks run once on tiny inputs)"
 export REDDINO_BENCH_SMOKE=1

@@ -1,8 +1,10 @@
 //! Flow control: when inference falls behind a live source, the oldest frames are dropped and
 //! counted, the frame queue never grows past its capacity, and every frame is accounted for.
+//! Batching across frames: crops of several frames share backend calls, and each frame's
+//! result is exactly what it is without batching.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reddino_edge::capture::{Paced, SyntheticSource};
@@ -122,4 +124,132 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
         s.frames.processed,
         "one result per analysed frame"
     );
+}
+
+/// Answers from the pixels (class 0 when the crop is brighter than the middle) and records
+/// every call's batch size.
+struct PixelBackend {
+    calls: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Backend for PixelBackend {
+    fn input_size(&self) -> usize {
+        14
+    }
+    fn batch_size(&self) -> usize {
+        64
+    }
+    fn run(&mut self, pixels: &[f32], n: usize) -> Result<BatchOutput, reddino_models::Error> {
+        self.calls.lock().unwrap().push(n);
+        let per = pixels.len() / n;
+        let mut logits = Vec::new();
+        for img in pixels.chunks_exact(per) {
+            let mean = img.iter().sum::<f32>() / per as f32;
+            logits.extend([mean * 10.0, -mean * 10.0]);
+        }
+        Ok(BatchOutput {
+            n,
+            dim: 1,
+            embeddings: vec![0.0; n],
+            classes: 2,
+            logits: Some(logits),
+        })
+    }
+    fn name(&self) -> &'static str {
+        "pixel"
+    }
+    fn provider(&self) -> &str {
+        "cpu"
+    }
+    fn describe(&self) -> String {
+        "pixel test backend".into()
+    }
+}
+
+/// Runs 16 synthetic frames through the pipeline with `wait` of batching; returns each
+/// stored result (frame, cells, counts) in order and the backend's batch sizes.
+fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+    let shared = Shared::new(
+        PipelineSettings {
+            device_id: "flow".into(),
+            topic_prefix: "reddino".into(),
+            cells: CellFinderConfig::default(),
+            crop: CropPolicy::default(),
+            min_confidence: 0.0,
+            frame_queue: 4,
+            crop_queue: 8,
+            camera_retry_max: Duration::from_millis(100),
+            batch_wait: wait,
+        },
+        ModelInfo {
+            id: "pixel@1".into(),
+            sha256: "0".repeat(64),
+            backend: "pixel".into(),
+            provider: "cpu".into(),
+            backend_detail: "pixel test backend".into(),
+            class_names: names,
+            normalization: Normalization::default(),
+        },
+        Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let source = SyntheticSource::new(
+        vec![SourcePreset::by_name("mgg_100x").unwrap()],
+        320,
+        240,
+        5,
+        Some(16),
+    );
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let pipeline = Pipeline::start(
+        shared.clone(),
+        Box::new(source),
+        Box::new(PixelBackend {
+            calls: calls.clone(),
+        }),
+    );
+    while !shared.pipeline_idle() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    pipeline.join();
+    assert_eq!(shared.snapshot().frames.processed, 16);
+    let ob = shared.outbox.lock().unwrap();
+    let rows = ob
+        .pending_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let m: reddino_edge::publish::messages::CountsMsg =
+                serde_json::from_slice(&e.payload).unwrap();
+            assert_eq!((m.backend.as_str(), m.provider.as_str()), ("pixel", "cpu"));
+            (m.frame, m.cells, format!("{:?}", m.counts))
+        })
+        .collect();
+    let calls = calls.lock().unwrap().clone();
+    (rows, calls)
+}
+
+#[test]
+fn batching_across_frames_fills_batches_and_keeps_each_frames_result() {
+    let (alone, calls_alone) = run_batched(Duration::ZERO);
+    let (batched, calls_batched) = run_batched(Duration::from_millis(400));
+    assert_eq!(alone.len(), 16);
+    let cells: u64 = alone.iter().map(|r| r.1).sum();
+    assert!(cells > 16, "too few cells to batch: {cells}");
+    assert_eq!(
+        batched, alone,
+        "each frame's stored result must not depend on batching"
+    );
+    assert!(
+        calls_batched.len() < calls_alone.len(),
+        "batched {calls_batched:?} against alone {calls_alone:?}"
+    );
+    let most_per_frame = alone.iter().map(|r| r.1 as usize).max().unwrap();
+    assert!(
+        calls_batched.iter().any(|&n| n > most_per_frame),
+        "no call held more than one frame's crops: {calls_batched:?}"
+    );
+    assert!(calls_batched.iter().all(|&n| n <= 64));
 }

@@ -442,3 +442,30 @@ impl Backend for OrtBackend {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_older_than_the_bindings_are_refused_with_both_versions() {
+        let p = Path::new("/opt/ort/libonnxruntime.so");
+        let err = check_version(p, "1.16.3").unwrap_err().to_string();
+        assert!(
+            err.contains("/opt/ort/libonnxruntime.so")
+                && err.contains("1.16.3")
+                && err.contains(&format!("1.{MIN_MINOR} or newer")),
+            "{err}"
+        );
+        assert!(check_version(p, &format!("1.{MIN_MINOR}.0")).is_ok());
+        assert!(check_version(p, "1.32.0").is_ok());
+        assert!(check_version(p, "2.0.0").is_ok());
+        assert!(check_version(p, "unknown").is_err());
+    }
+
+    #[test]
+    fn the_library_path_comes_from_the_config_then_the_environment() {
+        let p = library_path(Some(Path::new("/a/libonnxruntime.so")));
+        assert_eq!(p, Path::new("/a/libonnxruntime.so"));
+    }
+}

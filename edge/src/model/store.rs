@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use reddino_models::bundle::{self, Bundle};
 
 use crate::error::{Error, Result};
+use crate::infer::BackendKind;
 
 use super::{manifest_sha256, open_bundle, sha256_hex};
 
@@ -512,6 +513,11 @@ pub enum ModelAction {
     Verify { bundle: PathBuf },
     /// Remove an installed version (never the active or the previous one).
     Remove { version: String },
+    /// Open an installed version (default: the active one) with the configured backend, as
+    /// the service will: with ONNX Runtime and TensorRT this builds its engines into the state
+    /// directory's cache (minutes on a Jetson), so that the service loads them at start.
+    /// `install` and `inbox` run it after installing when the backend is onnxruntime.
+    Compile { version: Option<String> },
     /// Install and activate every bundle dropped in DIR (default: `inbox` beside the outbox;
     /// the systemd path unit runs this when the folder changes): each gets NAME.result.json
     /// beside it, saying what was done or why it was refused, and moves to DIR/done. Names
@@ -544,6 +550,19 @@ pub fn command(args: &ModelArgs) -> Result<()> {
                 store.activate(&id, keys)?;
                 println!("active: {id}");
             }
+            if cfg.model.backend == BackendKind::Onnxruntime {
+                println!("{}", compile(&cfg, &store, &id)?);
+            }
+        }
+        ModelAction::Compile { version } => {
+            let store = store()?;
+            let id = match version {
+                Some(v) => v.clone(),
+                None => store.active()?.ok_or_else(|| {
+                    Error::Usage("no active version: name one (`model compile VERSION`)".into())
+                })?,
+            };
+            println!("{}", compile(&cfg, &store, &id)?);
         }
         ModelAction::List => {
             let store = store()?;
@@ -568,18 +587,52 @@ pub fn command(args: &ModelArgs) -> Result<()> {
         }
         ModelAction::Rollback => println!("active: {}", store()?.rollback(keys)?),
         ModelAction::Remove { version } => {
-            store()?.remove(version)?;
+            let store = store()?;
+            store.remove(version)?;
             println!("removed {version}");
+            let keep: Vec<String> = store.list()?.into_iter().map(|i| i.sha256).collect();
+            let engines = crate::infer::engines::EngineCache::new(cfg.state_dir().join("engines"));
+            let n = engines.prune(&keep);
+            if n > 0 {
+                println!("removed {n} compiled engine folder(s) of models no longer installed");
+            }
         }
         ModelAction::Inbox { dir } => {
             let dir = dir.clone().unwrap_or_else(|| cfg.state_dir().join("inbox"));
-            for (name, outcome) in store()?.inbox(&dir, keys)? {
+            let store = store()?;
+            for (name, outcome) in store.inbox(&dir, keys)? {
                 match outcome {
-                    Ok(id) => println!("{name}: installed and activated {id}"),
+                    Ok(id) => {
+                        println!("{name}: installed and activated {id}");
+                        if cfg.model.backend == BackendKind::Onnxruntime {
+                            match compile(&cfg, &store, &id) {
+                                Ok(line) => println!("{line}"),
+                                Err(e) => println!("{name}: {e}"),
+                            }
+                        }
+                    }
                     Err(e) => println!("{name}: refused: {e}"),
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Opens installed version `id` with the configured backend (building TensorRT engines into
+/// the cache when they are not there yet); says which backend and provider it got, and how
+/// long it took.
+fn compile(cfg: &crate::config::Config, store: &Store, id: &str) -> Result<String> {
+    let b = open_bundle(&store.slot(id), &cfg.model.trusted_keys)?;
+    let t = std::time::Instant::now();
+    let backend = crate::infer::open(&cfg.backend_spec(), &b).map_err(|e| {
+        Error::Failed(format!(
+            "{id} is installed, but the configured backend could not open it: {e}"
+        ))
+    })?;
+    Ok(format!(
+        "{id}: {} ready in {:.1} s",
+        backend.describe(),
+        t.elapsed().as_secs_f64()
+    ))
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use image::RgbImage;
 
 use crate::capture::{Frame, FrameSource};
-use crate::classify::Counts;
+use crate::classify::{Counts, Prediction};
 use crate::crop::find_and_crop;
 use crate::infer::{classify_crops, Backend};
 use crate::publish::messages::{CountsMsg, VERSION};
@@ -126,13 +126,22 @@ impl Pipeline {
             }));
         }
 
-        // Inference, classification, outbox.
+        // Inference, classification, outbox. With `batch_wait`, the crops of the frames that
+        // arrive within it (cut for the same model) share the backend's batches.
         {
             let (sh, jq) = (shared.clone(), jobs.clone());
             threads.push(spawn("infer", move || {
                 let mut serving = sh.model();
-                while let Ok(item) = jq.pop_timeout(Duration::from_millis(200)) {
-                    let Some(job) = item else { continue };
+                let mut carried: Option<Job> = None;
+                loop {
+                    let job = match carried.take() {
+                        Some(j) => j,
+                        None => match jq.pop_timeout(Duration::from_millis(200)) {
+                            Ok(Some(j)) => j,
+                            Ok(None) => continue,
+                            Err(_) => break,
+                        },
+                    };
                     if sh.stopping() {
                         continue;
                     }
@@ -155,13 +164,28 @@ impl Pipeline {
                             }
                         }
                     }
-                    match process(&sh, backend.as_mut(), &job) {
-                        Ok(()) => sh.notify.notify_one(),
-                        Err(e) => {
-                            lock(&sh.stats).frames.failed += 1;
-                            log::error!("frame {} ({}): {e}", job.frame.index, job.frame.origin);
+                    let mut batch = vec![job];
+                    let wait = sh.settings.batch_wait;
+                    if !wait.is_zero() {
+                        let deadline = Instant::now() + wait;
+                        let full = backend.batch_size();
+                        while batch.iter().map(|j| j.crops.len()).sum::<usize>() < full {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                break;
+                            }
+                            match jq.pop_timeout(deadline - now) {
+                                Ok(Some(j)) if Arc::ptr_eq(&j.model, &serving) => batch.push(j),
+                                // Another model's frame starts the next batch.
+                                Ok(Some(j)) => {
+                                    carried = Some(j);
+                                    break;
+                                }
+                                Ok(None) | Err(_) => break,
+                            }
                         }
                     }
+                    process(&sh, backend.as_mut(), &batch);
                 }
                 sh.stages_done.store(true, Ordering::SeqCst);
             }));
@@ -202,26 +226,56 @@ fn sleep_unless_stopped(sh: &Shared, d: Duration) {
     }
 }
 
-/// Classifies a job's crops and stores the frame's counts in the outbox.
 /// Why a frame's result was not stored (counted in `frames.failed` and logged).
 #[derive(Debug, thiserror::Error)]
 enum FrameError {
-    #[error("inference failed: {0}")]
-    Inference(#[from] reddino_models::Error),
     #[error("cannot store the result: {0}")]
     Store(#[from] crate::publish::outbox::OutboxError),
 }
 
-fn process(sh: &Shared, backend: &mut dyn Backend, job: &Job) -> Result<(), FrameError> {
-    let model = &job.model.info;
-    let names = &model.class_names;
-    let predictions = classify_crops(
-        &job.crops,
+/// Classifies the crops of `jobs` (frames cut for one model) together, then stores each
+/// frame's counts in the outbox, in order. A failed inference fails every frame of the batch.
+fn process(sh: &Shared, backend: &mut dyn Backend, jobs: &[Job]) {
+    let model = &jobs[0].model.info;
+    let crops: Vec<&RgbImage> = jobs.iter().flat_map(|j| j.crops.iter()).collect();
+    let predictions = match classify_crops(
+        &crops,
         backend,
-        names,
+        &model.class_names,
         &model.normalization,
         sh.settings.min_confidence,
-    )?;
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            lock(&sh.stats).frames.failed += jobs.len() as u64;
+            for job in jobs {
+                log::error!(
+                    "frame {} ({}): inference failed: {e}",
+                    job.frame.index,
+                    job.frame.origin
+                );
+            }
+            return;
+        }
+    };
+    let mut rest = &predictions[..];
+    for job in jobs {
+        let (mine, after) = rest.split_at(job.crops.len());
+        rest = after;
+        match store(sh, job, mine) {
+            Ok(()) => sh.notify.notify_one(),
+            Err(e) => {
+                lock(&sh.stats).frames.failed += 1;
+                log::error!("frame {} ({}): {e}", job.frame.index, job.frame.origin);
+            }
+        }
+    }
+}
+
+/// Stores one frame's counts in the outbox.
+fn store(sh: &Shared, job: &Job, predictions: &[Prediction]) -> Result<(), FrameError> {
+    let model = &job.model.info;
+    let names = &model.class_names;
     let mut counts = Counts::new(names.len());
     predictions.iter().for_each(|p| counts.add(p));
     let by_name = counts.by_name(names);
