@@ -93,15 +93,24 @@ seed = 40"#;
         // Every result names the exact model that produced it.
         assert_eq!(m.model, "demo-random@0.0.1");
         assert_eq!(m.model_sha256, sha);
+        // ... and the backend and provider that ran it.
+        assert_eq!((m.backend.as_str(), m.provider.as_str()), ("tract", "cpu"));
         total += found;
     }
     assert!(total > 20, "too few cells to mean anything: {total}");
     assert_eq!(report.snapshot.frames.cells, total);
-    // The retained status ends as offline.
+    // The retained status ends as offline, naming the backend and provider.
     assert!(mon.wait_for(Duration::from_secs(5), |o| o
         .status
         .as_ref()
         .is_some_and(|s| s.state == "offline")));
+    let status = mon.observed().status.unwrap();
+    assert_eq!(status.backend.as_deref(), Some("tract"));
+    assert_eq!(status.provider.as_deref(), Some("cpu"));
+    assert!(
+        status.backend_detail.as_deref().is_some_and(|d| d.starts_with("tract (CPU")),
+        "{status:?}"
+    );
 }
 
 #[test]
