@@ -74,6 +74,8 @@ impl Service {
             cfg.mqtt.host,
             cfg.mqtt.port
         );
+        // A session a crash or power cut left open: resumed, or closed with its summary.
+        shared.resume_session()?;
         if let Some(name) = initial_session {
             shared.start_session(Some(name))?;
         }

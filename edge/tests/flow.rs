@@ -253,3 +253,125 @@ fn batching_across_frames_fills_batches_and_keeps_each_frames_result() {
     );
     assert!(calls_batched.iter().all(|&n| n <= 64));
 }
+
+/// 20 synthetic frames with the outbox capped at its size when created (the rows that fit in
+/// its last page go in, then it is full); `release` decides what happens once a store has
+/// failed: lift the cap, or stop the pipeline. Returns the shared state after the pipeline
+/// ended, the status seen while the outbox was full and the frames stored before it filled.
+fn run_with_full_outbox(
+    release: impl FnOnce(&Shared),
+) -> (
+    Arc<Shared>,
+    reddino_edge::publish::messages::StatusMsg,
+    u64,
+    tempfile::TempDir,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut outbox = Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap();
+    outbox.set_full(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Shared::new(
+        PipelineSettings {
+            device_id: "full".into(),
+            topic_prefix: "reddino".into(),
+            cells: CellFinderConfig::default(),
+            crop: CropPolicy::default(),
+            min_confidence: 0.0,
+            frame_queue: 4,
+            crop_queue: 2,
+            camera_retry_max: Duration::from_millis(100),
+            batch_wait: Duration::ZERO,
+        },
+        ModelInfo {
+            id: "pixel@1".into(),
+            sha256: "0".repeat(64),
+            backend: "pixel".into(),
+            provider: "cpu".into(),
+            backend_detail: "pixel test backend".into(),
+            class_names: vec!["a".into(), "b".into()],
+            normalization: Normalization::default(),
+        },
+        outbox,
+        stop,
+    );
+    let source = SyntheticSource::new(
+        vec![SourcePreset::by_name("mgg_100x").unwrap()],
+        320,
+        240,
+        9,
+        Some(20),
+    );
+    let pipeline = Pipeline::start(
+        shared.clone(),
+        Box::new(source),
+        Box::new(PixelBackend {
+            calls: Arc::new(Mutex::new(Vec::new())),
+        }),
+    );
+    let t = std::time::Instant::now();
+    let seen = loop {
+        let s = shared.status("online");
+        if s.outbox.error.is_some() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the full outbox never showed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Nothing moves while the outbox is full.
+    let before = shared.snapshot().frames.processed;
+    assert!(before < 20);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(shared.snapshot().frames.processed, before);
+    release(&shared);
+    while !shared.pipeline_idle() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pipeline.join();
+    (shared, seen, before, tmp)
+}
+
+#[test]
+fn a_full_outbox_holds_results_until_it_can_store_them() {
+    let (shared, seen, _, _tmp) =
+        run_with_full_outbox(|sh| sh.outbox.lock().unwrap().set_full(false).unwrap());
+    let err = seen.outbox.error.unwrap();
+    assert!(err.contains("full"), "status while full: {err}");
+    let s = shared.snapshot();
+    assert_eq!(s.frames.processed, 20, "{:?}", s.frames);
+    assert_eq!(s.frames.failed, 0);
+    assert!(shared.status("online").outbox.error.is_none());
+    let ob = shared.outbox.lock().unwrap();
+    let rows = ob.pending_after(0, 100).unwrap();
+    let seqs: Vec<u64> = rows.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>(), "no gap, no loss");
+    let frames: Vec<u64> = rows
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<reddino_edge::publish::messages::CountsMsg>(&e.payload)
+                .unwrap()
+                .frame
+        })
+        .collect();
+    assert_eq!(
+        frames,
+        (0..20).collect::<Vec<u64>>(),
+        "every frame once, in order"
+    );
+}
+
+#[test]
+fn a_stop_while_the_outbox_is_full_counts_the_result_it_could_not_store() {
+    let (shared, _, before, _tmp) = run_with_full_outbox(|sh| {
+        sh.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let s = shared.snapshot();
+    assert_eq!(s.frames.processed, before);
+    assert_eq!(
+        s.frames.failed, 1,
+        "the waiting result is counted: {:?}",
+        s.frames
+    );
+}

@@ -108,7 +108,10 @@ seed = 40"#;
     assert_eq!(status.backend.as_deref(), Some("tract"));
     assert_eq!(status.provider.as_deref(), Some("cpu"));
     assert!(
-        status.backend_detail.as_deref().is_some_and(|d| d.starts_with("tract (CPU")),
+        status
+            .backend_detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with("tract (CPU")),
         "{status:?}"
     );
 }
@@ -639,4 +642,96 @@ fn an_oversized_command_does_not_silence_the_device() {
         .iter()
         .any(|r| r.id.as_deref() == Some("after") && r.ok));
     assert!(o.counts.iter().all(|m| m.session.is_none()));
+}
+
+#[test]
+fn a_session_survives_a_sigkill_and_its_summary_covers_every_frame() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let outbox = tmp.path().join("o.db");
+    let live = r#"source = "synthetic"
+width = 320
+height = 240
+frames = 100000
+fps = 10.0"#;
+    let conf = tmp.path().join("edge.toml");
+    std::fs::write(&conf, config_text(&b, &k, broker.port, &outbox, live, "")).unwrap();
+    let exe = env!("CARGO_BIN_EXE_reddino-edge");
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-session", PREFIX).unwrap();
+    let start = || {
+        Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&conf)
+            .spawn()
+            .unwrap()
+    };
+    let in_session = |o: &reddino_edge::offline::demo::monitor::Observed| {
+        o.counts
+            .iter()
+            .filter(|m| m.session.as_deref() == Some("slide-7"))
+            .count()
+    };
+    let mut child = start();
+    assert!(mon.wait_for(Duration::from_secs(30), |o| o.status.is_some()));
+    mon.command(
+        "session/start",
+        br#"{"schema_version":1,"id":"a","session":"slide-7"}"#,
+    )
+    .unwrap();
+    assert!(mon.wait_for(Duration::from_secs(30), |o| in_session(o) >= 3));
+    unsafe_kill(child.id(), "KILL");
+    child.wait().unwrap();
+    // The broker publishes the last will: offline, marked as the will, without counters
+    // (they would be as old as the connection).
+    assert!(
+        mon.wait_for(Duration::from_secs(20), |o| o
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == "offline" && s.last_will)),
+        "{:?}",
+        mon.observed().status
+    );
+    let will = mon.observed().status.unwrap();
+    assert_eq!(will.frames, Default::default(), "{will:?}");
+    assert_eq!(will.model.as_deref(), Some("demo-random@0.0.1"));
+    let before = in_session(&mon.observed());
+
+    // After the restart the frames carry the session again, and stop works.
+    let mut child = start();
+    assert!(
+        mon.wait_for(Duration::from_secs(60), |o| in_session(o) >= before + 3),
+        "no frame carried the session after the restart"
+    );
+    mon.command("session/stop", br#"{"schema_version":1,"id":"b"}"#)
+        .unwrap();
+    assert!(mon.wait_for(Duration::from_secs(20), |o| !o.sessions.is_empty()));
+    unsafe_kill(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    // Every result stored before the stop is delivered (none lost in the kill).
+    let o = mon.observed();
+    assert!(contiguous(&o.seqs), "{:?}", o.seqs);
+    let s = &o.sessions[0];
+    assert_eq!(s.session, "slide-7");
+    assert_eq!(s.restarts, 1, "{s:?}");
+    let frames: Vec<&reddino_edge::publish::messages::CountsMsg> = o
+        .counts
+        .iter()
+        .filter(|m| m.session.as_deref() == Some("slide-7") && m.seq < s.seq)
+        .collect();
+    assert_eq!(
+        s.frames,
+        frames.len() as u64,
+        "the summary covers exactly the frames stored with the session, before and after the kill"
+    );
+    let cells: u64 = frames.iter().map(|m| m.cells).sum();
+    assert_eq!(s.cells + s.uncertain, cells);
+    // Frames after the summary carry no session.
+    assert!(o
+        .counts
+        .iter()
+        .filter(|m| m.seq > s.seq)
+        .all(|m| m.session.is_none()));
+    broker.stop();
 }

@@ -1,15 +1,17 @@
 //! Commands from the broker (`cmd/...`) and the sessions they start and stop. A malformed or
 //! refused command changes nothing and is answered with the reason.
 
+use std::time::Duration;
+
 use crate::classify::Session;
 use crate::config::valid_id;
 use crate::publish::messages::{
     ClassShare, CommandMsg, ModelEventMsg, ReplyMsg, SessionMsg, VERSION,
 };
 use crate::publish::now_ms;
-use crate::publish::outbox::OutboxError;
+use crate::publish::outbox::{OutboxError, SessionRow};
 
-use super::state::{lock, ActiveSession, Shared};
+use super::state::{lock, ActiveSession, Shared, SESSION_RESUME_MAX};
 
 /// Why a command was refused: the reply's `error`.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +35,7 @@ pub enum CommandError {
     SessionActive(String),
     #[error("no session is active")]
     NoSession,
-    #[error("cannot store the session summary: {0}")]
+    #[error("cannot store the session: {0}")]
     Store(#[from] OutboxError),
 }
 
@@ -112,13 +114,63 @@ impl Shared {
         if let Some(a) = s.as_ref() {
             return Err(CommandError::SessionActive(a.name.clone()));
         }
-        log::info!("session {name} started");
-        *s = Some(ActiveSession {
+        let a = ActiveSession {
             name: name.to_string(),
             started_ms: now_ms(),
             session: Session::new(self.model().info.class_names.clone()),
-        });
+            restarts: 0,
+        };
+        // Saved before it counts: a crash from here on resumes it.
+        lock(&self.outbox).save_session(SessionRow::Save(&a.record(None)))?;
+        log::info!("session {name} started");
+        *s = Some(a);
         Ok(())
+    }
+
+    /// After a start: resumes the session that was active when the service went down without
+    /// closing it (a crash, a power cut), or closes it with its summary when its last frame
+    /// is older than [`SESSION_RESUME_MAX`] or the served model has other classes. Returns
+    /// the session's name and whether it was resumed.
+    pub fn resume_session(&self) -> Result<Option<(String, bool)>, CommandError> {
+        let Some(bytes) = lock(&self.outbox).saved_session()? else {
+            return Ok(None);
+        };
+        let (mut a, updated_ms) = match ActiveSession::from_record(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                log::error!(
+                    "the saved session state is unreadable ({e}); it is cleared: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                lock(&self.outbox).save_session(SessionRow::Clear)?;
+                return Ok(None);
+            }
+        };
+        a.restarts += 1;
+        let age = Duration::from_millis(now_ms().saturating_sub(updated_ms));
+        let same_classes = a.session.class_names == self.model().info.class_names;
+        let name = a.name.clone();
+        let mut s = lock(&self.session);
+        if age <= SESSION_RESUME_MAX && same_classes {
+            lock(&self.outbox).save_session(SessionRow::Save(&a.record(None)))?;
+            log::warn!(
+                "session {name} resumed after a restart ({} frames so far, last {:.0} s ago)",
+                a.session.frames,
+                age.as_secs_f64()
+            );
+            *s = Some(a);
+            return Ok(Some((name, true)));
+        }
+        let why = if same_classes {
+            format!("its last frame is {:.0} min old", age.as_secs_f64() / 60.0)
+        } else {
+            "the model now served has other classes".to_string()
+        };
+        let seq = self.store_summary(&a, updated_ms)?;
+        log::warn!(
+            "session {name} was left open by a restart and is closed ({why}; summary seq {seq})"
+        );
+        Ok(Some((name, false)))
     }
 
     /// Stops the active session and stores its summary; returns the summary's `seq`.
@@ -127,6 +179,17 @@ impl Shared {
         let Some(a) = s.as_ref() else {
             return Err(CommandError::NoSession);
         };
+        let seq = self.store_summary(a, now_ms())?;
+        log::info!("session {} stopped (summary seq {seq})", a.name);
+        *s = None;
+        drop(s);
+        self.notify.notify_one();
+        Ok(seq)
+    }
+
+    /// Stores a session's summary, ending at `ended_ms`, and clears the saved session in the
+    /// same transaction.
+    fn store_summary(&self, a: &ActiveSession, ended_ms: u64) -> Result<u64, CommandError> {
         let props = a.session.proportions();
         let para = a.session.parasitemia_pct();
         let mut msg = SessionMsg {
@@ -135,7 +198,8 @@ impl Shared {
             device: self.settings.device_id.clone(),
             session: a.name.clone(),
             started_ms: a.started_ms,
-            ended_ms: now_ms(),
+            ended_ms,
+            restarts: a.restarts,
             frames: a.session.frames,
             cells: a.session.counts.per_class.iter().sum(),
             uncertain: a.session.counts.uncertain,
@@ -152,13 +216,14 @@ impl Shared {
             parasitemia_ci95: para.map(|p| [p.1 .0, p.1 .1]),
         };
         let topic = self.topic("session");
-        let seq = lock(&self.outbox).push(&topic, |seq| {
-            msg.seq = seq;
-            serde_json::to_vec(&msg).expect("serialisable")
-        })?;
-        log::info!("session {} stopped (summary seq {seq})", a.name);
-        *s = None;
-        drop(s);
+        let seq = lock(&self.outbox).push_with_session(
+            &topic,
+            |seq| {
+                msg.seq = seq;
+                serde_json::to_vec(&msg).expect("serialisable")
+            },
+            SessionRow::Clear,
+        )?;
         self.notify.notify_one();
         Ok(seq)
     }
@@ -204,6 +269,7 @@ mod tests {
     use crate::publish::outbox::{Outbox, OutboxLimits};
 
     use super::super::state::{lock, ModelInfo, PipelineSettings, Shared};
+    use crate::publish::outbox::SessionRow;
 
     fn shared(dir: &tempfile::TempDir) -> Arc<Shared> {
         let settings = PipelineSettings {
@@ -423,5 +489,95 @@ mod tests {
         );
         // Nothing was stored for the broker by a command that only moves the store.
         assert!(stored(&sh).is_empty());
+    }
+
+    /// A service's state directory reopened after a crash: the same outbox file, with the
+    /// session `name` saved as `edit` leaves its record.
+    fn reopened(dir: &tempfile::TempDir, edit: impl FnOnce(&mut serde_json::Value)) -> Arc<Shared> {
+        let sh = shared(dir);
+        sh.start_session(Some("slide-9")).unwrap();
+        let bytes = lock(&sh.outbox).saved_session().unwrap().unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["frames"] = 4.into();
+        v["per_class"] = serde_json::json!([30, 2]);
+        v["uncertain"] = 1.into();
+        edit(&mut v);
+        lock(&sh.outbox)
+            .save_session(SessionRow::Save(&serde_json::to_vec(&v).unwrap()))
+            .unwrap();
+        drop(sh);
+        shared(dir)
+    }
+
+    #[test]
+    fn a_recent_session_is_resumed_after_a_restart_with_its_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = reopened(&dir, |_| {});
+        assert_eq!(
+            sh.resume_session().unwrap(),
+            Some(("slide-9".to_string(), true))
+        );
+        assert!(stored(&sh).is_empty(), "resumed, not closed");
+        let seq = sh.stop_session().unwrap();
+        let (topic, body) = stored(&sh).pop().unwrap();
+        assert_eq!(topic, "reddino/scope-1/session");
+        let m: SessionMsg = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (m.seq, m.frames, m.cells, m.uncertain, m.restarts),
+            (seq, 4, 32, 1, 1)
+        );
+        // Stopped: nothing left to resume.
+        assert!(lock(&sh.outbox).saved_session().unwrap().is_none());
+        drop(sh);
+        assert_eq!(shared(&dir).resume_session().unwrap(), None);
+    }
+
+    #[test]
+    fn an_old_session_or_one_of_other_classes_is_closed_with_its_summary() {
+        for (what, edit) in [
+            (
+                "old",
+                Box::new(|v: &mut serde_json::Value| {
+                    let old = super::now_ms() - 20 * 60 * 1000;
+                    v["updated_ms"] = old.into();
+                }) as Box<dyn FnOnce(&mut serde_json::Value)>,
+            ),
+            (
+                "classes",
+                Box::new(|v: &mut serde_json::Value| {
+                    v["class_names"] = serde_json::json!(["a", "b"]);
+                }),
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let sh = reopened(&dir, edit);
+            assert_eq!(
+                sh.resume_session().unwrap(),
+                Some(("slide-9".to_string(), false)),
+                "{what}"
+            );
+            assert!(lock(&sh.session).is_none(), "{what}");
+            let rows = stored(&sh);
+            assert_eq!(rows.len(), 1, "{what}");
+            let m: SessionMsg = serde_json::from_slice(&rows[0].1).unwrap();
+            assert_eq!(
+                (m.session.as_str(), m.frames, m.restarts),
+                ("slide-9", 4, 1),
+                "{what}"
+            );
+            assert!(
+                lock(&sh.outbox).saved_session().unwrap().is_none(),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_saved_session_is_cleared_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = reopened(&dir, |v| v["per_class"] = serde_json::json!([1]));
+        assert_eq!(sh.resume_session().unwrap(), None);
+        assert!(lock(&sh.outbox).saved_session().unwrap().is_none());
+        assert!(lock(&sh.session).is_none());
     }
 }

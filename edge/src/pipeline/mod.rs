@@ -24,11 +24,16 @@ use crate::classify::{Counts, Prediction};
 use crate::crop::find_and_crop;
 use crate::infer::{classify_crops, Backend};
 use crate::publish::messages::{CountsMsg, VERSION};
+use crate::publish::outbox::SessionRow;
 pub use commands::{CommandError, ModelControl};
 use queue::Queue;
 pub use state::HEALTH_WINDOW;
 use state::{lock, LATENCY_WINDOW};
 pub use state::{percentile, ModelInfo, PipelineSettings, Served, Shared, Snapshot};
+
+/// First and longest wait between attempts to store a result the outbox refused.
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 struct Job {
     frame: Frame,
@@ -302,18 +307,66 @@ fn store(sh: &Shared, job: &Job, predictions: &[Prediction]) -> Result<(), Frame
         latency_ms,
     };
     let topic = sh.topic("counts");
-    // The session lock is held while the row is stored, so a session summary covers exactly
-    // the frames stored before it.
-    let mut sess = lock(&sh.session);
-    msg.session = sess.as_ref().map(|s| s.name.clone());
-    lock(&sh.outbox).push(&topic, |seq| {
-        msg.seq = seq;
-        serde_json::to_vec(&msg).expect("serialisable")
-    })?;
-    if let Some(s) = sess.as_mut() {
-        s.session.add_frame(&counts);
+    // A result that cannot be stored (disk full, state directory read-only) keeps its place:
+    // it is tried again until it is stored, with the error in `status.outbox.error`, while the
+    // frames behind it wait (a live camera's are dropped and counted). Only a stop while it
+    // still fails loses it, counted in `frames.failed`.
+    let mut wait = STORE_RETRY_FIRST;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        // The session lock is held while the row is stored, so a session summary covers
+        // exactly the frames stored before it.
+        let mut sess = lock(&sh.session);
+        msg.session = sess.as_ref().map(|s| s.name.clone());
+        // The session's saved state moves with the row, in its transaction.
+        let saved = sess.as_ref().map(|s| s.record(Some(&counts)));
+        let pushed = lock(&sh.outbox).push_with_session(
+            &topic,
+            |seq| {
+                msg.seq = seq;
+                serde_json::to_vec(&msg).expect("serialisable")
+            },
+            match &saved {
+                Some(b) => SessionRow::Save(b),
+                None => SessionRow::Keep,
+            },
+        );
+        match pushed {
+            Ok(_) => {
+                if let Some(s) = sess.as_mut() {
+                    s.session.add_frame(&counts);
+                }
+                drop(sess);
+                if let Some(t) = failing_since {
+                    lock(&sh.stats).store_error = None;
+                    log::warn!(
+                        "outbox writable again after {:.1} s: frame {} stored",
+                        t.elapsed().as_secs_f64(),
+                        job.frame.index
+                    );
+                }
+                break;
+            }
+            Err(e) => {
+                drop(sess);
+                let text = e.to_string();
+                let changed =
+                    lock(&sh.stats).store_error.replace(text.clone()) != Some(text.clone());
+                if changed {
+                    log::error!(
+                        "frame {}: cannot store its result ({text}); retrying until it is stored",
+                        job.frame.index
+                    );
+                }
+                failing_since.get_or_insert_with(Instant::now);
+                if sh.stopping() {
+                    return Err(FrameError::Store(e));
+                }
+                sleep_unless_stopped(sh, wait);
+                wait = (wait * 2).min(STORE_RETRY_MAX);
+            }
+        }
     }
-    drop(sess);
     let mut st = lock(&sh.stats);
     st.frames.processed += 1;
     st.frames.cells += counts.total();

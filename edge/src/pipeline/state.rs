@@ -90,6 +90,76 @@ pub(super) struct ActiveSession {
     pub(super) name: String,
     pub(super) started_ms: u64,
     pub(super) session: Session,
+    /// Service restarts (crashes, power cuts) the session was resumed across.
+    pub(super) restarts: u64,
+}
+
+/// A session that was active when the service went down without closing it, and was resumed
+/// within this long of its last stored frame; an older one is closed with its summary.
+pub const SESSION_RESUME_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// The active session as saved in the outbox, in the same transaction as each of its frames
+/// (so that a crash or a power cut does not lose it).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SessionRecord {
+    pub(super) name: String,
+    pub(super) started_ms: u64,
+    /// When the last frame was stored (or the session started).
+    pub(super) updated_ms: u64,
+    pub(super) class_names: Vec<String>,
+    pub(super) per_class: Vec<u64>,
+    pub(super) uncertain: u64,
+    pub(super) frames: u64,
+    pub(super) restarts: u64,
+}
+
+impl ActiveSession {
+    /// Its saved form, with `frame` counted in when given (the frame being stored with it).
+    pub(super) fn record(&self, frame: Option<&Counts>) -> Vec<u8> {
+        let mut counts = self.session.counts.clone();
+        if let Some(c) = frame {
+            counts.merge(c);
+        }
+        let rec = SessionRecord {
+            name: self.name.clone(),
+            started_ms: self.started_ms,
+            updated_ms: now_ms(),
+            class_names: self.session.class_names.clone(),
+            per_class: counts.per_class,
+            uncertain: counts.uncertain,
+            frames: self.session.frames + u64::from(frame.is_some()),
+            restarts: self.restarts,
+        };
+        serde_json::to_vec(&rec).expect("serialisable")
+    }
+
+    /// Back from its saved form; also returns when its last frame was stored.
+    pub(super) fn from_record(bytes: &[u8]) -> Result<(ActiveSession, u64), String> {
+        let r: SessionRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if r.per_class.len() != r.class_names.len() {
+            return Err(format!(
+                "{} counts for {} classes",
+                r.per_class.len(),
+                r.class_names.len()
+            ));
+        }
+        let mut session = Session::new(r.class_names);
+        session.counts = Counts {
+            per_class: r.per_class,
+            uncertain: r.uncertain,
+        };
+        session.frames = r.frames;
+        Ok((
+            ActiveSession {
+                name: r.name,
+                started_ms: r.started_ms,
+                session,
+                restarts: r.restarts,
+            },
+            r.updated_ms,
+        ))
+    }
 }
 
 /// Frame latencies kept for percentiles (the last `LATENCY_WINDOW`).
@@ -99,6 +169,8 @@ pub(super) const LATENCY_WINDOW: usize = 4096;
 pub(super) struct Stats {
     pub(super) frames: FrameStats,
     pub(super) camera_error: Option<String>,
+    /// The outbox's error while a result cannot be stored (disk full, read-only).
+    pub(super) store_error: Option<String>,
     pub(super) latencies_ms: std::collections::VecDeque<f64>,
     /// The last frames' counts, by the id of the model that produced them.
     pub(super) recent: std::collections::VecDeque<(String, Counts)>,
@@ -277,9 +349,13 @@ impl Shared {
 
     /// The status message (`online` unless `offline`).
     pub fn status(&self, state: &str) -> StatusMsg {
-        let (frames, camera_error) = {
+        let (frames, camera_error, store_error) = {
             let st = lock(&self.stats);
-            (st.frames.clone(), st.camera_error.clone())
+            (
+                st.frames.clone(),
+                st.camera_error.clone(),
+                st.store_error.clone(),
+            )
         };
         let model = self.model();
         let outbox = {
@@ -288,6 +364,7 @@ impl Shared {
                 pending: ob.len().unwrap_or(0),
                 dropped: ob.dropped().unwrap_or(0),
                 next_seq: ob.next_seq().unwrap_or(0),
+                error: store_error,
             }
         };
         StatusMsg {
@@ -305,6 +382,7 @@ impl Shared {
             frames,
             outbox,
             uptime_s: self.started.elapsed().as_secs_f64(),
+            last_will: false,
         }
     }
 

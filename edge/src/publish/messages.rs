@@ -87,6 +87,10 @@ pub struct SessionMsg {
     /// Parasitized / red cells x 100, when the model has a `parasitized` class.
     pub parasitemia_pct: Option<f64>,
     pub parasitemia_ci95: Option<[f64; 2]>,
+    /// Service restarts (a crash, a power cut) the session was resumed across; its counts
+    /// cover the frames stored before and after them.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// Frame counters in `status`.
@@ -111,6 +115,11 @@ pub struct OutboxStats {
     /// Results dropped by the outbox caps (size, age) since it was created.
     pub dropped: u64,
     pub next_seq: u64,
+    /// Why results cannot be stored right now (disk full, state directory read-only);
+    /// `null` when they can. While it is set, the result waiting is retried and the frames
+    /// behind it wait (a live camera's are dropped and counted in `frames.dropped`).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// `{prefix}/{device}/status` (retained; also the last will with `state: "offline"`).
@@ -146,6 +155,26 @@ pub struct StatusMsg {
     pub outbox: OutboxStats,
     #[serde(default)]
     pub uptime_s: f64,
+    /// Set in the last will the broker publishes when the device vanished: that message has
+    /// no counters (the last `online` status had them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last_will: bool,
+}
+
+impl StatusMsg {
+    /// The last will for a connection starting now: `offline`, the device's model, backend
+    /// and session as they are, no counters (they would be as old as the connection).
+    pub fn last_will(mut self) -> Vec<u8> {
+        self.state = "offline".into();
+        self.last_will = true;
+        let mut v = serde_json::to_value(&self).expect("serialisable");
+        if let Some(o) = v.as_object_mut() {
+            for k in ["frames", "outbox", "uptime_s", "camera_error"] {
+                o.remove(k);
+            }
+        }
+        serde_json::to_vec(&v).expect("serialisable")
+    }
 }
 
 /// A command payload on `{prefix}/{device}/cmd/{command}`.

@@ -353,8 +353,6 @@ async fn run(link: Link, s: MqttSettings) -> PublisherReport {
     let status_topic = link.device.topic("status");
     let reply_topic = link.device.topic("reply");
     let cmd_prefix = link.device.topic("cmd/");
-    let will = serde_json::to_vec(&link.device.status("offline")).expect("serialisable");
-    let opts = s.options(&status_topic, will);
     let max_inflight = s.max_inflight as usize;
     let mut backoff = Duration::from_millis(250);
     let mut drain_deadline = None;
@@ -363,7 +361,9 @@ async fn run(link: Link, s: MqttSettings) -> PublisherReport {
         if finished(&link, &mut drain_deadline, s.drain_timeout) {
             break;
         }
-        let (client, mut events) = AsyncClient::new(opts.clone(), max_inflight + 32);
+        // The will is set per connection, from the device as it is now.
+        let opts = s.options(&status_topic, link.device.status("offline").last_will());
+        let (client, mut events) = AsyncClient::new(opts, max_inflight + 32);
         let mut c = Conn {
             client,
             delivery: Delivery::new(),

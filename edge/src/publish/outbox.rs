@@ -58,6 +58,14 @@ pub struct Entry {
     pub created_ms: u64,
 }
 
+/// What a push does to the saved session state (its bytes are the pipeline's business).
+#[derive(Debug, Clone, Copy)]
+pub enum SessionRow<'a> {
+    Keep,
+    Save(&'a [u8]),
+    Clear,
+}
+
 /// The outbox. One connection; share it behind a mutex.
 pub struct Outbox {
     conn: Connection,
@@ -95,6 +103,8 @@ impl Outbox {
                      created_ms INTEGER NOT NULL
                  );
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS session (id INTEGER PRIMARY KEY CHECK (id = 1),
+                                                     state BLOB NOT NULL);
                  INSERT OR IGNORE INTO meta VALUES ('next_seq', 1);
                  INSERT OR IGNORE INTO meta VALUES ('dropped', 0);",
             )
@@ -109,12 +119,39 @@ impl Outbox {
         }
     }
 
+    /// Caps the database at its present size (SQLite's `max_page_count`), so that every write
+    /// needing a new page fails as on a full disk; `false` lifts the cap. The fault tests'
+    /// full disk, without a file system to fill.
+    pub fn set_full(&mut self, full: bool) -> Result<(), OutboxError> {
+        let pages: u64 = if full {
+            self.conn
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(|e| self.err(e))?
+        } else {
+            0xFFFF_FFFE
+        };
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(|e| self.err(e))
+    }
+
     /// Stores a message whose payload depends on its sequence number; returns the number.
     /// The row is on disk when this returns.
     pub fn push(
         &mut self,
         topic: &str,
         payload: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<u64, OutboxError> {
+        self.push_with_session(topic, payload, SessionRow::Keep)
+    }
+
+    /// [`Outbox::push`], and in the same transaction the active session's saved state
+    /// replaced or cleared: after a crash the session row covers exactly the stored messages.
+    pub fn push_with_session(
+        &mut self,
+        topic: &str,
+        payload: impl FnOnce(u64) -> Vec<u8>,
+        session: SessionRow<'_>,
     ) -> Result<u64, OutboxError> {
         let path = self.path.clone();
         let e = |source| OutboxError::Sqlite {
@@ -139,8 +176,43 @@ impl Outbox {
         )
         .map_err(e)?;
         Self::enforce(&tx, &self.limits).map_err(e)?;
+        Self::write_session(&tx, session).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(seq)
+    }
+
+    fn write_session(tx: &rusqlite::Transaction, session: SessionRow<'_>) -> rusqlite::Result<()> {
+        match session {
+            SessionRow::Keep => Ok(()),
+            SessionRow::Save(state) => tx
+                .execute(
+                    "INSERT OR REPLACE INTO session (id, state) VALUES (1, ?1)",
+                    params![state],
+                )
+                .map(|_| ()),
+            SessionRow::Clear => tx.execute("DELETE FROM session", []).map(|_| ()),
+        }
+    }
+
+    /// Saves (or clears) the active session's state on its own (a session start).
+    pub fn save_session(&mut self, session: SessionRow<'_>) -> Result<(), OutboxError> {
+        let path = self.path.clone();
+        let e = |source| OutboxError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        Self::write_session(&tx, session).map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
+    /// The saved state of the session that was active when the service last stopped without
+    /// closing it (a crash or a power cut), if any.
+    pub fn saved_session(&self) -> Result<Option<Vec<u8>>, OutboxError> {
+        self.conn
+            .query_row("SELECT state FROM session WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     fn enforce(tx: &rusqlite::Transaction, limits: &OutboxLimits) -> rusqlite::Result<()> {
