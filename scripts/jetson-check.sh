@@ -63,7 +63,7 @@ run() { # NAME PRECISION
     cat "$OUT/$1.json"
 }
 run cold fp16
-find "$ENGINES" -mindepth 1 -maxdepth 1 -type d ! -name 'timing-*' -exec rm -rf {} +
+[ ! -d "$ENGINES" ] || find "$ENGINES" -mindepth 1 -maxdepth 1 -type d ! -name 'timing-*' -exec rm -rf {} +
 run timing-cache fp16
 run cached fp16
 run fp32 fp32
