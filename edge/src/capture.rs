@@ -282,19 +282,30 @@ pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, 
             data.len()
         )));
     }
-    let img = image::load_from_memory_with_format(data, image::ImageFormat::Jpeg)
-        .map_err(|e| CaptureError::BadJpeg(e.to_string()))?
-        .to_rgb8();
-    if let Some((w, h)) = expect {
-        if img.dimensions() != (w, h) {
+    // The size from the header, checked before any pixel is allocated.
+    let reader =
+        || image::ImageReader::with_format(std::io::Cursor::new(data), image::ImageFormat::Jpeg);
+    let (w0, h0) = reader()
+        .into_dimensions()
+        .map_err(|e| CaptureError::BadJpeg(e.to_string()))?;
+    let (max_w, max_h) = match expect {
+        Some((w, h)) if (w0, h0) != (w, h) => {
             return Err(CaptureError::BadJpeg(format!(
-                "frame is {}x{}, the camera was set to {w}x{h}",
-                img.width(),
-                img.height()
-            )));
+                "frame is {w0}x{h0}, the camera was set to {w}x{h}"
+            )))
         }
-    }
-    Ok(img)
+        Some(wh) => wh,
+        None => (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE),
+    };
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(max_w);
+    limits.max_image_height = Some(max_h);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    let mut r = reader();
+    r.limits(limits);
+    Ok(r.decode()
+        .map_err(|e| CaptureError::BadJpeg(e.to_string()))?
+        .to_rgb8())
 }
 
 /// Largest image side decoded from a file (a 2592x1944 camera field fits many times over);
@@ -308,11 +319,19 @@ pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
 /// filled in, and an image over [`MAX_IMAGE_SIDE`] or [`MAX_IMAGE_BYTES`] is refused from its
 /// header, before its pixels are allocated.
 pub fn decode_image_file(path: &std::path::Path) -> Result<RgbImage, CaptureError> {
+    let data = std::fs::read(path).map_err(|e| CaptureError::File {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    decode_image_bytes(&data, path)
+}
+
+/// [`decode_image_file`] on a file's bytes; `path` names it in errors.
+pub fn decode_image_bytes(data: &[u8], path: &std::path::Path) -> Result<RgbImage, CaptureError> {
     let fail = |msg: String| CaptureError::File {
         path: path.to_path_buf(),
         msg,
     };
-    let data = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
     if data.starts_with(&[0xFF, 0xD8]) {
         let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
         if !data[..end].ends_with(&[0xFF, 0xD9]) {
@@ -322,7 +341,7 @@ pub fn decode_image_file(path: &std::path::Path) -> Result<RgbImage, CaptureErro
             )));
         }
     }
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(&data))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
         .with_guessed_format()
         .map_err(|e| fail(format!("cannot decode: {e}")))?;
     let mut limits = image::Limits::default();
@@ -669,6 +688,27 @@ mod tests {
         let e = yuyv_to_rgb(&[0u8; 10], 4, 2).unwrap_err();
         assert!(e.to_string().contains("expected 16"), "{e}");
         assert!(yuyv_to_rgb(&[0u8; 6], 3, 1).is_err());
+    }
+
+    #[test]
+    fn an_mjpg_frame_claiming_a_huge_size_is_refused_from_its_header() {
+        let mut jpg = Vec::new();
+        image::RgbImage::from_pixel(16, 12, image::Rgb([200, 80, 90]))
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        // The start-of-frame header: marker, length, precision, then height and width.
+        let sof = jpg
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("a baseline JPEG");
+        jpg[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]); // 60000 x 60000
+        let e = mjpg_to_rgb(&jpg, Some((640, 480))).unwrap_err().to_string();
+        assert!(e.contains("60000x60000") && e.contains("640x480"), "{e}");
+        // Without a camera size the file limits hold: refused, not 10 GB allocated.
+        assert!(mjpg_to_rgb(&jpg, None).is_err());
     }
 
     #[test]
