@@ -23,8 +23,11 @@ use std::sync::{Arc, OnceLock};
 use reddino_edge::pipeline::Shared;
 use reddino_models::bundle::{self, Limits, SigningKey, TrustedKeys};
 
+/// A target: bytes in, nothing out; it fails by panicking.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name (the corpus folder and the libFuzzer binary share it).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("bundle_manifest", bundle_manifest),
     ("bundle_archive", bundle_archive),
     ("config", config),
