@@ -198,6 +198,9 @@ impl Backend for Timed {
     }
 }
 
+/// One timed call of a backend on a batch.
+type Runner = Box<dyn FnMut(&[f32]) -> Result<()>>;
+
 /// The edge's ONNX Runtime backend (CPU provider) on a `model` folder's graph, checked
 /// against tract's embeddings of the probe images first.
 #[cfg(feature = "onnxruntime")]
@@ -208,7 +211,7 @@ fn ort_runner(
     size: usize,
     batch: usize,
     threads: usize,
-) -> Result<Box<dyn FnMut(&[f32]) -> Result<()>>> {
+) -> Result<Runner> {
     let dir = onnx.parent().unwrap_or(Path::new("."));
     let w = VitWeights::load(&dir.join("weights.safetensors"))?;
     let model = reddino_edge::infer::onnxruntime::OrtModel {
@@ -256,7 +259,7 @@ fn ort_runner(
     _: usize,
     _: usize,
     _: usize,
-) -> Result<Box<dyn FnMut(&[f32]) -> Result<()>>> {
+) -> Result<Runner> {
     bail!("built without the onnxruntime feature")
 }
 
@@ -341,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             let bytes =
                 std::fs::read(&onnx).with_context(|| format!("reading {}", onnx.display()))?;
             let t = Instant::now();
-            let mut run: Box<dyn FnMut(&[f32]) -> Result<()>> = match backend.backend {
+            let mut run: Runner = match backend.backend {
                 BackendKind::Tract => {
                     let m = TractModel::with_threads(&bytes, batch, size, threads)?;
                     Box::new(move |x| {

@@ -344,7 +344,8 @@ mod tests {
             base.canonical()
         );
 
-        let changes: Vec<(&str, Box<dyn Fn(&mut EngineKey)>)> = vec![
+        type Change = Box<dyn Fn(&mut EngineKey)>;
+        let changes: Vec<(&str, Change)> = vec![
             ("model", Box::new(|k| k.model_sha256 = "cd".repeat(32))),
             ("onnxruntime", Box::new(|k| k.onnxruntime = "1.21.1".into())),
             ("tensorrt", Box::new(|k| k.tensorrt = "10.7.0".into())),
