@@ -83,11 +83,15 @@ impl Drop for Broker {
 }
 
 fn mosquitto() -> Result<PathBuf> {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .context("mosquitto is not installed (scripts/system-deps.sh --tests installs it)")
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .context("mosquitto is not installed (scripts/system-deps.sh --tests installs it)")
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -123,7 +127,10 @@ fn size(p: &Path) -> u64 {
 struct Lcg(u64);
 impl Lcg {
     fn between(&mut self, lo: f64, hi: f64) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         lo + (hi - lo) * ((self.0 >> 11) as f64 / (1u64 << 53) as f64)
     }
 }
@@ -191,7 +198,9 @@ path = {outbox:?}
         .and_then(|p| p.parent())
         .map(|p| p.join("reddino-edge"))
         .filter(|p| p.exists())
-        .context("reddino-edge beside the examples folder (cargo build --release -p reddino-edge)")?;
+        .context(
+            "reddino-edge beside the examples folder (cargo build --release -p reddino-edge)",
+        )?;
     let log = std::fs::File::create(out.join("service.log"))?;
     let mut service = Command::new(&edge)
         .args(["run", "--config"])
@@ -266,8 +275,7 @@ path = {outbox:?}
     // Produced: every sequence number the outbox gave out.
     let produced = Outbox::open(&outbox, OutboxLimits::default())?.next_seq()? - 1;
     let t = Instant::now();
-    while (mon.observed().seqs.len() as u64) < produced && t.elapsed() < Duration::from_secs(120)
-    {
+    while (mon.observed().seqs.len() as u64) < produced && t.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let o = mon.observed();
@@ -286,7 +294,10 @@ path = {outbox:?}
         "rss_kib_end": rss_end,
         "fds_end": fds_end,
     });
-    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
     println!("{summary:#}");
     broker.stop();
     if !missing.is_empty() || !status.success() {
