@@ -137,7 +137,9 @@ impl Lcg {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let out = &a.out;
+    std::fs::create_dir_all(&a.out)?;
+    // Absolute: the config's paths are read relative to its own folder.
+    let out = &std::fs::canonicalize(&a.out)?;
     let state = out.join("state");
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&state)?;
