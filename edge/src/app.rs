@@ -54,6 +54,7 @@ impl Service {
             crop_queue: cfg.pipeline.crop_queue,
             camera_retry_max: Duration::from_secs_f64(cfg.camera.retry_max_s),
             batch_wait: Duration::from_millis(cfg.pipeline.batch_wait_ms),
+            camera_stall: Duration::from_secs_f64(cfg.camera.stall_s),
         };
         {
             let ob = &outbox;

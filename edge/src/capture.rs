@@ -547,6 +547,14 @@ pub struct CameraConfig {
     /// v4l2: longest wait between attempts to reopen a failed camera.
     #[serde(default = "default_retry_max")]
     pub retry_max_s: f64,
+    /// A live camera that delivers no frame (and no error) for this long is reported as
+    /// stalled in `status.camera_error`.
+    #[serde(default = "default_stall")]
+    pub stall_s: f64,
+}
+
+fn default_stall() -> f64 {
+    10.0
 }
 
 fn default_device() -> PathBuf {

@@ -369,6 +369,9 @@ impl Config {
         if !(c.retry_max_s > 0.0 && c.retry_max_s.is_finite()) {
             return Err(bad("camera.retry_max_s", "must be > 0".into()));
         }
+        if !(c.stall_s > 0.0 && c.stall_s.is_finite()) {
+            return Err(bad("camera.stall_s", "must be > 0".into()));
+        }
         if self.model.trusted_keys.is_empty() {
             return Err(bad(
                 "model.trusted_keys",

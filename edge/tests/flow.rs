@@ -70,6 +70,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             crop_queue: 1,
             camera_retry_max: Duration::from_millis(100),
             batch_wait: Duration::ZERO,
+            camera_stall: Duration::from_secs(10),
         },
         ModelInfo {
             id: "slow@1".into(),
@@ -182,6 +183,7 @@ fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
             crop_queue: 8,
             camera_retry_max: Duration::from_millis(100),
             batch_wait: wait,
+            camera_stall: Duration::from_secs(10),
         },
         ModelInfo {
             id: "pixel@1".into(),
@@ -281,6 +283,7 @@ fn run_with_full_outbox(
             crop_queue: 2,
             camera_retry_max: Duration::from_millis(100),
             batch_wait: Duration::ZERO,
+            camera_stall: Duration::from_secs(10),
         },
         ModelInfo {
             id: "pixel@1".into(),
@@ -374,4 +377,104 @@ fn a_stop_while_the_outbox_is_full_counts_the_result_it_could_not_store() {
         "the waiting result is counted: {:?}",
         s.frames
     );
+}
+
+/// A live camera that delivers `before` frames, goes silent for `silence`, then delivers
+/// `after` more and ends.
+struct StallingCamera {
+    inner: SyntheticSource,
+    n: u64,
+    before: u64,
+    silence: Duration,
+    total: u64,
+}
+
+impl reddino_edge::capture::FrameSource for StallingCamera {
+    fn next_frame(
+        &mut self,
+    ) -> Result<Option<reddino_edge::capture::Frame>, reddino_edge::capture::CaptureError> {
+        if self.n == self.total {
+            return Ok(None);
+        }
+        if self.n == self.before {
+            std::thread::sleep(self.silence);
+        }
+        self.n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        self.inner.next_frame()
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_stalled_camera_shows_in_status_and_clears_when_frames_come_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = Shared::new(
+        PipelineSettings {
+            device_id: "stall".into(),
+            topic_prefix: "reddino".into(),
+            cells: CellFinderConfig::default(),
+            crop: CropPolicy::default(),
+            min_confidence: 0.0,
+            frame_queue: 4,
+            crop_queue: 2,
+            camera_retry_max: Duration::from_millis(100),
+            batch_wait: Duration::ZERO,
+            camera_stall: Duration::from_millis(300),
+        },
+        ModelInfo {
+            id: "pixel@1".into(),
+            sha256: "0".repeat(64),
+            backend: "pixel".into(),
+            provider: "cpu".into(),
+            backend_detail: "pixel test backend".into(),
+            class_names: vec!["a".into(), "b".into()],
+            normalization: Normalization::default(),
+        },
+        Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let camera = StallingCamera {
+        inner: SyntheticSource::new(
+            vec![SourcePreset::by_name("mgg_100x").unwrap()],
+            160,
+            120,
+            3,
+            None,
+        ),
+        n: 0,
+        before: 3,
+        silence: Duration::from_millis(1500),
+        total: 6,
+    };
+    let pipeline = Pipeline::start(
+        shared.clone(),
+        Box::new(camera),
+        Box::new(PixelBackend {
+            calls: Arc::new(Mutex::new(Vec::new())),
+        }),
+    );
+    let (mut saw_stall, mut cleared_after) = (None, false);
+    while !shared.pipeline_idle() {
+        let s = shared.status("online");
+        match (&s.camera_error, &saw_stall) {
+            (Some(e), None) => saw_stall = Some(e.clone()),
+            (None, Some(_)) => cleared_after = true,
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pipeline.join();
+    let e = saw_stall.expect("the stall never showed in status");
+    assert!(e.contains("no frame from the camera"), "{e}");
+    assert!(
+        cleared_after,
+        "the stall did not clear when frames came back"
+    );
+    assert_eq!(shared.snapshot().frames.captured, 6);
+    // The source ended: its silence now is not a stall.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(shared.status("online").camera_error, None);
 }

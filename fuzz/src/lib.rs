@@ -161,6 +161,7 @@ fn shared() -> &'static Arc<Shared> {
                 crop_queue: 2,
                 camera_retry_max: std::time::Duration::from_secs(1),
                 batch_wait: std::time::Duration::ZERO,
+                camera_stall: std::time::Duration::from_secs(10),
             },
             ModelInfo {
                 id: "fuzz@1".into(),

@@ -282,6 +282,7 @@ mod tests {
             crop_queue: 2,
             camera_retry_max: Duration::from_secs(1),
             batch_wait: Duration::ZERO,
+            camera_stall: Duration::from_secs(10),
         };
         let model = ModelInfo {
             id: "test@1".into(),

@@ -65,6 +65,9 @@ impl Pipeline {
             let (sh, q) = (shared.clone(), frames.clone());
             threads.push(spawn("capture", move || {
                 let live = source.is_live();
+                if live {
+                    sh.camera_heard();
+                }
                 let mut backoff = Duration::from_millis(250);
                 while !sh.stopping() {
                     match source.next_frame() {
@@ -82,6 +85,9 @@ impl Pipeline {
                         }
                         Ok(None) => break,
                         Err(e) if e.is_device_error() => {
+                            if live {
+                                sh.camera_heard();
+                            }
                             let msg = e.to_string();
                             let changed = lock(&sh.stats).camera_error.replace(msg.clone())
                                 != Some(msg.clone());
@@ -100,6 +106,7 @@ impl Pipeline {
                         }
                     }
                 }
+                sh.camera_done();
                 q.close();
             }));
         }

@@ -34,6 +34,8 @@ pub struct PipelineSettings {
     pub camera_retry_max: Duration,
     /// How long the inference stage waits for more frames to fill a batch (zero: none).
     pub batch_wait: Duration,
+    /// A live source silent this long (no frame, no error) is reported as stalled.
+    pub camera_stall: Duration,
 }
 
 /// The bundle's identity and classes.
@@ -171,6 +173,9 @@ pub(super) struct Stats {
     pub(super) camera_error: Option<String>,
     /// The outbox's error while a result cannot be stored (disk full, read-only).
     pub(super) store_error: Option<String>,
+    /// When the live source last delivered a frame (or reported an error), while it runs;
+    /// `None` for sources that are not live.
+    pub(super) camera_heard: Option<Instant>,
     pub(super) latencies_ms: std::collections::VecDeque<f64>,
     /// The last frames' counts, by the id of the model that produced them.
     pub(super) recent: std::collections::VecDeque<(String, Counts)>,
@@ -353,7 +358,7 @@ impl Shared {
             let st = lock(&self.stats);
             (
                 st.frames.clone(),
-                st.camera_error.clone(),
+                st.camera_error.clone().or_else(|| self.stalled(&st)),
                 st.store_error.clone(),
             )
         };
@@ -386,9 +391,33 @@ impl Shared {
         }
     }
 
+    /// "no frame for N s" when a live source has been silent past `camera_stall`.
+    fn stalled(&self, st: &Stats) -> Option<String> {
+        let quiet = st.camera_heard?.elapsed();
+        (quiet >= self.settings.camera_stall && !self.stopping()).then(|| {
+            format!(
+                "no frame from the camera for {:.0} s (stalled; it is still being read)",
+                quiet.as_secs_f64()
+            )
+        })
+    }
+
+    /// The capture stage of a live source starts (or heard from it: an error is news too).
+    pub(super) fn camera_heard(&self) {
+        lock(&self.stats).camera_heard = Some(Instant::now());
+    }
+
+    /// The source ended: silence from here on is not a stall.
+    pub(super) fn camera_done(&self) {
+        lock(&self.stats).camera_heard = None;
+    }
+
     pub(super) fn camera_ok(&self) {
         let mut st = lock(&self.stats);
         st.frames.captured += 1;
+        if st.camera_heard.is_some() {
+            st.camera_heard = Some(Instant::now());
+        }
         if st.camera_error.take().is_some() {
             log::info!("camera delivering frames again");
         }
