@@ -735,3 +735,75 @@ fps = 10.0"#;
         .all(|m| m.session.is_none()));
     broker.stop();
 }
+
+#[test]
+fn sigkills_at_random_moments_with_a_flapping_broker_lose_nothing() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let outbox = tmp.path().join("o.db");
+    let live = r#"source = "synthetic"
+width = 320
+height = 240
+frames = 100000
+fps = 20.0"#;
+    let conf = tmp.path().join("edge.toml");
+    std::fs::write(&conf, config_text(&b, &k, broker.port, &outbox, live, "")).unwrap();
+    let exe = env!("CARGO_BIN_EXE_reddino-edge");
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-kills", PREFIX).unwrap();
+    // Kill times from a fixed generator: 0.3 to 2.5 s after each start, some while the
+    // broker is down, some while it is up.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand_ms = |lo: u64, hi: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lo + x % (hi - lo)
+    };
+    let kills = 8;
+    for i in 0..kills {
+        let mut child = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&conf)
+            .env("RUST_LOG", "error")
+            .spawn()
+            .unwrap();
+        if i % 3 == 1 {
+            broker.stop();
+        }
+        std::thread::sleep(Duration::from_millis(rand_ms(300, 2500)));
+        unsafe_kill(child.id(), "KILL");
+        child.wait().unwrap();
+        if i % 3 == 1 {
+            broker.restart();
+        }
+        // The outbox opens after every kill (no corruption).
+        Outbox::open(&outbox, OutboxLimits::default()).unwrap();
+    }
+    // A last run, stopped cleanly: everything stored reaches the subscriber.
+    let mut child = Command::new(exe)
+        .args(["run", "--config"])
+        .arg(&conf)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe_kill(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    let ob = Outbox::open(&outbox, OutboxLimits::default()).unwrap();
+    let produced = ob.next_seq().unwrap() - 1;
+    assert_eq!(ob.len().unwrap(), 0, "a clean stop drains the outbox");
+    assert!(
+        produced > 20,
+        "too few results to mean anything: {produced}"
+    );
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() as u64 == produced),
+        "produced {produced}, received {}",
+        mon.observed().seqs.len()
+    );
+    let o = mon.observed();
+    assert!(contiguous(&o.seqs), "{:?}", o.seqs);
+    assert_eq!(*o.seqs.iter().next().unwrap(), 1);
+    broker.stop();
+}
