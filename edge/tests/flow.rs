@@ -478,3 +478,102 @@ fn a_stalled_camera_shows_in_status_and_clears_when_frames_come_back() {
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(shared.status("online").camera_error, None);
 }
+
+/// A live camera that delivers 3 frames, then fails like an unplugged camera for `failures`
+/// reads, then delivers 3 more and ends.
+struct UnpluggedCamera {
+    inner: SyntheticSource,
+    reads: u64,
+    failures: u64,
+}
+
+impl reddino_edge::capture::FrameSource for UnpluggedCamera {
+    fn next_frame(
+        &mut self,
+    ) -> Result<Option<reddino_edge::capture::Frame>, reddino_edge::capture::CaptureError> {
+        self.reads += 1;
+        std::thread::sleep(Duration::from_millis(10));
+        match self.reads {
+            r if r <= 3 => self.inner.next_frame(),
+            r if r <= 3 + self.failures => Err(reddino_edge::capture::CaptureError::Camera {
+                device: "/dev/video0".into(),
+                msg: "cannot open: No such device".into(),
+            }),
+            r if r <= 6 + self.failures => self.inner.next_frame(),
+            _ => Ok(None),
+        }
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_camera_that_disappears_is_retried_reported_and_used_again_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = Shared::new(
+        PipelineSettings {
+            device_id: "unplug".into(),
+            topic_prefix: "reddino".into(),
+            cells: CellFinderConfig::default(),
+            crop: CropPolicy::default(),
+            min_confidence: 0.0,
+            frame_queue: 4,
+            crop_queue: 2,
+            camera_retry_max: Duration::from_millis(100),
+            batch_wait: Duration::ZERO,
+            camera_stall: Duration::from_secs(10),
+        },
+        ModelInfo {
+            id: "pixel@1".into(),
+            sha256: "0".repeat(64),
+            backend: "pixel".into(),
+            provider: "cpu".into(),
+            backend_detail: "pixel test backend".into(),
+            class_names: vec!["a".into(), "b".into()],
+            normalization: Normalization::default(),
+        },
+        Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let camera = UnpluggedCamera {
+        inner: SyntheticSource::new(
+            vec![SourcePreset::by_name("mgg_100x").unwrap()],
+            160,
+            120,
+            4,
+            None,
+        ),
+        reads: 0,
+        failures: 6,
+    };
+    let pipeline = Pipeline::start(
+        shared.clone(),
+        Box::new(camera),
+        Box::new(PixelBackend {
+            calls: Arc::new(Mutex::new(Vec::new())),
+        }),
+    );
+    let mut reported = None;
+    while !shared.pipeline_idle() {
+        if let Some(e) = shared.status("online").camera_error {
+            reported.get_or_insert(e);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pipeline.join();
+    let e = reported.expect("the unplugged camera never showed in status");
+    assert!(
+        e.contains("/dev/video0") && e.contains("No such device"),
+        "{e}"
+    );
+    let s = shared.snapshot();
+    assert_eq!(s.frames.captured, 6, "frames before and after the outage");
+    assert_eq!(s.frames.processed, 6);
+    assert_eq!(s.frames.bad, 0, "a device failure is not a bad frame");
+    assert_eq!(
+        shared.status("online").camera_error,
+        None,
+        "cleared once frames came back"
+    );
+}
