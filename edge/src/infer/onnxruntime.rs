@@ -298,6 +298,20 @@ fn open_with(
                 input_size: model.input_size,
             };
             let cache = EngineCache::new(root);
+            // Nodes TensorRT cannot take run on CUDA when the config lists it (else on the
+            // CPU); CUDA's own failure there is not fatal: TensorRT registered already.
+            let with_cuda = |trt: ExecutionProviderDispatch| {
+                let mut eps = vec![trt];
+                if spec.providers.contains(&Provider::Cuda) {
+                    eps.push(
+                        ep::CUDA::default()
+                            .with_device_id(spec.device_id)
+                            .build()
+                            .fail_silently(),
+                    );
+                }
+                eps
+            };
             let trt = |engines: &Path, timing: &Path| {
                 let shape = |n: usize| {
                     let s = model.input_size;
@@ -320,7 +334,7 @@ fn open_with(
             };
             if let Some(dir) = cache.lookup(&key) {
                 log::info!("TensorRT engines of this model found in {}", dir.display());
-                let mut s = builder(vec![trt(&dir, &cache.timing_dir(&key))])?;
+                let mut s = builder(with_cuda(trt(&dir, &cache.timing_dir(&key))))?;
                 warm_up_session(&mut s, &key)?;
                 return Ok((s, Some(dir)));
             }
@@ -333,7 +347,7 @@ fn open_with(
             let t = Instant::now();
             let (s, dir) = cache
                 .build(&key, |engines, timing| {
-                    let mut s = builder(vec![trt(engines, timing)])?;
+                    let mut s = builder(with_cuda(trt(engines, timing)))?;
                     warm_up_session(&mut s, &key)?;
                     Ok::<_, BackendError>(s)
                 })
