@@ -447,7 +447,7 @@ fn a_stalled_camera_shows_in_status_and_clears_when_frames_come_back() {
         n: 0,
         before: 3,
         silence: Duration::from_millis(1500),
-        total: 6,
+        total: 13,
     };
     let pipeline = Pipeline::start(
         shared.clone(),
@@ -461,10 +461,11 @@ fn a_stalled_camera_shows_in_status_and_clears_when_frames_come_back() {
         let s = shared.status("online");
         match (&s.camera_error, &saw_stall) {
             (Some(e), None) => saw_stall = Some(e.clone()),
-            (None, Some(_)) => cleared_after = true,
+            // Cleared while the camera still delivers (not by the source's end).
+            (None, Some(_)) if (4..13).contains(&s.frames.captured) => cleared_after = true,
             _ => {}
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     pipeline.join();
     let e = saw_stall.expect("the stall never showed in status");
@@ -473,7 +474,7 @@ fn a_stalled_camera_shows_in_status_and_clears_when_frames_come_back() {
         cleared_after,
         "the stall did not clear when frames came back"
     );
-    assert_eq!(shared.snapshot().frames.captured, 6);
+    assert_eq!(shared.snapshot().frames.captured, 13);
     // The source ended: its silence now is not a stall.
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(shared.status("online").camera_error, None);
