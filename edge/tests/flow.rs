@@ -167,35 +167,51 @@ impl Backend for PixelBackend {
     }
 }
 
-/// Runs 16 synthetic frames through the pipeline with `wait` of batching; returns each
-/// stored result (frame, cells, counts) in order and the backend's batch sizes.
-fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
-    let tmp = tempfile::tempdir().unwrap();
-    let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
-    let shared = Shared::new(
-        PipelineSettings {
-            device_id: "flow".into(),
-            topic_prefix: "reddino".into(),
-            cells: CellFinderConfig::default(),
-            crop: CropPolicy::default(),
-            min_confidence: 0.0,
-            frame_queue: 4,
-            crop_queue: 8,
-            camera_retry_max: Duration::from_millis(100),
-            batch_wait: wait,
-            camera_stall: Duration::from_secs(10),
-        },
+/// Settings for the pixel-backend tests: queues of 4 and 2, no batching wait, a 10 s stall.
+fn settings() -> PipelineSettings {
+    PipelineSettings {
+        device_id: "flow".into(),
+        topic_prefix: "reddino".into(),
+        cells: CellFinderConfig::default(),
+        crop: CropPolicy::default(),
+        min_confidence: 0.0,
+        frame_queue: 4,
+        crop_queue: 2,
+        camera_retry_max: Duration::from_millis(100),
+        batch_wait: Duration::ZERO,
+        camera_stall: Duration::from_secs(10),
+    }
+}
+
+/// The state of a pipeline classified by [`PixelBackend`] (classes `a`, `b`), over `outbox`.
+fn pixel_shared(settings: PipelineSettings, outbox: Outbox) -> Arc<Shared> {
+    Shared::new(
+        settings,
         ModelInfo {
             id: "pixel@1".into(),
             sha256: "0".repeat(64),
             backend: "pixel".into(),
             provider: "cpu".into(),
             backend_detail: "pixel test backend".into(),
-            class_names: names,
+            class_names: vec!["a".into(), "b".into()],
             normalization: Normalization::default(),
         },
-        Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
+        outbox,
         Arc::new(AtomicBool::new(false)),
+    )
+}
+
+/// Runs 16 synthetic frames through the pipeline with `wait` of batching; returns each
+/// stored result (frame, cells, counts) in order and the backend's batch sizes.
+fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = pixel_shared(
+        PipelineSettings {
+            crop_queue: 8,
+            batch_wait: wait,
+            ..settings()
+        },
+        Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
     );
     let source = SyntheticSource::new(
         vec![SourcePreset::by_name("mgg_100x").unwrap()],
@@ -271,32 +287,7 @@ fn run_with_full_outbox(
     let tmp = tempfile::tempdir().unwrap();
     let mut outbox = Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap();
     outbox.set_full(true).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let shared = Shared::new(
-        PipelineSettings {
-            device_id: "full".into(),
-            topic_prefix: "reddino".into(),
-            cells: CellFinderConfig::default(),
-            crop: CropPolicy::default(),
-            min_confidence: 0.0,
-            frame_queue: 4,
-            crop_queue: 2,
-            camera_retry_max: Duration::from_millis(100),
-            batch_wait: Duration::ZERO,
-            camera_stall: Duration::from_secs(10),
-        },
-        ModelInfo {
-            id: "pixel@1".into(),
-            sha256: "0".repeat(64),
-            backend: "pixel".into(),
-            provider: "cpu".into(),
-            backend_detail: "pixel test backend".into(),
-            class_names: vec!["a".into(), "b".into()],
-            normalization: Normalization::default(),
-        },
-        outbox,
-        stop,
-    );
+    let shared = pixel_shared(settings(), outbox);
     let source = SyntheticSource::new(
         vec![SourcePreset::by_name("mgg_100x").unwrap()],
         320,
@@ -411,30 +402,12 @@ impl reddino_edge::capture::FrameSource for StallingCamera {
 #[test]
 fn a_stalled_camera_shows_in_status_and_clears_when_frames_come_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let shared = Shared::new(
+    let shared = pixel_shared(
         PipelineSettings {
-            device_id: "stall".into(),
-            topic_prefix: "reddino".into(),
-            cells: CellFinderConfig::default(),
-            crop: CropPolicy::default(),
-            min_confidence: 0.0,
-            frame_queue: 4,
-            crop_queue: 2,
-            camera_retry_max: Duration::from_millis(100),
-            batch_wait: Duration::ZERO,
             camera_stall: Duration::from_millis(300),
-        },
-        ModelInfo {
-            id: "pixel@1".into(),
-            sha256: "0".repeat(64),
-            backend: "pixel".into(),
-            provider: "cpu".into(),
-            backend_detail: "pixel test backend".into(),
-            class_names: vec!["a".into(), "b".into()],
-            normalization: Normalization::default(),
+            ..settings()
         },
         Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
-        Arc::new(AtomicBool::new(false)),
     );
     let camera = StallingCamera {
         inner: SyntheticSource::new(
@@ -512,30 +485,9 @@ impl reddino_edge::capture::FrameSource for UnpluggedCamera {
 #[test]
 fn a_camera_that_disappears_is_retried_reported_and_used_again_when_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
-    let shared = Shared::new(
-        PipelineSettings {
-            device_id: "unplug".into(),
-            topic_prefix: "reddino".into(),
-            cells: CellFinderConfig::default(),
-            crop: CropPolicy::default(),
-            min_confidence: 0.0,
-            frame_queue: 4,
-            crop_queue: 2,
-            camera_retry_max: Duration::from_millis(100),
-            batch_wait: Duration::ZERO,
-            camera_stall: Duration::from_secs(10),
-        },
-        ModelInfo {
-            id: "pixel@1".into(),
-            sha256: "0".repeat(64),
-            backend: "pixel".into(),
-            provider: "cpu".into(),
-            backend_detail: "pixel test backend".into(),
-            class_names: vec!["a".into(), "b".into()],
-            normalization: Normalization::default(),
-        },
+    let shared = pixel_shared(
+        settings(),
         Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
-        Arc::new(AtomicBool::new(false)),
     );
     let camera = UnpluggedCamera {
         inner: SyntheticSource::new(
