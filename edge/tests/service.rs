@@ -36,6 +36,23 @@ fn run_in_thread(
     (stop, h)
 }
 
+/// A broker, a small random bundle and a config (`edge.toml` in `dir`) for a live synthetic
+/// camera of 320x240 at `fps`; returns the broker, the config file and the outbox.
+fn live_device(
+    dir: &Path,
+    bin: std::path::PathBuf,
+    fps: f64,
+) -> (Mosquitto, std::path::PathBuf, std::path::PathBuf) {
+    let broker = Mosquitto::start(bin, dir);
+    let (b, k) = bundle(&dir.join("b"), 28);
+    let outbox = dir.join("o.db");
+    let live =
+        format!("source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 100000\nfps = {fps}");
+    let conf = dir.join("edge.toml");
+    std::fs::write(&conf, config_text(&b, &k, broker.port, &outbox, &live, "")).unwrap();
+    (broker, conf, outbox)
+}
+
 fn contiguous(seqs: &std::collections::BTreeSet<u64>) -> bool {
     seqs.iter().copied().eq(1..=seqs.len() as u64)
 }
@@ -648,16 +665,7 @@ fn an_oversized_command_does_not_silence_the_device() {
 fn a_session_survives_a_sigkill_and_its_summary_covers_every_frame() {
     let Some(bin) = mosquitto_bin() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::start(bin, tmp.path());
-    let (b, k) = bundle(&tmp.path().join("b"), 28);
-    let outbox = tmp.path().join("o.db");
-    let live = r#"source = "synthetic"
-width = 320
-height = 240
-frames = 100000
-fps = 10.0"#;
-    let conf = tmp.path().join("edge.toml");
-    std::fs::write(&conf, config_text(&b, &k, broker.port, &outbox, live, "")).unwrap();
+    let (mut broker, conf, _) = live_device(tmp.path(), bin, 10.0);
     let exe = env!("CARGO_BIN_EXE_reddino-edge");
     let mon = Monitor::connect("127.0.0.1", broker.port, "sub-session", PREFIX).unwrap();
     let start = || {
@@ -740,16 +748,7 @@ fps = 10.0"#;
 fn sigkills_at_random_moments_with_a_flapping_broker_lose_nothing() {
     let Some(bin) = mosquitto_bin() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::start(bin, tmp.path());
-    let (b, k) = bundle(&tmp.path().join("b"), 28);
-    let outbox = tmp.path().join("o.db");
-    let live = r#"source = "synthetic"
-width = 320
-height = 240
-frames = 100000
-fps = 20.0"#;
-    let conf = tmp.path().join("edge.toml");
-    std::fs::write(&conf, config_text(&b, &k, broker.port, &outbox, live, "")).unwrap();
+    let (mut broker, conf, outbox) = live_device(tmp.path(), bin, 20.0);
     let exe = env!("CARGO_BIN_EXE_reddino-edge");
     let mon = Monitor::connect("127.0.0.1", broker.port, "sub-kills", PREFIX).unwrap();
     // Kill times from a fixed generator: 0.3 to 2.5 s after each start, some while the
