@@ -806,3 +806,101 @@ fn sigkills_at_random_moments_with_a_flapping_broker_lose_nothing() {
     assert_eq!(*o.seqs.iter().next().unwrap(), 1);
     broker.stop();
 }
+
+/// A small tmpfs mounted for the test (root only); unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    /// Fills what is left of it with one file; returns the file.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let p = self.0.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        p
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_holds_results_until_there_is_room_again() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&tmp.path().join("state"), "16m") else {
+        eprintln!("cannot mount a tmpfs here (not root): skipping");
+        return;
+    };
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let outbox = fs.0.join("o.db");
+    let live = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 100000\nfps = 10.0";
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &outbox, live, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-full", PREFIX).unwrap();
+    let (stop, h) = run_in_thread(cfg);
+    assert!(mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() >= 3));
+    let filler = fs.fill();
+    assert!(
+        mon.wait_for(Duration::from_secs(60), |o| o
+            .status
+            .as_ref()
+            .is_some_and(|s| s.outbox.error.is_some())),
+        "the full disk never showed in status"
+    );
+    let err = mon.observed().status.unwrap().outbox.error.unwrap();
+    assert!(err.contains("full"), "{err}");
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o
+            .status
+            .as_ref()
+            .is_some_and(|s| s.outbox.error.is_none() && s.state == "online")),
+        "the outbox did not recover"
+    );
+    let before = mon.observed().seqs.len();
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() > before + 3),
+        "results did not resume"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let report = h.join().unwrap();
+    assert_eq!(report.publisher.left_in_outbox, 0);
+    let produced = Outbox::open(&outbox, OutboxLimits::default())
+        .unwrap()
+        .next_seq()
+        .unwrap()
+        - 1;
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() as u64 == produced));
+    let o = mon.observed();
+    assert!(contiguous(&o.seqs), "no gap: {:?}", o.seqs);
+    assert_eq!(
+        report.snapshot.frames.failed, 0,
+        "{:?}",
+        report.snapshot.frames
+    );
+    assert!(
+        report.snapshot.frames.dropped > 0,
+        "frames behind the waiting result were dropped and counted"
+    );
+}
