@@ -904,3 +904,81 @@ fn a_full_disk_holds_results_until_there_is_room_again() {
         "frames behind the waiting result were dropped and counted"
     );
 }
+
+/// `chattr +i` (immutable: no write, even by root) or `-i` on the outbox's files.
+fn immutable(outbox: &Path, on: bool) -> bool {
+    let mut ok = true;
+    for suffix in ["", "-wal", "-shm"] {
+        let f = std::path::PathBuf::from(format!("{}{suffix}", outbox.display()));
+        if f.exists() {
+            ok &= Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .arg(&f)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+    }
+    ok
+}
+
+#[test]
+fn an_outbox_that_cannot_be_written_holds_results_until_it_can() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(bin, tmp.path());
+    let (b, k) = bundle(&tmp.path().join("b"), 28);
+    let outbox = tmp.path().join("o.db");
+    let live = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 100000\nfps = 10.0";
+    let cfg = load(
+        tmp.path(),
+        &config_text(&b, &k, broker.port, &outbox, live, ""),
+    );
+    let mon = Monitor::connect("127.0.0.1", broker.port, "sub-ro", PREFIX).unwrap();
+    let (stop, h) = run_in_thread(cfg);
+    assert!(mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() >= 3));
+    if !immutable(&outbox, true) {
+        immutable(&outbox, false);
+        stop.store(true, Ordering::SeqCst);
+        h.join().unwrap();
+        eprintln!("chattr +i is not available here (not root, or the file system has no such flag): skipping");
+        return;
+    }
+    let shown = mon.wait_for(Duration::from_secs(30), |o| {
+        o.status.as_ref().is_some_and(|s| s.outbox.error.is_some())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(immutable(&outbox, false));
+    assert!(shown, "the unwritable outbox never showed in status");
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o
+            .status
+            .as_ref()
+            .is_some_and(|s| s.outbox.error.is_none() && s.state == "online")),
+        "the outbox did not recover"
+    );
+    let before = mon.observed().seqs.len();
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() > before + 3),
+        "results did not resume"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let report = h.join().unwrap();
+    assert_eq!(report.publisher.left_in_outbox, 0);
+    let produced = Outbox::open(&outbox, OutboxLimits::default())
+        .unwrap()
+        .next_seq()
+        .unwrap()
+        - 1;
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() as u64 == produced));
+    assert!(
+        contiguous(&mon.observed().seqs),
+        "{:?}",
+        mon.observed().seqs
+    );
+    assert_eq!(
+        report.snapshot.frames.failed, 0,
+        "{:?}",
+        report.snapshot.frames
+    );
+}
