@@ -328,5 +328,7 @@ mod tests {
             }
             eprintln!("{name}: {runs} inputs");
         }
+        // The scratch folder lives in a static, which is never dropped.
+        let _ = std::fs::remove_dir_all(scratch());
     }
 }
