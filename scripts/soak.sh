@@ -32,8 +32,12 @@ ax[0][1].plot(t, [int(r["fds"]) for r in rows]); ax[0][1].set_ylabel("open file 
 ax[1][0].plot(t, [int(r["outbox_bytes"]) / 1024 for r in rows], label="outbox.db")
 ax[1][0].plot(t, [int(r["wal_bytes"]) / 1024 for r in rows], label="WAL")
 ax[1][0].set_ylabel("KiB"); ax[1][0].legend()
-ax[1][1].plot(t, [int(r["pending"]) for r in rows], label="pending in the outbox")
-ax[1][1].fill_between(t, 0, [0 if r["broker_up"] == "1" else max(1, max(int(x["pending"]) for x in rows)) for r in rows],
+# Pending comes from the retained status, which while the broker is down is the last will
+# (no counters): only the samples with the broker up are drawn.
+up = [(ti, int(r["pending"])) for ti, r in zip(t, rows) if r["broker_up"] == "1" and r["pending"] != ""]
+top = max([p for _, p in up] + [1])
+ax[1][1].plot([u[0] for u in up], [u[1] for u in up], ".", ms=3, label="pending in the outbox (broker up)")
+ax[1][1].fill_between(t, 0, [0 if r["broker_up"] == "1" else top for r in rows],
                       color="red", alpha=0.15, step="post", label="broker down")
 ax[1][1].set_ylabel("results"); ax[1][1].legend()
 for a in ax[1]:

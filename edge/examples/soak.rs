@@ -244,11 +244,13 @@ path = {outbox:?}
         }
         if now >= next_sample {
             let o = mon.observed();
+            // The last will (sent while the broker is down) carries no counters.
             let (processed, pending) = o
                 .status
                 .as_ref()
-                .map(|s| (s.frames.processed, s.outbox.pending))
-                .unwrap_or((0, 0));
+                .filter(|s| !s.last_will)
+                .map(|s| (s.frames.processed.to_string(), s.outbox.pending.to_string()))
+                .unwrap_or_default();
             writeln!(
                 csv,
                 "{:.1},{},{},{},{},{},{},{},{}",
