@@ -869,7 +869,8 @@ fn a_full_disk_holds_results_until_there_is_room_again() {
     );
     let err = mon.observed().status.unwrap().outbox.error.unwrap();
     assert!(err.contains("full"), "{err}");
-    std::thread::sleep(Duration::from_secs(1));
+    // Long enough for the 10 fps camera to overrun the queues behind the waiting result.
+    std::thread::sleep(Duration::from_secs(2));
     std::fs::remove_file(&filler).unwrap();
     assert!(
         mon.wait_for(Duration::from_secs(30), |o| o
