@@ -807,6 +807,45 @@ fn sigkills_at_random_moments_with_a_flapping_broker_lose_nothing() {
     broker.stop();
 }
 
+/// Once an outbox fault is lifted: the status clears, results resume, and a clean stop
+/// delivers every stored result, without a gap and with no frame failed. Returns the report.
+fn recovers_and_delivers_everything(
+    mon: &Monitor,
+    stop: &AtomicBool,
+    h: std::thread::JoinHandle<reddino_edge::app::RunReport>,
+    outbox: &Path,
+) -> reddino_edge::app::RunReport {
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o
+            .status
+            .as_ref()
+            .is_some_and(|s| s.outbox.error.is_none() && s.state == "online")),
+        "the outbox did not recover"
+    );
+    let before = mon.observed().seqs.len();
+    assert!(
+        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() > before + 3),
+        "results did not resume"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let report = h.join().unwrap();
+    assert_eq!(report.publisher.left_in_outbox, 0);
+    let produced = Outbox::open(outbox, OutboxLimits::default())
+        .unwrap()
+        .next_seq()
+        .unwrap()
+        - 1;
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() as u64 == produced));
+    let o = mon.observed();
+    assert!(contiguous(&o.seqs), "no gap: {:?}", o.seqs);
+    assert_eq!(
+        report.snapshot.frames.failed, 0,
+        "{:?}",
+        report.snapshot.frames
+    );
+    report
+}
+
 /// A small tmpfs mounted for the test (root only); unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
 
@@ -872,34 +911,7 @@ fn a_full_disk_holds_results_until_there_is_room_again() {
     // Long enough for the 10 fps camera to overrun the queues behind the waiting result.
     std::thread::sleep(Duration::from_secs(2));
     std::fs::remove_file(&filler).unwrap();
-    assert!(
-        mon.wait_for(Duration::from_secs(30), |o| o
-            .status
-            .as_ref()
-            .is_some_and(|s| s.outbox.error.is_none() && s.state == "online")),
-        "the outbox did not recover"
-    );
-    let before = mon.observed().seqs.len();
-    assert!(
-        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() > before + 3),
-        "results did not resume"
-    );
-    stop.store(true, Ordering::SeqCst);
-    let report = h.join().unwrap();
-    assert_eq!(report.publisher.left_in_outbox, 0);
-    let produced = Outbox::open(&outbox, OutboxLimits::default())
-        .unwrap()
-        .next_seq()
-        .unwrap()
-        - 1;
-    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() as u64 == produced));
-    let o = mon.observed();
-    assert!(contiguous(&o.seqs), "no gap: {:?}", o.seqs);
-    assert_eq!(
-        report.snapshot.frames.failed, 0,
-        "{:?}",
-        report.snapshot.frames
-    );
+    let report = recovers_and_delivers_everything(&mon, &stop, h, &outbox);
     assert!(
         report.snapshot.frames.dropped > 0,
         "frames behind the waiting result were dropped and counted"
@@ -951,35 +963,5 @@ fn an_outbox_that_cannot_be_written_holds_results_until_it_can() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(immutable(&outbox, false));
     assert!(shown, "the unwritable outbox never showed in status");
-    assert!(
-        mon.wait_for(Duration::from_secs(30), |o| o
-            .status
-            .as_ref()
-            .is_some_and(|s| s.outbox.error.is_none() && s.state == "online")),
-        "the outbox did not recover"
-    );
-    let before = mon.observed().seqs.len();
-    assert!(
-        mon.wait_for(Duration::from_secs(30), |o| o.seqs.len() > before + 3),
-        "results did not resume"
-    );
-    stop.store(true, Ordering::SeqCst);
-    let report = h.join().unwrap();
-    assert_eq!(report.publisher.left_in_outbox, 0);
-    let produced = Outbox::open(&outbox, OutboxLimits::default())
-        .unwrap()
-        .next_seq()
-        .unwrap()
-        - 1;
-    assert!(mon.wait_for(Duration::from_secs(20), |o| o.seqs.len() as u64 == produced));
-    assert!(
-        contiguous(&mon.observed().seqs),
-        "{:?}",
-        mon.observed().seqs
-    );
-    assert_eq!(
-        report.snapshot.frames.failed, 0,
-        "{:?}",
-        report.snapshot.frames
-    );
+    recovers_and_delivers_everything(&mon, &stop, h, &outbox);
 }

@@ -156,8 +156,6 @@ pub struct OrtBackend {
     size: usize,
     dim: usize,
     classes: usize,
-    /// Input buffer of `batch` images, reused.
-    input: Vec<f32>,
     /// Where the TensorRT engines of this model live (TensorRT only).
     engines: Option<PathBuf>,
 }
@@ -202,7 +200,6 @@ impl OrtBackend {
                         size,
                         dim: model.embed_dim,
                         classes: model.classes,
-                        input: vec![0.0; batch * 3 * size * size],
                         engines,
                     };
                     if provider != Provider::Tensorrt {
@@ -402,10 +399,9 @@ impl Backend for OrtBackend {
                 reddino_models::Error::Inference(format!("onnxruntime {what}: {e}"))
             }
         };
-        self.input[..n * per].copy_from_slice(pixels);
+        // The caller's pixels are borrowed as the input tensor, not copied.
         let size = self.size;
-        let input = TensorRef::from_array_view(([n, 3, size, size], &self.input[..n * per]))
-            .map_err(e("input"))?;
+        let input = TensorRef::from_array_view(([n, 3, size, size], pixels)).map_err(e("input"))?;
         let out = self
             .session
             .run(ort::inputs![INPUT => input])
