@@ -3,7 +3,8 @@
 Writes OUT_DIR/sklearn_probes.safetensors: train/test features and labels (overlapping Gaussian
 classes, so that accuracies are well below 1 and disagreements would show), and the test
 accuracies of LogisticRegression (lbfgs, multinomial, RedDino's C = 1 / l2 with
-l2 = 100 / (dim * classes); the trainer's mean objective takes l2 / n_train) and KNeighborsClassifier (k = 1 and 20, Euclidean, uniform).
+l2 = 100 / (dim * classes); the trainer's mean objective takes l2 / n_train) and KNeighborsClassifier (k = 1 and 20, Euclidean, uniform), and the test fold of every training
+sample under StratifiedKFold(n_splits=5) (unshuffled).
 
 Usage: python sklearn_probes.py OUT_DIR
 """
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 
@@ -36,7 +38,12 @@ def main(out):
     acc = {"logreg": lr.score(xte, yte)}
     for k in (1, 20):
         acc[f"knn{k}"] = KNeighborsClassifier(n_neighbors=k).fit(xtr, ytr).score(xte, yte)
+    # RedDino's cross-validation folds: unshuffled StratifiedKFold(5) on the training labels.
+    kfold = np.zeros(n_train, dtype=np.int64)
+    for f, (_, test) in enumerate(StratifiedKFold(n_splits=5).split(xtr, ytr)):
+        kfold[test] = f
     save_file({
+        "kfold5": torch.from_numpy(kfold),
         "x_train": torch.from_numpy(xtr), "y_train": torch.from_numpy(ytr),
         "x_test": torch.from_numpy(xte), "y_test": torch.from_numpy(yte),
         "acc": torch.tensor([acc["logreg"], acc["knn1"], acc["knn20"]], dtype=torch.float64),

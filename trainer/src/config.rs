@@ -32,10 +32,99 @@ pub struct ModelConfig {
     pub registers: usize,
     /// Stochastic depth of the student.
     pub drop_path: f64,
-    /// Start from these weights (timm, DINOv2, RedDino or this trainer's safetensors);
-    /// absent: from scratch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub init: Option<PathBuf>,
+    /// Where the weights start: a safetensors file (timm, DINOv2, RedDino or this trainer's
+    /// checkpoints), `dinov2` or `reddino` for the same-size published weights in
+    /// `weights_dir` ([`InitWeights::file_name`]), or `scratch`. RedDino's presets start from
+    /// `dinov2`, as RedDino's released runs do; `tiny` from scratch.
+    pub init: InitWeights,
+    /// Where `init = "dinov2"` / `"reddino"` look for their file; relative to the config file.
+    pub weights_dir: PathBuf,
+    /// How the starting weights' position embedding is brought to `img_size`.
+    pub init_pos_resample: PosResample,
+}
+
+/// The starting weights of a pretraining run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitWeights {
+    /// Random weights (timm's init).
+    Scratch,
+    /// DINOv2's published weights of the run's size (`dinov2_vit{s,b,l}14.safetensors`).
+    Dinov2,
+    /// RedDino's published weights of the run's size (`reddino-{small,base,large}.safetensors`).
+    RedDino,
+    /// A weights file.
+    File(PathBuf),
+}
+
+impl InitWeights {
+    /// The file `weights_dir` must hold for `dinov2` / `reddino` at `arch` (None otherwise).
+    pub fn file_name(&self, arch: Preset) -> Option<String> {
+        let size = arch.name();
+        let letter = size.chars().next().unwrap_or('s');
+        match self {
+            InitWeights::Dinov2 => Some(format!("dinov2_vit{letter}14.safetensors")),
+            InitWeights::RedDino => Some(format!("reddino-{size}.safetensors")),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for InitWeights {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            InitWeights::Scratch => s.serialize_str("scratch"),
+            InitWeights::Dinov2 => s.serialize_str("dinov2"),
+            InitWeights::RedDino => s.serialize_str("reddino"),
+            InitWeights::File(p) => s.serialize_str(&p.to_string_lossy()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InitWeights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        Ok(match v.as_str() {
+            "" => {
+                return Err(serde::de::Error::custom(
+                    "`model.init` is empty: use \"scratch\", \"dinov2\", \"reddino\" or a file",
+                ))
+            }
+            "scratch" => InitWeights::Scratch,
+            "dinov2" => InitWeights::Dinov2,
+            "reddino" => InitWeights::RedDino,
+            _ => InitWeights::File(PathBuf::from(v)),
+        })
+    }
+}
+
+/// How starting weights trained at another input size get their position embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PosResample {
+    /// Bicubic without antialiasing, as DINOv2's `interpolate_pos_encoding` computes it at the
+    /// first forward pass of RedDino's runs (scale factor (grid + 0.1) / stored grid).
+    Bicubic,
+    /// timm's `resample_abs_pos_embed` (antialiased bicubic).
+    BicubicAntialias,
+}
+
+/// The channel order training images are fed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelOrder {
+    Rgb,
+    /// Blue, green, red: what RedDino's runs train on (OpenCV's `imread`, never converted).
+    Bgr,
+}
+
+impl ChannelOrder {
+    /// `images` (`[b, 3, h, w]`, RGB) in this order.
+    pub fn apply(self, images: tch::Tensor) -> tch::Tensor {
+        match self {
+            ChannelOrder::Rgb => images,
+            ChannelOrder::Bgr => images.flip([1]),
+        }
+    }
 }
 
 /// What the data folder holds.
@@ -60,6 +149,10 @@ pub struct DataConfig {
     pub workers: usize,
     /// Batches decoded ahead of the training step.
     pub prefetch: usize,
+    /// Channel order of the images fed to the networks: `bgr` in RedDino's presets (its runs
+    /// read images with OpenCV and never convert them), `rgb` in `tiny`. Evaluation,
+    /// fine-tuning, export and the edge feed RGB, as RedDino's evaluation does.
+    pub channel_order: ChannelOrder,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,14 +186,16 @@ pub struct OptimConfig {
     /// Learning rate at batch 1024; scaled by sqrt(batch / 1024).
     pub base_lr: f64,
     pub min_lr: f64,
-    pub warmup_epochs: usize,
+    /// Linear warmup of the learning rate, in epochs (fractions allowed: RedDino's 0.1).
+    pub warmup_epochs: f64,
     pub weight_decay: f64,
     pub weight_decay_end: f64,
     pub layer_decay: f64,
     pub patch_embed_lr_mult: f64,
     /// Gradient-norm clip per module (backbone, head); 0 = off.
     pub clip_grad: f64,
-    pub freeze_last_layer_epochs: usize,
+    /// Epochs with the DINO head's last layer frozen (RedDino: 0).
+    pub freeze_last_layer_epochs: f64,
     pub beta1: f64,
     pub beta2: f64,
 }
@@ -111,10 +206,16 @@ pub struct SslConfig {
     pub student_temp: f64,
     pub teacher_temp: f64,
     pub warmup_teacher_temp: f64,
-    pub warmup_teacher_temp_epochs: usize,
+    /// Teacher temperature ramp from `warmup_teacher_temp` to `teacher_temp`, in epochs. As in
+    /// DINOv2 the ramp is not shortened to the run: RedDino's 30 epochs over a 10-epoch run
+    /// end at 0.05.
+    pub warmup_teacher_temp_epochs: f64,
     pub momentum_teacher: f64,
     pub final_momentum_teacher: f64,
     pub centering: Centering,
+    /// Weight of the DINO (CLS) term. RedDino's 0.5: DINOv2 scales the global term by
+    /// 2 / (n_global (n_global - 1) + n_global n_local), and RedDino's runs keep one local crop
+    /// in that count that never enters the loss, so the divisor is 2 + 2.
     pub dino_weight: f64,
     pub ibot_weight: f64,
     pub koleo_weight: f64,
@@ -163,7 +264,13 @@ impl Config {
                 img_size: if tiny { 112 } else { 224 },
                 registers: 0,
                 drop_path: 0.0,
-                init: None,
+                init: if tiny {
+                    InitWeights::Scratch
+                } else {
+                    InitWeights::Dinov2
+                },
+                weights_dir: PathBuf::from("weights"),
+                init_pos_resample: PosResample::Bicubic,
             },
             head: if tiny {
                 HeadConfig {
@@ -184,6 +291,11 @@ impl Config {
                 patch_size: 224,
                 workers: 4,
                 prefetch: 4,
+                channel_order: if tiny {
+                    ChannelOrder::Rgb
+                } else {
+                    ChannelOrder::Bgr
+                },
             },
             train: TrainConfig {
                 batch_size: batch,
@@ -203,13 +315,14 @@ impl Config {
                 // from-scratch rate; RedDino continues from DINOv2 at 2e-4.
                 base_lr: if tiny { 4e-3 } else { 2e-4 },
                 min_lr: 1e-6,
-                warmup_epochs: 1,
+                // RedDino: 0.1 epoch; the tiny CPU runs are a few hundred steps from scratch.
+                warmup_epochs: if tiny { 1.0 } else { 0.1 },
                 weight_decay: 0.04,
                 weight_decay_end: 0.2,
                 layer_decay: 1.0,
                 patch_embed_lr_mult: 0.2,
                 clip_grad: 3.0,
-                freeze_last_layer_epochs: 1,
+                freeze_last_layer_epochs: if tiny { 1.0 } else { 0.0 },
                 beta1: 0.9,
                 beta2: 0.999,
             },
@@ -217,11 +330,11 @@ impl Config {
                 student_temp: 0.1,
                 teacher_temp: 0.07,
                 warmup_teacher_temp: 0.04,
-                warmup_teacher_temp_epochs: if tiny { 2 } else { 30 },
+                warmup_teacher_temp_epochs: if tiny { 2.0 } else { 30.0 },
                 momentum_teacher: if tiny { 0.99 } else { 0.994 },
                 final_momentum_teacher: 1.0,
                 centering: Centering::SinkhornKnopp,
-                dino_weight: 1.0,
+                dino_weight: if tiny { 1.0 } else { 0.5 },
                 ibot_weight: 1.0,
                 koleo_weight: 0.0,
                 mask_probability: 0.5,
@@ -256,7 +369,8 @@ impl Config {
         };
         abs(&mut cfg.data.path);
         abs(&mut cfg.train.out_dir);
-        if let Some(p) = cfg.model.init.as_mut() {
+        abs(&mut cfg.model.weights_dir);
+        if let InitWeights::File(p) = &mut cfg.model.init {
             abs(p);
         }
         cfg.validate()?;
@@ -281,6 +395,44 @@ impl Config {
     /// Total optimisation steps.
     pub fn total_steps(&self) -> usize {
         self.train.epochs * self.train.epoch_length
+    }
+
+    /// Iterations in `epochs` epochs (DINOv2's `epochs * OFFICIAL_EPOCH_LENGTH`, rounded).
+    pub fn iterations(&self, epochs: f64) -> usize {
+        (epochs * self.train.epoch_length as f64).round() as usize
+    }
+
+    /// The starting weights' file, or None when training from scratch. `dinov2` and `reddino`
+    /// name a file in `model.weights_dir`; a missing one is refused with what to put where.
+    pub fn init_file(&self) -> Result<Option<PathBuf>> {
+        let path = match &self.model.init {
+            InitWeights::Scratch => return Ok(None),
+            InitWeights::File(p) => p.clone(),
+            w => self
+                .model
+                .weights_dir
+                .join(w.file_name(self.model.arch).expect("named weights")),
+        };
+        if !path.is_file() {
+            let what = match &self.model.init {
+                InitWeights::Dinov2 => format!(
+                    "RedDino's recipe starts from DINOv2's published ViT-{} weights",
+                    self.model.arch.name()
+                ),
+                InitWeights::RedDino => format!(
+                    "`reddino` starts from RedDino's published ViT-{} weights",
+                    self.model.arch.name()
+                ),
+                _ => "the starting weights".into(),
+            };
+            bail!(
+                "model.init: {what}, expected at {} (nothing is downloaded: convert the published \
+                 checkpoint to safetensors and put it there, set `model.weights_dir`, name a file \
+                 in `model.init`, or set `model.init = \"scratch\"` to train from random weights)",
+                path.display()
+            );
+        }
+        Ok(Some(path))
     }
 
     /// Checks values that would otherwise fail deep inside a run; errors name the key.
@@ -330,6 +482,21 @@ impl Config {
         if !(0.0..=1.0).contains(&self.ssl.mask_probability) {
             bail!("`ssl.mask_probability` must be in [0, 1]");
         }
+        for (key, v) in [
+            ("optim.warmup_epochs", self.optim.warmup_epochs),
+            (
+                "optim.freeze_last_layer_epochs",
+                self.optim.freeze_last_layer_epochs,
+            ),
+            (
+                "ssl.warmup_teacher_temp_epochs",
+                self.ssl.warmup_teacher_temp_epochs,
+            ),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("`{key}` = {v}: expected a number of epochs >= 0");
+            }
+        }
         if self.ssl.student_temp <= 0.0
             || self.ssl.teacher_temp <= 0.0
             || self.ssl.warmup_teacher_temp <= 0.0
@@ -362,10 +529,6 @@ fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> 
             (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &name)?,
             (Some(_), toml::Value::Table(_)) => bail!("`{name}` is a value, not a table"),
             (Some(slot), v) => *slot = v,
-            // Optional keys absent from the preset.
-            (None, v) if name == "model.init" => {
-                base.insert(k, v);
-            }
             (None, _) => bail!("unknown key `{name}`"),
         }
     }
@@ -394,6 +557,102 @@ mod tests {
         let l = Config::preset("l").unwrap();
         assert_eq!((l.train.batch_size, l.train.epoch_length), (64, 21800));
         assert_eq!(l.vit().unwrap().embed_dim, 1024);
+    }
+
+    /// RedDino's released recipe, row by row, for each size: the rows where DINOv2's defaults
+    /// or an earlier trainer differed.
+    #[test]
+    fn presets_follow_reddinos_released_recipe_row_by_row() {
+        use crate::train::Schedules;
+        for (name, ep) in [("s", 3200), ("b", 7300), ("l", 21800)] {
+            let c = Config::preset(name).unwrap();
+            // DINO term 0.5 (divisor 2 + 2 with RedDino's one uncounted local crop).
+            assert_eq!(c.ssl.dino_weight, 0.5, "{name}");
+            assert_eq!(c.ssl.ibot_weight, 1.0, "{name}");
+            // Warmup 0.1 epoch: 320 / 730 / 2180 iterations.
+            assert_eq!(c.iterations(c.optim.warmup_epochs), ep / 10, "{name}");
+            // Last layer never frozen.
+            assert_eq!(c.optim.freeze_last_layer_epochs, 0.0, "{name}");
+            // Starts from the same-size DINOv2 weights, position embedding bicubic, no AA.
+            assert_eq!(c.model.init, InitWeights::Dinov2, "{name}");
+            assert_eq!(c.model.init_pos_resample, PosResample::Bicubic, "{name}");
+            // Trained on BGR.
+            assert_eq!(c.data.channel_order, ChannelOrder::Bgr, "{name}");
+            let sched = Schedules::new(&c);
+            let total = c.total_steps();
+            let warm = ep / 10;
+            // lr: 0 at step 0, the peak at the end of the warmup, then the cosine.
+            let peak = crate::schedule::scaled_lr(2e-4, c.train.batch_size);
+            assert_eq!(sched.at(0).lr, 0.0);
+            assert!((sched.at(warm - 1).lr - peak).abs() < 1e-15, "{name}");
+            assert!(sched.at(warm + 1).lr < peak);
+            // The last layer learns from step 1 like the rest.
+            assert_eq!(sched.at(1).last_layer_lr, sched.at(1).lr, "{name}");
+            // Teacher temperature 0.04 -> 0.07 over 30 epochs: 0.05 at the end of 10.
+            assert_eq!(sched.at(0).teacher_temp, 0.04);
+            let end = sched.at(total - 1).teacher_temp;
+            assert!((end - 0.05).abs() < 1e-4, "{name}: ends at {end}");
+        }
+        let names = |c: &Config| c.model.init.file_name(c.model.arch).unwrap();
+        assert_eq!(
+            names(&Config::preset("s").unwrap()),
+            "dinov2_vits14.safetensors"
+        );
+        assert_eq!(
+            names(&Config::preset("l").unwrap()),
+            "dinov2_vitl14.safetensors"
+        );
+        assert_eq!(
+            InitWeights::RedDino.file_name(Preset::Base).unwrap(),
+            "reddino-base.safetensors"
+        );
+        // tiny: the CPU preset keeps from scratch, RGB, a whole-epoch warmup and DINO 1.0.
+        let t = Config::preset("tiny").unwrap();
+        assert_eq!(t.model.init, InitWeights::Scratch);
+        assert_eq!(t.init_file().unwrap(), None);
+        assert_eq!(t.data.channel_order, ChannelOrder::Rgb);
+        // A ramp longer than the run is not squeezed into it (DINOv2's schedule).
+        let mut t = t;
+        t.ssl.warmup_teacher_temp_epochs = 3.0 * t.train.epochs as f64;
+        let s = Schedules::new(&t);
+        let end = s.at(t.total_steps() - 1).teacher_temp;
+        assert!((end - (0.04 + 0.03 / 3.0)).abs() < 1e-3, "{end}");
+        assert_eq!(s.at(3 * t.total_steps()).teacher_temp, 0.07);
+    }
+
+    #[test]
+    fn init_and_channel_order_parse() {
+        let c = |t: &str| Config::from_toml(t, Path::new("/cfg"));
+        let s = c("[model]\ninit = \"scratch\"").unwrap();
+        assert_eq!(s.model.init, InitWeights::Scratch);
+        assert_eq!(s.model.weights_dir, PathBuf::from("/cfg/weights"));
+        let f = c("[model]\ninit = \"w/x.safetensors\"").unwrap();
+        assert_eq!(
+            f.model.init,
+            InitWeights::File("/cfg/w/x.safetensors".into())
+        );
+        let r = c("[model]\ninit = \"reddino\"\nweights_dir = \"/w\"").unwrap();
+        let err = format!("{:#}", r.init_file().unwrap_err());
+        assert!(
+            err.contains("/w/reddino-small.safetensors") && err.contains("scratch"),
+            "{err}"
+        );
+        assert!(format!("{:#}", c("[model]\ninit = \"\"").unwrap_err()).contains("model.init"));
+        let rgb = c("[data]\nchannel_order = \"rgb\"").unwrap();
+        assert_eq!(rgb.data.channel_order, ChannelOrder::Rgb);
+        assert!(c("[data]\nchannel_order = \"grb\"").is_err());
+        // Fractional epochs, and integers where they were integers before.
+        let w = c("[optim]\nwarmup_epochs = 1\nfreeze_last_layer_epochs = 0.5").unwrap();
+        assert_eq!((w.optim.warmup_epochs, w.iterations(0.5)), (1.0, 1600));
+        assert!(
+            format!("{:#}", c("[optim]\nwarmup_epochs = -1").unwrap_err())
+                .contains("optim.warmup_epochs")
+        );
+        let x = tch::Tensor::from_slice(&[1f32, 2., 3.]).view([1, 3, 1, 1]);
+        let bgr = Vec::<f32>::try_from(ChannelOrder::Bgr.apply(x.shallow_clone()).flatten(0, -1));
+        assert_eq!(bgr.unwrap(), vec![3., 2., 1.]);
+        let same = Vec::<f32>::try_from(ChannelOrder::Rgb.apply(x).flatten(0, -1));
+        assert_eq!(same.unwrap(), vec![1., 2., 3.]);
     }
 
     #[test]

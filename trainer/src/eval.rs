@@ -279,24 +279,100 @@ pub fn metrics(truth: &[i64], pred: &[i64], classes: usize) -> Metrics {
     }
 }
 
-/// Stratified k-fold: fold index of every sample (classes spread evenly over folds, shuffled).
-pub fn stratified_folds(y: &[i64], k: usize, seed: u64) -> Result<Vec<usize>> {
+/// scikit-learn's `StratifiedKFold(n_splits = k, shuffle = False)`, RedDino's cross-validation:
+/// the test-fold index of every sample, identical to `test_folds` of sklearn's
+/// `_make_test_folds` (classes numbered by first appearance; the sorted labels dealt round
+/// the folds give each fold's count per class; each class's samples, in order, fill fold 0
+/// first). A class with fewer than k samples is allowed, as sklearn allows it with a warning.
+pub fn stratified_kfold(y: &[i64], k: usize) -> Result<Vec<usize>> {
     if k < 2 {
         bail!("k-fold needs k >= 2, got {k}");
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    if y.len() < k {
+        bail!("{k}-fold needs at least {k} samples, got {}", y.len());
+    }
+    // Classes in order of first appearance (sklearn's y_encoded).
+    let mut first: Vec<i64> = Vec::new();
+    let enc: Vec<usize> = y
+        .iter()
+        .map(|v| match first.iter().position(|f| f == v) {
+            Some(i) => i,
+            None => {
+                first.push(*v);
+                first.len() - 1
+            }
+        })
+        .collect();
+    // sklearn numbers classes by sorted label, then renumbers by first appearance: the
+    // sorted order that `y_order` deals is the order of first appearance.
+    let classes = first.len();
+    let mut sorted = enc.clone();
+    sorted.sort_unstable();
+    // allocation[c][f]: how many of class c fold f tests.
+    let mut allocation = vec![vec![0usize; k]; classes];
+    for (i, &c) in sorted.iter().enumerate() {
+        allocation[c][i % k] += 1;
+    }
     let mut fold = vec![0usize; y.len()];
-    let classes = y.iter().copied().max().unwrap_or(-1) + 1;
-    let mut offset = 0;
-    for c in 0..classes {
-        let mut idx: Vec<usize> = (0..y.len()).filter(|&i| y[i] == c).collect();
-        idx.shuffle(&mut rng);
-        for (j, &i) in idx.iter().enumerate() {
-            fold[i] = (offset + j) % k;
+    for (c, per_fold) in allocation.iter().enumerate() {
+        let folds_for_class = per_fold
+            .iter()
+            .enumerate()
+            .flat_map(|(f, &n)| std::iter::repeat_n(f, n));
+        let members = (0..y.len()).filter(|&i| enc[i] == c);
+        for (i, f) in members.zip(folds_for_class) {
+            fold[i] = f;
         }
-        offset += idx.len();
     }
     Ok(fold)
+}
+
+/// A stratified hold-out of `test_fraction` of the samples (RedDino's
+/// `train_test_split(test_size = 0.2, stratify = y, random_state = 42)`): `true` for the test
+/// side. The test size is `ceil(fraction * n)` as in scikit-learn, spread over the classes in
+/// proportion (largest remainders); which samples of a class go is drawn with `seed` (this
+/// generator, not numpy's, so the chosen samples differ from scikit-learn's).
+pub fn stratified_holdout(y: &[i64], test_fraction: f64, seed: u64) -> Result<Vec<bool>> {
+    if !(test_fraction > 0.0 && test_fraction < 1.0) {
+        bail!("the test fraction must be in (0, 1), got {test_fraction}");
+    }
+    let n = y.len();
+    let n_test = (test_fraction * n as f64).ceil() as usize;
+    if n_test == 0 || n_test >= n {
+        bail!("a {test_fraction} hold-out of {n} samples leaves a side empty");
+    }
+    let mut classes: Vec<i64> = y.to_vec();
+    classes.sort_unstable();
+    classes.dedup();
+    let members: Vec<Vec<usize>> = classes
+        .iter()
+        .map(|c| (0..n).filter(|&i| y[i] == *c).collect())
+        .collect();
+    let exact: Vec<f64> = members
+        .iter()
+        .map(|m| m.len() as f64 * n_test as f64 / n as f64)
+        .collect();
+    let mut take: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..classes.len()).collect();
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
+    let short = n_test - take.iter().sum::<usize>();
+    for &c in order.iter().take(short) {
+        take[c] += 1;
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut test = vec![false; n];
+    for (m, t) in members.into_iter().zip(take) {
+        let mut m = m;
+        m.shuffle(&mut rng);
+        for &i in m.iter().take(t) {
+            test[i] = true;
+        }
+    }
+    Ok(test)
 }
 
 #[cfg(test)]
@@ -339,15 +415,46 @@ mod tests {
     }
 
     #[test]
-    fn folds_are_stratified() {
+    fn folds_are_sklearns_unshuffled_stratified_kfold() {
+        // By hand from sklearn's _make_test_folds: classes 2 (first seen), 0, 1 with 4, 3
+        // and 3 samples; sorted codes 0 0 0 0 1 1 1 2 2 2 dealt round 3 folds give
+        // allocation fold0: [2,1,1], fold1: [1,1,1], fold2: [1,1,1].
+        let y = [2, 0, 2, 1, 0, 2, 1, 0, 2, 1];
+        let f = stratified_kfold(&y, 3).unwrap();
+        assert_eq!(f, vec![0, 0, 0, 0, 1, 1, 1, 2, 2, 2]);
         let y: Vec<i64> = (0..100).map(|i| (i % 4) as i64).collect();
-        let f = stratified_folds(&y, 5, 0).unwrap();
+        let f = stratified_kfold(&y, 5).unwrap();
         for k in 0..5 {
             for c in 0..4 {
                 let n = (0..100).filter(|&i| f[i] == k && y[i] == c).count();
                 assert_eq!(n, 5, "fold {k} class {c}");
             }
         }
+        // Unshuffled: each class fills the folds in sample order.
+        assert_eq!(&f[..8], &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(stratified_kfold(&y, 1).is_err());
+    }
+
+    #[test]
+    fn holdout_is_stratified_and_seeded() {
+        let y: Vec<i64> = (0..103)
+            .map(|i| {
+                if i < 80 {
+                    0
+                } else if i < 100 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        let t = stratified_holdout(&y, 0.2, 42).unwrap();
+        let count = |c: i64| (0..103).filter(|&i| t[i] && y[i] == c).count();
+        assert_eq!(t.iter().filter(|&&b| b).count(), 21); // ceil(0.2 x 103)
+        assert_eq!((count(0), count(1)), (16, 4));
+        assert_eq!(t, stratified_holdout(&y, 0.2, 42).unwrap());
+        assert_ne!(t, stratified_holdout(&y, 0.2, 7).unwrap());
+        assert!(stratified_holdout(&y, 1.0, 42).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use reddino_models::weights::VitWeights;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::PosResample;
 use crate::head::{DinoHead, HeadConfig};
 use crate::loss::{dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, Center};
 use crate::vit::Vit;
@@ -44,11 +45,14 @@ impl Network {
         vit: &VitConfig,
         head: &HeadConfig,
         init: Option<&VitWeights>,
+        resample: PosResample,
     ) -> Result<Network> {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let backbone = match init {
-            Some(w) => Vit::from_weights(&(&root / "backbone"), w, vit.img_size)?,
+            Some(w) => {
+                Vit::from_weights_resampled(&(&root / "backbone"), w, vit.img_size, resample)?
+            }
             None => Vit::new(&(&root / "backbone"), vit, 1)?,
         };
         let head = DinoHead::new(&(&root / "dino_head"), vit.embed_dim, head);

@@ -71,12 +71,14 @@ pub struct Schedules {
 impl Schedules {
     pub fn new(cfg: &Config) -> Schedules {
         let total = cfg.total_steps();
-        let ep = cfg.train.epoch_length;
         let o = &cfg.optim;
         let s = &cfg.ssl;
         let lr = scaled_lr(o.base_lr, cfg.train.batch_size);
         let min_lr = o.min_lr;
-        let warmup = o.warmup_epochs * ep;
+        let warmup = cfg.iterations(o.warmup_epochs);
+        // DINOv2 builds the temperature schedule over its own warmup only (total = warmup
+        // iterations), then holds `teacher_temp`: a run shorter than the ramp ends below it.
+        let temp_ramp = cfg.iterations(s.warmup_teacher_temp_epochs);
         Schedules {
             lr: Cosine::new(lr, min_lr, total, warmup, 0.0, 0),
             last_layer_lr: Cosine::new(
@@ -85,7 +87,7 @@ impl Schedules {
                 total,
                 warmup,
                 0.0,
-                o.freeze_last_layer_epochs * ep,
+                cfg.iterations(o.freeze_last_layer_epochs),
             ),
             wd: Cosine::new(o.weight_decay, o.weight_decay_end, total, 0, 0.0, 0),
             momentum: Cosine::new(
@@ -99,8 +101,8 @@ impl Schedules {
             teacher_temp: Cosine::new(
                 s.teacher_temp,
                 s.teacher_temp,
-                total,
-                s.warmup_teacher_temp_epochs * ep,
+                temp_ramp,
+                temp_ramp,
                 s.warmup_teacher_temp,
                 0,
             ),
@@ -193,10 +195,10 @@ impl Trainer {
         }
         tch::manual_seed(cfg.train.seed as i64);
         let vit = cfg.vit()?;
-        let init = match &cfg.model.init {
+        let init = match cfg.init_file()? {
             Some(p) => {
                 let w =
-                    VitWeights::load(p).with_context(|| format!("model.init {}", p.display()))?;
+                    VitWeights::load(&p).with_context(|| format!("model.init {}", p.display()))?;
                 if (w.config.embed_dim, w.config.depth, w.config.num_heads)
                     != (vit.embed_dim, vit.depth, vit.num_heads)
                 {
@@ -214,9 +216,10 @@ impl Trainer {
             }
             None => None,
         };
-        let mut student = Network::new(device, &vit, &cfg.head, init.as_ref())?;
+        let resample = cfg.model.init_pos_resample;
+        let mut student = Network::new(device, &vit, &cfg.head, init.as_ref(), resample)?;
         student.backbone.drop_path = cfg.model.drop_path;
-        let mut teacher = Network::new(device, &vit, &cfg.head, init.as_ref())?;
+        let mut teacher = Network::new(device, &vit, &cfg.head, init.as_ref(), resample)?;
         teacher.vs.copy(&student.vs).context("teacher <- student")?;
         teacher.vs.freeze();
         let named = student.named();
@@ -273,10 +276,13 @@ impl Trainer {
         }
     }
 
-    /// One optimisation step on `images` ([B, 3, H, W] in [0, 1] on the training device).
-    /// Returns the losses and the gradient norms (backbone, head) before clipping.
+    /// One optimisation step on `images` ([B, 3, H, W] RGB in [0, 1] on the training device),
+    /// put in `data.channel_order` before the augmentations (as RedDino's runs augment the
+    /// BGR arrays OpenCV reads). Returns the losses and the gradient norms (backbone, head)
+    /// before clipping.
     pub fn train_step(&mut self, images: &Tensor) -> Result<(StepLosses, f64, f64)> {
-        let batch = self.make_batch(images);
+        let images = self.cfg.data.channel_order.apply(images.shallow_clone());
+        let batch = self.make_batch(&images);
         self.optimize(&batch)
     }
 
@@ -386,6 +392,16 @@ impl Trainer {
             }
             None => loss.backward(),
         }
+        let (gb, gh) = self.apply_updates(&sched, skip);
+        self.step += 1;
+        Ok((parts, gb, gh))
+    }
+
+    /// After the backward pass: clips and applies the student's update unless the fp16 step
+    /// overflowed (`skip`), then moves the teacher towards the student. The EMA runs on a
+    /// skipped step too, as in DINOv2 and RedDino (the scaler skips only the optimiser).
+    /// Returns the backbone's and the head's gradient norms (0 when skipped or not clipped).
+    pub fn apply_updates(&mut self, sched: &Scheduled, skip: bool) -> (f64, f64) {
         let (mut gb, mut gh) = (0.0, 0.0);
         if !skip {
             if self.cfg.optim.clip_grad > 0.0 {
@@ -397,10 +413,9 @@ impl Trainer {
                     .clip_grad_norm("dino_head.", self.cfg.optim.clip_grad);
             }
             self.opt.update(sched.lr, sched.last_layer_lr, sched.wd);
-            ema_update(&self.teacher_vars, &self.student_vars, sched.momentum);
         }
-        self.step += 1;
-        Ok((parts, gb, gh))
+        ema_update(&self.teacher_vars, &self.student_vars, sched.momentum);
+        (gb, gh)
     }
 
     fn checkpoints_dir(&self) -> PathBuf {

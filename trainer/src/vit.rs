@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::bail;
+use crate::config::PosResample;
 use crate::error::{Context, Result};
 use reddino_models::arch::{VitConfig, LN_EPS, PATCH_SIZE};
 use reddino_models::weights::{backbone_keys, Tensor as WTensor, VitWeights};
@@ -211,6 +212,31 @@ impl Vit {
         w.resize_input(img_size)?;
         let vit = Vit::new(p, &w.config, w.pos_prefix())?;
         vit.load(&w)?;
+        Ok(vit)
+    }
+
+    /// [`Vit::from_weights`] with the position embedding brought to `img_size` by `resample`:
+    /// `Bicubic` computes it as DINOv2's `interpolate_pos_encoding` would at `img_size` from
+    /// the stored grid ([`Vit::pos_for_grid`]), what RedDino's runs train from.
+    pub fn from_weights_resampled(
+        p: &nn::Path,
+        weights: &VitWeights,
+        img_size: usize,
+        resample: PosResample,
+    ) -> Result<Vit> {
+        let vit = Vit::from_weights(p, weights, img_size)?;
+        if resample == PosResample::Bicubic && img_size != weights.config.img_size {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let stored = Vit::new(&vs.root(), &weights.config, weights.pos_prefix())?;
+            stored.load(weights)?;
+            let grid = (img_size / PATCH_SIZE) as i64;
+            let pos = tch::no_grad(|| stored.pos_for_grid(grid));
+            tch::no_grad(|| {
+                vit.pos_embed
+                    .shallow_clone()
+                    .copy_(&pos.to_device(vit.pos_embed.device()))
+            });
+        }
         Ok(vit)
     }
 

@@ -30,10 +30,14 @@ fn protocols_on_synthetic_crops() {
     let f = set.embed(&vit, Device::Cpu, 32).unwrap();
     assert_eq!(f.size(), vec![set.files.len() as i64, 192]);
 
-    let split = evaluate(&f, &set, &Protocol::Split { test_every: 3 }, Knn::Euclidean).unwrap();
+    let split = evaluate(&f, &set, &Protocol::REDDINO_SPLIT, Knn::Euclidean).unwrap();
     let held: usize = split.linear.confusion.iter().flatten().sum();
-    assert_eq!(held, set.files.len() / 3, "every 3rd sample of each class");
-    let kfold = evaluate(&f, &set, &Protocol::KFold { k: 4, seed: 0 }, Knn::Euclidean).unwrap();
+    assert_eq!(
+        held,
+        set.files.len().div_ceil(5),
+        "a stratified 20% held out"
+    );
+    let kfold = evaluate(&f, &set, &Protocol::KFold { k: 4 }, Knn::Euclidean).unwrap();
     assert_eq!(
         kfold.knn1.confusion.iter().flatten().sum::<usize>(),
         set.files.len(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use image::RgbImage;
 use reddino_models::synth::SourcePreset;
 use reddino_models::synth::{export_crops, CropExport};
-use reddino_trainer::config::Config;
+use reddino_trainer::config::{Config, InitWeights, PosResample};
 use reddino_trainer::data::{image_files, Dataset};
 use reddino_trainer::eval::knn_accuracy;
 use reddino_trainer::probe::embed_images;
@@ -224,7 +224,9 @@ fn continued_pretraining_starts_from_the_checkpoint() {
     let path = dir.path().join("init.safetensors");
     w.save(&path).unwrap();
     let mut cfg = tiny(dir.path(), dir.path());
-    cfg.model.init = Some(path.clone());
+    cfg.model.init = InitWeights::File(path.clone());
+    // timm's antialiased resampling when asked for.
+    cfg.model.init_pos_resample = PosResample::BicubicAntialias;
     let t = Trainer::new(cfg.clone()).unwrap();
     let mut at112 = w.clone();
     at112.resize_input(112).unwrap();
@@ -237,17 +239,79 @@ fn continued_pretraining_starts_from_the_checkpoint() {
         teacher.get("blocks.3.mlp.fc2.weight").unwrap().data,
         w.get("blocks.3.mlp.fc2.weight").unwrap().data
     );
+    // RedDino's: bicubic without antialiasing, what DINOv2's interpolate_pos_encoding gives
+    // at 112 px from the stored 16 x 16 grid (checked against DINOv2 in tests/reference.rs).
+    cfg.model.init_pos_resample = PosResample::Bicubic;
+    assert_eq!(
+        Config::preset("tiny").unwrap().model.init_pos_resample,
+        PosResample::Bicubic
+    );
+    let t = Trainer::new(cfg.clone()).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let stored = reddino_trainer::vit::Vit::new(&vs.root(), &w.config, 1).unwrap();
+    stored.load(&w).unwrap();
+    let want = tch::no_grad(|| stored.pos_for_grid(8));
+    assert_eq!(want.size(), [1, 65, 192]);
+    let want = Vec::<f32>::try_from(want.flatten(0, -1)).unwrap();
+    let mut plain = Vec::new();
+    for net in [&t.student, &t.teacher] {
+        plain = net
+            .backbone
+            .to_weights()
+            .unwrap()
+            .get("pos_embed")
+            .unwrap()
+            .data
+            .clone();
+        let d = plain
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            d < 1e-7,
+            "pos_embed differs from interpolate_pos_encoding's by {d}"
+        );
+    }
+    let aa = &at112.get("pos_embed").unwrap().data;
+    let gap = plain
+        .iter()
+        .zip(aa)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        gap > 1e-3,
+        "the two resamplings agree ({gap}): the option does nothing"
+    );
 
     // A checkpoint of another size is refused, naming both.
     let small = VitWeights::random(&VitConfig::preset(Preset::Small, 56).unwrap(), 1, 0.5).unwrap();
     let bad = dir.path().join("small.safetensors");
     small.save(&bad).unwrap();
-    cfg.model.init = Some(bad);
+    cfg.model.init = InitWeights::File(bad);
     let err = Trainer::new(cfg.clone()).err().unwrap().to_string();
     assert!(err.contains("384-d") && err.contains("192-d"), "{err}");
-    cfg.model.init = Some(dir.path().join("missing.safetensors"));
-    let err = format!("{:#}", Trainer::new(cfg).err().unwrap());
+    cfg.model.init = InitWeights::File(dir.path().join("missing.safetensors"));
+    let err = format!("{:#}", Trainer::new(cfg.clone()).err().unwrap());
     assert!(err.contains("missing.safetensors"), "{err}");
+    // `dinov2` names the same-size published file in weights_dir, and says what to do
+    // when it is not there.
+    cfg.model.init = InitWeights::Dinov2;
+    cfg.model.weights_dir = dir.path().join("weights");
+    let err = format!("{:#}", Trainer::new(cfg.clone()).err().unwrap());
+    assert!(
+        err.contains("weights/dinov2_vitt14.safetensors") && err.contains("scratch"),
+        "{err}"
+    );
+    std::fs::create_dir_all(&cfg.model.weights_dir).unwrap();
+    w.save(&cfg.model.weights_dir.join("dinov2_vitt14.safetensors"))
+        .unwrap();
+    let t = Trainer::new(cfg).unwrap();
+    let teacher = t.teacher.backbone.to_weights().unwrap();
+    assert_eq!(
+        teacher.get("blocks.3.mlp.fc2.weight").unwrap().data,
+        w.get("blocks.3.mlp.fc2.weight").unwrap().data
+    );
 }
 
 #[test]
@@ -287,4 +351,62 @@ fn local_crops_train_the_student_at_98_px() {
         .any(|((_, x), (_, y))| !x.grad().equal(&y.grad()));
     assert!(differs, "local crops did not change the gradient");
     t.run(data, Some(3), false).unwrap();
+}
+
+/// RedDino's runs update the teacher even on a step whose fp16 gradients overflowed (the
+/// scaler skips only the optimiser): the student stays, the teacher moves towards it.
+#[test]
+fn a_skipped_step_still_updates_the_teacher() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(tiny(dir.path(), dir.path())).unwrap();
+    tch::no_grad(|| {
+        for (_, v) in t.student.named() {
+            let _ = v.shallow_clone().g_add_scalar_(0.5);
+        }
+    });
+    let s0 = t.student.named();
+    let s0: Vec<tch::Tensor> = s0.iter().map(|(_, v)| v.copy()).collect();
+    let t0: Vec<tch::Tensor> = t.teacher.named().iter().map(|(_, v)| v.copy()).collect();
+    let mut sched = t.schedules.at(0);
+    sched.momentum = 0.9;
+    sched.lr = 0.1;
+    t.apply_updates(&sched, true);
+    for (((name, s), s_before), (t_after, t_before)) in t
+        .student
+        .named()
+        .iter()
+        .zip(&s0)
+        .zip(t.teacher.named().iter().map(|(_, v)| v).zip(&t0))
+    {
+        assert!(
+            s.equal(s_before),
+            "{name}: the student changed on a skipped step"
+        );
+        let want = t_before * 0.9 + s_before * 0.1;
+        let d = (t_after - want).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{name}: teacher off the EMA by {d}");
+    }
+}
+
+/// `data.channel_order = "bgr"` feeds the networks blue first: a BGR run on an image equals
+/// an RGB run on the image with its channels reversed, step for step.
+#[test]
+fn bgr_runs_see_the_channels_reversed() {
+    use reddino_trainer::config::ChannelOrder;
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(dir.path(), dir.path());
+    cfg.train.batch_size = 2;
+    tch::manual_seed(3);
+    let images = tch::Tensor::rand([2, 3, 112, 112], (tch::Kind::Float, Device::Cpu));
+    let mut rgb = Trainer::new(cfg.clone()).unwrap();
+    let a = rgb.train_step(&images.flip([1])).unwrap().0.total;
+    cfg.data.channel_order = ChannelOrder::Bgr;
+    let mut bgr = Trainer::new(cfg.clone()).unwrap();
+    let b = bgr.train_step(&images).unwrap().0.total;
+    assert_eq!(a, b);
+    let mut bgr = Trainer::new(cfg).unwrap();
+    let c = bgr.train_step(&images.flip([1])).unwrap().0.total;
+    assert_ne!(a, c, "the channel order changed nothing");
 }

@@ -222,6 +222,10 @@ fn probes_agree_with_scikit_learn() {
     // The trainer's default is RedDino's regularisation.
     let default = reddino_trainer::eval::default_l2(48, classes, ytr.len());
     assert!((l2 - default).abs() < 1e-12 * l2, "{l2} vs {default}");
+    // RedDino's folds: scikit-learn's unshuffled StratifiedKFold, sample for sample.
+    let folds = Vec::<i64>::try_from(&r["kfold5"]).unwrap();
+    let ours = reddino_trainer::eval::stratified_kfold(&ytr, 5).unwrap();
+    assert_eq!(ours.iter().map(|&f| f as i64).collect::<Vec<_>>(), folds);
     let probe = LinearProbe::fit(&r["x_train"], &ytr, classes, l2, 1000);
     let lr = metrics(&yte, &probe.predict(&r["x_test"]), classes).accuracy;
     let k1 = metrics(

@@ -52,8 +52,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let mut reports = Vec::new();
     if !loso_only {
-        reports.push(evaluate(&f, &set, &Protocol::Split { test_every: 5 }, knn)?);
-        reports.push(evaluate(&f, &set, &Protocol::KFold { k: 5, seed: 0 }, knn)?);
+        reports.push(evaluate(&f, &set, &Protocol::REDDINO_SPLIT, knn)?);
+        reports.push(evaluate(&f, &set, &Protocol::REDDINO_KFOLD, knn)?);
     }
     if set.source_names.len() > 1 {
         reports.push(evaluate(&f, &set, &Protocol::LeaveOneSourceOut, knn)?);

@@ -35,6 +35,10 @@ pub struct FinetuneArgs {
     /// margin the crops were cut at.
     #[arg(long, default_value_t = 0.6)]
     pub crop_scale: f64,
+    /// Pixel transforms applied to each training crop, drawn from RedDino's 33 (blurs,
+    /// colour, noise, inversion ...); flips and quarter turns are applied either way.
+    #[arg(long, default_value_t = 3)]
+    pub pixel_ops: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// CPU threads for libtorch (0 = its default).
@@ -64,6 +68,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         weight_decay,
         label_smoothing,
         crop_scale,
+        pixel_ops,
         seed,
         threads,
         balanced,
@@ -92,6 +97,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         label_smoothing,
         augment: crate::augment::AugmentConfig {
             crop_scale: (crop_scale, 1.0),
+            ops_per_image: pixel_ops,
             ..defaults.augment
         },
         seed,

@@ -12,7 +12,10 @@ use crate::error::Result;
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::eval::{default_l2, knn_predict, metrics, stratified_folds, Knn, LinearProbe, Metrics};
+use crate::eval::{
+    default_l2, knn_predict, metrics, stratified_holdout, stratified_kfold, Knn, LinearProbe,
+    Metrics,
+};
 use crate::labelled::LabelledSet;
 
 pub use markdown::{confusion_markdown, cv_markdown, markdown, score_markdown};
@@ -32,15 +35,27 @@ pub struct ProtocolReport {
 
 /// Which samples train and which test, per fold.
 pub enum Protocol {
-    /// Every `test_every`-th sample of each class is held out.
+    /// A stratified hold-out of `test_fraction` of the samples ([`stratified_holdout`];
+    /// RedDino: 0.2, seed 42).
     Split {
-        test_every: usize,
-    },
-    KFold {
-        k: usize,
+        test_fraction: f64,
         seed: u64,
     },
+    /// scikit-learn's unshuffled `StratifiedKFold(k)` ([`stratified_kfold`]), RedDino's.
+    KFold {
+        k: usize,
+    },
     LeaveOneSourceOut,
+}
+
+impl Protocol {
+    /// RedDino's hold-out: 20% of each class, seed 42.
+    pub const REDDINO_SPLIT: Protocol = Protocol::Split {
+        test_fraction: 0.2,
+        seed: 42,
+    };
+    /// RedDino's cross-validation: 5 unshuffled stratified folds.
+    pub const REDDINO_KFOLD: Protocol = Protocol::KFold { k: 5 };
 }
 
 fn select(x: &Tensor, idx: &[usize]) -> Tensor {
@@ -61,17 +76,14 @@ pub fn evaluate(
     let n = set.labels.len();
     let classes = set.class_names.len();
     let folds: Vec<usize> = match protocol {
-        Protocol::Split { test_every } => {
-            let mut seen = vec![0usize; classes];
-            set.labels
-                .iter()
-                .map(|&y| {
-                    seen[y as usize] += 1;
-                    usize::from(seen[y as usize] % test_every.max(&2) == 0)
-                })
-                .collect()
-        }
-        Protocol::KFold { k, seed } => stratified_folds(&set.labels, *k, *seed)?,
+        Protocol::Split {
+            test_fraction,
+            seed,
+        } => stratified_holdout(&set.labels, *test_fraction, *seed)?
+            .into_iter()
+            .map(usize::from)
+            .collect(),
+        Protocol::KFold { k } => stratified_kfold(&set.labels, *k)?,
         Protocol::LeaveOneSourceOut => {
             if set.source_names.len() < 2 {
                 bail!("leave-one-source-out needs at least two sources ({{source}}/{{class}}/image folders)");
@@ -130,10 +142,14 @@ pub fn evaluate(
     }
     Ok(ProtocolReport {
         protocol: match protocol {
-            Protocol::Split { test_every } => {
-                format!("split (every {test_every}th sample of each class held out)")
-            }
-            Protocol::KFold { k, .. } => format!("stratified {k}-fold"),
+            Protocol::Split {
+                test_fraction,
+                seed,
+            } => format!(
+                "split ({:.0}% of each class held out, seed {seed})",
+                test_fraction * 100.0
+            ),
+            Protocol::KFold { k } => format!("stratified {k}-fold (unshuffled)"),
             Protocol::LeaveOneSourceOut => "leave-one-source-out".into(),
         },
         linear: metrics(&truth, &lin, classes),
