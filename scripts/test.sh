@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/system-deps.sh --tests
-export REDDINO_REQUIRE_MOSQUITTO=1 REDDINO_REQUIRE_SYSTEMD=1
+export REDDINO_REQUIRE_MOSQUITTO=1 REDDINO_REQUIRE_SYSTEMD=1 REDDINO_REQUIRE_DISTRIBUTED=1
 
 . scripts/torch-env.sh
 

@@ -178,6 +178,12 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Metrics line every this many steps.
     pub log_every: usize,
+    /// Process-group backend of a multi-process run (torchrun / SLURM): `auto` (NCCL on CUDA,
+    /// Gloo on the CPU), `gloo` or `nccl`.
+    pub dist_backend: String,
+    /// Seconds the rendezvous and each collective may take before a run with a stopped or
+    /// unreachable rank fails.
+    pub dist_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,6 +315,8 @@ impl Config {
                 precision: if tiny { "fp32".into() } else { "fp16".into() },
                 threads: 0,
                 log_every: if tiny { 10 } else { 50 },
+                dist_backend: "auto".into(),
+                dist_timeout_s: 600,
             },
             optim: OptimConfig {
                 // From scratch on a few hundred CPU steps the tiny model needs DINOv2's
@@ -503,6 +511,13 @@ impl Config {
         {
             bail!("`ssl.*_temp` must be positive");
         }
+        if !matches!(self.train.dist_backend.as_str(), "auto" | "gloo" | "nccl") {
+            bail!(
+                "`train.dist_backend` = `{}`: expected auto, gloo or nccl",
+                self.train.dist_backend
+            );
+        }
+        pos(self.train.dist_timeout_s as usize, "train.dist_timeout_s")?;
         if !(0.0..=1.0).contains(&self.augment.flip_p) {
             bail!("`augment.flip_p` must be in [0, 1]");
         }

@@ -129,6 +129,22 @@ impl Dataset {
         })
     }
 
+    /// Rank `rank`'s share of step `step`'s batch of `global` items over `world` ranks: the
+    /// items `rank * global / world ..` of [`Dataset::batch_indices`], so every world size
+    /// reads the same global batches.
+    pub fn shard_indices(
+        &self,
+        seed: u64,
+        step: usize,
+        global: usize,
+        rank: usize,
+        world: usize,
+    ) -> Vec<usize> {
+        let per = global / world.max(1);
+        let all = self.batch_indices(seed, step, global);
+        all[rank * per..(rank + 1) * per].to_vec()
+    }
+
     /// Item indices of step `step` for batch size `b`.
     pub fn batch_indices(&self, seed: u64, step: usize, b: usize) -> Vec<usize> {
         let n = self.items.len();
@@ -213,6 +229,7 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// Batches of `batch` items from step `start` on, for a single process.
     pub fn new(
         ds: Arc<Dataset>,
         seed: u64,
@@ -221,6 +238,22 @@ impl Loader {
         workers: usize,
         prefetch: usize,
     ) -> Loader {
+        Loader::sharded(ds, seed, batch, (0, 1), start, workers, prefetch)
+    }
+
+    /// Rank `shard.0` of `shard.1`'s share of global batches of `global` items
+    /// ([`Dataset::shard_indices`]).
+    pub fn sharded(
+        ds: Arc<Dataset>,
+        seed: u64,
+        global: usize,
+        shard: (usize, usize),
+        start: usize,
+        workers: usize,
+        prefetch: usize,
+    ) -> Loader {
+        let (rank, world) = shard;
+        let batch = global / world.max(1);
         let (tx, rx) = sync_channel(prefetch.max(1));
         let cache = Arc::new(Mutex::new(DecodeCache {
             map: HashMap::new(),
@@ -232,7 +265,7 @@ impl Loader {
             .spawn(move || {
                 let patch = ds.patch as usize;
                 for step in start.. {
-                    let idx = ds.batch_indices(seed, step, batch);
+                    let idx = ds.shard_indices(seed, step, global, rank, world);
                     let per = patch * patch * 3;
                     let mut pixels = vec![0u8; batch * per];
                     let chunk = batch.div_ceil(workers.max(1));

@@ -15,6 +15,7 @@ pub mod augment;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -3,18 +3,39 @@
 //! (`dinov2/loss/*.py`, `dinov2/train/ssl_meta_arch.py`); `tests/reference/dinov2_losses.py`
 //! computes the same on fixed tensors with torch and the tests compare.
 
+use crate::distributed::ProcessGroup;
 use tch::{Kind, Tensor};
 
 /// Sinkhorn-Knopp centering of teacher scores [B, K] -> assignment probabilities [B, K].
 /// `n_samples` is B for the DINO loss and the number of masked patches for iBOT (DINOv2 passes
 /// it separately because the patch buffer is padded).
 pub fn sinkhorn_knopp(teacher: &Tensor, temp: f64, iterations: usize, n_samples: f64) -> Tensor {
+    sinkhorn_knopp_across(teacher, temp, iterations, n_samples, None)
+}
+
+/// [`sinkhorn_knopp`] over the rows of every rank of `group`, as DINOv2's distributed version:
+/// the total and the per-prototype row sums are summed across ranks; `n_samples` is the count
+/// over all ranks.
+pub fn sinkhorn_knopp_across(
+    teacher: &Tensor,
+    temp: f64,
+    iterations: usize,
+    n_samples: f64,
+    group: Option<&ProcessGroup>,
+) -> Tensor {
+    let reduce = |t: Tensor| {
+        if let Some(g) = group {
+            g.sum_in_place(&t);
+        }
+        t
+    };
     tch::no_grad(|| {
         let q = (teacher.to_kind(Kind::Float) / temp).exp().transpose(0, 1); // [K, B]
         let k = q.size()[0] as f64;
-        let mut q = &q / q.sum(Kind::Float);
+        let total = reduce(q.sum(Kind::Float));
+        let mut q = &q / total;
         for _ in 0..iterations {
-            let rows = q.sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+            let rows = reduce(q.sum_dim_intlist([1i64].as_slice(), true, Kind::Float));
             q = q / rows / k;
             let cols = q.sum_dim_intlist([0i64].as_slice(), true, Kind::Float);
             q = q / cols / n_samples;
@@ -53,14 +74,25 @@ impl Center {
 
     /// Records this batch's teacher scores for the next update.
     pub fn update(&mut self, teacher: &Tensor) {
+        self.update_across(teacher, None)
+    }
+
+    /// [`Center::update`] with the mean taken over the rows of every rank of `group` (the row
+    /// counts are summed too: ranks may hold different numbers of masked patches).
+    pub fn update_across(&mut self, teacher: &Tensor, group: Option<&ProcessGroup>) {
         tch::no_grad(|| {
-            let n = teacher.size()[0] as f64;
-            self.pending = Some(
+            let sum =
                 teacher
                     .to_kind(Kind::Float)
-                    .sum_dim_intlist([0i64].as_slice(), true, Kind::Float)
-                    / n,
-            );
+                    .sum_dim_intlist([0i64].as_slice(), true, Kind::Float);
+            let mut n = teacher.size()[0] as f64;
+            if let Some(g) = group {
+                g.sum_in_place(&sum);
+                let count = Tensor::from_slice(&[n]).to_device(teacher.device());
+                g.sum_in_place(&count);
+                n = count.double_value(&[0]);
+            }
+            self.pending = Some(sum / n.max(1.0));
         })
     }
 }

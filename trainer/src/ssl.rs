@@ -8,8 +8,9 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::PosResample;
+use crate::distributed::ProcessGroup;
 use crate::head::{DinoHead, HeadConfig};
-use crate::loss::{dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, Center};
+use crate::loss::{dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp_across, Center};
 use crate::vit::Vit;
 
 /// How the teacher's scores become targets.
@@ -87,7 +88,10 @@ pub struct StepLosses {
 }
 
 /// DINOv2 forward on the teacher and the student; returns the total loss (with graph) and the
-/// parts. `teacher_temp` is the scheduled temperature.
+/// parts. `teacher_temp` is the scheduled temperature. With a process `group`, `batch` is this
+/// rank's share: the teacher's centering (Sinkhorn-Knopp sums and counts, running means) is
+/// taken over every rank's rows, as DINOv2 does; the losses are this rank's means (the
+/// gradients are averaged afterwards). A failed collective is reported by `group.check()`.
 pub fn forward_losses(
     student: &Network,
     teacher: &Network,
@@ -95,12 +99,23 @@ pub fn forward_losses(
     teacher_temp: f64,
     cfg: &LossConfig,
     centers: &mut Option<(Center, Center)>,
+    group: Option<&ProcessGroup>,
 ) -> (Tensor, StepLosses) {
     let n_images = batch.crops.size()[0];
     let b = n_images / 2;
     let masks_flat = batch.masks.flatten(0, 1);
     let mask_idx = masks_flat.nonzero().flatten(0, -1);
     let n_masked = mask_idx.size()[0];
+    let world = group.map_or(1, |g| g.world) as i64;
+    // The masked patches of every rank (DINOv2's all-reduced n_masked_patches).
+    let n_masked_all = match group {
+        Some(g) => {
+            let t = Tensor::from_slice(&[n_masked as f64]).to_device(batch.crops.device());
+            g.sum_in_place(&t);
+            t.double_value(&[0]) as i64
+        }
+        None => n_masked,
+    };
     // Each masked patch weighs 1 / (masked patches of its image).
     let per_image = batch
         .masks
@@ -124,16 +139,16 @@ pub fn forward_losses(
         match (cfg.centering, centers.as_mut()) {
             (Centering::Centering, Some((c_dino, c_ibot))) => {
                 let c = c_dino.softmax_centered(&cls_h, teacher_temp);
-                c_dino.update(&cls_h);
+                c_dino.update_across(&cls_h, group);
                 let p = c_ibot.softmax_centered(&patch_h, teacher_temp);
-                if n_masked > 0 {
-                    c_ibot.update(&patch_h);
+                if n_masked_all > 0 {
+                    c_ibot.update_across(&patch_h, group);
                 }
                 (c, p)
             }
             _ => (
-                sinkhorn_knopp(&cls_h, teacher_temp, 3, n_images as f64),
-                sinkhorn_knopp(&patch_h, teacher_temp, 3, n_masked.max(1) as f64),
+                sinkhorn_knopp_across(&cls_h, teacher_temp, 3, (n_images * world) as f64, group),
+                sinkhorn_knopp_across(&patch_h, teacher_temp, 3, n_masked_all.max(1) as f64, group),
             ),
         }
     });

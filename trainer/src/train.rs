@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 use crate::augment::augment;
 use crate::config::Config;
 use crate::data::{to_tensor, Dataset, Loader};
+use crate::distributed::{ProcessGroup, BUCKET_BYTES};
 use crate::loss::Center;
 use crate::masking::MaskGenerator;
 use crate::optim::{ema_update, AdamW, Optimizer};
@@ -175,6 +176,8 @@ pub struct Trainer {
     /// Completed steps.
     pub step: usize,
     last_checkpoint: Option<PathBuf>,
+    /// The process group of a multi-process run (None: one process).
+    pub group: Option<ProcessGroup>,
 }
 
 fn step_seed(seed: u64, step: usize) -> u64 {
@@ -188,8 +191,32 @@ impl Trainer {
     /// Builds the networks (from `model.init` or from scratch, seeded), the teacher as a copy of
     /// the student, and the optimiser.
     pub fn new(cfg: Config) -> Result<Trainer> {
+        Trainer::with_group(cfg, None)
+    }
+
+    /// [`Trainer::new`] as one rank of `group`: `train.batch_size` is the global batch, split
+    /// evenly over the ranks; the student starts from rank 0's weights; CUDA devices are picked
+    /// by local rank (`auto` and `cuda` mean `cuda:LOCAL_RANK`).
+    pub fn with_group(cfg: Config, group: Option<ProcessGroup>) -> Result<Trainer> {
         cfg.validate()?;
-        let device = device_from(&cfg.train.device)?;
+        let device = match &group {
+            Some(g)
+                if cfg.train.device == "cuda"
+                    || (cfg.train.device == "auto" && tch::Cuda::is_available()) =>
+            {
+                device_from(&format!("cuda:{}", g.local_rank))?
+            }
+            _ => device_from(&cfg.train.device)?,
+        };
+        if let Some(g) = &group {
+            if cfg.train.batch_size % g.world != 0 {
+                bail!(
+                    "`train.batch_size` = {} (the global batch) does not split evenly over {} processes",
+                    cfg.train.batch_size,
+                    g.world
+                );
+            }
+        }
         if cfg.train.threads > 0 {
             tch::set_num_threads(cfg.train.threads as i32);
         }
@@ -220,6 +247,11 @@ impl Trainer {
         let mut student = Network::new(device, &vit, &cfg.head, init.as_ref(), resample)?;
         student.backbone.drop_path = cfg.model.drop_path;
         let mut teacher = Network::new(device, &vit, &cfg.head, init.as_ref(), resample)?;
+        if let Some(g) = &group {
+            // Every rank starts from rank 0's student (DDP's broadcast at construction).
+            let vars: Vec<Tensor> = student.named().into_iter().map(|(_, t)| t).collect();
+            tch::no_grad(|| g.broadcast(&vars.iter().collect::<Vec<_>>(), 0))?;
+        }
         teacher.vs.copy(&student.vs).context("teacher <- student")?;
         teacher.vs.freeze();
         let named = student.named();
@@ -262,7 +294,18 @@ impl Trainer {
             scaler,
             step: 0,
             last_checkpoint: None,
+            group,
         })
+    }
+
+    /// (rank, world size): (0, 1) for one process.
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world))
+    }
+
+    /// Images per step on this rank.
+    pub fn local_batch(&self) -> usize {
+        self.cfg.train.batch_size / self.rank_world().1
     }
 
     fn loss_config(&self) -> LossConfig {
@@ -287,22 +330,37 @@ impl Trainer {
     }
 
     /// The step's two augmented global crops of every image and the iBOT masks. Seeded by
-    /// (seed, step): the same step always sees the same views.
+    /// (seed, step): the same step always sees the same views. The masks are drawn for the
+    /// global batch and each rank takes its images' rows, so the masks of a step do not
+    /// depend on the world size; the augmentations are drawn per rank (rank 0's stream is the
+    /// single process's).
     pub fn make_batch(&self, images: &Tensor) -> Batch {
+        let (rank, world) = self.rank_world();
         let seed = step_seed(self.cfg.train.seed, self.step);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        tch::manual_seed((seed >> 1) as i64);
+        let aug_seed = if rank == 0 {
+            seed
+        } else {
+            step_seed(seed ^ 0xA5A5_5A5A_F00D_CAFE, rank)
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(aug_seed);
+        let mut mask_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6D61_736B_7321_0001);
+        tch::manual_seed((aug_seed >> 1) as i64);
         let size = self.cfg.model.img_size as i64;
         let b = images.size()[0] as usize;
         tch::no_grad(|| {
             let (c1, _) = augment(images, size, &self.cfg.augment, &mut rng);
             let (c2, _) = augment(images, size, &self.cfg.augment, &mut rng);
-            let masks = self.masker.batch(
-                2 * b,
+            let global = self.masker.batch(
+                2 * b * world,
                 self.cfg.ssl.mask_probability,
                 self.cfg.ssl.mask_ratio,
-                &mut rng,
+                &mut mask_rng,
             );
+            // Rows of crop 1, then crop 2, of this rank's images.
+            let masks: Vec<Vec<bool>> = (0..2)
+                .flat_map(|c| (0..b).map(move |i| c * b * world + rank * b + i))
+                .map(|row| global[row].clone())
+                .collect();
             let n = masks[0].len() as i64;
             let flat: Vec<u8> = masks.iter().flatten().map(|&m| m as u8).collect();
             let masks = Tensor::from_slice(&flat)
@@ -333,7 +391,8 @@ impl Trainer {
         self.opt.zero_grad();
         let lcfg = self.loss_config();
         let fp16 = self.scaler.is_some();
-        let (loss, parts) = tch::autocast(fp16, || {
+        let group = self.group.as_ref();
+        let (loss, mut parts) = tch::autocast(fp16, || {
             forward_losses(
                 &self.student,
                 &self.teacher,
@@ -341,8 +400,27 @@ impl Trainer {
                 sched.teacher_temp,
                 &lcfg,
                 &mut self.centers,
+                group,
             )
         });
+        if let Some(g) = group {
+            g.check()?;
+            // The ranks' mean losses (what one process on the global batch reports), so that
+            // every rank sees the same value and stops together on a non-finite one.
+            let v = Tensor::from_slice(&[parts.total, parts.dino, parts.ibot, parts.koleo])
+                .to_device(self.device);
+            g.all_reduce(&[&v], false)?;
+            let v = Vec::<f64>::try_from((v / g.world as f64).to_device(Device::Cpu))
+                .unwrap_or_default();
+            if let [total, dino, ibot, koleo] = v[..] {
+                parts = StepLosses {
+                    total,
+                    dino,
+                    ibot,
+                    koleo,
+                };
+            }
+        }
         if !parts.total.is_finite() {
             bail!(
                 "loss is {} at step {} (dino {}, ibot {}, koleo {}); stopping. Last good checkpoint: {}",
@@ -358,39 +436,48 @@ impl Trainer {
             );
         }
         let mut skip = false;
-        match &mut self.scaler {
-            Some(sc) => {
-                (&loss * sc.scale).backward();
-                let inv = 1.0 / sc.scale;
-                let mut finite = true;
-                tch::no_grad(|| {
-                    for p in &self.opt.params {
-                        let g = p.var.grad();
-                        if g.defined() {
-                            let _ = g.shallow_clone().g_mul_scalar_(inv);
-                            if finite && !bool::try_from(g.isfinite().all()).unwrap_or(false) {
-                                finite = false;
-                            }
+        match &self.scaler {
+            Some(sc) => (&loss * sc.scale).backward(),
+            None => loss.backward(),
+        }
+        if let Some(g) = &self.group {
+            let vars: Vec<Tensor> = self
+                .opt
+                .params
+                .iter()
+                .map(|p| p.var.shallow_clone())
+                .collect();
+            g.average_gradients(&vars, BUCKET_BYTES)?;
+        }
+        if let Some(sc) = &mut self.scaler {
+            let inv = 1.0 / sc.scale;
+            let mut finite = true;
+            tch::no_grad(|| {
+                for p in &self.opt.params {
+                    let g = p.var.grad();
+                    if g.defined() {
+                        let _ = g.shallow_clone().g_mul_scalar_(inv);
+                        if finite && !bool::try_from(g.isfinite().all()).unwrap_or(false) {
+                            finite = false;
                         }
                     }
-                });
-                if finite {
-                    sc.good_steps += 1;
-                    if sc.good_steps % 2000 == 0 {
-                        sc.scale *= 2.0;
-                    }
-                } else {
-                    sc.scale /= 2.0;
-                    sc.good_steps = 0;
-                    skip = true;
-                    log::warn!(
-                        "step {}: fp16 gradients overflowed; update skipped, loss scale now {}",
-                        self.step,
-                        sc.scale
-                    );
                 }
+            });
+            if finite {
+                sc.good_steps += 1;
+                if sc.good_steps % 2000 == 0 {
+                    sc.scale *= 2.0;
+                }
+            } else {
+                sc.scale /= 2.0;
+                sc.good_steps = 0;
+                skip = true;
+                log::warn!(
+                    "step {}: fp16 gradients overflowed; update skipped, loss scale now {}",
+                    self.step,
+                    sc.scale
+                );
             }
-            None => loss.backward(),
         }
         let (gb, gh) = self.apply_updates(&sched, skip);
         self.step += 1;
@@ -562,7 +649,8 @@ impl Trainer {
     }
 
     /// Trains until `until` steps (default: the configured total) on `data`, with checkpoints,
-    /// metrics and progress.
+    /// metrics and progress. In a multi-process run every rank calls this; rank 0 alone writes
+    /// the config, the metrics, the checkpoints and the progress.
     pub fn run(
         &mut self,
         data: Arc<Dataset>,
@@ -572,24 +660,33 @@ impl Trainer {
         let total = until
             .unwrap_or(self.cfg.total_steps())
             .min(self.cfg.total_steps());
+        let (rank, world) = self.rank_world();
+        let lead = rank == 0;
         let out = self.cfg.train.out_dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        std::fs::write(out.join("config.toml"), toml::to_string_pretty(&self.cfg)?)?;
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(out.join("metrics.jsonl"))
-            .with_context(|| format!("opening {}/metrics.jsonl", out.display()))?;
+        let mut metrics = if lead {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("config.toml"), toml::to_string_pretty(&self.cfg)?)?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(out.join("metrics.jsonl"))
+                    .with_context(|| format!("opening {}/metrics.jsonl", out.display()))?,
+            )
+        } else {
+            None
+        };
         let b = self.cfg.train.batch_size;
-        let loader = Loader::new(
+        let loader = Loader::sharded(
             data,
             self.cfg.train.seed,
             b,
+            (rank, world),
             self.step,
             self.cfg.data.workers,
             self.cfg.data.prefetch,
         );
-        let bar = progress.then(|| {
+        let bar = (progress && lead).then(|| {
             let pb = indicatif::ProgressBar::new(total as u64);
             pb.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -622,7 +719,7 @@ impl Trainer {
             summary.steps += 1;
             window_steps += 1;
             let done = self.step;
-            if done % self.cfg.train.log_every == 0 || done == total {
+            if lead && (done % self.cfg.train.log_every == 0 || done == total) {
                 let ips = (window_steps * b) as f64 / window.elapsed().as_secs_f64().max(1e-9);
                 window = Instant::now();
                 window_steps = 0;
@@ -636,7 +733,9 @@ impl Trainer {
                     images_per_s: ips,
                     elapsed_s: started.elapsed().as_secs_f64(),
                 };
-                writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+                if let Some(f) = metrics.as_mut() {
+                    writeln!(f, "{}", serde_json::to_string(&m)?)?;
+                }
                 let line = format!(
                     "loss {:.4} (dino {:.4} ibot {:.4}) lr {:.2e} {:.1} img/s",
                     losses.total, losses.dino, losses.ibot, sched.lr, ips
@@ -649,14 +748,18 @@ impl Trainer {
             if let Some(pb) = &bar {
                 pb.set_position(done as u64);
             }
-            if done % self.cfg.train.checkpoint_every == 0 && done < total {
+            if lead && done % self.cfg.train.checkpoint_every == 0 && done < total {
                 let dir = self.save_checkpoint()?;
                 log::info!("checkpoint {}", dir.display());
             }
         }
-        if summary.steps > 0 || self.last_checkpoint.is_none() {
+        if lead && (summary.steps > 0 || self.last_checkpoint.is_none()) {
             let dir = self.save_checkpoint()?;
             log::info!("checkpoint {}", dir.display());
+        }
+        if let Some(g) = &self.group {
+            // Nobody reports success before the last checkpoint is on disk.
+            g.barrier()?;
         }
         if let Some(pb) = &bar {
             pb.finish();

@@ -8,7 +8,9 @@ use crate::error::{Context, Result};
 
 use crate::config::Config;
 use crate::data::Dataset;
+use crate::distributed::{Launch, ProcessGroup};
 use crate::train::Trainer;
+use std::time::Duration;
 
 /// Pretrain a RedDino backbone (DINOv2 losses) on a folder of smears or crops.
 #[derive(clap::Args)]
@@ -32,6 +34,28 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         steps,
     } = args;
     let cfg = Config::load(&config)?;
+    // torchrun / srun: one process per rank, joined in a process group.
+    let group = match Launch::from_env()? {
+        Some(launch) => {
+            let backend = match cfg.train.dist_backend.as_str() {
+                "auto" if cfg.train.device != "cpu" && tch::Cuda::is_available() => "nccl",
+                "auto" => "gloo",
+                other => other,
+            };
+            log::info!(
+                "rank {} of {} ({}, local rank {}): joining the {backend} group at {}:{}",
+                launch.rank,
+                launch.world,
+                launch.launcher,
+                launch.local_rank,
+                launch.master_addr,
+                launch.master_port
+            );
+            let timeout = Duration::from_secs(cfg.train.dist_timeout_s);
+            Some(ProcessGroup::new(&launch, backend, timeout)?)
+        }
+        None => None,
+    };
     let data = Dataset::scan(&cfg.data.path, cfg.data.kind, cfg.data.patch_size as u32)
         .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
     log::info!(
@@ -45,13 +69,15 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             format!(" ({} unreadable files skipped)", data.skipped.len())
         }
     );
-    let mut trainer = Trainer::new(cfg)?;
+    let mut trainer = Trainer::with_group(cfg, group)?;
+    let (rank, world) = trainer.rank_world();
     log::info!(
-        "device {:?}, ViT-{} at {} px, batch {}, {} steps",
+        "device {:?}, ViT-{} at {} px, batch {} ({} per process x {world}), {} steps",
         trainer.device,
         trainer.cfg.model.arch.name(),
         trainer.cfg.model.img_size,
         trainer.cfg.train.batch_size,
+        trainer.local_batch(),
         trainer.cfg.total_steps()
     );
     if resume {
@@ -65,6 +91,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         }
     }
     let s = trainer.run(Arc::new(data), steps, std::io::stderr().is_terminal())?;
+    if rank != 0 {
+        return Ok(());
+    }
     println!(
         "{} steps, loss {:.4} -> {:.4}, {:.1} images/s; checkpoint {}",
         s.steps,
