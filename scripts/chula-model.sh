@@ -31,7 +31,7 @@ T=target/release
 W=${CHULA_MODEL_WORK:-target/chula-model}
 SIZE=56
 EPOCHS=${CHULA_MODEL_EPOCHS:-10}
-FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced)
+FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced --pixel-ops 0 --crop-scale 1.0)
 rm -rf "$W"
 mkdir -p "$W"
 export RUST_LOG=${RUST_LOG:-info}
