@@ -12,7 +12,8 @@ use crate::distributed::{Launch, ProcessGroup};
 use crate::train::Trainer;
 use std::time::Duration;
 
-/// Pretrain a RedDino backbone (DINOv2 losses) on a folder of smears or crops.
+/// Pretrain a RedDino backbone (DINOv2 losses) on a folder of smears or crops. Under torchrun
+/// or srun each process is one rank of a data-parallel run (docs/training.md).
 #[derive(clap::Args)]
 pub struct PretrainArgs {
     /// TOML config (see docs/pretrain.example.toml); `preset` gives every unset key.
