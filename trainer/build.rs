@@ -22,6 +22,10 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     match c10d(Path::new(&lib)) {
         Ok(()) => println!("cargo:rustc-cfg=reddino_c10d"),
+        // Asked for by name: a build without it would only fail later, on the cluster.
+        Err(why) if std::env::var("CARGO_FEATURE_NCCL").is_ok() => {
+            panic!("the `nccl` feature needs the c10d shim, which did not build: {why}")
+        }
         Err(why) => println!(
             "cargo:warning=distributed training left out: {why} (Debian: apt install libgloo-dev)"
         ),
