@@ -142,9 +142,40 @@ mod ffi {
     }
 }
 
+/// Stand-ins for a build without the shim: [`ProcessGroup::new`] refuses before any of them
+/// could be reached.
+#[cfg(not(reddino_c10d))]
+mod ffi {
+    use std::os::raw::{c_char, c_int, c_void};
+    use torch_sys::C_tensor;
+    const NONE: &str = "no process group exists without the shim";
+    pub unsafe fn rd_c10d_all_reduce(
+        _: *mut c_void,
+        _: *const *mut C_tensor,
+        _: c_int,
+        _: c_int,
+        _: *mut *mut c_char,
+    ) -> c_int {
+        unreachable!("{NONE}")
+    }
+    pub unsafe fn rd_c10d_broadcast(
+        _: *mut c_void,
+        _: *const *mut C_tensor,
+        _: c_int,
+        _: c_int,
+        _: *mut *mut c_char,
+    ) -> c_int {
+        unreachable!("{NONE}")
+    }
+    pub unsafe fn rd_c10d_barrier(_: *mut c_void, _: *mut *mut c_char) -> c_int {
+        unreachable!("{NONE}")
+    }
+    pub unsafe fn rd_c10d_free(_: *mut c_void) {}
+    pub unsafe fn rd_c10d_free_str(_: *mut c_char) {}
+}
+
 /// A c10d process group: this process's rank among `world`.
 pub struct ProcessGroup {
-    #[cfg(reddino_c10d)]
     ptr: *mut std::os::raw::c_void,
     pub rank: usize,
     pub world: usize,
@@ -227,17 +258,27 @@ impl ProcessGroup {
         }
     }
 
-    #[cfg(reddino_c10d)]
-    fn call(
+    /// Runs one collective of the shim on the tensors `ts` (`f` gets the group, the tensor
+    /// handles, their count and the error slot). After a failure every later collective is
+    /// refused with the first reason, so that no rank waits on a group that is gone.
+    fn collective(
         &self,
         what: &str,
-        f: impl FnOnce(*mut *mut std::os::raw::c_char) -> i32,
+        ts: &[&Tensor],
+        f: impl FnOnce(
+            *mut std::os::raw::c_void,
+            *const *mut torch_sys::C_tensor,
+            i32,
+            *mut *mut std::os::raw::c_char,
+        ) -> i32,
     ) -> Result<()> {
         if let Some(why) = self.failed.borrow().as_ref() {
             bail!("{why}");
         }
+        let handles: Vec<*mut torch_sys::C_tensor> =
+            ts.iter().map(|t| t.as_ptr() as *mut _).collect();
         let mut err = std::ptr::null_mut();
-        if f(&mut err) != 0 {
+        if f(self.ptr, handles.as_ptr(), handles.len() as i32, &mut err) != 0 {
             let why = format!(
                 "rank {} of {}: {what} failed (another rank stopped or the network broke): {}",
                 self.rank,
@@ -253,54 +294,26 @@ impl ProcessGroup {
     /// Sums (or, with `max`, takes the maximum of) each tensor over all ranks, in place. The
     /// tensors must be contiguous.
     pub fn all_reduce(&self, ts: &[&Tensor], max: bool) -> Result<()> {
-        #[cfg(reddino_c10d)]
-        {
-            let ptrs: Vec<*mut torch_sys::C_tensor> =
-                ts.iter().map(|t| t.as_ptr() as *mut _).collect();
-            let n = ptrs.len() as i32;
-            let g = self.ptr;
-            // SAFETY: the tensors are alive for the call; c10d writes into their storage.
-            self.call("all-reduce", |err| unsafe {
-                ffi::rd_c10d_all_reduce(g, ptrs.as_ptr(), n, max as i32, err)
-            })
-        }
-        #[cfg(not(reddino_c10d))]
-        {
-            let _ = (ts, max);
-            unreachable!("no process group exists without the shim")
-        }
+        // SAFETY: the tensors are alive for the call; c10d writes into their storage.
+        self.collective("all-reduce", ts, |g, handles, n, err| unsafe {
+            ffi::rd_c10d_all_reduce(g, handles, n, max as i32, err)
+        })
     }
 
     /// Rank `root`'s values of each tensor, in place on every rank.
     pub fn broadcast(&self, ts: &[&Tensor], root: usize) -> Result<()> {
-        #[cfg(reddino_c10d)]
-        {
-            let ptrs: Vec<*mut torch_sys::C_tensor> =
-                ts.iter().map(|t| t.as_ptr() as *mut _).collect();
-            let n = ptrs.len() as i32;
-            let g = self.ptr;
-            // SAFETY: as in all_reduce.
-            self.call("broadcast", |err| unsafe {
-                ffi::rd_c10d_broadcast(g, ptrs.as_ptr(), n, root as i32, err)
-            })
-        }
-        #[cfg(not(reddino_c10d))]
-        {
-            let _ = (ts, root);
-            unreachable!("no process group exists without the shim")
-        }
+        // SAFETY: as in all_reduce.
+        self.collective("broadcast", ts, |g, handles, n, err| unsafe {
+            ffi::rd_c10d_broadcast(g, handles, n, root as i32, err)
+        })
     }
 
     /// Waits for every rank.
     pub fn barrier(&self) -> Result<()> {
-        #[cfg(reddino_c10d)]
-        {
-            let g = self.ptr;
-            // SAFETY: the group is alive.
-            self.call("barrier", |err| unsafe { ffi::rd_c10d_barrier(g, err) })
-        }
-        #[cfg(not(reddino_c10d))]
-        unreachable!("no process group exists without the shim")
+        // SAFETY: the group is alive.
+        self.collective("barrier", &[], |g, _, _, err| unsafe {
+            ffi::rd_c10d_barrier(g, err)
+        })
     }
 
     /// Sums `t` over all ranks in place, for code that cannot return an error (the losses):
@@ -350,7 +363,6 @@ impl ProcessGroup {
     }
 }
 
-#[cfg(reddino_c10d)]
 fn take_err(err: *mut std::os::raw::c_char) -> String {
     if err.is_null() {
         return "no reason given".into();
@@ -366,11 +378,8 @@ fn take_err(err: *mut std::os::raw::c_char) -> String {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        #[cfg(reddino_c10d)]
         // SAFETY: created by rd_c10d_new, freed once.
-        unsafe {
-            ffi::rd_c10d_free(self.ptr)
-        }
+        unsafe { ffi::rd_c10d_free(self.ptr) }
     }
 }
 

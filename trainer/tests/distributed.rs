@@ -67,6 +67,30 @@ flip_p = 0.0
     path
 }
 
+/// Synthetic smear fields to train on, in `dir/smears`.
+fn smears(dir: &Path) -> PathBuf {
+    let smears = dir.join("smears");
+    write_smears(&smears, 2, 672, 448, 1).unwrap();
+    smears
+}
+
+/// `pretrain` as one process (no launcher variables) with `args`; panics with its stderr when
+/// it fails.
+fn single(cfg: &Path, args: &[&str]) {
+    let out = Command::new(BIN)
+        .arg("pretrain")
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -130,35 +154,16 @@ fn two_gloo_processes_follow_one_process_on_the_same_global_batch() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let smears = dir.path().join("smears");
-    write_smears(&smears, 2, 672, 448, 1).unwrap();
+    let smears = smears(dir.path());
     let steps = 5;
     let one = config(dir.path(), &smears, "one", steps);
     let two = config(dir.path(), &smears, "two", steps);
 
-    let out = Command::new(BIN)
-        .args(["pretrain", "--config"])
-        .arg(&one)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    single(&one, &[]);
 
     // The second run starts as one process for 2 steps, then resumes its checkpoint as two
     // processes: a checkpoint resumes on any world size.
-    let out = Command::new(BIN)
-        .args(["pretrain", "--steps", "2", "--config"])
-        .arg(&two)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    single(&two, &["--steps", "2"]);
     let port = free_port();
     let r0 = rank(&two, 0, 2, port);
     let r1 = rank(&two, 1, 2, port);
@@ -212,8 +217,7 @@ fn a_dead_rank_stops_the_others_with_an_error() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let smears = dir.path().join("smears");
-    write_smears(&smears, 2, 672, 448, 1).unwrap();
+    let smears = smears(dir.path());
     let cfg = config(dir.path(), &smears, "run", 100_000);
     let port = free_port();
     let r0 = rank(&cfg, 0, 2, port);
