@@ -283,7 +283,7 @@ def summarise_pipeline(r, rss):
         "frames_per_s": len(f) / (total / 1e3), "cells_per_s": cells / (total / 1e3),
         "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
         "stage_ms": {k: sum(x[k] for x in f) / len(f)
-                     for k in ("decode_ms", "find_ms", "crop_ms", "preprocess_classify_ms", "model_ms")},
+                     for k in ("decode_ms", "find_ms", "crop_preprocess_ms", "classify_ms", "model_ms")},
         "outside_model_pct": 100 * (1 - model / total),
         "peak_rss_mib": rss, "model": r["model"], "input_size": r["input_size"],
         "batch": r["batch"], "threads": r["threads"], "per_frame": f,
@@ -311,6 +311,47 @@ def bench_pipeline(ctx, plan):
         s["size"] = [sw, sh]
         out["by_size"].append(s)
         log(f"pipeline {sw}x{sh}: {s['cells_per_frame']:.0f} cells/frame, p50 {s['p50_ms']:.0f} ms")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU stages of a camera frame (null model)
+
+
+REAL_FIELDS = os.path.join(ROOT, "tests", "data", "chula-rbc-12", "images")
+
+
+def bench_cpu(ctx, plan):
+    out = {"frames": [], "service": []}
+    runs = [(f"{w}x{h}", "demo", lambda w=w, h=h: make_fields(ctx, f"cpu-{w}x{h}", plan["source"], w, h,
+                                                             plan["fields"], 8000, plan["density"])[0])
+            for (w, h) in plan["sizes"]]
+    if plan.get("real") and os.path.isdir(REAL_FIELDS):
+        runs.append(("Chula RBC-12 sample (640x480 JPEG)", "chula", lambda: REAL_FIELDS))
+    for name, shipped, fields in runs:
+        d = fields()
+        for t in plan["threads"]:
+            r, _ = run_json([ctx["worker"], "frame", "--fields", d, "--threads", str(t), "--reps",
+                             str(plan["reps"]), "--shipped", shipped], t)
+            f = r["fields"]
+            row = {"fields": name, "model": r["model"], "threads": t, "frames": len(f),
+                   "width": f[0]["width"], "height": f[0]["height"],
+                   "cells_per_frame": sum(x["cells"] for x in f) / len(f)}
+            for k in ("decode_ms", "find_ms", "cut_ms", "total_ms", "yuyv_ms"):
+                row[k] = sum(x[k] for x in f) / len(f)
+            out["frames"].append(row)
+            log(f"cpu {name} t{t}: {row['cells_per_frame']:.0f} cells, decode {row['decode_ms']:.1f} + find "
+                f"{row['find_ms']:.1f} + cut {row['cut_ms']:.1f} = {row['total_ms']:.1f} ms")
+    sv = plan["service"]
+    w, h = sv["size"]
+    d, _ = make_fields(ctx, f"cpu-{w}x{h}", plan["source"], w, h, plan["fields"], 8000, plan["density"])
+    for t in sv["threads"]:
+        for fps in sv["fps"]:
+            r, _ = run_json([ctx["worker"], "service", "--fields", d, "--threads", str(t), "--fps", str(fps),
+                             "--frames", str(sv["frames"])], t)
+            out["service"].append(r)
+            log(f"service {w}x{h} t{t} at {fps} fps: {r['processed']} analysed, {r['dropped']} dropped "
+                f"of {r['captured']}")
     return out
 
 
@@ -429,6 +470,35 @@ def report(res, out_dir):
         L.append("")
         L.append("![latency vs cells](pipeline_cells.png) ![latency vs frame size](pipeline_size.png)")
         L.append("")
+    c = res.get("cpu")
+    if c:
+        L.append("### CPU stages of a camera frame (null model)")
+        L.append("")
+        L.append("What the CPU spends per frame when the model runs elsewhere (the GPU): the frame as a "
+                 "camera's MJPG (synthetic fields encoded at JPEG quality 90; the real fields are the "
+                 "data set's own JPEGs) decoded, its cells found, cut, resized and normalised into the "
+                 "model's input batch, with the finder and the cuts on T threads; best of N per stage and "
+                 "field, averaged over the fields. YUYV: converting the same frame from a YUYV camera "
+                 "instead of decoding MJPG.")
+        L.append("")
+        L.append("| fields | model (finder, crops) | threads | cells/frame | MJPG decode ms | find ms | cut + preprocess ms | total ms | YUYV ms |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in c["frames"]:
+            L.append(f"| {r['fields']} | {r['model']} | {r['threads']} | {fmt(r['cells_per_frame'], 0)} | "
+                     f"{fmt(r['decode_ms'])} | {fmt(r['find_ms'])} | {fmt(r['cut_ms'])} | "
+                     f"**{fmt(r['total_ms'])}** | {fmt(r['yuyv_ms'])} |")
+        L.append("")
+        if c["service"]:
+            L.append("The service's pipeline (capture thread decoding MJPG, cells thread on T threads, "
+                     "inference thread with the null model) fed by a camera at a fixed rate; frames the "
+                     "cells stage cannot keep up with are dropped (oldest first) and counted:")
+            L.append("")
+            L.append("| frame | threads | camera fps | frames | analysed | dropped | analysed per s |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|")
+            for r in c["service"]:
+                L.append(f"| {r['width']}x{r['height']} | {r['threads']} | {fmt(r['fps'], 0)} | {r['captured']} | "
+                         f"{r['processed']} | {r['dropped']} | {fmt(r['analysed_per_s'])} |")
+            L.append("")
     if res.get("trainer"):
         L.append("### Trainer step: tch vs PyTorch (tiny preset, CPU)")
         L.append("")
@@ -476,6 +546,13 @@ def targets(res):
             out.append({"target": f"cell finding >= 2x faster than OpenCV at >= its recall ({t} thread{'s' if t > 1 else ''})",
                         "figure": f"{speed:.2f}x OpenCV's speed; recall {rec_o:.4f} vs {rec_c:.4f}",
                         "met": speed >= 2 and rec_o >= rec_c})
+    if res.get("cpu"):
+        for t, bar in ((1, 40), (2, 25)):
+            r = [x for x in res["cpu"]["frames"] if x["threads"] == t and x["width"] == 1920 and x["height"] == 1080]
+            if r:
+                ms = r[0]["total_ms"]
+                out.append({"target": f"CPU stages of a 1920x1080 MJPG frame (decode, find, cut into the batch) <= {bar} ms on {t} thread{'s' if t > 1 else ''}",
+                            "figure": f"{ms:.1f} ms", "met": ms <= bar})
     if res.get("pipeline"):
         o = res["pipeline"]["main"]["outside_model_pct"]
         out.append({"target": "everything but the model <= 15% of the time per field",
@@ -557,6 +634,9 @@ def plans(smoke):
             "cells": {"sources": [("wright_100x", None)], "size": (480, 360), "fields": 1, "reps": 1, "threads": [1]},
             "pipeline": {"source": "wright_100x", "main_size": (480, 360), "main_density": None, "frames": 2,
                          "densities": [0.1], "sizes": [(320, 240)], "sweep_frames": 1, "batch": 16, "threads": 1},
+            "cpu": {"source": "wright_100x", "sizes": [(480, 360)], "density": None, "fields": 1, "reps": 1,
+                    "threads": [1], "real": False,
+                    "service": {"size": (480, 360), "fps": [5], "frames": 3, "threads": [1]}},
             "trainer": {"threads": [1], "steps": 1},
         }
     return {
@@ -566,6 +646,9 @@ def plans(smoke):
         "pipeline": {"source": "wright_100x", "main_size": (1920, 1080), "main_density": 0.23, "frames": 12,
                      "densities": [0.05, 0.1, 0.2, 0.3, 0.4], "sizes": [(640, 480), (1280, 960), (1920, 1080), (2592, 1944)],
                      "sweep_frames": 3, "batch": 16, "threads": 2},
+        "cpu": {"source": "wright_100x", "sizes": [(640, 480), (1280, 960), (1920, 1080), (2592, 1944)],
+                "density": 0.23, "fields": 3, "reps": 5, "threads": [1, 2], "real": True,
+                "service": {"size": (1920, 1080), "fps": [15, 30], "frames": 150, "threads": [1, 2]}},
         "trainer": {"threads": [1, 2], "steps": 20},
     }
 
@@ -573,7 +656,7 @@ def plans(smoke):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="everything once on tiny inputs (CI)")
-    ap.add_argument("--only", default="infer,cells,pipeline,trainer")
+    ap.add_argument("--only", default="infer,cells,pipeline,cpu,trainer")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="cargo profile (default: release; test with --smoke)")
     ap.add_argument("--report-only", action="store_true",
@@ -581,8 +664,8 @@ def main():
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     for s in only:
-        if s not in ("infer", "cells", "pipeline", "trainer"):
-            raise SystemExit(f"unknown benchmark {s!r} (infer, cells, pipeline, trainer)")
+        if s not in ("infer", "cells", "pipeline", "cpu", "trainer"):
+            raise SystemExit(f"unknown benchmark {s!r} (infer, cells, pipeline, cpu, trainer)")
     out_dir = args.out or os.path.join(ROOT, "target/bench-smoke" if args.smoke else "docs/benchmarks")
     profile = args.profile or ("test" if args.smoke else "release")
     os.makedirs(out_dir, exist_ok=True)
@@ -611,19 +694,19 @@ def main():
                                "opencv {cv2.__version__}')"], stdout=subprocess.PIPE, check=True, cwd=ROOT)
     res["versions"] = ["tract (reddino-models)"] + versions.stdout.decode().strip().split(", ")
     for name, fn in (("infer", bench_infer), ("cells", bench_cells), ("pipeline", bench_pipeline),
-                     ("trainer", bench_trainer)):
+                     ("cpu", bench_cpu), ("trainer", bench_trainer)):
         if name in only:
             log(f"== {name}")
             res[name] = fn(ctx, plan[name])
     command = "./scripts/bench.sh" + (" --smoke" if args.smoke else "") + \
-              (f" --only {args.only}" if args.only != "infer,cells,pipeline,trainer" else "")
+              (f" --only {args.only}" if args.only != "infer,cells,pipeline,cpu,trainer" else "")
     res["runs"] = {name: {"command": command, "date": res["date"], "cpu": ctx["machine"]["cpu"]}
                    for name in only}
     previous = os.path.join(out_dir, "results.json")
     if not args.smoke and os.path.exists(previous):
         # A partial run (--only) keeps the other sections of the last run.
         old = json.load(open(previous))
-        for name in ("infer", "cells", "pipeline", "trainer"):
+        for name in ("infer", "cells", "pipeline", "cpu", "trainer"):
             if name not in only and old.get(name):
                 res[name] = old[name]
                 res["runs"][name] = old.get("runs", {}).get(

@@ -55,6 +55,7 @@ impl Service {
             camera_retry_max: Duration::from_secs_f64(cfg.camera.retry_max_s),
             batch_wait: Duration::from_millis(cfg.pipeline.batch_wait_ms),
             camera_stall: Duration::from_secs_f64(cfg.camera.stall_s),
+            cpu_threads: cfg.analysis.threads,
         };
         {
             let ob = &outbox;

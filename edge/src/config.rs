@@ -90,6 +90,10 @@ pub struct AnalysisConfig {
     /// Crop side as a multiple of the cell's box.
     #[serde(default = "default_margin")]
     pub margin: f32,
+    /// Threads for the CPU stages of each frame: finding cells, cutting and preprocessing
+    /// their crops (0 = one per core). The result is the same on any number.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 fn default_mode() -> Mode {
@@ -104,6 +108,7 @@ impl Default for AnalysisConfig {
         AnalysisConfig {
             mode: default_mode(),
             margin: default_margin(),
+            threads: 0,
         }
     }
 }

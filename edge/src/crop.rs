@@ -6,9 +6,33 @@
 
 use image::RgbImage;
 pub use reddino_models::preprocess::CropPolicy;
-use reddino_models::preprocess::OwnerMap;
+use reddino_models::preprocess::{Normalization, OwnerMap};
 
 use crate::cells::{self, Cell, CellFinderConfig};
+
+/// A frame's cells and their model inputs: each cell cut by the crop policy, resized to the
+/// model's `size` and normalised into one `3 x size x size` block of `inputs`, in order (what
+/// [`find_and_crop`] then preprocessing gives, with no image per crop). Finding and cutting
+/// run on the current rayon pool: the same result on any number of threads.
+pub struct FrameInputs {
+    pub cells: Vec<Cell>,
+    pub inputs: Vec<f32>,
+}
+
+/// [`FrameInputs`] of `img` for a model of input `size` and normalisation `norm`.
+pub fn find_and_cut_into(
+    img: &RgbImage,
+    finder: &CellFinderConfig,
+    policy: &CropPolicy,
+    size: u32,
+    norm: &Normalization,
+) -> FrameInputs {
+    let (cells, owners) = cells::find_maybe_owners(img, finder, policy.blank_neighbours);
+    let boxes: Vec<[u32; 4]> = cells.iter().map(|c| c.bbox).collect();
+    let mut inputs = vec![0f32; boxes.len() * 3 * (size * size) as usize];
+    policy.cut_into(img, &boxes, owners.as_ref(), size, norm, &mut inputs);
+    FrameInputs { cells, inputs }
+}
 
 /// The cells of a frame and their crops, one per cell in order, as a model with this crop
 /// policy takes them.

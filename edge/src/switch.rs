@@ -113,6 +113,7 @@ pub fn describe(
         backend_detail: backend.describe(),
         class_names: m.class_names.clone(),
         normalization: m.normalization(),
+        input_size: backend.input_size() as u32,
     };
     Ok((info, cells, m.crop_policy(cfg.analysis.margin)))
 }

@@ -71,6 +71,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             camera_retry_max: Duration::from_millis(100),
             batch_wait: Duration::ZERO,
             camera_stall: Duration::from_secs(10),
+            cpu_threads: 1,
         },
         ModelInfo {
             id: "slow@1".into(),
@@ -80,6 +81,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             backend_detail: "slow test backend".into(),
             class_names: names,
             normalization: Normalization::default(),
+            input_size: 14,
         },
         Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
         Arc::new(AtomicBool::new(false)),
@@ -180,6 +182,7 @@ fn settings() -> PipelineSettings {
         camera_retry_max: Duration::from_millis(100),
         batch_wait: Duration::ZERO,
         camera_stall: Duration::from_secs(10),
+        cpu_threads: 1,
     }
 }
 
@@ -195,6 +198,7 @@ fn pixel_shared(settings: PipelineSettings, outbox: Outbox) -> Arc<Shared> {
             backend_detail: "pixel test backend".into(),
             class_names: vec!["a".into(), "b".into()],
             normalization: Normalization::default(),
+            input_size: 14,
         },
         outbox,
         Arc::new(AtomicBool::new(false)),

@@ -1,8 +1,13 @@
 //! The single preprocessing function: RGB pixels -> model input (resize, scale to [0, 1],
-//! ImageNet mean/std, CHW). The trainer and the edge both call it.
+//! ImageNet mean/std, CHW). The trainer and the edge both call it. Also how crops are cut
+//! from a frame ([`CropPolicy`]): as images (the trainer's crop tools) or straight into a
+//! model's input batch ([`CropPolicy::cut_into`], the edge), with the same numbers.
 
-use image::imageops::FilterType;
+use std::cell::RefCell;
+
+use fast_image_resize as fr;
 use image::RgbImage;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{IMAGENET_MEAN, IMAGENET_STD};
@@ -24,28 +29,90 @@ impl Default for Normalization {
     }
 }
 
-/// Resizes `img` to `size` x `size` (bilinear; skipped when already that size) and writes the
-/// normalised CHW planes into `out` (length `3 * size * size`).
+/// Resizes `img` to `size` x `size` (bilinear, a triangle filter as wide as the scale;
+/// skipped when already that size) and writes the normalised CHW planes into `out` (length
+/// `3 * size * size`).
 pub fn preprocess_into(img: &RgbImage, size: u32, norm: &Normalization, out: &mut [f32]) {
+    SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        resize_normalise(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            size,
+            norm,
+            out,
+            &mut s.resizer,
+            &mut s.resized,
+        )
+    });
+}
+
+/// What cutting and resizing a crop needs, kept per thread so a frame's crops allocate
+/// nothing: the resizer (its filter coefficients cached) and pixel buffers.
+struct Scratch {
+    resizer: fr::Resizer,
+    /// The crop as cut (and blanked).
+    crop: Vec<u8>,
+    /// The crop at the model's size.
+    resized: Vec<u8>,
+    /// Pixels of the crop to blank.
+    core: Vec<bool>,
+    blank: Vec<bool>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        resizer: fr::Resizer::new(),
+        crop: Vec::new(),
+        resized: Vec::new(),
+        core: Vec::new(),
+        blank: Vec::new(),
+    });
+}
+
+/// [`preprocess_into`] of packed RGB `pixels` (`w` x `h`), with the caller's resizer and
+/// buffer (SIMD bilinear convolution of fast_image_resize).
+#[allow(clippy::too_many_arguments)]
+fn resize_normalise(
+    pixels: &[u8],
+    w: u32,
+    h: u32,
+    size: u32,
+    norm: &Normalization,
+    out: &mut [f32],
+    resizer: &mut fr::Resizer,
+    resized: &mut Vec<u8>,
+) {
     let plane = (size * size) as usize;
     assert_eq!(
         out.len(),
         3 * plane,
         "output buffer must hold 3 x size x size values"
     );
-    let resized;
-    let src = if img.width() == size && img.height() == size {
-        img
+    let src = if w == size && h == size {
+        &pixels[..3 * plane]
     } else {
-        resized = image::imageops::resize(img, size, size, FilterType::Triangle);
-        &resized
+        resized.resize(3 * plane, 0);
+        let from = fr::images::ImageRef::new(w, h, pixels, fr::PixelType::U8x3)
+            .expect("RGB buffer of its image's size");
+        let mut to = fr::images::Image::from_slice_u8(size, size, resized, fr::PixelType::U8x3)
+            .expect("RGB buffer of the model's size");
+        let options = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+        resizer
+            .resize(&from, &mut to, &options)
+            .expect("same pixel type on both sides");
+        &resized[..]
     };
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * norm.std[c]));
     let offset: [f32; 3] = std::array::from_fn(|c| norm.mean[c] / norm.std[c]);
-    for (i, px) in src.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = px.0[c] as f32 * scale[c] - offset[c];
-        }
+    let (r, gb) = out.split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    for (((px, r), g), b) in src.chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = px[0] as f32 * scale[0] - offset[0];
+        *g = px[1] as f32 * scale[1] - offset[1];
+        *b = px[2] as f32 * scale[2] - offset[2];
     }
 }
 
@@ -222,6 +289,66 @@ impl CropPolicy {
         }
     }
 
+    /// The crops of a frame's boxes, cut, resized to `size` and normalised straight into
+    /// `out` (one `3 x size x size` CHW block per box, in order): the numbers [`CropPolicy::cut`]
+    /// then [`preprocess_into`] give, without an image per crop. The boxes are cut side by side
+    /// on the current rayon pool. Panics as `cut` does, and when `out` is not `boxes.len()`
+    /// blocks long.
+    pub fn cut_into(
+        &self,
+        img: &RgbImage,
+        boxes: &[[u32; 4]],
+        owners: Option<&OwnerMap>,
+        size: u32,
+        norm: &Normalization,
+        out: &mut [f32],
+    ) {
+        let per = 3 * (size * size) as usize;
+        assert_eq!(out.len(), boxes.len() * per, "one input block per box");
+        let owners = self.blank_neighbours.then(|| {
+            let o = owners.expect("blanking neighbours needs the finder's owner map");
+            check_owners(img, o);
+            o
+        });
+        let floor = side_floor(boxes, self.min_side);
+        let frame_fill = std::sync::OnceLock::new();
+        let (w, h) = img.dimensions();
+        out.par_chunks_exact_mut(per)
+            .zip(boxes.par_iter())
+            .enumerate()
+            .for_each(|(i, (out, &b))| {
+                SCRATCH.with(|s| {
+                    let s = &mut *s.borrow_mut();
+                    let at = square_crop_rect(w, h, b, self.margin, floor);
+                    copy_square(img, at[0], at[1], at[2], &mut s.crop);
+                    if let Some(o) = owners {
+                        let (core, blank) = (&mut s.core, &mut s.blank);
+                        blank_neighbours(
+                            &mut s.crop,
+                            img,
+                            o,
+                            i as u32,
+                            at,
+                            core,
+                            blank,
+                            &frame_fill,
+                        );
+                    }
+                    let (side, crop) = (at[2], &s.crop);
+                    resize_normalise(
+                        crop,
+                        side,
+                        side,
+                        size,
+                        norm,
+                        out,
+                        &mut s.resizer,
+                        &mut s.resized,
+                    );
+                })
+            });
+    }
+
     /// The smallest crop side (pixels, before resizing) in a frame whose median cell side is
     /// `median`: `margin x min_side x median` (0 when `min_side` is off).
     pub fn min_crop_side(&self, median: f32) -> f32 {
@@ -249,6 +376,20 @@ pub fn blanked_crop(
     margin: f32,
     min_side: f32,
 ) -> RgbImage {
+    check_owners(img, owners);
+    let [left, top, side] = square_crop_rect(img.width(), img.height(), bbox, margin, min_side);
+    let mut crop = Vec::new();
+    copy_square(img, left, top, side, &mut crop);
+    let fill = std::sync::OnceLock::new();
+    let (mut core, mut blank) = (Vec::new(), Vec::new());
+    let at = [left, top, side];
+    blank_neighbours(
+        &mut crop, img, owners, own, at, &mut core, &mut blank, &fill,
+    );
+    RgbImage::from_raw(side, side, crop).expect("buffer sized for the crop")
+}
+
+fn check_owners(img: &RgbImage, owners: &OwnerMap) {
     let (w, h) = img.dimensions();
     assert!(
         owners.width == w && owners.height == h && owners.ids.len() == (w * h) as usize,
@@ -256,60 +397,92 @@ pub fn blanked_crop(
         owners.width,
         owners.height
     );
-    let [left, top, side] = square_crop_rect(w, h, bbox, margin, min_side);
-    let mut crop = image::imageops::crop_imm(img, left, top, side, side).to_image();
-    let s = side as usize;
-    let owner =
-        |x: usize, y: usize| owners.ids[(top as usize + y) * w as usize + left as usize + x];
-    // The neighbours' pixels, then grown by the rim into the background.
-    let core: Vec<bool> = (0..s * s)
-        .map(|p| {
-            let o = owner(p % s, p / s);
-            o != OwnerMap::BACKGROUND && o != own
-        })
-        .collect();
-    if !core.iter().any(|&b| b) {
-        return crop;
+}
+
+/// The `side` x `side` square of `img` at (`left`, `top`) into `out` (packed RGB).
+fn copy_square(img: &RgbImage, left: u32, top: u32, side: u32, out: &mut Vec<u8>) {
+    let (w, s, l) = (img.width() as usize, side as usize, left as usize);
+    out.clear();
+    for y in top as usize..top as usize + s {
+        out.extend_from_slice(&img.as_raw()[3 * (y * w + l)..3 * (y * w + l + s)]);
     }
+}
+
+/// Blanks, in the crop `crop` cut at `[left, top, side]`, the pixels of every object of
+/// `owners` but `own` and the background within [`NEIGHBOUR_RIM`] of them, with the mean
+/// colour of the crop's remaining background (the frame's, kept in `frame_fill`, when the crop
+/// has none). `core` and `blank` are scratch.
+#[allow(clippy::too_many_arguments)]
+fn blank_neighbours(
+    crop: &mut [u8],
+    img: &RgbImage,
+    owners: &OwnerMap,
+    own: u32,
+    [left, top, side]: [u32; 3],
+    core: &mut Vec<bool>,
+    blank: &mut Vec<bool>,
+    frame_fill: &std::sync::OnceLock<[u8; 3]>,
+) {
+    let (w, s) = (img.width() as usize, side as usize);
+    let owner = |x: usize, y: usize| owners.ids[(top as usize + y) * w + left as usize + x];
+    // The neighbours' pixels, then grown by the rim into the background.
+    core.clear();
+    core.extend((0..s * s).map(|p| {
+        let o = owner(p % s, p / s);
+        o != OwnerMap::BACKGROUND && o != own
+    }));
+    if !core.iter().any(|&b| b) {
+        return;
+    }
+    // The core dilated by a (2 rim + 1) square, rows then columns; background pixels under
+    // it join the core.
     let r = NEIGHBOUR_RIM as usize;
-    let mut blank = core.clone();
+    blank.clear();
+    blank.resize(s * s, false);
+    for y in 0..s {
+        let row = &core[y * s..(y + 1) * s];
+        for x in 0..s {
+            blank[y * s + x] = row[x.saturating_sub(r)..(x + r + 1).min(s)].contains(&true);
+        }
+    }
+    let rows = blank.clone();
     for y in 0..s {
         for x in 0..s {
-            if blank[y * s + x] || owner(x, y) != OwnerMap::BACKGROUND {
-                continue;
-            }
-            blank[y * s + x] = (y.saturating_sub(r)..(y + r + 1).min(s))
-                .any(|ny| (x.saturating_sub(r)..(x + r + 1).min(s)).any(|nx| core[ny * s + nx]));
+            let near = (y.saturating_sub(r)..(y + r + 1).min(s)).any(|ny| rows[ny * s + x]);
+            let p = y * s + x;
+            blank[p] = core[p] || (near && owner(x, y) == OwnerMap::BACKGROUND);
         }
     }
     let background = crop
-        .pixels()
+        .chunks_exact(3)
         .enumerate()
         .filter(|(p, _)| !blank[*p] && owner(p % s, p / s) == OwnerMap::BACKGROUND)
         .map(|(_, px)| px);
     let fill = mean_colour(background).unwrap_or_else(|| {
         // No background in the crop: the frame's (white when it has none).
-        let frame = img
-            .pixels()
-            .zip(&owners.ids)
-            .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
-            .map(|(px, _)| px);
-        mean_colour(frame).unwrap_or([255; 3])
+        *frame_fill.get_or_init(|| {
+            let frame = img
+                .as_raw()
+                .chunks_exact(3)
+                .zip(&owners.ids)
+                .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
+                .map(|(px, _)| px);
+            mean_colour(frame).unwrap_or([255; 3])
+        })
     });
-    for (p, px) in crop.pixels_mut().enumerate() {
-        if blank[p] {
-            px.0 = fill;
+    for (px, &b) in crop.chunks_exact_mut(3).zip(blank.iter()) {
+        if b {
+            px.copy_from_slice(&fill);
         }
     }
-    crop
 }
 
 /// Mean colour of `pixels` (None for none).
-fn mean_colour<'a>(pixels: impl Iterator<Item = &'a image::Rgb<u8>>) -> Option<[u8; 3]> {
+fn mean_colour<'a>(pixels: impl Iterator<Item = &'a [u8]>) -> Option<[u8; 3]> {
     let mut sum = [0u64; 3];
     let mut n = 0u64;
     for px in pixels {
-        for (s, &v) in sum.iter_mut().zip(&px.0) {
+        for (s, &v) in sum.iter_mut().zip(px) {
             *s += v as u64;
         }
         n += 1;
@@ -419,6 +592,53 @@ mod tests {
         let c = &cell_crops_blanked(&halo, &boxes, &owners, 3.5, 0.0)[0];
         let [left, top, _] = square_crop_rect(w, h, boxes[0], 3.5, 0.0);
         assert_eq!(c.get_pixel(60 - left, 30 - top).0, [200, 200, 200]);
+    }
+
+    #[test]
+    fn crops_cut_into_the_batch_equal_cut_then_preprocessed() {
+        // Noisy field, cells of several sizes (some at the frame's edge, one without any
+        // background in its crop), owners painted; every policy, sizes up and down.
+        let (w, h) = (160u32, 120u32);
+        let mut img = RgbImage::from_fn(w, h, |x, y| {
+            let v = (x * 7 + y * 13 + (x * y) % 17) as u8;
+            image::Rgb([200 - v % 40, 190 - v % 30, 210 - v % 50])
+        });
+        let mut owners = OwnerMap::new(w, h);
+        let boxes: Vec<[u32; 4]> = vec![
+            [10, 10, 40, 38],
+            [38, 12, 60, 36],
+            [0, 70, 25, 100],
+            [120, 90, 160, 120],
+            [80, 40, 86, 47],
+            [90, 5, 150, 65],
+        ];
+        for (i, b) in boxes.iter().enumerate() {
+            for y in b[1]..b[3] {
+                for x in b[0]..b[2] {
+                    img.put_pixel(x, y, image::Rgb([150, (40 * i) as u8, 90]));
+                    owners.ids[(y * w + x) as usize] = i as u32;
+                }
+            }
+        }
+        let norm = Normalization::default();
+        for (margin, min_side, blank) in [(1.3, 0.0, false), (1.3, 0.6, true), (2.0, 1.0, true)] {
+            let policy = CropPolicy {
+                margin,
+                min_side,
+                blank_neighbours: blank,
+            };
+            for size in [14, 56] {
+                let per = 3 * size * size;
+                let crops = policy.cut(&img, &boxes, Some(&owners));
+                let mut want = vec![0f32; boxes.len() * per];
+                for (c, o) in crops.iter().zip(want.chunks_exact_mut(per)) {
+                    preprocess_into(c, size as u32, &norm, o);
+                }
+                let mut got = vec![1f32; boxes.len() * per];
+                policy.cut_into(&img, &boxes, Some(&owners), size as u32, &norm, &mut got);
+                assert_eq!(got, want, "{policy:?} at {size}");
+            }
+        }
     }
 
     #[test]

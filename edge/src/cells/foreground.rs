@@ -3,6 +3,7 @@
 //! closing, hole filling).
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 use super::CellFinderConfig;
 
@@ -46,8 +47,8 @@ pub(super) fn log_background_grid(
     let gh = h.div_ceil(block) as usize;
     let mut pct = vec![[0f32; 3]; gw * gh];
     let raw = img.as_raw();
-    for by in 0..gh {
-        for bx in 0..gw {
+    pct.par_chunks_mut(gw).enumerate().for_each(|(by, pct)| {
+        for (bx, out) in pct.iter_mut().enumerate() {
             let mut hist = [[0u32; 256]; 3];
             let (x0, y0) = (bx as u32 * block, by as u32 * block);
             let (x1, y1) = ((x0 + block).min(w), (y0 + block).min(h));
@@ -71,10 +72,10 @@ pub(super) fn log_background_grid(
                         break;
                     }
                 }
-                pct[by * gw + bx][c] = (v.max(1) as f32).ln();
+                out[c] = (v.max(1) as f32).ln();
             }
         }
-    }
+    });
     // A block darker than most of its neighbours by more than `covered` (summed over the
     // channels, natural log) is covered by a cell: it takes its neighbours' brightest. Light
     // falling off towards the corners (vignetting) is far gentler from block to block, and a
@@ -140,27 +141,28 @@ pub(super) fn optical_density(
     let tables: [[f32; 256]; 3] = std::array::from_fn(|c| ln.map(|v| v * weights[c]));
     let weighted = |b: &[f32; 3]| b[0] * weights[0] + b[1] * weights[1] + b[2] * weights[2];
     let mut od = vec![0f32; w * h];
-    let mut col = vec![0f32; gw];
-    for (y, (out, row)) in od
-        .chunks_exact_mut(w)
-        .zip(img.as_raw().chunks_exact(3 * w))
-        .enumerate()
-    {
-        let (y0, y1, fy) = coord(y, gh);
-        // The channels' weighted backgrounds add up: interpolate their sum.
-        for (bx, c) in col.iter_mut().enumerate() {
-            let a = weighted(&grid[y0 * gw + bx]);
-            let b = weighted(&grid[y1 * gw + bx]);
-            *c = a * (1.0 - fy) + b * fy;
-        }
-        for ((o, px), &(x0, x1, fx)) in out.iter_mut().zip(row.chunks_exact(3)).zip(&xs) {
-            let bg = col[x0] * (1.0 - fx) + col[x1] * fx;
-            *o = bg
-                - tables[0][px[0] as usize]
-                - tables[1][px[1] as usize]
-                - tables[2][px[2] as usize];
-        }
-    }
+    let rows = od
+        .par_chunks_exact_mut(w)
+        .zip(img.as_raw().par_chunks_exact(3 * w));
+    rows.enumerate().for_each_init(
+        || vec![0f32; gw],
+        |col, (y, (out, row))| {
+            let (y0, y1, fy) = coord(y, gh);
+            // The channels' weighted backgrounds add up: interpolate their sum.
+            for (bx, c) in col.iter_mut().enumerate() {
+                let a = weighted(&grid[y0 * gw + bx]);
+                let b = weighted(&grid[y1 * gw + bx]);
+                *c = a * (1.0 - fy) + b * fy;
+            }
+            for ((o, px), &(x0, x1, fx)) in out.iter_mut().zip(row.chunks_exact(3)).zip(&xs) {
+                let bg = col[x0] * (1.0 - fx) + col[x1] * fx;
+                *o = bg
+                    - tables[0][px[0] as usize]
+                    - tables[1][px[1] as usize]
+                    - tables[2][px[2] as usize];
+            }
+        },
+    );
     od
 }
 
@@ -257,35 +259,65 @@ pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
 pub(super) const HIST_OFFSET: f32 = 2.0;
 
 pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<u32> {
-    let mut hist = vec![0u32; bins];
-    for &v in values {
-        hist[(((v + HIST_OFFSET) * scale).max(0.0) as usize).min(bins - 1)] += 1;
-    }
-    hist
+    let bin = |v: f32| (((v + HIST_OFFSET) * scale).max(0.0) as usize).min(bins - 1);
+    // Parts of the frame side by side, each into four interleaved histograms (neighbouring
+    // pixels mostly fall in one bin: four counters keep the increments independent).
+    let part = |mut h: Vec<u32>, chunk: &[f32]| {
+        let (h0, rest) = h.split_at_mut(bins);
+        let (h1, rest) = rest.split_at_mut(bins);
+        let (h2, h3) = rest.split_at_mut(bins);
+        let quads = chunk.chunks_exact(4);
+        for &v in quads.remainder() {
+            h0[bin(v)] += 1;
+        }
+        for q in quads {
+            h0[bin(q[0])] += 1;
+            h1[bin(q[1])] += 1;
+            h2[bin(q[2])] += 1;
+            h3[bin(q[3])] += 1;
+        }
+        h
+    };
+    let four = values
+        .par_chunks(1 << 16)
+        .fold(|| vec![0u32; 4 * bins], part)
+        .reduce(
+            || vec![0u32; 4 * bins],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let (a, b) = four.split_at(2 * bins);
+    let (h0, h1) = a.split_at(bins);
+    let (h2, h3) = b.split_at(bins);
+    (0..bins).map(|i| h0[i] + h1[i] + h2[i] + h3[i]).collect()
 }
 
 /// 3x3 mean of a frame-sized map (edges use the pixels inside the frame).
 pub(super) fn box3(v: &[f32], w: usize) -> Vec<f32> {
     let h = v.len() / w;
     let mut rows = vec![0f32; v.len()];
-    for (src, dst) in v.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+    let pairs = v.par_chunks_exact(w).zip(rows.par_chunks_exact_mut(w));
+    pairs.for_each(|(src, dst)| {
         for (x, d) in dst.iter_mut().enumerate() {
             let (a, b) = (x.saturating_sub(1), (x + 2).min(w));
             *d = src[a..b].iter().sum::<f32>() / (b - a) as f32;
         }
-    }
+    });
     let mut out = vec![0f32; v.len()];
-    for y in 0..h {
-        let (a, b) = (y.saturating_sub(1), (y + 2).min(h));
-        let k = 1.0 / (b - a) as f32;
-        let dst = &mut out[y * w..(y + 1) * w];
-        for yy in a..b {
-            for (d, s) in dst.iter_mut().zip(&rows[yy * w..(yy + 1) * w]) {
-                *d += s;
+    out.par_chunks_exact_mut(w)
+        .enumerate()
+        .for_each(|(y, dst)| {
+            let (a, b) = (y.saturating_sub(1), (y + 2).min(h));
+            let k = 1.0 / (b - a) as f32;
+            for yy in a..b {
+                for (d, s) in dst.iter_mut().zip(&rows[yy * w..(yy + 1) * w]) {
+                    *d += s;
+                }
             }
-        }
-        dst.iter_mut().for_each(|d| *d *= k);
-    }
+            dst.iter_mut().for_each(|d| *d *= k);
+        });
     out
 }
 
@@ -333,10 +365,34 @@ pub(super) fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
 
 /// 3x3 minimum (`erode`) or maximum filter of a 0/1 mask over the pixels inside the frame.
 pub(super) fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
-    let pick = if erode { u8::min } else { u8::max };
+    // One copy of the loops per filter: the pick inlines and the rows vectorise.
+    if erode {
+        filter3_with(mask, w, u8::min, false)
+    } else {
+        filter3_with(mask, w, u8::max, false)
+    }
+}
+
+/// [`filter3`] of a frame-sized mask, its rows side by side on the pool's threads.
+pub(super) fn filter3_frame(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
+    if erode {
+        filter3_with(mask, w, u8::min, true)
+    } else {
+        filter3_with(mask, w, u8::max, true)
+    }
+}
+
+#[inline(always)]
+fn filter3_with(
+    mask: &[u8],
+    w: usize,
+    pick: impl Fn(u8, u8) -> u8 + Copy + Sync,
+    parallel: bool,
+) -> Vec<u8> {
+    let h = mask.len() / w;
     // Rows: each pixel with its left and right neighbours (the frame edge counts as neither).
-    let mut tmp = mask.to_vec();
-    for (src, dst) in mask.chunks_exact(w).zip(tmp.chunks_exact_mut(w)) {
+    let row = |(src, dst): (&[u8], &mut [u8])| {
+        dst.copy_from_slice(src);
         if w > 1 {
             for (d, (&l, &r)) in dst[1..w - 1]
                 .iter_mut()
@@ -347,12 +403,20 @@ pub(super) fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
             dst[0] = pick(src[0], src[1]);
             dst[w - 1] = pick(src[w - 1], src[w - 2]);
         }
+    };
+    let mut tmp = vec![0u8; mask.len()];
+    if parallel {
+        let rows = mask.par_chunks_exact(w).zip(tmp.par_chunks_exact_mut(w));
+        rows.for_each(row);
+    } else {
+        mask.chunks_exact(w)
+            .zip(tmp.chunks_exact_mut(w))
+            .for_each(row);
     }
     // Columns: each row with the rows above and below.
-    let mut out = tmp.clone();
-    let h = mask.len() / w;
-    for y in 0..h {
-        let dst = &mut out[y * w..(y + 1) * w];
+    let tmp = &tmp;
+    let col = |(y, dst): (usize, &mut [u8])| {
+        dst.copy_from_slice(&tmp[y * w..(y + 1) * w]);
         if y > 0 {
             for (d, &s) in dst.iter_mut().zip(&tmp[(y - 1) * w..y * w]) {
                 *d = pick(*d, s);
@@ -363,6 +427,12 @@ pub(super) fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
                 *d = pick(*d, s);
             }
         }
+    };
+    let mut out = vec![0u8; mask.len()];
+    if parallel {
+        out.par_chunks_exact_mut(w).enumerate().for_each(col);
+    } else {
+        out.chunks_exact_mut(w).enumerate().for_each(col);
     }
     out
 }

@@ -27,13 +27,14 @@ mod watershed;
 pub use score::{greedy_pairs, match_centres, Match};
 
 use foreground::{
-    box3, channel_weights, density_thresholds, filter3, ln_table, optical_density, Background,
+    box3, channel_weights, density_thresholds, filter3_frame, ln_table, optical_density, Background,
 };
 use grow::{Acc, Grow};
 use splits::{split_blue_parts, split_necks};
 use watershed::{disc_radius, flood_clump, median_peak, objects, plain_median_peak, Object};
 
 use image::RgbImage;
+use rayon::prelude::*;
 use reddino_models::preprocess::OwnerMap;
 use serde::{Deserialize, Serialize};
 
@@ -367,10 +368,18 @@ fn find_cells(
     };
     // Statistics per basin; basin `l` of an object is `found[base + l]`.
     let mut found: Vec<Acc> = Vec::new();
-    for obj in &objs {
-        let (labels, n) = flood_clump(obj, h_dyn, typical_area, cfg.clump_area);
-        let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
-        let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
+    // Each object's basins on its own (objects side by side on the pool's threads), then
+    // gathered in the objects' order: the same cells whatever the number of threads.
+    let split: Vec<(Vec<u32>, usize)> = objs
+        .par_iter()
+        .with_max_len(1)
+        .map(|obj| {
+            let (labels, n) = flood_clump(obj, h_dyn, typical_area, cfg.clump_area);
+            let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
+            split_necks(obj, labels, n, typical_r, cfg.split_necks)
+        })
+        .collect();
+    for (obj, (labels, n)) in objs.iter().zip(split) {
         let base = found.len() as u32;
         let mut acc = vec![Acc::EMPTY; n];
         for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
@@ -462,14 +471,14 @@ fn foreground(
     let [t, t_grow] = density_thresholds(od, cfg, [cfg.noise_widths, cfg.grow_widths]);
     let mask: Vec<u8> = match gate {
         Some((raw, tr)) => od
-            .iter()
+            .par_iter()
             .zip(raw)
             .map(|(&v, &r)| (v > t && r > tr) as u8)
             .collect(),
-        None => od.iter().map(|&v| (v > t) as u8).collect(),
+        None => od.par_iter().map(|&v| (v > t) as u8).collect(),
     };
     // Opening with a 3x3 square removes specks and one-pixel bridges.
-    let mask = filter3(&filter3(&mask, w, true), w, false);
+    let mask = filter3_frame(&filter3_frame(&mask, w, true), w, false);
     let mut objs = objects(&mask, w, cfg.close_gaps, usize::MAX);
     let typical = |objs: &[Object]| {
         if cfg.skip_specks {

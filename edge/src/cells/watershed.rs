@@ -2,6 +2,8 @@
 //! from its peaks, keeping two basins apart only where both rise more than `h` above the level
 //! where they meet; the typical cell radius of a frame.
 
+use rayon::prelude::*;
+
 use super::distance::squared_distance;
 use super::foreground::{close_rings, fill_holes_upto};
 
@@ -25,83 +27,162 @@ pub(super) struct Object {
 }
 
 /// Finds the objects of `mask` (flood fill from each unvisited foreground pixel), fills their
-/// holes and computes their distance transforms.
+/// holes and computes their distance transforms. An object's filled holes are its own: what
+/// lies inside them is not an object of its own, and the scan (raster order) never starts
+/// there. The 8-connected components are labelled first and each one's object built side by
+/// side on the pool's threads; the scan then takes each component's object as it is when no
+/// earlier object's filling reached into it, else builds it from what is left, exactly as a
+/// scan alone would.
 pub(super) fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -> Vec<Object> {
-    let h = mask.len() / w;
-    let mut seen = vec![false; mask.len()];
-    // (x, y) of the current object's pixels: no divisions in the loops.
+    const NONE: u32 = u32::MAX;
+    // The components: their pixels (x, y), each one's run in `pixels`, in raster order of
+    // their first pixel.
+    let mut comp = vec![NONE; mask.len()];
     let mut pixels: Vec<(u32, u32)> = Vec::new();
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] == 0 || comp[start] != NONE {
+            continue;
+        }
+        let id = runs.len() as u32;
+        let first = pixels.len();
+        comp[start] = id;
+        pixels.push(((start % w) as u32, (start / w) as u32));
+        spread(mask, w, &mut pixels, first, |j| {
+            if comp[j] == NONE {
+                comp[j] = id;
+                true
+            } else {
+                false
+            }
+        });
+        runs.push((first, pixels.len()));
+    }
+    let built: Vec<Option<(Object, Vec<u8>)>> = runs
+        .par_iter()
+        .with_max_len(1)
+        .map(|&(a, b)| Some(build_object(&pixels[a..b], mask, w, close_gaps, max_hole)))
+        .collect();
+    let mut built = built;
+    // The scan.
+    let mut seen = vec![false; mask.len()];
+    // Components some earlier object's window filled into.
+    let mut touched = vec![false; runs.len()];
+    let mut scratch: Vec<(u32, u32)> = Vec::new();
     let mut out = Vec::new();
     for start in 0..mask.len() {
         if mask[start] == 0 || seen[start] {
             continue;
         }
-        seen[start] = true;
-        pixels.clear();
-        pixels.push(((start % w) as u32, (start / w) as u32));
-        let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
-        let mut next = 0;
-        while next < pixels.len() {
-            let (x, y) = (pixels[next].0 as usize, pixels[next].1 as usize);
-            next += 1;
-            x0 = x0.min(x);
-            x1 = x1.max(x);
-            y0 = y0.min(y);
-            y1 = y1.max(y);
-            for ny in y.saturating_sub(1)..(y + 2).min(h) {
-                for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                    let j = ny * w + nx;
-                    if mask[j] != 0 && !seen[j] {
-                        seen[j] = true;
-                        pixels.push((nx as u32, ny as u32));
+        let c = comp[start] as usize;
+        let (obj, local) = if !touched[c] {
+            // Untouched, its first pixel: the scan's flood from here is the component.
+            built[c].take().expect("each component is taken once")
+        } else {
+            seen[start] = true;
+            scratch.clear();
+            scratch.push(((start % w) as u32, (start / w) as u32));
+            spread(mask, w, &mut scratch, 0, |j| {
+                !std::mem::replace(&mut seen[j], true)
+            });
+            build_object(&scratch, mask, w, close_gaps, max_hole)
+        };
+        for ly in 0..obj.h {
+            for lx in 0..obj.w {
+                if local[ly * obj.w + lx] != 0 {
+                    let j = (obj.y0 + ly) * w + obj.x0 + lx;
+                    seen[j] = true;
+                    if mask[j] != 0 && comp[j] as usize != c {
+                        touched[comp[j] as usize] = true;
                     }
                 }
             }
         }
-        // The window: the box grown by one pixel, and by the closing's reach.
-        let pad = 1 + close_gaps as usize;
-        let (wx0, wy0) = (x0.saturating_sub(pad), y0.saturating_sub(pad));
-        let (ww, wh) = ((x1 + 1 + pad).min(w) - wx0, (y1 + 1 + pad).min(h) - wy0);
-        let mut local = vec![0u8; ww * wh];
-        for &(x, y) in &pixels {
-            local[(y as usize - wy0) * ww + (x as usize - wx0)] = 1;
-        }
-        if close_gaps > 0 {
-            close_rings(&mut local, ww, close_gaps);
-        }
-        // Background the object encloses (pallor, pale rings) becomes part of it, with
-        // anything inside it (an object enclosed by this one is not counted on its own).
-        let largest_hole = fill_holes_upto(&mut local, ww, max_hole);
-        for ly in 0..wh {
-            for lx in 0..ww {
-                if local[ly * ww + lx] != 0 {
-                    seen[(wy0 + ly) * w + wx0 + lx] = true;
+        out.push(obj);
+    }
+    out
+}
+
+/// Grows the object whose pixels from `pixels[from..]` on are known through the mask's
+/// 8-connected foreground: each neighbour `take` accepts joins it.
+fn spread(
+    mask: &[u8],
+    w: usize,
+    pixels: &mut Vec<(u32, u32)>,
+    from: usize,
+    mut take: impl FnMut(usize) -> bool,
+) {
+    let h = mask.len() / w;
+    let mut next = from;
+    while next < pixels.len() {
+        let (x, y) = (pixels[next].0 as usize, pixels[next].1 as usize);
+        next += 1;
+        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+            for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                let j = ny * w + nx;
+                if mask[j] != 0 && take(j) {
+                    pixels.push((nx as u32, ny as u32));
                 }
             }
         }
-        let dt2 = squared_distance(&local, ww);
-        let peak = dt2
-            .iter()
-            .map(|&d| {
-                if d == u32::MAX {
-                    f32::INFINITY
-                } else {
-                    (d as f32).sqrt()
-                }
-            })
-            .fold(0f32, f32::max);
-        out.push(Object {
-            x0: wx0,
-            y0: wy0,
-            w: ww,
-            h: wh,
-            dt2,
-            peak,
-            largest_hole,
-            area: local.iter().filter(|&&v| v != 0).count(),
-        });
     }
-    out
+}
+
+/// The object of these pixels: its window (the box grown by one pixel and by the closing's
+/// reach), its rims' gaps closed and holes filled, its distance transform; and its window's
+/// mask (1 on the object, holes filled).
+fn build_object(
+    pixels: &[(u32, u32)],
+    mask: &[u8],
+    w: usize,
+    close_gaps: u32,
+    max_hole: usize,
+) -> (Object, Vec<u8>) {
+    let h = mask.len() / w;
+    let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    for &(x, y) in pixels {
+        let (x, y) = (x as usize, y as usize);
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let pad = 1 + close_gaps as usize;
+    let (wx0, wy0) = (x0.saturating_sub(pad), y0.saturating_sub(pad));
+    let (ww, wh) = ((x1 + 1 + pad).min(w) - wx0, (y1 + 1 + pad).min(h) - wy0);
+    let mut local = vec![0u8; ww * wh];
+    for &(x, y) in pixels {
+        local[(y as usize - wy0) * ww + (x as usize - wx0)] = 1;
+    }
+    if close_gaps > 0 {
+        close_rings(&mut local, ww, close_gaps);
+    }
+    // Background the object encloses (pallor, pale rings) becomes part of it, with
+    // anything inside it (an object enclosed by this one is not counted on its own).
+    let largest_hole = fill_holes_upto(&mut local, ww, max_hole);
+    let dt2 = squared_distance(&local, ww);
+    let peak = dt2
+        .iter()
+        .map(|&d| {
+            if d == u32::MAX {
+                f32::INFINITY
+            } else {
+                (d as f32).sqrt()
+            }
+        })
+        .fold(0f32, f32::max);
+    let area = local.iter().filter(|&&v| v != 0).count();
+    let obj = Object {
+        x0: wx0,
+        y0: wy0,
+        w: ww,
+        h: wh,
+        dt2,
+        peak,
+        largest_hole,
+        area,
+    };
+    (obj, local)
 }
 
 /// [`flood`], and for a clump (an object of more than `clump_area` typical cells' area `cell`)

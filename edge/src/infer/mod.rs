@@ -213,6 +213,55 @@ pub fn open(spec: &BackendSpec, bundle: &Bundle) -> Result<Box<dyn Backend>, Bac
     }
 }
 
+/// Classifies `n` cells already preprocessed into `inputs` (`3 x size x size` per cell, see
+/// [`crate::crop::find_and_cut_into`]) in batches of the backend's size: run, softmax and the
+/// `uncertain` threshold. One prediction per cell, in order.
+pub fn classify_inputs(
+    inputs: &[f32],
+    backend: &mut dyn Backend,
+    class_names: &[String],
+    min_confidence: f32,
+) -> Result<Vec<Prediction>, reddino_models::Error> {
+    let size = backend.input_size();
+    let per = 3 * size * size;
+    if inputs.len() % per != 0 {
+        return Err(reddino_models::Error::Inference(format!(
+            "{} input values are not whole {size}x{size} crops: cut for another input size?",
+            inputs.len()
+        )));
+    }
+    let batch = backend.batch_size().max(1);
+    let mut out_preds = Vec::with_capacity(inputs.len() / per);
+    for chunk in inputs.chunks(batch * per) {
+        let out = backend.run(chunk, chunk.len() / per)?;
+        out_preds.extend(logits_to_predictions(out, class_names, min_confidence)?);
+    }
+    Ok(out_preds)
+}
+
+/// Predictions from a batch's logits, checked against the bundle's classes.
+fn logits_to_predictions(
+    out: BatchOutput,
+    class_names: &[String],
+    min_confidence: f32,
+) -> Result<impl Iterator<Item = Prediction>, reddino_models::Error> {
+    let logits = out.logits.ok_or_else(|| {
+        reddino_models::Error::Inference(
+            "the model has no classification head (`logits` output)".into(),
+        )
+    })?;
+    if out.classes != class_names.len() {
+        return Err(reddino_models::Error::Inference(format!(
+            "the model gives {} logits, the bundle lists {} classes",
+            out.classes,
+            class_names.len()
+        )));
+    }
+    let classes = out.classes;
+    Ok((0..logits.len() / classes.max(1))
+        .map(move |i| classify(&logits[i * classes..(i + 1) * classes], min_confidence)))
+}
+
 /// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the
 /// `uncertain` threshold. One prediction per crop, in order.
 pub fn classify_crops<C: Borrow<RgbImage>>(
@@ -237,23 +286,7 @@ pub fn classify_crops<C: Borrow<RgbImage>>(
             );
         }
         let out = backend.run(&pixels[..chunk.len() * per], chunk.len())?;
-        let logits = out.logits.ok_or_else(|| {
-            reddino_models::Error::Inference(
-                "the model has no classification head (`logits` output)".into(),
-            )
-        })?;
-        if out.classes != class_names.len() {
-            return Err(reddino_models::Error::Inference(format!(
-                "the model gives {} logits, the bundle lists {} classes",
-                out.classes,
-                class_names.len()
-            )));
-        }
-        out_preds.extend(
-            logits
-                .chunks_exact(out.classes)
-                .map(|l| classify(l, min_confidence)),
-        );
+        out_preds.extend(logits_to_predictions(out, class_names, min_confidence)?);
     }
     Ok(out_preds)
 }

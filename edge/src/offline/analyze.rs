@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use crate::cells::CellFinderConfig;
 use crate::classify::{Counts, UNCERTAIN};
-use crate::crop::{find_and_crop, CropPolicy};
+use crate::crop::{find_and_cut_into, CropPolicy, FrameInputs};
 use crate::error::{Error, Result};
-use crate::infer::{classify_crops, Backend, BackendKind, BackendSpec, Provider};
+use crate::infer::{classify_inputs, Backend, BackendKind, BackendSpec, Provider};
 use crate::model::{model_or_shipped, open_bundle, Shipped};
 
 /// `reddino-edge analyze`'s arguments.
@@ -188,8 +188,12 @@ pub fn analyze_image(
     norm: &Normalization,
     cfg: &AnalyzeConfig,
 ) -> Result<ImageReport, reddino_models::Error> {
-    let (found, crops) = find_and_crop(img, &cfg.cells, &cfg.crop);
-    let predictions = classify_crops(&crops, backend, class_names, norm, cfg.min_confidence)?;
+    let size = backend.input_size() as u32;
+    let FrameInputs {
+        cells: found,
+        inputs,
+    } = find_and_cut_into(img, &cfg.cells, &cfg.crop, size, norm);
+    let predictions = classify_inputs(&inputs, backend, class_names, cfg.min_confidence)?;
     let mut counts = Counts::new(class_names.len());
     let reports = found
         .iter()

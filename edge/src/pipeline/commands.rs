@@ -283,6 +283,7 @@ mod tests {
             camera_retry_max: Duration::from_secs(1),
             batch_wait: Duration::ZERO,
             camera_stall: Duration::from_secs(10),
+            cpu_threads: 1,
         };
         let model = ModelInfo {
             id: "test@1".into(),
@@ -292,6 +293,7 @@ mod tests {
             backend_detail: "tract".into(),
             class_names: vec!["normal".into(), "target".into()],
             normalization: Normalization::default(),
+            input_size: 14,
         };
         let outbox = Outbox::open(&dir.path().join("outbox.db"), OutboxLimits::default()).unwrap();
         Shared::new(settings, model, outbox, Arc::new(AtomicBool::new(false)))

@@ -17,12 +17,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use image::RgbImage;
-
 use crate::capture::{Frame, FrameSource};
 use crate::classify::{Counts, Prediction};
-use crate::crop::find_and_crop;
-use crate::infer::{classify_crops, Backend};
+use crate::crop::{find_and_cut_into, FrameInputs};
+use crate::infer::{classify_inputs, Backend};
 use crate::publish::messages::{CountsMsg, VERSION};
 use crate::publish::outbox::SessionRow;
 pub use commands::{CommandError, ModelControl};
@@ -38,7 +36,9 @@ const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
 struct Job {
     frame: Frame,
     arrived: Instant,
-    crops: Vec<RgbImage>,
+    /// The cells' crops, cut, resized and normalised for the model (`3 x size x size` each).
+    inputs: Vec<f32>,
+    cells: usize,
     /// The model that cut the crops, and so classifies them.
     model: Arc<Served>,
 }
@@ -111,10 +111,11 @@ impl Pipeline {
             }));
         }
 
-        // Cell finding and cropping.
+        // Cell finding and cropping, on a pool of `cpu_threads` threads.
         {
             let (sh, fq, jq) = (shared.clone(), frames.clone(), jobs.clone());
             threads.push(spawn("cells", move || {
+                let pool = cpu_pool(sh.settings.cpu_threads);
                 while let Ok(item) = fq.pop_timeout(Duration::from_millis(200)) {
                     let Some((frame, arrived)) = item else {
                         continue;
@@ -123,11 +124,20 @@ impl Pipeline {
                         continue;
                     }
                     let model = sh.model();
-                    let (_, crops) = find_and_crop(&frame.image, &model.cells, &model.crop);
+                    let (m, img) = (&model, &frame.image);
+                    let cut = || {
+                        let (size, norm) = (m.info.input_size, &m.info.normalization);
+                        find_and_cut_into(img, &m.cells, &m.crop, size, norm)
+                    };
+                    let FrameInputs { cells, inputs } = match &pool {
+                        Some(p) => p.install(cut),
+                        None => cut(),
+                    };
                     let job = Job {
                         frame,
                         arrived,
-                        crops,
+                        inputs,
+                        cells: cells.len(),
                         model,
                     };
                     if jq.push_wait(job).is_err() {
@@ -181,7 +191,7 @@ impl Pipeline {
                     if !wait.is_zero() {
                         let deadline = Instant::now() + wait;
                         let full = backend.batch_size();
-                        while batch.iter().map(|j| j.crops.len()).sum::<usize>() < full {
+                        while batch.iter().map(|j| j.cells).sum::<usize>() < full {
                             let now = Instant::now();
                             if now >= deadline {
                                 break;
@@ -238,6 +248,24 @@ fn sleep_unless_stopped(sh: &Shared, d: Duration) {
     }
 }
 
+/// The pool the CPU stages of a frame run on: `threads` threads (0 = one per core: rayon's
+/// global pool). `None` when it cannot be built (then the global pool, with a warning).
+fn cpu_pool(threads: usize) -> Option<rayon::ThreadPool> {
+    if threads == 0 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cells-{i}"))
+        .build()
+        .map_err(|e| {
+            log::warn!(
+                "cannot start {threads} threads for cell finding ({e}): one per core instead"
+            )
+        })
+        .ok()
+}
+
 /// Why a frame's result was not stored (counted in `frames.failed` and logged).
 #[derive(Debug, thiserror::Error)]
 enum FrameError {
@@ -249,14 +277,29 @@ enum FrameError {
 /// frame's counts in the outbox, in order. A failed inference fails every frame of the batch.
 fn process(sh: &Shared, backend: &mut dyn Backend, jobs: &[Job]) {
     let model = &jobs[0].model.info;
-    let crops: Vec<&RgbImage> = jobs.iter().flat_map(|j| j.crops.iter()).collect();
-    let predictions = match classify_crops(
-        &crops,
-        backend,
-        &model.class_names,
-        &model.normalization,
-        sh.settings.min_confidence,
-    ) {
+    let joined: Vec<f32>;
+    let inputs = match jobs {
+        [one] => &one.inputs[..],
+        _ => {
+            joined = jobs.iter().flat_map(|j| j.inputs.iter().copied()).collect();
+            &joined[..]
+        }
+    };
+    let classified = if backend.input_size() as u32 == model.input_size {
+        classify_inputs(
+            inputs,
+            backend,
+            &model.class_names,
+            sh.settings.min_confidence,
+        )
+    } else {
+        Err(reddino_models::Error::Inference(format!(
+            "crops cut at {0}x{0} for a backend of input {1}x{1}",
+            model.input_size,
+            backend.input_size()
+        )))
+    };
+    let predictions = match classified {
         Ok(p) => p,
         Err(e) => {
             lock(&sh.stats).frames.failed += jobs.len() as u64;
@@ -272,7 +315,7 @@ fn process(sh: &Shared, backend: &mut dyn Backend, jobs: &[Job]) {
     };
     let mut rest = &predictions[..];
     for job in jobs {
-        let (mine, after) = rest.split_at(job.crops.len());
+        let (mine, after) = rest.split_at(job.cells);
         rest = after;
         match store(sh, job, mine) {
             Ok(()) => sh.notify.notify_one(),

@@ -36,6 +36,9 @@ pub struct PipelineSettings {
     pub batch_wait: Duration,
     /// A live source silent this long (no frame, no error) is reported as stalled.
     pub camera_stall: Duration,
+    /// Threads for the CPU stages of a frame (finding cells, cutting and preprocessing
+    /// crops); 0 = one per core.
+    pub cpu_threads: usize,
 }
 
 /// The bundle's identity and classes.
@@ -52,6 +55,8 @@ pub struct ModelInfo {
     pub backend_detail: String,
     pub class_names: Vec<String>,
     pub normalization: Normalization,
+    /// Side of the model's square input (crops are cut and resized to it).
+    pub input_size: u32,
 }
 
 /// A model as the stages use it: its identity, how its cells are found and cut, and (until
