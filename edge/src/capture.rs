@@ -303,9 +303,10 @@ pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, 
     limits.max_alloc = Some(MAX_IMAGE_BYTES);
     let mut r = reader();
     r.limits(limits);
+    // A colour JPEG decodes to RGB already: taken as it is, not copied.
     Ok(r.decode()
         .map_err(|e| CaptureError::BadJpeg(e.to_string()))?
-        .to_rgb8())
+        .into_rgb8())
 }
 
 /// Largest image side decoded from a file (a 2592x1944 camera field fits many times over);

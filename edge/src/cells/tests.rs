@@ -514,3 +514,102 @@ fn blank_and_tiny_frames_have_no_cells() {
     assert!(find(&img, &CellFinderConfig::default()).is_empty());
     assert!(find(&RgbImage::new(2, 2), &CellFinderConfig::default()).is_empty());
 }
+
+/// Finds `img`'s cells and owner map on a pool of `threads` threads.
+fn find_on(threads: usize, img: &RgbImage, cfg: &CellFinderConfig) -> (Vec<Cell>, OwnerMap) {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(|| find_with_owners(img, cfg))
+}
+
+#[test]
+fn the_same_cells_and_pixels_on_any_number_of_threads() {
+    let real = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/chula-rbc-12/images"
+    );
+    let mut fields: Vec<(RgbImage, CellFinderConfig)> = ["1.jpg", "222.jpg"]
+        .iter()
+        .map(|f| {
+            let img = image::open(format!("{real}/{f}")).unwrap().to_rgb8();
+            (img, CellFinderConfig::real_smear())
+        })
+        .collect();
+    for (i, source) in SourcePreset::all().into_iter().take(3).enumerate() {
+        let field = render(&FieldSpec::new(640, 480, 300 + i as u64, source)).unwrap();
+        fields.push((field.image, CellFinderConfig::default()));
+    }
+    for (k, (img, cfg)) in fields.iter().enumerate() {
+        let one = find_on(1, img, cfg);
+        assert!(one.0.len() > 20, "field {k}: {} cells", one.0.len());
+        for threads in [2, 5] {
+            let many = find_on(threads, img, cfg);
+            assert!(
+                one.0 == many.0,
+                "field {k}: cells differ on {threads} threads"
+            );
+            assert!(
+                one.1 == many.1,
+                "field {k}: owner maps differ on {threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_object_reaching_into_a_ring_through_its_gap_keeps_only_its_outer_part() {
+    // A ring (radii 11-15 around (30, 30)) open at the bottom by a 5 px gap, and a 1 px bar
+    // from inside the ring out through the gap, touching the ring nowhere. Closing the
+    // ring's gap (radius 3) fills the ring's inside, and the bar's part there with it; the
+    // rest of the bar is an object of its own, however the components are built.
+    let (w, h) = (60usize, 64usize);
+    let mut mask = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let (dx, dy) = (x as f32 - 30.0, y as f32 - 30.0);
+            let r = (dx * dx + dy * dy).sqrt();
+            let gap = (28..=32).contains(&x) && y > 30;
+            if (11.0..=15.0).contains(&r) && !gap {
+                mask[y * w + x] = 1;
+            }
+        }
+    }
+    let bar: Vec<usize> = (22..60).map(|y| y * w + 30).collect();
+    for &j in &bar {
+        mask[j] = 1;
+    }
+    for threads in [1, 3] {
+        let objs = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| watershed::objects(&mask, w, 3, usize::MAX));
+        assert_eq!(
+            objs.len(),
+            2,
+            "{threads} threads: the ring and the bar's outer part"
+        );
+        let (ring, rest) = (&objs[0], &objs[1]);
+        // The bar's inner part (y 22..=37, inside the inner radius 11 of the ring's hole) is
+        // the ring's; the outer part starts below it.
+        assert!(
+            rest.y0 + 4 > 38,
+            "{threads} threads: the rest starts at y {}",
+            rest.y0 + 4
+        );
+        assert_eq!(rest.x0 + 4, 30, "{threads} threads: the bar's column");
+        assert_eq!(
+            rest.area,
+            60 - (rest.y0 + 4),
+            "{threads} threads: rest of {}",
+            rest.area
+        );
+        assert!(
+            ring.area > 600,
+            "{threads} threads: the ring with its inside, {}",
+            ring.area
+        );
+    }
+}
