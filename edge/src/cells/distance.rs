@@ -7,31 +7,29 @@
 pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
     let h = mask.len() / w;
     const INF: u32 = u32::MAX / 4;
-    // Column pass: vertical distance to the nearest background pixel, squared.
+    // Column pass: vertical distance to the nearest background pixel, squared. Down the rows
+    // (the distance to the background above), then up (below), every column at once.
     let mut col = vec![INF; mask.len()];
-    let mut last = vec![None::<usize>; w];
     for y in 0..h {
-        for x in 0..w {
-            if mask[y * w + x] == 0 {
-                last[x] = Some(y);
-                col[y * w + x] = 0;
-            } else if let Some(ly) = last[x] {
-                col[y * w + x] = (y - ly) as u32;
+        let (done, rest) = col.split_at_mut(y * w);
+        let row = &mut rest[..w];
+        let m = &mask[y * w..(y + 1) * w];
+        if y == 0 {
+            for (c, &v) in row.iter_mut().zip(m) {
+                *c = if v == 0 { 0 } else { INF };
+            }
+        } else {
+            let above = &done[(y - 1) * w..];
+            for ((c, &v), &a) in row.iter_mut().zip(m).zip(above) {
+                *c = if v == 0 { 0 } else { (a + 1).min(INF) };
             }
         }
     }
-    last.iter_mut().for_each(|l| *l = None);
-    for y in (0..h).rev() {
-        for x in 0..w {
-            if mask[y * w + x] == 0 {
-                last[x] = Some(y);
-            } else if let Some(ly) = last[x] {
-                let d = (ly - y) as u32;
-                let c = &mut col[y * w + x];
-                if d < *c {
-                    *c = d;
-                }
-            }
+    for y in (0..h.saturating_sub(1)).rev() {
+        let (head, below) = col.split_at_mut((y + 1) * w);
+        let row = &mut head[y * w..];
+        for (c, &b) in row.iter_mut().zip(&below[..w]) {
+            *c = (*c).min(b + 1);
         }
     }
     for c in col.iter_mut() {

@@ -197,7 +197,8 @@ pub(super) fn flood_clump(
     cell: f32,
     clump_area: f32,
 ) -> (Vec<u32>, usize) {
-    let first = flood(obj, h_dyn);
+    let order = flood_order(obj);
+    let first = flood(obj, &order, h_dyn);
     if clump_area <= 0.0 || cell <= 0.0 || (obj.area as f32) < clump_area * cell {
         return first;
     }
@@ -218,7 +219,7 @@ pub(super) fn flood_clump(
         let (mut labels, n) = if k == 0 {
             first.clone()
         } else {
-            flood(obj, h_dyn / (1u32 << k) as f32)
+            flood(obj, &order, h_dyn / (1u32 << k) as f32)
         };
         let n = merge_small(&mut labels, n, obj.w, min_px);
         let sc = score(&labels, n);
@@ -367,13 +368,10 @@ pub(super) fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
     i
 }
 
-/// Watershed of an object's distance transform by flooding from its peaks; basins whose peak
-/// rises less than `h_dyn` above the level where they meet a higher basin are merged into it.
-/// Pixels are visited from the highest distance down (a counting sort on the integer squared
-/// distances). Returns a basin index per window pixel (`u32::MAX` off the object) and the
-/// number of basins.
-pub(super) fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
-    let (w, h) = (obj.w, obj.h);
+/// The object's pixels from the highest distance down (a counting sort on the integer
+/// squared distances), ties in raster order.
+pub(super) fn flood_order(obj: &Object) -> Vec<(u32, u32)> {
+    let w = obj.w;
     let max_key = obj
         .dt2
         .iter()
@@ -406,6 +404,24 @@ pub(super) fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
             *s += 1;
         }
     }
+    order
+}
+
+/// Watershed of an object's distance transform by flooding from its peaks; basins whose peak
+/// rises less than `h_dyn` above the level where they meet a higher basin are merged into it.
+/// Pixels are visited in `order` ([`flood_order`]: from the highest distance down). Returns a
+/// basin index per window pixel (`u32::MAX` off the object) and the
+/// number of basins.
+pub(super) fn flood(obj: &Object, order: &[(u32, u32)], h_dyn: f32) -> (Vec<u32>, usize) {
+    let (w, h) = (obj.w, obj.h);
+    // A window clipped by the frame can hold object pixels on its edge; any other has a
+    // background rim, and its object pixels' neighbours need no bounds checks.
+    let on_edge = |i: usize| obj.dt2[i] > 0;
+    let clipped = (0..w).any(|x| on_edge(x) || on_edge((h - 1) * w + x))
+        || (0..h).any(|y| on_edge(y * w) || on_edge(y * w + w - 1));
+    let iw = w as isize;
+    // The 3x3 neighbourhood row by row, the pixel itself included (as the bounded loops).
+    let offsets = [-iw - 1, -iw, -iw + 1, -1, 0, 1, iw - 1, iw, iw + 1];
     let level_of = |d: u32| {
         if d == u32::MAX {
             f32::INFINITY
@@ -417,41 +433,58 @@ pub(super) fn flood(obj: &Object, h_dyn: f32) -> (Vec<u32>, usize) {
     let mut parent: Vec<u32> = Vec::new();
     let mut peak: Vec<f32> = Vec::new();
     let mut roots: Vec<u32> = Vec::with_capacity(8);
-    for &(x, y) in &order {
+    for &(x, y) in order {
         let (x, y) = (x as usize, y as usize);
         let p = y * w + x;
-        let level = level_of(obj.dt2[p]);
         roots.clear();
         let mut last = u32::MAX;
         // The labelled neighbour highest on the distance map: the pixel drains to its basin.
         // (Taking the basin with the highest peak instead lets a big cell creep along the rim
         // of a smaller touching one, pixel by pixel at the rim's level.)
         let mut uphill = (0u32, u32::MAX);
-        for ny in y.saturating_sub(1)..(y + 2).min(h) {
-            for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                let q = ny * w + nx;
-                let c = comp[q];
-                // Labelled pixels lie on the object, where the distance is positive.
-                if c != u32::MAX && obj.dt2[q] > uphill.0 {
-                    uphill = (obj.dt2[q], c);
+        let mut around = [0usize; 9];
+        let mut n = 0;
+        if clipped {
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    around[n] = ny * w + nx;
+                    n += 1;
                 }
-                // Neighbours mostly share one basin: resolve each once.
-                if c != u32::MAX && c != last {
-                    last = c;
-                    let r = find_root(&mut parent, c);
-                    if !roots.contains(&r) {
-                        roots.push(r);
-                    }
+            }
+        } else {
+            for (a, o) in around.iter_mut().zip(offsets) {
+                *a = (p as isize + o) as usize;
+            }
+            n = 9;
+        }
+        for &q in &around[..n] {
+            let c = comp[q];
+            // Labelled pixels lie on the object, where the distance is positive.
+            if c != u32::MAX && obj.dt2[q] > uphill.0 {
+                uphill = (obj.dt2[q], c);
+            }
+            // Neighbours mostly share one basin: resolve each once.
+            if c != u32::MAX && c != last {
+                last = c;
+                let r = find_root(&mut parent, c);
+                if !roots.contains(&r) {
+                    roots.push(r);
                 }
             }
         }
         if roots.is_empty() {
             let id = parent.len() as u32;
             parent.push(id);
-            peak.push(level);
+            peak.push(level_of(obj.dt2[p]));
             comp[p] = id;
             continue;
         }
+        if roots.len() == 1 {
+            // Inside one basin (most pixels): nothing to merge.
+            comp[p] = find_root(&mut parent, uphill.1);
+            continue;
+        }
+        let level = level_of(obj.dt2[p]);
         roots.sort_unstable_by(|a, b| peak[*b as usize].total_cmp(&peak[*a as usize]));
         let best = roots[0];
         for &r in &roots[1..] {
