@@ -117,6 +117,18 @@ fn spread(
     while next < pixels.len() {
         let (x, y) = (pixels[next].0 as usize, pixels[next].1 as usize);
         next += 1;
+        if x > 0 && y > 0 && x + 1 < w && y + 1 < h {
+            // Inside the frame: the 3x3 neighbourhood without bounds, row by row.
+            for ny in y - 1..y + 2 {
+                let row = ny * w;
+                for nx in x - 1..x + 2 {
+                    if mask[row + nx] != 0 && take(row + nx) {
+                        pixels.push((nx as u32, ny as u32));
+                    }
+                }
+            }
+            continue;
+        }
         for ny in y.saturating_sub(1)..(y + 2).min(h) {
             for nx in x.saturating_sub(1)..(x + 2).min(w) {
                 let j = ny * w + nx;
