@@ -651,7 +651,8 @@ fn run(cli: Cli) -> Result<()> {
                             .cut_into(&img, &boxes, owners.as_ref(), m.size, &m.norm, &mut inputs)
                     });
                     let t3 = Instant::now();
-                    let rgb = reddino_edge::capture::yuyv_to_rgb(&yuyv, size.0, size.1)?;
+                    let rgb =
+                        pool.install(|| reddino_edge::capture::yuyv_to_rgb(&yuyv, size.0, size.1))?;
                     let t4 = Instant::now();
                     anyhow::ensure!(rgb.dimensions() == size);
                     cells_n = found.len();

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use image::RgbImage;
+use rayon::prelude::*;
 use reddino_models::synth::{self, CellTruth, FieldSpec, SourcePreset};
 
 /// Why a frame could not be produced or decoded.
@@ -248,21 +249,32 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, Cap
             actual: data.len(),
         });
     }
-    let mut out = vec![0u8; width as usize * height as usize * 3];
-    for (src, dst) in data.chunks_exact(4).zip(out.chunks_exact_mut(6)) {
-        let (y0, u, y1, v) = (
-            src[0] as i32,
-            src[1] as i32 - 128,
-            src[2] as i32,
-            src[3] as i32 - 128,
-        );
-        for (k, y) in [y0, y1].into_iter().enumerate() {
-            let c = 298 * (y - 16);
-            dst[3 * k] = clamp_u8((c + 409 * v + 128) >> 8);
-            dst[3 * k + 1] = clamp_u8((c - 100 * u - 208 * v + 128) >> 8);
-            dst[3 * k + 2] = clamp_u8((c + 516 * u + 128) >> 8);
+    let (w, h) = (width as usize, height as usize);
+    let mut out = vec![0u8; w * h * 3];
+    // Rows side by side on the rayon pool.
+    let row = |(src, dst): (&[u8], &mut [u8])| {
+        for (src, dst) in src.chunks_exact(4).zip(dst.chunks_exact_mut(6)) {
+            let (y0, u, y1, v) = (
+                src[0] as i32,
+                src[1] as i32 - 128,
+                src[2] as i32,
+                src[3] as i32 - 128,
+            );
+            let (rv, guv, bu) = (409 * v + 128, -100 * u - 208 * v + 128, 516 * u + 128);
+            let (c0, c1) = (298 * (y0 - 16), 298 * (y1 - 16));
+            dst.copy_from_slice(&[
+                clamp_u8((c0 + rv) >> 8),
+                clamp_u8((c0 + guv) >> 8),
+                clamp_u8((c0 + bu) >> 8),
+                clamp_u8((c1 + rv) >> 8),
+                clamp_u8((c1 + guv) >> 8),
+                clamp_u8((c1 + bu) >> 8),
+            ]);
         }
-    }
+    };
+    data.par_chunks_exact(2 * w)
+        .zip(out.par_chunks_exact_mut(3 * w))
+        .for_each(row);
     Ok(RgbImage::from_raw(width, height, out).expect("buffer sized for the image"))
 }
 
