@@ -1,6 +1,6 @@
 """The benchmark suite: RedDino Edge side by side with the Python stack, in one run.
 
-  ./scripts/bench.sh [--smoke] [--only infer,cells,pipeline,trainer] [--out DIR]
+  ./scripts/bench.sh [--smoke] [--only infer,cells,pipeline,cpu,trainer] [--out DIR]
 
 (scripts/bench.sh prepares the venv and calls this file.) Every measurement runs in its own
 process pinned with `taskset` to the same cores, with the same thread count given to every
