@@ -370,31 +370,41 @@ fn find_cells(
     let mut found: Vec<Acc> = Vec::new();
     // Each object's basins on its own (objects side by side on the pool's threads), then
     // gathered in the objects' order: the same cells whatever the number of threads.
-    let split: Vec<(Vec<u32>, usize)> = objs
+    let split: Vec<(Vec<u32>, Vec<Acc>)> = objs
         .par_iter()
         .with_max_len(1)
         .map(|obj| {
             let (labels, n) = flood_clump(obj, h_dyn, typical_area, cfg.clump_area);
             let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
-            split_necks(obj, labels, n, typical_r, cfg.split_necks)
+            let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
+            let mut acc = vec![Acc::EMPTY; n];
+            for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
+                let y = (obj.y0 + ly) as u32;
+                for (lx, &l) in row.iter().enumerate() {
+                    if l != NONE {
+                        acc[l as usize].add((obj.x0 + lx) as u32, y, w, h);
+                    }
+                }
+            }
+            (labels, acc)
         })
         .collect();
-    for (obj, (labels, n)) in objs.iter().zip(split) {
+    for (obj, (labels, acc)) in objs.iter().zip(split) {
         let base = found.len() as u32;
-        let mut acc = vec![Acc::EMPTY; n];
-        for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
-            let y = obj.y0 + ly;
-            for (lx, &l) in row.iter().enumerate() {
-                if l == NONE {
-                    continue;
-                }
-                let x = obj.x0 + lx;
-                acc[l as usize].add(x as u32, y as u32, w, h);
-                if growing {
-                    basin[y * wu + x] = base + l;
-                }
-                if let Some(o) = owners.as_deref_mut() {
-                    o.ids[y * wu + x] = base + l;
+        if growing || owners.is_some() {
+            for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
+                let y = obj.y0 + ly;
+                for (lx, &l) in row.iter().enumerate() {
+                    if l == NONE {
+                        continue;
+                    }
+                    let x = obj.x0 + lx;
+                    if growing {
+                        basin[y * wu + x] = base + l;
+                    }
+                    if let Some(o) = owners.as_deref_mut() {
+                        o.ids[y * wu + x] = base + l;
+                    }
                 }
             }
         }
