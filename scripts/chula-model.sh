@@ -5,7 +5,7 @@
 # crop of them (no labels), probes of the pretrained features and of the two baselines (the
 # same ViT with random weights, raw pixels) under 5-fold cross-validation by field,
 # fine-tuning cross-validated the same way, the final fine-tune on every development field,
-# its score on the held-out fields, and the export signed with the demo key. About 65 minutes
+# its score on the held-out fields, and the export signed with the demo key. About 45 minutes
 # on two CPU cores; everything goes under target/chula-model/ (override with CHULA_MODEL_WORK).
 #
 #   ./scripts/chula-model.sh [DATA]            # DATA: default ../shared/data/chula-rbc-12
@@ -30,7 +30,7 @@ cargo build --release --locked -p reddino-trainer -p reddino-models -p reddino-e
 T=target/release
 W=${CHULA_MODEL_WORK:-target/chula-model}
 SIZE=56
-EPOCHS=${CHULA_MODEL_EPOCHS:-20}
+EPOCHS=${CHULA_MODEL_EPOCHS:-10}
 FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced --pixel-ops 0 --crop-scale 1.0)
 rm -rf "$W"
 mkdir -p "$W"
