@@ -240,7 +240,8 @@ def bench_cells(ctx, plan):
         d, meta = make_fields(ctx, f"cells-{source}", source, w, h, plan["fields"], 3000, density)
         for threads in plan["threads"]:
             for name, cmd in (
-                ("reddino-edge", [ctx["worker"], "cells", "--fields", d, "--reps", str(plan["reps"])]),
+                ("reddino-edge", [ctx["worker"], "cells", "--fields", d, "--reps", str(plan["reps"]),
+                                  "--threads", str(threads)]),
                 ("opencv", [PY, os.path.join(HERE, "cv_cells.py"), "--fields", d, "--threads", str(threads),
                             "--reps", str(plan["reps"])]),
             ):
@@ -434,8 +435,8 @@ def report(res, out_dir):
         L.append("")
         L.append("Same PNG fields (decoding not timed), best of N runs per field; a detection matches "
                  "a true cell when its centre lies within half the cell's radius (one match per "
-                 "cell), scored by the suite for both. The edge's finder runs on one thread whatever "
-                 "T is.")
+                 "cell), scored by the suite for both. The edge's finder runs on a rayon pool of T "
+                 "threads (the same detections on any number).")
         L.append("")
         L.append("| source | size | fields | cells | contender | threads | ms per field | recall | precision |")
         L.append("|---|---|---:|---:|---|---:|---:|---:|---:|")
