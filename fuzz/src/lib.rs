@@ -162,6 +162,7 @@ fn shared() -> &'static Arc<Shared> {
                 camera_retry_max: std::time::Duration::from_secs(1),
                 batch_wait: std::time::Duration::ZERO,
                 camera_stall: std::time::Duration::from_secs(10),
+                cpu_threads: 1,
             },
             ModelInfo {
                 id: "fuzz@1".into(),
@@ -171,6 +172,7 @@ fn shared() -> &'static Arc<Shared> {
                 backend_detail: "tract".into(),
                 class_names: vec!["a".into(), "b".into()],
                 normalization: Default::default(),
+                input_size: 14,
             },
             outbox,
             Arc::new(std::sync::atomic::AtomicBool::new(false)),
