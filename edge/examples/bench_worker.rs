@@ -179,6 +179,8 @@ impl BackendArg {
 }
 
 fn main() {
+    // As the service does (reddino-edge's main).
+    reddino_edge::memory::reuse_frame_buffers();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("bench_worker: {e:#}");
         std::process::exit(1);

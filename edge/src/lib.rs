@@ -13,8 +13,8 @@
 //! a bundle, the same for every command), [`app`] (`reddino-edge run`: the wiring),
 //! [`offline`] (analysis of image files, data-set import, finder quality, the demo),
 //! [`switch`] (serving a newly activated model without a restart, its health check),
-//! [`supervise`] (readiness and watchdog for systemd) and [`error`] (the commands' error and
-//! exit status).
+//! [`supervise`] (readiness and watchdog for systemd), [`memory`] (frame buffers reused
+//! between frames) and [`error`] (the commands' error and exit status).
 
 pub mod app;
 pub mod capture;
@@ -24,6 +24,7 @@ pub mod config;
 pub mod crop;
 pub mod error;
 pub mod infer;
+pub mod memory;
 pub mod model;
 pub mod offline;
 pub mod pipeline;

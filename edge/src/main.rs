@@ -58,6 +58,7 @@ fn main() -> ExitCode {
             .default_filter_or("info,tract_linalg=warn,rumqttd=off,tracing=off"),
     )
     .init();
+    reddino_edge::memory::reuse_frame_buffers();
     let result = match Cli::parse().cmd {
         Cmd::Run { config } => reddino_edge::app::command(&config),
         Cmd::Demo(o) => demo::command(&o),
