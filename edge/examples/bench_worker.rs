@@ -21,8 +21,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use image::RgbImage;
 use reddino_edge::cells;
+use reddino_edge::classify::SizeInput;
 use reddino_edge::infer::{
-    classify_inputs, Backend, BackendKind, BackendSpec, BatchOutput, Provider,
+    classify_inputs, Backend, BackendKind, BackendSpec, BatchOutput, CellInputs, Provider,
 };
 use reddino_edge::offline::analyze::AnalyzeConfig;
 use reddino_models::arch::{Preset, VitConfig};
@@ -726,6 +727,7 @@ fn run(cli: Cli) -> Result<()> {
                     class_names: names,
                     normalization: m.norm,
                     input_size: m.size,
+                    size: None,
                 },
                 reddino_edge::publish::outbox::Outbox::open(
                     &tmp.path().join("outbox.db"),
@@ -786,6 +788,7 @@ fn run(cli: Cli) -> Result<()> {
             let m = bundle.manifest();
             let cfg = AnalyzeConfig {
                 crop: m.crop_policy(AnalyzeConfig::default().crop.margin),
+                size: SizeInput::of(m, 0.0),
                 ..AnalyzeConfig::default()
             };
             let files = field_files(&fields)?;
@@ -806,7 +809,15 @@ fn run(cli: Cli) -> Result<()> {
             let warm = load(&files[0])?;
             let (found, owners) = find(&warm);
             let crops = crops_of(&warm, &found, &owners);
-            classify_inputs(&crops, &mut backend, &names, cfg.min_confidence)?;
+            let boxes_of =
+                |found: &[cells::Cell]| -> Vec<[u32; 4]> { found.iter().map(|c| c.bbox).collect() };
+            let boxes = boxes_of(&found);
+            let inputs = CellInputs {
+                pixels: &crops,
+                boxes: &boxes,
+                size: cfg.size.as_ref(),
+            };
+            classify_inputs(inputs, &mut backend, &names, cfg.min_confidence)?;
             backend.seconds = 0.0;
 
             let mut frames = Vec::new();
@@ -820,7 +831,13 @@ fn run(cli: Cli) -> Result<()> {
                 let crops = crops_of(&img, &found, &owners);
                 let t3 = Instant::now();
                 let model_before = backend.seconds;
-                let preds = classify_inputs(&crops, &mut backend, &names, cfg.min_confidence)?;
+                let boxes = boxes_of(&found);
+                let inputs = CellInputs {
+                    pixels: &crops,
+                    boxes: &boxes,
+                    size: cfg.size.as_ref(),
+                };
+                let preds = classify_inputs(inputs, &mut backend, &names, cfg.min_confidence)?;
                 let t4 = Instant::now();
                 let model_s = backend.seconds - model_before;
                 let classify_s = (t4 - t3).as_secs_f64();

@@ -1,7 +1,41 @@
-//! From logits to classes and counts: softmax, the `uncertain` threshold, per-frame counts,
-//! and a session (one slide) that accumulates counts with 95% Wilson intervals.
+//! From logits to classes and counts: the head's size term ([`SizeInput`]), softmax, the
+//! `uncertain` threshold, per-frame counts, and a session (one slide) that accumulates counts
+//! with 95% Wilson intervals.
 
+use reddino_models::bundle::Manifest;
+use reddino_models::cellsize::{features, CellSize};
 use serde::Serialize;
+
+/// The size term of a bundle's head (a model trained with each cell's measured size as an
+/// input, [`reddino_models::cellsize`]) as this device measures it: added to the model's
+/// logits from each cell's box, before the softmax.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizeInput {
+    pub term: CellSize,
+    /// Micrometres per pixel of this device's frames.
+    pub um_per_px: f32,
+}
+
+impl SizeInput {
+    /// The size input of `manifest`'s head with boxes measured at `um_per_px` (0 = the scale
+    /// the model was trained at: the same microscope and camera); `None` for a head without a
+    /// size term.
+    pub fn of(manifest: &Manifest, um_per_px: f32) -> Option<SizeInput> {
+        manifest.cell_size.clone().map(|term| SizeInput {
+            um_per_px: if um_per_px > 0.0 {
+                um_per_px
+            } else {
+                term.um_per_px
+            },
+            term,
+        })
+    }
+
+    /// Adds the term of the cell in `bbox` to its `logits`.
+    pub fn add_to(&self, logits: &mut [f32], bbox: [u32; 4]) {
+        self.term.add_to(logits, &features(bbox, self.um_per_px));
+    }
+}
 
 /// Name under which low-confidence cells are counted.
 pub const UNCERTAIN: &str = "uncertain";

@@ -94,6 +94,11 @@ pub struct AnalysisConfig {
     /// their crops (0 = one per core). The result is the same on any number.
     #[serde(default)]
     pub threads: usize,
+    /// Micrometres per pixel of the camera's frames, for models that take each cell's measured
+    /// size as an input (their manifest's `cell_size`); 0 = the scale the model was trained at
+    /// (the same microscope, objective and camera). Ignored by other models.
+    #[serde(default)]
+    pub um_per_px: f32,
 }
 
 fn default_mode() -> Mode {
@@ -109,6 +114,7 @@ impl Default for AnalysisConfig {
             mode: default_mode(),
             margin: default_margin(),
             threads: 0,
+            um_per_px: 0.0,
         }
     }
 }
@@ -432,6 +438,13 @@ impl Config {
                 format!("{} is not in 1..=4", self.analysis.margin),
             ));
         }
+        let um = self.analysis.um_per_px;
+        if !(um == 0.0 || (um.is_finite() && um > 0.001 && um <= 100.0)) {
+            return Err(bad(
+                "analysis.um_per_px",
+                format!("{um} is neither 0 (the model's own scale) nor in 0.001..=100 micrometres per pixel"),
+            ));
+        }
         let m = &self.mqtt;
         if m.host.is_empty() {
             return Err(bad("mqtt.host", "must not be empty".into()));
@@ -585,6 +598,14 @@ trusted_keys = ["k.pub"]
                 "model.batch",
             ),
             (format!("{MINIMAL}[mqtt]\nport = 70000\n"), "port"),
+            (
+                format!("{MINIMAL}[analysis]\num_per_px = -0.2\n"),
+                "analysis.um_per_px",
+            ),
+            (
+                format!("{MINIMAL}[analysis]\num_per_px = nan\n"),
+                "analysis.um_per_px",
+            ),
             (
                 format!("{MINIMAL}[mqtt]\npassword_file = \"p\"\n"),
                 "mqtt.password_file",

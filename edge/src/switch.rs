@@ -15,7 +15,7 @@ use reddino_models::bundle::Bundle;
 use reddino_models::preprocess::CropPolicy;
 
 use crate::cells::CellFinderConfig;
-use crate::classify::Counts;
+use crate::classify::{Counts, SizeInput};
 use crate::config::Config;
 use crate::error::Result;
 use crate::infer::Backend;
@@ -114,6 +114,7 @@ pub fn describe(
         class_names: m.class_names.clone(),
         normalization: m.normalization(),
         input_size: backend.input_size() as u32,
+        size: SizeInput::of(m, cfg.analysis.um_per_px),
     };
     Ok((info, cells, m.crop_policy(cfg.analysis.margin)))
 }

@@ -27,6 +27,7 @@ fn analyze_counts_every_found_cell_once() {
                 .collect(),
         ),
         bias: Tensor::new(vec![c], vec![0.0; c]),
+        size: None,
     };
     let dir = tmp.path().join("b");
     bundle::write_dir(

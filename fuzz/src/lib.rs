@@ -173,6 +173,7 @@ fn shared() -> &'static Arc<Shared> {
                 class_names: vec!["a".into(), "b".into()],
                 normalization: Default::default(),
                 input_size: 14,
+                size: None,
             },
             outbox,
             Arc::new(std::sync::atomic::AtomicBool::new(false)),

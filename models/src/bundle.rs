@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::arch::VitConfig;
+use crate::cellsize::CellSize;
 use crate::error::BundleError;
 use crate::onnx::{self, Dim};
 use crate::preprocess::{CropPolicy, Normalization};
@@ -89,6 +90,10 @@ pub struct Manifest {
     /// models trained on real fields); empty (or absent) = the synthetic microscope's default.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cell_finder: String,
+    /// The head's size term, for a model trained with each cell's measured size as an input
+    /// ([`crate::cellsize`]): the edge adds it to the ONNX graph's logits; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell_size: Option<CellSize>,
     /// Every file of the bundle except the manifest and its signature.
     pub files: BTreeMap<String, FileEntry>,
     pub self_test: SelfTestSpec,
@@ -479,6 +484,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         crop_min_side: new.crop_min_side,
         blank_neighbours: new.blank_neighbours,
         cell_finder: new.cell_finder.clone(),
+        cell_size: new.head.and_then(|h| h.size.clone()),
         files,
         self_test: SelfTestSpec {
             file: SELF_TEST.into(),
@@ -914,6 +920,10 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
         .validate()
         .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     check_crop_min_side(manifest.crop_min_side).map_err(BundleError::BadManifest)?;
+    if let Some(size) = &manifest.cell_size {
+        size.validate(manifest.class_names.len())
+            .map_err(BundleError::BadManifest)?;
+    }
     for required in [MODEL, manifest.self_test.file.as_str()] {
         if !manifest.files.contains_key(required) {
             return Err(

@@ -3,6 +3,7 @@
 //! - [`arch`]: ViT presets and dimensions.
 //! - [`weights`]: safetensors checkpoints in the timm/DINOv2 key layout.
 //! - [`onnx`]: the ONNX graph of a ViT (+ linear head).
+//! - [`cellsize`]: the cell's measured size as a second input of the head.
 //! - [`runtime`]: running that graph on the CPU with tract.
 //! - [`preprocess`]: the one function that turns RGB pixels into model input, and the crop
 //!   policy.
@@ -13,6 +14,7 @@
 
 pub mod arch;
 pub mod bundle;
+pub mod cellsize;
 pub mod cli;
 mod error;
 pub mod onnx;

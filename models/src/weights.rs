@@ -13,6 +13,7 @@ use rand_distr::{Distribution, Normal};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::arch::{VitConfig, PATCH_SIZE};
+use crate::cellsize::{self, CellSize};
 use crate::Error;
 
 /// A dense f32 tensor in row-major order.
@@ -524,9 +525,13 @@ pub struct LinearHead {
     pub weight: Tensor,
     /// `[classes]`.
     pub bias: Tensor,
+    /// The size term (`head.size_weight`, `[classes, 2]`, and the training scale in the
+    /// metadata), for a head trained with the cell's size as an input.
+    pub size: Option<CellSize>,
 }
 
 const CLASSES_META: &str = "reddino.class_names";
+const UM_PER_PX_META: &str = "reddino.um_per_px";
 
 impl LinearHead {
     /// Checks that the shapes agree with the class list and `embed_dim`.
@@ -549,18 +554,32 @@ impl LinearHead {
                 actual: self.bias.shape.clone(),
             });
         }
+        if let Some(size) = &self.size {
+            size.validate(c).map_err(Error::Config)?;
+        }
         Ok(())
     }
 
-    /// Serialises to safetensors (`head.weight`, `head.bias`, class names in the metadata).
+    /// Serialises to safetensors (`head.weight`, `head.bias`, with a size term
+    /// `head.size_weight`; class names and the size term's scale in the metadata).
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
         let names = serde_json::to_string(&self.class_names).expect("names serialise");
         let w = "head.weight".to_string();
         let b = "head.bias".to_string();
-        serialize_tensors(
-            [(&w, &self.weight), (&b, &self.bias)].into_iter(),
-            Some(meta(CLASSES_META, names)),
-        )
+        let sw = "head.size_weight".to_string();
+        let mut metadata = meta(CLASSES_META, names);
+        let size = self.size.as_ref().map(|s| {
+            metadata.insert(UM_PER_PX_META.into(), s.um_per_px.to_string());
+            Tensor::new(
+                vec![s.weight.len(), cellsize::FEATURES],
+                s.weight.iter().flatten().copied().collect(),
+            )
+        });
+        let mut tensors = vec![(&w, &self.weight), (&b, &self.bias)];
+        if let Some(t) = &size {
+            tensors.push((&sw, t));
+        }
+        serialize_tensors(tensors.into_iter(), Some(metadata))
     }
 
     /// Reads a head written by [`LinearHead::to_bytes`].
@@ -586,10 +605,42 @@ impl LinearHead {
             key: "head.bias".into(),
             expected: vec![names.len()],
         })?;
+        let size = match (t.remove("head.size_weight"), meta.get(UM_PER_PX_META)) {
+            (None, None) => None,
+            (Some(w), Some(scale)) => {
+                if w.shape != [names.len(), cellsize::FEATURES] {
+                    return Err(Error::ShapeMismatch {
+                        key: "head.size_weight".into(),
+                        expected: vec![names.len(), cellsize::FEATURES],
+                        actual: w.shape,
+                    });
+                }
+                let um_per_px = scale
+                    .parse::<f32>()
+                    .map_err(|e| err(format!("bad `{UM_PER_PX_META}` {scale:?}: {e}")))?;
+                let weight = w
+                    .data
+                    .chunks_exact(cellsize::FEATURES)
+                    .map(|r| [r[0], r[1]])
+                    .collect();
+                Some(CellSize { um_per_px, weight })
+            }
+            (Some(_), None) => {
+                return Err(err(format!(
+                    "`head.size_weight` without its scale (`{UM_PER_PX_META}` metadata)"
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(err(format!(
+                    "`{UM_PER_PX_META}` metadata without `head.size_weight`"
+                )))
+            }
+        };
         let head = LinearHead {
             class_names: names,
             weight,
             bias,
+            size,
         };
         head.validate(head.weight.shape.get(1).copied().unwrap_or(0))?;
         Ok(head)
@@ -702,9 +753,31 @@ mod tests {
             class_names: vec!["a".into(), "b".into()],
             weight: Tensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
             bias: Tensor::new(vec![2], vec![0.5, -0.5]),
+            size: None,
         };
         let back = LinearHead::from_bytes(&head.to_bytes().unwrap(), "mem").unwrap();
         assert_eq!(back, head);
         assert!(head.validate(4).is_err());
+
+        // With a size term: its weights and scale come back too.
+        let sized = LinearHead {
+            size: Some(CellSize {
+                um_per_px: 0.18,
+                weight: vec![[1.5, -0.25], [-2.0, 0.125]],
+            }),
+            ..head.clone()
+        };
+        let bytes = sized.to_bytes().unwrap();
+        assert_eq!(LinearHead::from_bytes(&bytes, "mem").unwrap(), sized);
+        // A size term with a row per class only.
+        let short = LinearHead {
+            size: Some(CellSize {
+                um_per_px: 0.18,
+                weight: vec![[1.0, 1.0]],
+            }),
+            ..head
+        };
+        let err = short.validate(3).unwrap_err().to_string();
+        assert!(err.contains("1 rows for 2 classes"), "{err}");
     }
 }

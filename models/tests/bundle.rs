@@ -7,6 +7,7 @@ use reddino_models::arch::{Preset, VitConfig};
 use reddino_models::bundle::{
     self, Limits, NewBundle, SigningKey, TrustedKeys, MANIFEST, MODEL, SELF_TEST, SIGNATURE,
 };
+use reddino_models::cellsize::CellSize;
 use reddino_models::preprocess::Normalization;
 use reddino_models::weights::{LinearHead, Tensor, VitWeights};
 use reddino_models::{BundleError, Error};
@@ -31,6 +32,7 @@ fn head(classes: usize) -> LinearHead {
             (0..classes * 192).map(|i| (i % 7) as f32 * 0.01).collect(),
         ),
         bias: Tensor::new(vec![classes], vec![0.1; classes]),
+        size: None,
     }
 }
 
@@ -451,6 +453,64 @@ fn crop_policy_is_read_from_the_manifest_and_checked() {
         assert!(
             matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("crop_min_side"),
             "{e}"
+        );
+    }
+}
+
+/// A head's size term is written into the signed manifest and checked when a bundle opens:
+/// one finite row per class and a positive scale.
+#[test]
+fn the_heads_size_term_travels_in_the_manifest_and_is_checked() {
+    let f = fixture();
+    assert_eq!(open(&f, &f.dir).unwrap().manifest().cell_size, None);
+    let sized = LinearHead {
+        size: Some(CellSize {
+            um_per_px: 0.18,
+            weight: vec![[0.5, -0.5]; 4],
+        }),
+        ..head(4)
+    };
+    let dir = f.root.join("sized");
+    let w = weights();
+    let m = bundle::write_dir(
+        &NewBundle::new(
+            "sized".into(),
+            "1.0.0".into(),
+            String::new(),
+            &w,
+            Some(&sized),
+        ),
+        &dir,
+        &f.key,
+    )
+    .unwrap();
+    assert_eq!(m.cell_size, sized.size);
+    assert_eq!(open(&f, &dir).unwrap().manifest().cell_size, sized.size);
+
+    let edits: [(serde_json::Value, &str); 4] = [
+        (
+            serde_json::json!({"um_per_px": 0.18, "weight": [[1.0, 0.0]]}),
+            "1 rows for 4 classes",
+        ),
+        (
+            serde_json::json!({"um_per_px": 0.0, "weight": [[1.0, 0.0]; 4]}),
+            "um_per_px",
+        ),
+        (
+            serde_json::json!({"um_per_px": 0.18, "weight": [[1.0, 0.0, 2.0]; 4]}),
+            "cell_size",
+        ),
+        (
+            serde_json::json!({"um_per_px": 0.18, "weight": [[1.0, 0.0]; 4], "bias": 1}),
+            "bias",
+        ),
+    ];
+    for (bad, says) in edits {
+        edit_manifest(&f, |v| v["cell_size"] = bad.clone());
+        let e = refusal(open(&f, &f.dir));
+        assert!(
+            matches!(e, BundleError::BadManifest(_)) && e.to_string().contains(says),
+            "{bad}: {e}"
         );
     }
 }

@@ -19,6 +19,7 @@ fn model_bytes() -> Vec<u8> {
             (0..c * d).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect(),
         ),
         bias: Tensor::new(vec![c], vec![0.1, -0.2, 0.3, 0.0]),
+        size: None,
     };
     onnx::export(&w, Some(&head)).unwrap()
 }

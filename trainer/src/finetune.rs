@@ -1,12 +1,15 @@
 //! Supervised fine-tuning of a backbone with a linear classification head on labelled crops
 //! (cross-entropy with label smoothing, AdamW with layer-wise lr decay, cosine schedule, the
 //! stain, colour, noise and focus-blur transforms of RedDino's set). The result is the backbone and the linear head the edge runs:
-//! logits = head(CLS after the final norm), the same graph `export` writes.
+//! logits = head(CLS after the final norm), the same graph `export` writes; with
+//! [`FinetuneConfig::cell_size`] the head also takes each cell's measured size, a term the
+//! bundle's manifest carries and the edge adds.
 
 use crate::bail;
 use crate::error::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use reddino_models::cellsize::{CellSize, FEATURES};
 use reddino_models::preprocess::{preprocess_into, Normalization};
 use reddino_models::weights::{LinearHead, VitWeights};
 use tch::{nn, Device, Kind, Tensor};
@@ -41,6 +44,9 @@ pub struct FinetuneConfig {
     /// Cross-entropy weighted by inverse class frequency (each class weighs the same in the
     /// loss: for imbalanced data scored by balanced accuracy).
     pub balanced: bool,
+    /// Give the head each cell's measured size too ([`reddino_models::cellsize`]), measured
+    /// at this many micrometres per pixel of the training fields; `None` = the crop alone.
+    pub cell_size: Option<f32>,
 }
 
 impl Default for FinetuneConfig {
@@ -65,6 +71,7 @@ impl Default for FinetuneConfig {
             },
             seed: 0,
             balanced: false,
+            cell_size: None,
         }
     }
 }
@@ -95,6 +102,11 @@ impl FinetuneConfig {
         }
         if !(0.0..=1.0).contains(&self.warmup) {
             bail!("warmup must be a fraction in [0, 1], got {}", self.warmup);
+        }
+        if let Some(um) = self.cell_size {
+            if !(um.is_finite() && um > 0.0) {
+                bail!("the cell size's scale must be a positive number of micrometres per pixel, got {um}");
+            }
         }
         Ok(())
     }
@@ -253,6 +265,7 @@ pub fn finetune(
     let n = set.files.len();
     tch::manual_seed(cfg.seed as i64);
     let images = load_images(set, cfg.input_size)?;
+    let sizes = cfg.cell_size.map(|um| set.size_features(um)).transpose()?;
     let labels = Tensor::from_slice(&set.labels);
     let class_weights = cfg
         .balanced
@@ -263,6 +276,19 @@ pub fn finetune(
     let vit = Vit::from_weights(&(&root / "backbone"), init, cfg.input_size)?;
     let d = vit.config.embed_dim as i64;
     let head = linear(&root / "head", d, classes as i64);
+    // The size term starts at zero: the crop alone until the loss finds a use for the size.
+    let size_head = sizes.as_ref().map(|_| {
+        nn::linear(
+            &root / "head_size",
+            FEATURES as i64,
+            classes as i64,
+            nn::LinearConfig {
+                bias: false,
+                ws_init: nn::Init::Const(0.0),
+                ..Default::default()
+            },
+        )
+    });
     let mut named: Vec<(String, Tensor)> = vit
         .named_vars()
         .into_iter()
@@ -272,6 +298,9 @@ pub fn finetune(
     named.push(("head.weight".into(), head.ws.shallow_clone()));
     if let Some(b) = &head.bs {
         named.push(("head.bias".into(), b.shallow_clone()));
+    }
+    if let Some(h) = &size_head {
+        named.push(("head.size_weight".into(), h.ws.shallow_clone()));
     }
     let mut opt = Optimizer::new(
         named,
@@ -312,7 +341,10 @@ pub fn finetune(
             );
             opt.zero_grad();
             let cls = vit.forward(&x, None, true).cls;
-            let logits = cls.apply(&head);
+            let mut logits = cls.apply(&head);
+            if let (Some(f), Some(h)) = (&sizes, &size_head) {
+                logits += f.index_select(0, &idx).to_device(device).apply(h);
+            }
             let loss = logits.cross_entropy_loss::<&Tensor>(
                 &y,
                 class_weights.as_ref(),
@@ -347,7 +379,10 @@ pub fn finetune(
     }
 
     // Training-set metrics in eval mode through the edge's preprocessing.
-    let logits = predict_logits(&vit, &head, &images, device, 128);
+    let mut logits = predict_logits(&vit, &head, &images, device, 128);
+    if let (Some(f), Some(h)) = (&sizes, &size_head) {
+        logits += tch::no_grad(|| f.to_device(device).apply(h)).to_device(Device::Cpu);
+    }
     let pred: Vec<i64> = Vec::try_from(logits.argmax(1, false))?;
     let train = metrics(&set.labels, &pred, classes);
     let to_tensor = |t: &Tensor| -> Result<reddino_models::weights::Tensor> {
@@ -361,6 +396,20 @@ pub fn finetune(
         class_names: set.class_names.clone(),
         weight: to_tensor(&head.ws)?,
         bias: to_tensor(head.bs.as_ref().expect("head has a bias"))?,
+        size: match (&size_head, cfg.cell_size) {
+            (Some(h), Some(um_per_px)) => {
+                let w = to_tensor(&h.ws)?;
+                Some(CellSize {
+                    um_per_px,
+                    weight: w
+                        .data
+                        .chunks_exact(FEATURES)
+                        .map(|r| [r[0], r[1]])
+                        .collect(),
+                })
+            }
+            _ => None,
+        },
     };
     head_out.validate(d as usize)?;
     Ok(Finetuned {
@@ -422,7 +471,13 @@ pub fn classify_set(
     let w = Tensor::from_slice(&head.weight.data)
         .view([head.weight.shape[0] as i64, head.weight.shape[1] as i64]);
     let bias = Tensor::from_slice(&head.bias.data);
-    let logits = set.embed(vit, device, batch)?.matmul(&w.tr()) + &bias;
+    let mut logits = set.embed(vit, device, batch)?.matmul(&w.tr()) + &bias;
+    if let Some(size) = &head.size {
+        // The edge's size term, on each crop's box at the head's own scale.
+        let u: Vec<f32> = size.weight.iter().flatten().copied().collect();
+        let u = Tensor::from_slice(&u).view([size.weight.len() as i64, FEATURES as i64]);
+        logits += set.size_features(size.um_per_px)?.matmul(&u.tr());
+    }
     let pred = Vec::<i64>::try_from(logits.argmax(1, false))?;
     Ok((truth, pred))
 }

@@ -12,6 +12,7 @@ use tch::{Device, Tensor};
 use crate::data::image_files;
 use crate::probe::embed_images;
 use crate::vit::Vit;
+use reddino_models::cellsize::FEATURES;
 
 /// A folder of labelled crops: `root/{class}/*.png` or `root/{source}/{class}/*.png`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +23,11 @@ pub struct LabelledSet {
     pub sources: Vec<i64>,
     pub class_names: Vec<String>,
     pub source_names: Vec<String>,
+    /// Each crop's cell box in its field (`[x0, y0, x1, y1]` pixels), from the folder's
+    /// `crops.csv` as `reddino-edge import` writes it for labelled fields; `None` for a crop
+    /// the table does not list (or without a table).
+    #[serde(default)]
+    pub boxes: Vec<Option<[u32; 4]>>,
 }
 
 /// The class order of a labelled folder: its `classes.txt` (one name per line, `#` comments;
@@ -45,6 +51,47 @@ fn class_order(root: &Path) -> Result<Option<Vec<String>>> {
         order.push(name.to_string());
     }
     Ok(Some(order))
+}
+
+/// The cell box of each of `files` from `root/crops.csv` (columns `file`, `x0`, `y0`, `x1`,
+/// `y1`; `file` relative to `root`), in order; empty when there is no table or it has no box
+/// columns (crops imported as class folders).
+fn crop_boxes(root: &Path, files: &[PathBuf]) -> Result<Vec<Option<[u32; 4]>>> {
+    let path = root.join("crops.csv");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let bad = |line: String, e: csv::Error| {
+        crate::error::Error::Invalid(format!("{}:{line}: {e}", path.display()))
+    };
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| bad("1".into(), e))?;
+    let header = reader.headers().map_err(|e| bad("1".into(), e))?.clone();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (Some(file), Some(x0), Some(y0), Some(x1), Some(y1)) =
+        (col("file"), col("x0"), col("y0"), col("x1"), col("y1"))
+    else {
+        return Ok(Vec::new());
+    };
+    let mut by_file = std::collections::HashMap::new();
+    for (i, row) in reader.records().enumerate() {
+        let line = i + 2;
+        let row = row.map_err(|e| bad(line.to_string(), e))?;
+        let mut b = [0u32; 4];
+        for (v, c) in b.iter_mut().zip([x0, y0, x1, y1]) {
+            let cell = row.get(c).unwrap_or("");
+            *v = cell.trim().parse().map_err(|_| {
+                crate::error::Error::Invalid(format!(
+                    "{}:{line}: box coordinate {cell:?} is not a whole number of pixels",
+                    path.display()
+                ))
+            })?;
+        }
+        if b[2] <= b[0] || b[3] <= b[1] {
+            bail!("{}:{line}: empty box {b:?}", path.display());
+        }
+        by_file.insert(root.join(row.get(file).unwrap_or("")), b);
+    }
+    Ok(files.iter().map(|f| by_file.get(f).copied()).collect())
 }
 
 impl LabelledSet {
@@ -120,13 +167,34 @@ impl LabelledSet {
         class_names.sort_by_key(|c| c.1);
         let class_names = class_names.into_iter().map(|c| c.0).collect();
         let source_names = sources.into_keys().collect();
+        let boxes = crop_boxes(root, &files)?;
         Ok(LabelledSet {
             files,
             labels,
             sources: srcs,
             class_names,
             source_names,
+            boxes,
         })
+    }
+
+    /// The [`reddino_models::cellsize::features`] of every crop's cell at `um_per_px`, `[N, 2]`;
+    /// an error names the first crop whose box is unknown.
+    pub fn size_features(&self, um_per_px: f32) -> Result<Tensor> {
+        if self.boxes.len() != self.files.len() {
+            bail!("no cell boxes for these crops (no crops.csv): the size input needs crops imported from labelled fields by `reddino-edge import`");
+        }
+        let mut data = Vec::with_capacity(self.files.len() * FEATURES);
+        for (i, b) in self.boxes.iter().enumerate() {
+            let Some(b) = b else {
+                bail!(
+                    "{}: the cell's box is unknown (not in the folder's crops.csv): the size input needs crops imported from labelled fields by `reddino-edge import`",
+                    self.files[i].display()
+                );
+            };
+            data.extend(reddino_models::cellsize::features(*b, um_per_px));
+        }
+        Ok(Tensor::from_slice(&data).view([self.files.len() as i64, FEATURES as i64]))
     }
 
     /// The crops whose source `keep` accepts, with every class and source name kept (labels
@@ -141,6 +209,11 @@ impl LabelledSet {
             sources: idx.iter().map(|&i| self.sources[i]).collect(),
             class_names: self.class_names.clone(),
             source_names: self.source_names.clone(),
+            boxes: if self.boxes.is_empty() {
+                Vec::new()
+            } else {
+                idx.iter().map(|&i| self.boxes[i]).collect()
+            },
         }
     }
 

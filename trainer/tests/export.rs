@@ -30,6 +30,7 @@ fn preset_exports_and_opens(preset: Preset) {
             (0..2 * d).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect(),
         ),
         bias: Tensor::new(vec![2], vec![0.0, 0.1]),
+        size: None,
     };
     let (k, trusted) = key(dir.path());
     let out = dir.path().join("bundle");
@@ -82,6 +83,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
             (0..576).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect(),
         ),
         bias: Tensor::new(vec![3], vec![0.1, -0.2, 0.3]),
+        size: None,
     };
     let (k, trusted) = key(dir.path());
     let out = dir.path().join("bundle");
@@ -118,6 +120,7 @@ fn mismatching_head_is_refused_before_writing() {
         class_names: vec!["a".into()],
         weight: Tensor::new(vec![1, 10], vec![0.0; 10]),
         bias: Tensor::new(vec![1], vec![0.0]),
+        size: None,
     };
     let (k, _) = key(dir.path());
     let out = dir.path().join("bundle");

@@ -179,3 +179,129 @@ fn classes_txt_sets_the_class_order() {
     let e = LabelledSet::scan(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("classes.txt:3") && e.contains("twice"), "{e}");
 }
+
+/// `root/{source}/{small,large}/*.png` with a `crops.csv` as `reddino-edge import` writes it:
+/// both classes are the same disc, cut and scaled alike; only the cell's box in its field
+/// (the table) tells them apart (36 px against 54 px at 1000x).
+fn sizes_only(root: &Path, per_class: usize) {
+    let mut csv = String::from("file,field,part,class,x0,y0,x1,y1,label_file,label_line\n");
+    for (si, source) in ["a", "b"].iter().enumerate() {
+        for (ci, class) in ["small", "large"].iter().enumerate() {
+            let dir = root.join(source).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..per_class {
+                let tone = 60 + ((i * 37 + si * 50) % 80) as u8;
+                let r = 8.0 + (i % 3) as f32;
+                let img = RgbImage::from_fn(48, 48, |x, y| {
+                    let (dx, dy) = (x as f32 - 24.0, y as f32 - 24.0);
+                    if dx * dx + dy * dy <= r * r {
+                        Rgb([tone + 60, tone, tone + 20])
+                    } else {
+                        Rgb([225, 220, 215])
+                    }
+                });
+                let file = format!("{source}/{class}/{i}.png");
+                img.save(root.join(&file)).unwrap();
+                let side = if ci == 0 { 34 + i % 5 } else { 52 + i % 5 };
+                // A field name with a comma: the table quotes it.
+                csv.push_str(&format!(
+                    "{file},\"field {si}, left\",{source},{class},10,20,{},{},labels.txt,{}\n",
+                    10 + side,
+                    20 + side - i % 3,
+                    i + 1
+                ));
+            }
+        }
+    }
+    std::fs::write(root.join("crops.csv"), csv).unwrap();
+}
+
+/// With `cell_size` the head learns what only the cell's measured size tells (the crops are
+/// alike), its term is written with the head, and the scoring path adds it as the edge does;
+/// the same run without it cannot tell the classes apart.
+#[test]
+fn the_size_input_tells_cells_apart_that_their_crops_do_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    sizes_only(tmp.path(), 16);
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    assert!(set.boxes.iter().all(Option::is_some));
+    let cfg = FinetuneConfig {
+        input_size: 28,
+        epochs: 15,
+        batch_size: 16,
+        lr: 2e-3,
+        layer_decay: 1.0,
+        augment: reddino_trainer::augment::AugmentConfig {
+            crop_scale: (1.0, 1.0),
+            ops_per_image: 0,
+            ..FinetuneConfig::default().augment
+        },
+        cell_size: Some(0.18),
+        ..FinetuneConfig::default()
+    };
+    let r = finetune(&small_vit(), &set, &cfg, Device::Cpu, 5, |_| {}).unwrap();
+    let size = r.head.size.as_ref().expect("a size term");
+    assert_eq!(size.um_per_px, 0.18);
+    assert_eq!(size.weight.len(), 2);
+    assert!(r.train.accuracy >= 0.95, "{}", r.train.accuracy);
+    let back =
+        reddino_models::weights::LinearHead::from_bytes(&r.head.to_bytes().unwrap(), "m").unwrap();
+    assert_eq!(back, r.head);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &r.backbone, 28).unwrap();
+    let (truth, pred) = classify_set(&vit, &r.head, &set, Device::Cpu, 16).unwrap();
+    let right = truth.iter().zip(&pred).filter(|(t, p)| t == p).count();
+    assert!(right as f64 >= 0.95 * truth.len() as f64, "{right}");
+
+    let without = FinetuneConfig {
+        cell_size: None,
+        ..cfg
+    };
+    let r = finetune(&small_vit(), &set, &without, Device::Cpu, 5, |_| {}).unwrap();
+    assert!(r.head.size.is_none());
+    assert!(r.train.accuracy <= 0.75, "{}", r.train.accuracy);
+}
+
+/// The size input needs every crop's box: crops without a table, or a table with a bad
+/// coordinate, are refused with the file (and line).
+#[test]
+fn the_size_input_without_boxes_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 2);
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    let e = set.size_features(0.18).unwrap_err().to_string();
+    assert!(e.contains("reddino-edge import"), "{e}");
+    let cfg = FinetuneConfig {
+        input_size: 28,
+        epochs: 1,
+        cell_size: Some(0.18),
+        ..FinetuneConfig::default()
+    };
+    let e = finetune(&small_vit(), &set, &cfg, Device::Cpu, 1, |_| {})
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("reddino-edge import"), "{e}");
+    let bad_scale = FinetuneConfig {
+        cell_size: Some(-1.0),
+        ..cfg
+    };
+    let e = finetune(&small_vit(), &set, &bad_scale, Device::Cpu, 1, |_| {})
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("micrometres per pixel"), "{e}");
+
+    // A table that lists some crops only: the others are named.
+    let csv = "file,field,part,class,x0,y0,x1,y1\na/disc/0.png,1,a,disc,0,0,40,40\n";
+    std::fs::write(tmp.path().join("crops.csv"), csv).unwrap();
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    let e = set.size_features(0.18).unwrap_err().to_string();
+    assert!(
+        e.contains("disc/1.png") && e.contains("box is unknown"),
+        "{e}"
+    );
+    // A coordinate that is not a number: refused at the scan, with the table's line.
+    let csv = "file,field,part,class,x0,y0,x1,y1\na/disc/0.png,1,a,disc,0,0,4x0,40\n";
+    std::fs::write(tmp.path().join("crops.csv"), csv).unwrap();
+    let e = LabelledSet::scan(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("crops.csv:2") && e.contains("\"4x0\""), "{e}");
+}

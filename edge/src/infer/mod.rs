@@ -13,7 +13,7 @@ use reddino_models::bundle::Bundle;
 use reddino_models::preprocess::{preprocess_into, Normalization};
 use serde::{Deserialize, Serialize};
 
-use crate::classify::{classify, Prediction};
+use crate::classify::{classify, Prediction, SizeInput};
 
 pub mod engines;
 #[cfg(feature = "onnxruntime")]
@@ -213,27 +213,49 @@ pub fn open(spec: &BackendSpec, bundle: &Bundle) -> Result<Box<dyn Backend>, Bac
     }
 }
 
-/// Classifies `n` cells already preprocessed into `inputs` (`3 x size x size` per cell, see
-/// [`crate::crop::find_and_cut_into`]) in batches of the backend's size: run, softmax and the
-/// `uncertain` threshold. One prediction per cell, in order.
+/// The cells of a frame as the model's head takes them: their preprocessed pixels
+/// (`3 x size x size` per cell, see [`crate::crop::find_and_cut_into`]), their boxes, and the
+/// head's size term when it has one.
+pub struct CellInputs<'a> {
+    pub pixels: &'a [f32],
+    pub boxes: &'a [[u32; 4]],
+    pub size: Option<&'a SizeInput>,
+}
+
+/// Classifies the cells of `cells` in batches of the backend's size: run, the size term,
+/// softmax and the `uncertain` threshold. One prediction per cell, in order.
 pub fn classify_inputs(
-    inputs: &[f32],
+    cells: CellInputs<'_>,
     backend: &mut dyn Backend,
     class_names: &[String],
     min_confidence: f32,
 ) -> Result<Vec<Prediction>, reddino_models::Error> {
     let size = backend.input_size();
     let per = 3 * size * size;
+    let inputs = cells.pixels;
     if inputs.len() % per != 0 {
         return Err(reddino_models::Error::Inference(format!(
             "{} input values are not whole {size}x{size} crops: cut for another input size?",
             inputs.len()
         )));
     }
+    if cells.boxes.len() != inputs.len() / per {
+        return Err(reddino_models::Error::Inference(format!(
+            "{} boxes for {} cells",
+            cells.boxes.len(),
+            inputs.len() / per
+        )));
+    }
     let batch = backend.batch_size().max(1);
     let mut out_preds = Vec::with_capacity(inputs.len() / per);
-    for chunk in inputs.chunks(batch * per) {
-        let out = backend.run(chunk, chunk.len() / per)?;
+    for (chunk, boxes) in inputs.chunks(batch * per).zip(cells.boxes.chunks(batch)) {
+        let mut out = backend.run(chunk, chunk.len() / per)?;
+        if let (Some(s), Some(logits)) = (cells.size, out.logits.as_mut()) {
+            let classes = out.classes.max(1);
+            for (l, b) in logits.chunks_mut(classes).zip(boxes) {
+                s.add_to(l, *b);
+            }
+        }
         out_preds.extend(logits_to_predictions(out, class_names, min_confidence)?);
     }
     Ok(out_preds)
@@ -289,4 +311,94 @@ pub fn classify_crops<C: Borrow<RgbImage>>(
         out_preds.extend(logits_to_predictions(out, class_names, min_confidence)?);
     }
     Ok(out_preds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reddino_models::cellsize::CellSize;
+
+    /// The same logits for every cell, the middle class of three ahead by 1: only a size term
+    /// can move a cell to another.
+    struct Flat;
+
+    impl Backend for Flat {
+        fn input_size(&self) -> usize {
+            2
+        }
+        fn batch_size(&self) -> usize {
+            2
+        }
+        fn run(&mut self, pixels: &[f32], n: usize) -> Result<BatchOutput, reddino_models::Error> {
+            assert_eq!(pixels.len(), n * 12);
+            Ok(BatchOutput {
+                n,
+                dim: 1,
+                embeddings: vec![0.0; n],
+                classes: 3,
+                logits: Some([0.0, 1.0, 0.0].repeat(n)),
+            })
+        }
+        fn name(&self) -> &'static str {
+            "flat"
+        }
+        fn provider(&self) -> &str {
+            "cpu"
+        }
+        fn describe(&self) -> String {
+            "flat".into()
+        }
+    }
+
+    /// The size term picks each cell's class from its own box, across the backend's batches,
+    /// at the device's scale; without it the cells are a tie.
+    #[test]
+    fn the_size_term_classifies_each_cell_by_its_own_box() {
+        let names: Vec<String> = ["micro", "normal", "macro"].map(String::from).to_vec();
+        // Against the image's lead of 1 for normal: micro under 7.5 um / e^0.1 (37.7 px), macro
+        // over 7.5 um x e^0.1 (46.1 px), on the long side.
+        let term = CellSize {
+            um_per_px: 0.18,
+            weight: vec![[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]],
+        };
+        let size = SizeInput {
+            term,
+            um_per_px: 0.18,
+        };
+        let side = |s: u32| [10, 10, 10 + s, 10 + s];
+        let boxes = [side(30), side(42), side(60), side(41), side(29)];
+        let pixels = vec![0f32; boxes.len() * 12];
+        let run = |size: Option<&SizeInput>| {
+            let cells = CellInputs {
+                pixels: &pixels,
+                boxes: &boxes,
+                size,
+            };
+            classify_inputs(cells, &mut Flat, &names, 0.0)
+                .unwrap()
+                .iter()
+                .map(|p| p.class)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            run(Some(&size)),
+            [Some(0), Some(1), Some(2), Some(1), Some(0)]
+        );
+        // Twice the magnification: the same boxes are half the size in micrometres.
+        let zoomed = SizeInput {
+            um_per_px: 0.09,
+            ..size.clone()
+        };
+        assert_eq!(run(Some(&zoomed)), [Some(0); 5]);
+        // Without the term: the image's class for each.
+        assert_eq!(run(None), [Some(1); 5]);
+        // Boxes and crops that disagree are refused.
+        let cells = CellInputs {
+            pixels: &pixels,
+            boxes: &boxes[..4],
+            size: Some(&size),
+        };
+        let e = classify_inputs(cells, &mut Flat, &names, 0.0).unwrap_err();
+        assert!(e.to_string().contains("4 boxes for 5 cells"), "{e}");
+    }
 }

@@ -127,6 +127,7 @@ pub fn pattern_head(class_names: Vec<String>, dim: usize, seed: u64, scale: f32)
                 .collect(),
         ),
         bias: Tensor::new(vec![c], vec![0.0; c]),
+        size: None,
     }
 }
 

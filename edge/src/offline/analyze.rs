@@ -9,10 +9,10 @@ use reddino_models::preprocess::Normalization;
 use serde::Serialize;
 
 use crate::cells::CellFinderConfig;
-use crate::classify::{Counts, UNCERTAIN};
+use crate::classify::{Counts, SizeInput, UNCERTAIN};
 use crate::crop::{find_and_cut_into, CropPolicy, FrameInputs};
 use crate::error::{Error, Result};
-use crate::infer::{classify_inputs, Backend, BackendKind, BackendSpec, Provider};
+use crate::infer::{classify_inputs, Backend, BackendKind, BackendSpec, CellInputs, Provider};
 use crate::model::{model_or_shipped, open_bundle, Shipped};
 
 /// `reddino-edge analyze`'s arguments.
@@ -41,6 +41,10 @@ pub struct AnalyzeArgs {
     /// Below this top probability a cell counts as `uncertain`.
     #[arg(long, default_value_t = 0.5)]
     pub min_confidence: f32,
+    /// Micrometres per pixel of the images, for a model that takes each cell's measured size
+    /// (its manifest's `cell_size`); 0 = the model's own scale (the same microscope and camera).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_um_per_px)]
+    pub um_per_px: f32,
     /// `tract` (CPU) or `onnxruntime`.
     #[arg(long, default_value = "tract", value_parser = BackendKind::parse)]
     pub backend: BackendKind,
@@ -87,6 +91,7 @@ pub fn command(args: &AnalyzeArgs) -> Result<()> {
         min_confidence: args.min_confidence,
         crop: m.crop_policy(CropPolicy::DEFAULT_MARGIN),
         cells: CellFinderConfig::for_model(m)?,
+        size: SizeInput::of(m, args.um_per_px),
     };
     let mut failed = 0;
     for path in &args.images {
@@ -133,6 +138,8 @@ pub struct AnalyzeConfig {
     pub crop: CropPolicy,
     /// Below this top probability a cell counts as uncertain.
     pub min_confidence: f32,
+    /// The head's size term at the frames' scale, for a model that has one.
+    pub size: Option<SizeInput>,
 }
 
 impl Default for AnalyzeConfig {
@@ -141,6 +148,7 @@ impl Default for AnalyzeConfig {
             cells: CellFinderConfig::default(),
             crop: CropPolicy::default(),
             min_confidence: 0.5,
+            size: None,
         }
     }
 }
@@ -193,7 +201,13 @@ pub fn analyze_image(
         cells: found,
         inputs,
     } = find_and_cut_into(img, &cfg.cells, &cfg.crop, size, norm);
-    let predictions = classify_inputs(&inputs, backend, class_names, cfg.min_confidence)?;
+    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
+    let cells = CellInputs {
+        pixels: &inputs,
+        boxes: &boxes,
+        size: cfg.size.as_ref(),
+    };
+    let predictions = classify_inputs(cells, backend, class_names, cfg.min_confidence)?;
     let mut counts = Counts::new(class_names.len());
     let reports = found
         .iter()
@@ -218,4 +232,14 @@ pub fn analyze_image(
         counts: by_name,
         cells: reports,
     })
+}
+
+/// `--um-per-px`: 0 or a positive, finite scale.
+fn parse_um_per_px(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v == 0.0 || (v.is_finite() && v > 0.0) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is neither 0 (the model's own scale) nor a positive number of micrometres per pixel"
+        )),
+    }
 }

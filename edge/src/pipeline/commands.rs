@@ -294,6 +294,7 @@ mod tests {
             class_names: vec!["normal".into(), "target".into()],
             normalization: Normalization::default(),
             input_size: 14,
+            size: None,
         };
         let outbox = Outbox::open(&dir.path().join("outbox.db"), OutboxLimits::default()).unwrap();
         Shared::new(settings, model, outbox, Arc::new(AtomicBool::new(false)))

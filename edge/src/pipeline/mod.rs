@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use crate::capture::{Frame, FrameSource};
 use crate::classify::{Counts, Prediction};
 use crate::crop::{find_and_cut_into, FrameInputs};
-use crate::infer::{classify_inputs, Backend};
+use crate::infer::{classify_inputs, Backend, CellInputs};
 use crate::publish::messages::{CountsMsg, VERSION};
 use crate::publish::outbox::SessionRow;
 pub use commands::{CommandError, ModelControl};
@@ -38,7 +38,8 @@ struct Job {
     arrived: Instant,
     /// The cells' crops, cut, resized and normalised for the model (`3 x size x size` each).
     inputs: Vec<f32>,
-    cells: usize,
+    /// The cells' boxes, in the order of `inputs`.
+    boxes: Vec<[u32; 4]>,
     /// The model that cut the crops, and so classifies them.
     model: Arc<Served>,
 }
@@ -137,7 +138,7 @@ impl Pipeline {
                         frame,
                         arrived,
                         inputs,
-                        cells: cells.len(),
+                        boxes: cells.iter().map(|c| c.bbox).collect(),
                         model,
                     };
                     if jq.push_wait(job).is_err() {
@@ -191,7 +192,7 @@ impl Pipeline {
                     if !wait.is_zero() {
                         let deadline = Instant::now() + wait;
                         let full = backend.batch_size();
-                        while batch.iter().map(|j| j.cells).sum::<usize>() < full {
+                        while batch.iter().map(|j| j.boxes.len()).sum::<usize>() < full {
                             let now = Instant::now();
                             if now >= deadline {
                                 break;
@@ -277,17 +278,24 @@ enum FrameError {
 /// frame's counts in the outbox, in order. A failed inference fails every frame of the batch.
 fn process(sh: &Shared, backend: &mut dyn Backend, jobs: &[Job]) {
     let model = &jobs[0].model.info;
-    let joined: Vec<f32>;
-    let inputs = match jobs {
-        [one] => &one.inputs[..],
+    let joined: (Vec<f32>, Vec<[u32; 4]>);
+    let (inputs, boxes) = match jobs {
+        [one] => (&one.inputs[..], &one.boxes[..]),
         _ => {
-            joined = jobs.iter().flat_map(|j| j.inputs.iter().copied()).collect();
-            &joined[..]
+            joined = (
+                jobs.iter().flat_map(|j| j.inputs.iter().copied()).collect(),
+                jobs.iter().flat_map(|j| j.boxes.iter().copied()).collect(),
+            );
+            (&joined.0[..], &joined.1[..])
         }
     };
     let classified = if backend.input_size() as u32 == model.input_size {
         classify_inputs(
-            inputs,
+            CellInputs {
+                pixels: inputs,
+                boxes,
+                size: model.size.as_ref(),
+            },
             backend,
             &model.class_names,
             sh.settings.min_confidence,
@@ -315,7 +323,7 @@ fn process(sh: &Shared, backend: &mut dyn Backend, jobs: &[Job]) {
     };
     let mut rest = &predictions[..];
     for job in jobs {
-        let (mine, after) = rest.split_at(job.cells);
+        let (mine, after) = rest.split_at(job.boxes.len());
         rest = after;
         match store(sh, job, mine) {
             Ok(()) => sh.notify.notify_one(),

@@ -11,7 +11,7 @@ use reddino_models::preprocess::{CropPolicy, Normalization};
 
 use super::commands::ModelControl;
 use crate::cells::CellFinderConfig;
-use crate::classify::{Counts, Session};
+use crate::classify::{Counts, Session, SizeInput};
 use crate::infer::Backend;
 use crate::publish::messages::{FrameStats, OutboxStats, ReplyMsg, StatusMsg, VERSION};
 use crate::publish::outbox::Outbox;
@@ -57,6 +57,8 @@ pub struct ModelInfo {
     pub normalization: Normalization,
     /// Side of the model's square input (crops are cut and resized to it).
     pub input_size: u32,
+    /// The head's size term, at the device's scale (`analysis.um_per_px`).
+    pub size: Option<SizeInput>,
 }
 
 /// A model as the stages use it: its identity, how its cells are found and cut, and (until

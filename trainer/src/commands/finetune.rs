@@ -47,6 +47,12 @@ pub struct FinetuneArgs {
     /// Weigh the cross-entropy by inverse class frequency (imbalanced classes).
     #[arg(long)]
     pub balanced: bool,
+    /// Give the head each cell's measured size too, at this many micrometres per pixel of
+    /// the training fields (the crops must come from `reddino-edge import` of labelled
+    /// fields, whose crops.csv has the cells' boxes). The exported bundle carries the term
+    /// and its scale; the edge measures each cell's box the same way.
+    #[arg(long, value_name = "UM_PER_PX")]
+    pub cell_size: Option<f32>,
     /// Cross-validate first: one fine-tune per source folder of the data, tested on that
     /// folder (with `reddino-edge import --folds K`, K-fold cross-validation by field);
     /// writes OUT/cv/report.json and report.md, then fine-tunes on everything.
@@ -72,6 +78,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         seed,
         threads,
         balanced,
+        cell_size,
         cross_validate,
         cv_only,
     } = args;
@@ -102,8 +109,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         },
         seed,
         balanced,
+        cell_size,
         ..defaults
     };
+    // Refused before any work: bad settings, crops without boxes for the size input.
+    cfg.validate()?;
+    if let Some(um) = cfg.cell_size {
+        let _ = set.size_features(um)?;
+    }
     if cross_validate {
         let cv = crate::finetune::cross_validate(&init, &set, &cfg, device, |f, s| {
             log::info!(
@@ -182,6 +195,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         "crop_scale": crop_scale,
         "seed": seed,
         "balanced": balanced,
+        "cell_size_um_per_px": cell_size,
         "first_loss": r.first_loss,
         "last_loss": r.last_loss,
         "seconds": t0.elapsed().as_secs_f64(),

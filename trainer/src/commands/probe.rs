@@ -47,6 +47,7 @@ pub fn run(args: ProbeArgs) -> Result<()> {
         class_names: set.class_names.clone(),
         weight: tensor(&probe.weight)?,
         bias: tensor(&probe.bias)?,
+        size: None,
     };
     head.validate(f.size()[1] as usize)?;
     std::fs::write(&out, head.to_bytes()?).with_context(|| format!("writing {}", out.display()))?;
