@@ -473,13 +473,7 @@ fn the_heads_size_term_travels_in_the_manifest_and_is_checked() {
     let dir = f.root.join("sized");
     let w = weights();
     let m = bundle::write_dir(
-        &NewBundle::new(
-            "sized".into(),
-            "1.0.0".into(),
-            String::new(),
-            &w,
-            Some(&sized),
-        ),
+        &NewBundle::new("sized", "1.0.0", "", &w, Some(&sized)),
         &dir,
         &f.key,
     )
@@ -487,21 +481,22 @@ fn the_heads_size_term_travels_in_the_manifest_and_is_checked() {
     assert_eq!(m.cell_size, sized.size);
     assert_eq!(open(&f, &dir).unwrap().manifest().cell_size, sized.size);
 
+    let (four, wide) = (vec![[1.0f32, 0.0]; 4], vec![[1.0f32, 0.0, 2.0]; 4]);
     let edits: [(serde_json::Value, &str); 4] = [
         (
             serde_json::json!({"um_per_px": 0.18, "weight": [[1.0, 0.0]]}),
             "1 rows for 4 classes",
         ),
         (
-            serde_json::json!({"um_per_px": 0.0, "weight": [[1.0, 0.0]; 4]}),
+            serde_json::json!({"um_per_px": 0.0, "weight": four}),
             "um_per_px",
         ),
         (
-            serde_json::json!({"um_per_px": 0.18, "weight": [[1.0, 0.0, 2.0]; 4]}),
-            "cell_size",
+            serde_json::json!({"um_per_px": 0.18, "weight": wide}),
+            "invalid length 3",
         ),
         (
-            serde_json::json!({"um_per_px": 0.18, "weight": [[1.0, 0.0]; 4], "bias": 1}),
+            serde_json::json!({"um_per_px": 0.18, "weight": four, "bias": 1}),
             "bias",
         ),
     ];
