@@ -285,7 +285,8 @@ fn logits_to_predictions(
 }
 
 /// Classifies cell crops in batches of the backend's size: preprocess, run, softmax and the
-/// `uncertain` threshold. One prediction per crop, in order.
+/// `uncertain` threshold. One prediction per crop, in order. Crops carry no box: for a head
+/// with a size term (manifest `cell_size`) use [`classify_inputs`].
 pub fn classify_crops<C: Borrow<RgbImage>>(
     crops: &[C],
     backend: &mut dyn Backend,
