@@ -63,6 +63,23 @@ impl CellSize {
         Ok(())
     }
 
+    /// A term from its weights as a row-major `[classes, FEATURES]` array (a tensor's data);
+    /// a trailing partial row is dropped ([`CellSize::validate`] then counts the rows).
+    pub fn from_flat(um_per_px: f32, weight: &[f32]) -> CellSize {
+        CellSize {
+            um_per_px,
+            weight: weight
+                .chunks_exact(FEATURES)
+                .map(|r| r.try_into().expect("a row of FEATURES"))
+                .collect(),
+        }
+    }
+
+    /// The weights as a row-major `[classes, FEATURES]` array.
+    pub fn flat_weight(&self) -> Vec<f32> {
+        self.weight.iter().flatten().copied().collect()
+    }
+
     /// Adds the size term of a cell with these `features` to its `logits` (one per class).
     pub fn add_to(&self, logits: &mut [f32], features: &[f32; FEATURES]) {
         for (l, w) in logits.iter_mut().zip(&self.weight) {

@@ -570,10 +570,7 @@ impl LinearHead {
         let mut metadata = meta(CLASSES_META, names);
         let size = self.size.as_ref().map(|s| {
             metadata.insert(UM_PER_PX_META.into(), s.um_per_px.to_string());
-            Tensor::new(
-                vec![s.weight.len(), cellsize::FEATURES],
-                s.weight.iter().flatten().copied().collect(),
-            )
+            Tensor::new(vec![s.weight.len(), cellsize::FEATURES], s.flat_weight())
         });
         let mut tensors = vec![(&w, &self.weight), (&b, &self.bias)];
         if let Some(t) = &size {
@@ -618,12 +615,7 @@ impl LinearHead {
                 let um_per_px = scale
                     .parse::<f32>()
                     .map_err(|e| err(format!("bad `{UM_PER_PX_META}` {scale:?}: {e}")))?;
-                let weight = w
-                    .data
-                    .chunks_exact(cellsize::FEATURES)
-                    .map(|r| [r[0], r[1]])
-                    .collect();
-                Some(CellSize { um_per_px, weight })
+                Some(CellSize::from_flat(um_per_px, &w.data))
             }
             (Some(_), None) => {
                 return Err(err(format!(

@@ -398,15 +398,7 @@ pub fn finetune(
         bias: to_tensor(head.bs.as_ref().expect("head has a bias"))?,
         size: match (&size_head, cfg.cell_size) {
             (Some(h), Some(um_per_px)) => {
-                let w = to_tensor(&h.ws)?;
-                Some(CellSize {
-                    um_per_px,
-                    weight: w
-                        .data
-                        .chunks_exact(FEATURES)
-                        .map(|r| [r[0], r[1]])
-                        .collect(),
-                })
+                Some(CellSize::from_flat(um_per_px, &to_tensor(&h.ws)?.data))
             }
             _ => None,
         },
@@ -474,8 +466,8 @@ pub fn classify_set(
     let mut logits = set.embed(vit, device, batch)?.matmul(&w.tr()) + &bias;
     if let Some(size) = &head.size {
         // The edge's size term, on each crop's box at the head's own scale.
-        let u: Vec<f32> = size.weight.iter().flatten().copied().collect();
-        let u = Tensor::from_slice(&u).view([size.weight.len() as i64, FEATURES as i64]);
+        let u = Tensor::from_slice(&size.flat_weight())
+            .view([size.weight.len() as i64, FEATURES as i64]);
         logits += set.size_features(size.um_per_px)?.matmul(&u.tr());
     }
     let pred = Vec::<i64>::try_from(logits.argmax(1, false))?;
