@@ -21,13 +21,17 @@ impl SizeInput {
     /// the model was trained at: the same microscope and camera); `None` for a head without a
     /// size term.
     pub fn of(manifest: &Manifest, um_per_px: f32) -> Option<SizeInput> {
-        manifest.cell_size.clone().map(|term| SizeInput {
-            um_per_px: if um_per_px > 0.0 {
-                um_per_px
+        manifest.cell_size.clone().map(|term| {
+            let (um_per_px, whose) = if um_per_px > 0.0 {
+                (um_per_px, "this device's analysis.um_per_px")
             } else {
-                term.um_per_px
-            },
-            term,
+                (term.um_per_px, "the model's training scale")
+            };
+            log::info!(
+                "{} reads each cell's size too: boxes measured at {um_per_px} um per pixel ({whose})",
+                manifest.name
+            );
+            SizeInput { um_per_px, term }
         })
     }
 

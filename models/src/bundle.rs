@@ -905,8 +905,8 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
         }
         .into());
     }
-    let manifest: Manifest =
-        serde_json::from_value(value).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    let manifest: Manifest = serde_path_to_error::deserialize(value)
+        .map_err(|e| BundleError::BadManifest(format!("`{}`: {}", e.path(), e.inner())))?;
     if manifest.input_size != manifest.arch.img_size
         || manifest.embed_dim != manifest.arch.embed_dim
     {

@@ -493,11 +493,11 @@ fn the_heads_size_term_travels_in_the_manifest_and_is_checked() {
         ),
         (
             serde_json::json!({"um_per_px": 0.18, "weight": wide}),
-            "invalid length 3",
+            "`cell_size.weight[0]`: invalid length 3",
         ),
         (
             serde_json::json!({"um_per_px": 0.18, "weight": four, "bias": 1}),
-            "bias",
+            "`cell_size.bias`: unknown field `bias`",
         ),
     ];
     for (bad, says) in edits {

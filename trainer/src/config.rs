@@ -41,6 +41,17 @@ pub struct ModelConfig {
     pub weights_dir: PathBuf,
     /// How the starting weights' position embedding is brought to `img_size`.
     pub init_pos_resample: PosResample,
+    /// LayerScale gammas of a backbone started from scratch (`init = "scratch"`). DINOv2's
+    /// 1e-5 (the default) leaves every block's output out of the residual stream at first:
+    /// the CLS output is nearly the same for every image, the teacher's targets uniform, and
+    /// the DINO loss stays at ln(prototypes) for as long as the gammas take to grow. A small
+    /// model trained from scratch on few images needs 1 (DINO's ViTs, without LayerScale).
+    #[serde(default = "default_layerscale_init")]
+    pub layerscale_init: f64,
+}
+
+fn default_layerscale_init() -> f64 {
+    crate::vit::LAYERSCALE_INIT
 }
 
 /// The starting weights of a pretraining run.
@@ -277,6 +288,7 @@ impl Config {
                 },
                 weights_dir: PathBuf::from("weights"),
                 init_pos_resample: PosResample::Bicubic,
+                layerscale_init: crate::vit::LAYERSCALE_INIT,
             },
             head: if tiny {
                 HeadConfig {
@@ -489,6 +501,10 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.ssl.mask_probability) {
             bail!("`ssl.mask_probability` must be in [0, 1]");
+        }
+        let ls = self.model.layerscale_init;
+        if !(ls > 0.0 && ls.is_finite()) {
+            bail!("`model.layerscale_init` = {ls}: expected a positive number (DINOv2: 1e-5)");
         }
         for (key, v) in [
             ("optim.warmup_epochs", self.optim.warmup_epochs),

@@ -47,6 +47,7 @@ impl Network {
         head: &HeadConfig,
         init: Option<&VitWeights>,
         resample: PosResample,
+        layerscale_init: f64,
     ) -> Result<Network> {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -54,7 +55,11 @@ impl Network {
             Some(w) => {
                 Vit::from_weights_resampled(&(&root / "backbone"), w, vit.img_size, resample)?
             }
-            None => Vit::new(&(&root / "backbone"), vit, 1)?,
+            None => {
+                let vit = Vit::new(&(&root / "backbone"), vit, 1)?;
+                vit.fill_layer_scale(layerscale_init);
+                vit
+            }
         };
         let head = DinoHead::new(&(&root / "dino_head"), vit.embed_dim, head);
         Ok(Network { vs, backbone, head })

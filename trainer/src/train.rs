@@ -244,9 +244,10 @@ impl Trainer {
             None => None,
         };
         let resample = cfg.model.init_pos_resample;
-        let mut student = Network::new(device, &vit, &cfg.head, init.as_ref(), resample)?;
+        let ls = cfg.model.layerscale_init;
+        let mut student = Network::new(device, &vit, &cfg.head, init.as_ref(), resample, ls)?;
         student.backbone.drop_path = cfg.model.drop_path;
-        let mut teacher = Network::new(device, &vit, &cfg.head, init.as_ref(), resample)?;
+        let mut teacher = Network::new(device, &vit, &cfg.head, init.as_ref(), resample, ls)?;
         if let Some(g) = &group {
             // Every rank starts from rank 0's student (DDP's broadcast at construction).
             let vars: Vec<Tensor> = student.named().into_iter().map(|(_, t)| t).collect();

@@ -197,14 +197,20 @@ impl Vit {
     /// nearly the same CLS feature: a baseline that cannot win).
     pub fn random_baseline(p: &nn::Path, config: &VitConfig, pos_prefix: usize) -> Result<Vit> {
         let vit = Vit::new(p, config, pos_prefix)?;
+        vit.fill_layer_scale(1.0);
+        Ok(vit)
+    }
+
+    /// Sets every LayerScale gamma to `value` (a fresh backbone's start; no-op without
+    /// LayerScale).
+    pub fn fill_layer_scale(&self, value: f64) {
         tch::no_grad(|| {
-            for b in &vit.blocks {
+            for b in &self.blocks {
                 for g in [&b.ls1, &b.ls2].into_iter().flatten() {
-                    let _ = g.shallow_clone().fill_(1.0);
+                    let _ = g.shallow_clone().fill_(value);
                 }
             }
         });
-        Ok(vit)
     }
 
     pub fn from_weights(p: &nn::Path, weights: &VitWeights, img_size: usize) -> Result<Vit> {

@@ -410,3 +410,44 @@ fn bgr_runs_see_the_channels_reversed() {
     let c = bgr.train_step(&images.flip([1])).unwrap().0.total;
     assert_ne!(a, c, "the channel order changed nothing");
 }
+
+#[test]
+fn a_fresh_backbone_starts_at_the_configured_layer_scale() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut cfg) = setup(dir.path());
+    let gammas = |t: &Trainer| -> Vec<f64> {
+        [&t.student, &t.teacher]
+            .into_iter()
+            .flat_map(|n| n.named())
+            .filter(|(k, _)| k.ends_with(".gamma"))
+            .flat_map(|(_, g)| Vec::<f64>::try_from(g.to_kind(tch::Kind::Double)).unwrap())
+            .collect()
+    };
+    let default = gammas(&Trainer::new(cfg.clone()).unwrap());
+    assert!(!default.is_empty());
+    assert!(
+        default.iter().all(|&g| (g - 1e-5).abs() < 1e-9),
+        "{default:?}"
+    );
+    cfg.model.layerscale_init = 1.0;
+    let one = gammas(&Trainer::new(cfg.clone()).unwrap());
+    assert_eq!(one.len(), default.len());
+    assert!(one.iter().all(|&g| g == 1.0), "{one:?}");
+    // From a file: the key is read, and a value that cannot start a run is refused by name.
+    let base = dir.path();
+    let parse = |s: &str| Config::from_toml(&format!("preset = \"tiny\"\n[model]\n{s}"), base);
+    assert_eq!(
+        parse("layerscale_init = 0.5")
+            .unwrap()
+            .model
+            .layerscale_init,
+        0.5
+    );
+    assert_eq!(
+        parse("").unwrap().model.layerscale_init,
+        reddino_trainer::vit::LAYERSCALE_INIT
+    );
+    let err = format!("{:#}", parse("layerscale_init = 0.0").unwrap_err());
+    assert!(err.contains("model.layerscale_init"), "{err}");
+}
