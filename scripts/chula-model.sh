@@ -5,14 +5,17 @@
 # crop of them (no labels), probes of the pretrained features and of the two baselines (the
 # same ViT with random weights, raw pixels) under 5-fold cross-validation by field,
 # fine-tuning cross-validated the same way, the final fine-tune on every development field,
-# its score on the held-out fields, and the export signed with the demo key. About 45 minutes
-# on two CPU cores; everything goes under target/chula-model/ (override with CHULA_MODEL_WORK).
+# its score on the held-out fields, and the export signed with the demo key. About an hour
+# on two CPU cores; everything goes under target/chula-model/ (override with
+# CHULA_MODEL_WORK).
 #
 #   ./scripts/chula-model.sh [DATA]            # DATA: default ../shared/data/chula-rbc-12
 #   ./scripts/chula-model.sh [DATA] --no-ship  # everything but replacing the shipped bundle
 #   CHULA_MODEL_PIXELS=0 ./scripts/chula-model.sh   # without the raw-pixel probe (18 min less)
 #   CHULA_MODEL_PROBES=0 ./scripts/chula-model.sh   # without the frozen-feature probes (7 min)
 #   CHULA_MODEL_EPOCHS=10, CHULA_MODEL_UM_PER_PX=0  # fewer epochs; the head without the size
+#   CHULA_MODEL_PRETRAIN=docs/models/chula-pretrain-dino.toml ./scripts/chula-model.sh DATA --no-ship
+#       # another pretraining config (that one: 3 000 steps whose DINO loss learns; see the card)
 # Each step's time goes to $W/times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +65,7 @@ ln -s ../unlabelled "$W/ssl/unlabelled"
 step import
 
 echo "== 2/7 self-supervised pretraining (DINOv2 losses, every crop of the development fields)"
-cp docs/models/chula-pretrain.toml "$W/pretrain.toml" # its paths are relative to $W
+cp "${CHULA_MODEL_PRETRAIN:-docs/models/chula-pretrain.toml}" "$W/pretrain.toml" # paths relative to $W
 (cd "$W" && "../release/reddino-trainer" pretrain --config pretrain.toml)
 PRETRAINED="$W/pretrain/checkpoints/$(cat "$W/pretrain/checkpoints/last")/backbone.safetensors"
 step pretrain

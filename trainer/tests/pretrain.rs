@@ -451,3 +451,21 @@ fn a_fresh_backbone_starts_at_the_configured_layer_scale() {
     let err = format!("{:#}", parse("layerscale_init = 0.0").unwrap_err());
     assert!(err.contains("model.layerscale_init"), "{err}");
 }
+
+#[test]
+fn the_model_cards_pretraining_configs_parse() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/models");
+    let read = |name: &str| {
+        let text = std::fs::read_to_string(docs.join(name)).unwrap();
+        Config::from_toml(&text, Path::new("work")).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+    };
+    let shipped = read("chula-pretrain.toml");
+    assert_eq!(shipped.total_steps(), 300);
+    let dino = read("chula-pretrain-dino.toml");
+    assert_eq!(dino.total_steps(), 3000);
+    assert_eq!(
+        (dino.model.layerscale_init, dino.augment.ops_per_image),
+        (1.0, 0)
+    );
+    read("demo-pretrain.toml");
+}
