@@ -45,7 +45,9 @@ pub struct ModelConfig {
     /// 1e-5 (the default) leaves every block's output out of the residual stream at first:
     /// the CLS output is nearly the same for every image, the teacher's targets uniform, and
     /// the DINO loss stays at ln(prototypes) for as long as the gammas take to grow. A small
-    /// model trained from scratch on few images needs 1 (DINO's ViTs, without LayerScale).
+    /// model trained from scratch on few, similar images needs 1 (DINO's ViTs, without
+    /// LayerScale), and views that keep what they show in common (docs/training.md). Not used
+    /// when the weights come from a checkpoint: its gammas are loaded.
     #[serde(default = "default_layerscale_init")]
     pub layerscale_init: f64,
 }
