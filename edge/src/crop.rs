@@ -16,6 +16,8 @@ use crate::cells::{self, Cell, CellFinderConfig};
 /// run on the current rayon pool: the same result on any number of threads.
 pub struct FrameInputs {
     pub cells: Vec<Cell>,
+    /// Each cell's box, in order (what the crops were cut from, and a size term measures).
+    pub boxes: Vec<[u32; 4]>,
     pub inputs: Vec<f32>,
 }
 
@@ -31,7 +33,11 @@ pub fn find_and_cut_into(
     let boxes: Vec<[u32; 4]> = cells.iter().map(|c| c.bbox).collect();
     let mut inputs = vec![0f32; boxes.len() * 3 * (size * size) as usize];
     policy.cut_into(img, &boxes, owners.as_ref(), size, norm, &mut inputs);
-    FrameInputs { cells, inputs }
+    FrameInputs {
+        cells,
+        boxes,
+        inputs,
+    }
 }
 
 /// The cells of a frame and their crops, one per cell in order, as a model with this crop

@@ -199,9 +199,9 @@ pub fn analyze_image(
     let size = backend.input_size() as u32;
     let FrameInputs {
         cells: found,
+        boxes,
         inputs,
     } = find_and_cut_into(img, &cfg.cells, &cfg.crop, size, norm);
-    let boxes: Vec<[u32; 4]> = found.iter().map(|c| c.bbox).collect();
     let cells = CellInputs {
         pixels: &inputs,
         boxes: &boxes,

@@ -130,7 +130,7 @@ impl Pipeline {
                         let (size, norm) = (m.info.input_size, &m.info.normalization);
                         find_and_cut_into(img, &m.cells, &m.crop, size, norm)
                     };
-                    let FrameInputs { cells, inputs } = match &pool {
+                    let FrameInputs { boxes, inputs, .. } = match &pool {
                         Some(p) => p.install(cut),
                         None => cut(),
                     };
@@ -138,7 +138,7 @@ impl Pipeline {
                         frame,
                         arrived,
                         inputs,
-                        boxes: cells.iter().map(|c| c.bbox).collect(),
+                        boxes,
                         model,
                     };
                     if jq.push_wait(job).is_err() {
