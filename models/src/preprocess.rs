@@ -56,9 +56,8 @@ struct Scratch {
     crop: Vec<u8>,
     /// The crop at the model's size.
     resized: Vec<u8>,
-    /// Pixels of the crop to blank.
-    core: Vec<bool>,
-    blank: Vec<bool>,
+    /// Masks of the crop for blanking its neighbours.
+    blanking: Blanking,
 }
 
 thread_local! {
@@ -66,8 +65,7 @@ thread_local! {
         resizer: fr::Resizer::new(),
         crop: Vec::new(),
         resized: Vec::new(),
-        core: Vec::new(),
-        blank: Vec::new(),
+        blanking: Blanking::default(),
     });
 }
 
@@ -322,17 +320,8 @@ impl CropPolicy {
                     let at = square_crop_rect(w, h, b, self.margin, floor);
                     copy_square(img, at[0], at[1], at[2], &mut s.crop);
                     if let Some(o) = owners {
-                        let (core, blank) = (&mut s.core, &mut s.blank);
-                        blank_neighbours(
-                            &mut s.crop,
-                            img,
-                            o,
-                            i as u32,
-                            at,
-                            core,
-                            blank,
-                            &frame_fill,
-                        );
+                        s.blanking
+                            .run(&mut s.crop, img, o, i as u32, at, &frame_fill);
                     }
                     let (side, crop) = (at[2], &s.crop);
                     resize_normalise(
@@ -381,11 +370,8 @@ pub fn blanked_crop(
     let mut crop = Vec::new();
     copy_square(img, left, top, side, &mut crop);
     let fill = std::sync::OnceLock::new();
-    let (mut core, mut blank) = (Vec::new(), Vec::new());
     let at = [left, top, side];
-    blank_neighbours(
-        &mut crop, img, owners, own, at, &mut core, &mut blank, &fill,
-    );
+    Blanking::default().run(&mut crop, img, owners, own, at, &fill);
     RgbImage::from_raw(side, side, crop).expect("buffer sized for the crop")
 }
 
@@ -408,71 +394,118 @@ fn copy_square(img: &RgbImage, left: u32, top: u32, side: u32, out: &mut Vec<u8>
     }
 }
 
-/// Blanks, in the crop `crop` cut at `[left, top, side]`, the pixels of every object of
-/// `owners` but `own` and the background within [`NEIGHBOUR_RIM`] of them, with the mean
-/// colour of the crop's remaining background (the frame's, kept in `frame_fill`, when the crop
-/// has none). `core` and `blank` are scratch.
-#[allow(clippy::too_many_arguments)]
-fn blank_neighbours(
-    crop: &mut [u8],
-    img: &RgbImage,
-    owners: &OwnerMap,
-    own: u32,
-    [left, top, side]: [u32; 3],
-    core: &mut Vec<bool>,
-    blank: &mut Vec<bool>,
-    frame_fill: &std::sync::OnceLock<[u8; 3]>,
-) {
-    let (w, s) = (img.width() as usize, side as usize);
-    let owner = |x: usize, y: usize| owners.ids[(top as usize + y) * w + left as usize + x];
-    // The neighbours' pixels, then grown by the rim into the background.
-    core.clear();
-    core.extend((0..s * s).map(|p| {
-        let o = owner(p % s, p / s);
-        o != OwnerMap::BACKGROUND && o != own
-    }));
-    if !core.iter().any(|&b| b) {
-        return;
-    }
-    // The core dilated by a (2 rim + 1) square, rows then columns; background pixels under
-    // it join the core.
-    let r = NEIGHBOUR_RIM as usize;
-    blank.clear();
-    blank.resize(s * s, false);
-    for y in 0..s {
-        let row = &core[y * s..(y + 1) * s];
-        for x in 0..s {
-            blank[y * s + x] = row[x.saturating_sub(r)..(x + r + 1).min(s)].contains(&true);
+/// Scratch masks of one crop for [`Blanking::run`] (0/1 bytes, so that the dilations run as
+/// whole-row byte operations).
+#[derive(Default)]
+struct Blanking {
+    /// Other objects' pixels.
+    core: Vec<u8>,
+    /// Background pixels.
+    background: Vec<u8>,
+    /// `core` dilated along the rows, then along the columns.
+    rows: Vec<u8>,
+    near: Vec<u8>,
+}
+
+impl Blanking {
+    /// Blanks, in the crop `crop` cut at `[left, top, side]`, the pixels of every object of
+    /// `owners` but `own` and the background within [`NEIGHBOUR_RIM`] of them (a square
+    /// neighbourhood), with the mean colour of the crop's remaining background (the frame's,
+    /// kept in `frame_fill`, when the crop has none).
+    fn run(
+        &mut self,
+        crop: &mut [u8],
+        img: &RgbImage,
+        owners: &OwnerMap,
+        own: u32,
+        [left, top, side]: [u32; 3],
+        frame_fill: &std::sync::OnceLock<[u8; 3]>,
+    ) {
+        let (w, s) = (img.width() as usize, side as usize);
+        let Blanking {
+            core,
+            background,
+            rows,
+            near,
+        } = self;
+        for v in [&mut *core, &mut *background, &mut *rows, &mut *near] {
+            v.clear();
+            v.resize(s * s, 0);
         }
-    }
-    let rows = blank.clone();
-    for y in 0..s {
-        for x in 0..s {
-            let near = (y.saturating_sub(r)..(y + r + 1).min(s)).any(|ny| rows[ny * s + x]);
-            let p = y * s + x;
-            blank[p] = core[p] || (near && owner(x, y) == OwnerMap::BACKGROUND);
+        let mut any = 0u8;
+        for y in 0..s {
+            let start = (top as usize + y) * w + left as usize;
+            let ids = &owners.ids[start..start + s];
+            let (c, b) = (
+                &mut core[y * s..(y + 1) * s],
+                &mut background[y * s..(y + 1) * s],
+            );
+            for ((c, b), &o) in c.iter_mut().zip(b.iter_mut()).zip(ids) {
+                *b = (o == OwnerMap::BACKGROUND) as u8;
+                *c = (o != OwnerMap::BACKGROUND && o != own) as u8;
+                any |= *c;
+            }
         }
-    }
-    let background = crop
-        .chunks_exact(3)
-        .enumerate()
-        .filter(|(p, _)| !blank[*p] && owner(p % s, p / s) == OwnerMap::BACKGROUND)
-        .map(|(_, px)| px);
-    let fill = mean_colour(background).unwrap_or_else(|| {
-        // No background in the crop: the frame's (white when it has none).
-        *frame_fill.get_or_init(|| {
-            let frame = img
-                .as_raw()
-                .chunks_exact(3)
-                .zip(&owners.ids)
-                .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
-                .map(|(px, _)| px);
-            mean_colour(frame).unwrap_or([255; 3])
-        })
-    });
-    for (px, &b) in crop.chunks_exact_mut(3).zip(blank.iter()) {
-        if b {
-            px.copy_from_slice(&fill);
+        if any == 0 {
+            return;
+        }
+        // The core dilated by a (2 rim + 1) square, rows then columns (clipped to the crop).
+        let r = (NEIGHBOUR_RIM as usize).min(s.saturating_sub(1));
+        rows.copy_from_slice(core);
+        for (dst, src) in rows.chunks_exact_mut(s).zip(core.chunks_exact(s)) {
+            for d in 1..=r {
+                for (o, &v) in dst[..s - d].iter_mut().zip(&src[d..]) {
+                    *o |= v;
+                }
+                for (o, &v) in dst[d..].iter_mut().zip(&src[..s - d]) {
+                    *o |= v;
+                }
+            }
+        }
+        near.copy_from_slice(rows);
+        for d in 1..=r {
+            let n = s * (s - d);
+            for (o, &v) in near[..n].iter_mut().zip(&rows[s * d..]) {
+                *o |= v;
+            }
+            for (o, &v) in near[s * d..].iter_mut().zip(&rows[..n]) {
+                *o |= v;
+            }
+        }
+        // Blanked: the neighbours' pixels and the background near them; the rest of the
+        // background gives the fill.
+        let (mut sum, mut n) = ([0u64; 3], 0u64);
+        for ((px, &b), &nr) in crop.chunks_exact(3).zip(background.iter()).zip(near.iter()) {
+            if b & !nr & 1 != 0 {
+                for (t, &v) in sum.iter_mut().zip(px) {
+                    *t += v as u64;
+                }
+                n += 1;
+            }
+        }
+        let fill = if n > 0 {
+            sum.map(|v| ((v + n / 2) / n) as u8)
+        } else {
+            // No background in the crop: the frame's (white when it has none).
+            *frame_fill.get_or_init(|| {
+                let frame = img
+                    .as_raw()
+                    .chunks_exact(3)
+                    .zip(&owners.ids)
+                    .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
+                    .map(|(px, _)| px);
+                mean_colour(frame).unwrap_or([255; 3])
+            })
+        };
+        for (((px, &c), &b), &nr) in crop
+            .chunks_exact_mut(3)
+            .zip(core.iter())
+            .zip(background.iter())
+            .zip(near.iter())
+        {
+            if c | (b & nr) != 0 {
+                px.copy_from_slice(&fill);
+            }
         }
     }
 }
@@ -637,6 +670,101 @@ mod tests {
                 let mut got = vec![1f32; boxes.len() * per];
                 policy.cut_into(&img, &boxes, Some(&owners), size as u32, &norm, &mut got);
                 assert_eq!(got, want, "{policy:?} at {size}");
+            }
+        }
+    }
+
+    /// Blanking as it reads: per pixel, the neighbours within the rim looked up one by one.
+    fn blank_reference(
+        crop: &mut [u8],
+        img: &RgbImage,
+        owners: &OwnerMap,
+        own: u32,
+        [left, top, side]: [u32; 3],
+    ) {
+        let (w, s, r) = (img.width() as usize, side as usize, NEIGHBOUR_RIM as usize);
+        let owner = |x: usize, y: usize| owners.ids[(top as usize + y) * w + left as usize + x];
+        let core = |x: usize, y: usize| {
+            let o = owner(x, y);
+            o != OwnerMap::BACKGROUND && o != own
+        };
+        let near = |x: usize, y: usize| {
+            (y.saturating_sub(r)..(y + r + 1).min(s))
+                .any(|ny| (x.saturating_sub(r)..(x + r + 1).min(s)).any(|nx| core(nx, ny)))
+        };
+        let blank =
+            |x: usize, y: usize| core(x, y) || (near(x, y) && owner(x, y) == OwnerMap::BACKGROUND);
+        if !(0..s * s).any(|p| core(p % s, p / s)) {
+            return;
+        }
+        let kept: Vec<usize> = (0..s * s)
+            .filter(|&p| !blank(p % s, p / s) && owner(p % s, p / s) == OwnerMap::BACKGROUND)
+            .collect();
+        let fill =
+            mean_colour(kept.iter().map(|&p| &crop[3 * p..3 * p + 3])).unwrap_or_else(|| {
+                let frame = img
+                    .as_raw()
+                    .chunks_exact(3)
+                    .zip(&owners.ids)
+                    .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
+                    .map(|(px, _)| px);
+                mean_colour(frame).unwrap_or([255; 3])
+            });
+        for p in 0..s * s {
+            if blank(p % s, p / s) {
+                crop[3 * p..3 * p + 3].copy_from_slice(&fill);
+            }
+        }
+    }
+
+    #[test]
+    fn blanking_matches_its_per_pixel_reading() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (w, h) = (90u32, 70u32);
+        for round in 0..40 {
+            let img = RgbImage::from_fn(w, h, |_, _| image::Rgb(rng.gen::<[u8; 3]>()));
+            // Blobs of random owners (a few, some of them OTHER); some rounds all covered.
+            let mut owners = OwnerMap::new(w, h);
+            let ids = [0, 1, 2, 3, OwnerMap::OTHER];
+            for _ in 0..rng.gen_range(1..12) {
+                let (cx, cy, rr) = (
+                    rng.gen_range(0..w),
+                    rng.gen_range(0..h),
+                    rng.gen_range(1..15),
+                );
+                let id = ids[rng.gen_range(0..ids.len())];
+                for y in cy.saturating_sub(rr)..(cy + rr).min(h) {
+                    for x in cx.saturating_sub(rr)..(cx + rr).min(w) {
+                        owners.ids[(y * w + x) as usize] = id;
+                    }
+                }
+            }
+            if round % 10 == 9 {
+                owners.ids.iter_mut().for_each(|o| *o = 1 + (*o % 2));
+            }
+            let mut blanking = Blanking::default();
+            for _ in 0..20 {
+                let side = rng.gen_range(1..=h);
+                let at = [
+                    rng.gen_range(0..=w - side),
+                    rng.gen_range(0..=h - side),
+                    side,
+                ];
+                let own = rng.gen_range(0..4);
+                let mut got = Vec::new();
+                copy_square(&img, at[0], at[1], side, &mut got);
+                let mut want = got.clone();
+                blanking.run(
+                    &mut got,
+                    &img,
+                    &owners,
+                    own,
+                    at,
+                    &std::sync::OnceLock::new(),
+                );
+                blank_reference(&mut want, &img, &owners, own, at);
+                assert_eq!(got, want, "round {round}, crop {at:?} of cell {own}");
             }
         }
     }
