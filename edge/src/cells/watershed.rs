@@ -29,46 +29,43 @@ pub(super) struct Object {
 /// Finds the objects of `mask` (flood fill from each unvisited foreground pixel), fills their
 /// holes and computes their distance transforms. An object's filled holes are its own: what
 /// lies inside them is not an object of its own, and the scan (raster order) never starts
-/// there. The 8-connected components are labelled first and each one's object built side by
-/// side on the pool's threads; the scan then takes each component's object as it is when no
-/// earlier object's filling reached into it, else builds it from what is left, exactly as a
-/// scan alone would.
+/// there. The 8-connected components are labelled first (runs of each row joined to the
+/// runs they touch in the row above) and each one's object built side by side on the pool's
+/// threads. When no object's filling reaches another component, the scan meets the
+/// components in the order of their first pixels and takes each as built. Otherwise the scan
+/// takes each component's object as it is when no earlier object's filling reached into it,
+/// else builds it from what is left, exactly as a scan alone would.
 pub(super) fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -> Vec<Object> {
-    const NONE: u32 = u32::MAX;
-    // The components: their pixels (x, y), each one's run in `pixels`, in raster order of
-    // their first pixel.
-    let mut comp = vec![NONE; mask.len()];
-    let mut pixels: Vec<(u32, u32)> = Vec::new();
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for start in 0..mask.len() {
-        if mask[start] == 0 || comp[start] != NONE {
-            continue;
-        }
-        let id = runs.len() as u32;
-        let first = pixels.len();
-        comp[start] = id;
-        pixels.push(((start % w) as u32, (start / w) as u32));
-        spread(mask, w, &mut pixels, first, |j| {
-            if comp[j] == NONE {
-                comp[j] = id;
-                true
-            } else {
-                false
-            }
-        });
-        runs.push((first, pixels.len()));
-    }
-    let built: Vec<Option<(Object, Vec<u8>)>> = runs
+    let (runs, comps) = components(mask, w);
+    let built: Vec<(Object, Vec<u8>, bool)> = comps
         .par_iter()
         .with_max_len(1)
-        .map(|&(a, b)| Some(build_object(&pixels[a..b], mask, w, close_gaps, max_hole)))
+        .map(|c| {
+            let rs = &runs[c.clone()];
+            let (obj, local) = build_object(rs, mask, w, close_gaps, max_hole);
+            let reaches = reaches_others(&obj, &local, rs, mask, w);
+            (obj, local, reaches)
+        })
         .collect();
-    let mut built = built;
+    if !built.iter().any(|b| b.2) {
+        return built.into_iter().map(|b| b.0).collect();
+    }
+    const NONE: u32 = u32::MAX;
+    let mut comp = vec![NONE; mask.len()];
+    for (id, c) in comps.iter().enumerate() {
+        for r in &runs[c.clone()] {
+            let row = r.y as usize * w;
+            comp[row + r.x0 as usize..row + r.x1 as usize].fill(id as u32);
+        }
+    }
+    let mut built: Vec<Option<(Object, Vec<u8>)>> =
+        built.into_iter().map(|(o, l, _)| Some((o, l))).collect();
     // The scan.
     let mut seen = vec![false; mask.len()];
     // Components some earlier object's window filled into.
-    let mut touched = vec![false; runs.len()];
+    let mut touched = vec![false; comps.len()];
     let mut scratch: Vec<(u32, u32)> = Vec::new();
+    let mut scratch_runs: Vec<Run> = Vec::new();
     let mut out = Vec::new();
     for start in 0..mask.len() {
         if mask[start] == 0 || seen[start] {
@@ -85,7 +82,13 @@ pub(super) fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -
             spread(mask, w, &mut scratch, 0, |j| {
                 !std::mem::replace(&mut seen[j], true)
             });
-            build_object(&scratch, mask, w, close_gaps, max_hole)
+            scratch_runs.clear();
+            scratch_runs.extend(scratch.iter().map(|&(x, y)| Run {
+                y,
+                x0: x,
+                x1: x + 1,
+            }));
+            build_object(&scratch_runs, mask, w, close_gaps, max_hole)
         };
         for ly in 0..obj.h {
             for lx in 0..obj.w {
@@ -101,6 +104,122 @@ pub(super) fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -
         out.push(obj);
     }
     out
+}
+
+/// A run of foreground pixels in row `y`, columns `x0..x1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Run {
+    pub(super) y: u32,
+    pub(super) x0: u32,
+    pub(super) x1: u32,
+}
+
+/// The 8-connected components of `mask`: its runs grouped by component (each group in raster
+/// order) and each component's range of them, components in the raster order of their first
+/// pixels.
+pub(super) fn components(mask: &[u8], w: usize) -> (Vec<Run>, Vec<std::ops::Range<usize>>) {
+    // The runs of each row, rows side by side.
+    let per_row: Vec<Vec<Run>> = mask
+        .par_chunks_exact(w)
+        .enumerate()
+        .map(|(y, row)| {
+            let mut out = Vec::new();
+            let mut x = 0;
+            while x < w {
+                match row[x..].iter().position(|&v| v != 0) {
+                    None => break,
+                    Some(a) => x += a,
+                }
+                let x0 = x;
+                x += row[x..].iter().position(|&v| v == 0).unwrap_or(w - x);
+                out.push(Run {
+                    y: y as u32,
+                    x0: x0 as u32,
+                    x1: x as u32,
+                });
+            }
+            out
+        })
+        .collect();
+    let mut runs: Vec<Run> = Vec::with_capacity(per_row.iter().map(Vec::len).sum());
+    let mut row_start = Vec::with_capacity(per_row.len() + 1);
+    for r in per_row {
+        row_start.push(runs.len());
+        runs.extend(r);
+    }
+    row_start.push(runs.len());
+    // Union-find over the runs: a run joins every run of the row above that it touches
+    // (overlapping columns or diagonal neighbours).
+    let mut parent: Vec<u32> = (0..runs.len() as u32).collect();
+    for y in 1..row_start.len() - 1 {
+        let above = row_start[y - 1]..row_start[y];
+        let mut k = above.start;
+        for i in row_start[y]..row_start[y + 1] {
+            let r = runs[i];
+            // Runs above that end before this one's reach: done for this and later runs.
+            while k < above.end && runs[k].x1 < r.x0 {
+                k += 1;
+            }
+            let mut j = k;
+            while j < above.end && runs[j].x0 <= r.x1 {
+                let (a, b) = (
+                    find_root(&mut parent, i as u32),
+                    find_root(&mut parent, j as u32),
+                );
+                if a != b {
+                    // The root is the earlier run: a component's root is its first run.
+                    let (lo, hi) = (a.min(b), a.max(b));
+                    parent[hi as usize] = lo;
+                }
+                j += 1;
+            }
+        }
+    }
+    // Components numbered by their first run; runs grouped by component, keeping their order.
+    let mut id = vec![u32::MAX; runs.len()];
+    let mut count: Vec<usize> = Vec::new();
+    for i in 0..runs.len() {
+        let root = find_root(&mut parent, i as u32) as usize;
+        if id[root] == u32::MAX {
+            id[root] = count.len() as u32;
+            count.push(0);
+        }
+        id[i] = id[root];
+        count[id[i] as usize] += 1;
+    }
+    let mut ranges = Vec::with_capacity(count.len());
+    let mut next = Vec::with_capacity(count.len());
+    let mut at = 0;
+    for &n in &count {
+        ranges.push(at..at + n);
+        next.push(at);
+        at += n;
+    }
+    let mut grouped = vec![Run { y: 0, x0: 0, x1: 0 }; runs.len()];
+    for (r, &c) in runs.iter().zip(&id) {
+        grouped[next[c as usize]] = *r;
+        next[c as usize] += 1;
+    }
+    (grouped, ranges)
+}
+
+/// Whether the object built from `runs`, filled into `local`, holds foreground of `mask` that
+/// is not its own (another component inside its filled holes).
+fn reaches_others(obj: &Object, local: &[u8], runs: &[Run], mask: &[u8], w: usize) -> bool {
+    if obj.area == runs.iter().map(|r| (r.x1 - r.x0) as usize).sum::<usize>() {
+        return false;
+    }
+    let mut own = vec![false; local.len()];
+    for r in runs {
+        let row = (r.y as usize - obj.y0) * obj.w;
+        own[row + r.x0 as usize - obj.x0..row + r.x1 as usize - obj.x0].fill(true);
+    }
+    (0..obj.h).any(|ly| {
+        (0..obj.w).any(|lx| {
+            let l = ly * obj.w + lx;
+            local[l] != 0 && !own[l] && mask[(obj.y0 + ly) * w + obj.x0 + lx] != 0
+        })
+    })
 }
 
 /// Grows the object whose pixels from `pixels[from..]` on are known through the mask's
@@ -140,11 +259,11 @@ fn spread(
     }
 }
 
-/// The object of these pixels: its window (the box grown by one pixel and by the closing's
+/// The object of these runs of pixels: its window (the box grown by one pixel and by the closing's
 /// reach), its rims' gaps closed and holes filled, its distance transform; and its window's
 /// mask (1 on the object, holes filled).
 fn build_object(
-    pixels: &[(u32, u32)],
+    runs: &[Run],
     mask: &[u8],
     w: usize,
     close_gaps: u32,
@@ -152,19 +271,19 @@ fn build_object(
 ) -> (Object, Vec<u8>) {
     let h = mask.len() / w;
     let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
-    for &(x, y) in pixels {
-        let (x, y) = (x as usize, y as usize);
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
+    for r in runs {
+        x0 = x0.min(r.x0 as usize);
+        x1 = x1.max(r.x1 as usize - 1);
+        y0 = y0.min(r.y as usize);
+        y1 = y1.max(r.y as usize);
     }
     let pad = 1 + close_gaps as usize;
     let (wx0, wy0) = (x0.saturating_sub(pad), y0.saturating_sub(pad));
     let (ww, wh) = ((x1 + 1 + pad).min(w) - wx0, (y1 + 1 + pad).min(h) - wy0);
     let mut local = vec![0u8; ww * wh];
-    for &(x, y) in pixels {
-        local[(y as usize - wy0) * ww + (x as usize - wx0)] = 1;
+    for r in runs {
+        let row = (r.y as usize - wy0) * ww;
+        local[row + r.x0 as usize - wx0..row + r.x1 as usize - wx0].fill(1);
     }
     if close_gaps > 0 {
         close_rings(&mut local, ww, close_gaps);
