@@ -669,3 +669,38 @@ fn components_from_runs_are_the_flood_fills_of_the_mask() {
         assert_eq!(got, want, "round {round}: {w}x{h} at density {p}%");
     }
 }
+
+#[test]
+fn the_distance_transform_is_exact() {
+    // Random masks against the brute-force nearest background pixel (squared Euclidean).
+    let mut state = 3u64;
+    let mut next_u32 = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    for round in 0..80 {
+        let (w, h) = (1 + next_u32() as usize % 50, 1 + next_u32() as usize % 40);
+        let p = [50, 80, 95, 99, 100][round % 5];
+        let mask: Vec<u8> = (0..w * h).map(|_| (next_u32() % 100 < p) as u8).collect();
+        let got = distance::squared_distance(&mask, w);
+        let background: Vec<(i64, i64)> = (0..w * h)
+            .filter(|&i| mask[i] == 0)
+            .map(|i| ((i % w) as i64, (i / w) as i64))
+            .collect();
+        for i in 0..w * h {
+            let (x, y) = ((i % w) as i64, (i / w) as i64);
+            let want = if mask[i] == 0 {
+                0
+            } else {
+                background
+                    .iter()
+                    .map(|&(bx, by)| ((bx - x).pow(2) + (by - y).pow(2)) as u32)
+                    .min()
+                    .unwrap_or(u32::MAX)
+            };
+            assert_eq!(got[i], want, "round {round}: {w}x{h} at ({x}, {y})");
+        }
+    }
+}
