@@ -487,15 +487,7 @@ impl Blanking {
             sum.map(|v| ((v + n / 2) / n) as u8)
         } else {
             // No background in the crop: the frame's (white when it has none).
-            *frame_fill.get_or_init(|| {
-                let frame = img
-                    .as_raw()
-                    .chunks_exact(3)
-                    .zip(&owners.ids)
-                    .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
-                    .map(|(px, _)| px);
-                mean_colour(frame).unwrap_or([255; 3])
-            })
+            *frame_fill.get_or_init(|| frame_background_colour(img, owners))
         };
         for (((px, &c), &b), &nr) in crop
             .chunks_exact_mut(3)
@@ -508,6 +500,17 @@ impl Blanking {
             }
         }
     }
+}
+
+/// Mean colour of the frame's background pixels (white when it has none).
+fn frame_background_colour(img: &RgbImage, owners: &OwnerMap) -> [u8; 3] {
+    let frame = img
+        .as_raw()
+        .chunks_exact(3)
+        .zip(&owners.ids)
+        .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
+        .map(|(px, _)| px);
+    mean_colour(frame).unwrap_or([255; 3])
 }
 
 /// Mean colour of `pixels` (None for none).
@@ -700,16 +703,8 @@ mod tests {
         let kept: Vec<usize> = (0..s * s)
             .filter(|&p| !blank(p % s, p / s) && owner(p % s, p / s) == OwnerMap::BACKGROUND)
             .collect();
-        let fill =
-            mean_colour(kept.iter().map(|&p| &crop[3 * p..3 * p + 3])).unwrap_or_else(|| {
-                let frame = img
-                    .as_raw()
-                    .chunks_exact(3)
-                    .zip(&owners.ids)
-                    .filter(|(_, &o)| o == OwnerMap::BACKGROUND)
-                    .map(|(px, _)| px);
-                mean_colour(frame).unwrap_or([255; 3])
-            });
+        let fill = mean_colour(kept.iter().map(|&p| &crop[3 * p..3 * p + 3]))
+            .unwrap_or_else(|| frame_background_colour(img, owners));
         for p in 0..s * s {
             if blank(p % s, p / s) {
                 crop[3 * p..3 * p + 3].copy_from_slice(&fill);

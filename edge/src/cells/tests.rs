@@ -618,13 +618,7 @@ fn an_object_reaching_into_a_ring_through_its_gap_keeps_only_its_outer_part() {
 fn components_from_runs_are_the_flood_fills_of_the_mask() {
     // Random masks of every density, against a flood fill from each unvisited pixel in
     // raster order (8-connected): the same components, in the same order.
-    let mut state = 11u64;
-    let mut next_u32 = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
+    let mut next_u32 = lcg(11);
     for round in 0..60 {
         let (w, h) = (1 + next_u32() as usize % 40, 1 + next_u32() as usize % 30);
         let p = [10, 30, 50, 70, 95][round % 5];
@@ -673,13 +667,7 @@ fn components_from_runs_are_the_flood_fills_of_the_mask() {
 #[test]
 fn the_distance_transform_is_exact() {
     // Random masks against the brute-force nearest background pixel (squared Euclidean).
-    let mut state = 3u64;
-    let mut next_u32 = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
+    let mut next_u32 = lcg(3);
     for round in 0..80 {
         let (w, h) = (1 + next_u32() as usize % 50, 1 + next_u32() as usize % 40);
         let p = [50, 80, 95, 99, 100][round % 5];
@@ -702,5 +690,16 @@ fn the_distance_transform_is_exact() {
             };
             assert_eq!(got[i], want, "round {round}: {w}x{h} at ({x}, {y})");
         }
+    }
+}
+
+/// A small deterministic generator for random test masks.
+fn lcg(seed: u64) -> impl FnMut() -> u32 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
     }
 }
