@@ -462,9 +462,11 @@ fn find_cells(
         for (i, (k, _)) in cells.iter().enumerate() {
             index[*k] = i as u32;
         }
-        for id in o.ids.iter_mut().filter(|id| **id != OwnerMap::BACKGROUND) {
-            *id = index[*id as usize];
-        }
+        o.ids.par_chunks_mut(1 << 16).for_each(|ids| {
+            for id in ids.iter_mut().filter(|id| **id != OwnerMap::BACKGROUND) {
+                *id = index[*id as usize];
+            }
+        });
     }
     cells.into_iter().map(|(_, c)| c).collect()
 }
