@@ -454,41 +454,23 @@ impl Blanking {
         rows.copy_from_slice(core);
         for (dst, src) in rows.chunks_exact_mut(s).zip(core.chunks_exact(s)) {
             for d in 1..=r {
-                for (o, &v) in dst[..s - d].iter_mut().zip(&src[d..]) {
-                    *o |= v;
-                }
-                for (o, &v) in dst[d..].iter_mut().zip(&src[..s - d]) {
-                    *o |= v;
-                }
+                or_shifted(dst, src, d);
             }
         }
         near.copy_from_slice(rows);
         for d in 1..=r {
-            let n = s * (s - d);
-            for (o, &v) in near[..n].iter_mut().zip(&rows[s * d..]) {
-                *o |= v;
-            }
-            for (o, &v) in near[s * d..].iter_mut().zip(&rows[..n]) {
-                *o |= v;
-            }
+            or_shifted(near, rows, s * d);
         }
         // Blanked: the neighbours' pixels and the background near them; the rest of the
         // background gives the fill.
-        let (mut sum, mut n) = ([0u64; 3], 0u64);
-        for ((px, &b), &nr) in crop.chunks_exact(3).zip(background.iter()).zip(near.iter()) {
-            if b & !nr & 1 != 0 {
-                for (t, &v) in sum.iter_mut().zip(px) {
-                    *t += v as u64;
-                }
-                n += 1;
-            }
-        }
-        let fill = if n > 0 {
-            sum.map(|v| ((v + n / 2) / n) as u8)
-        } else {
-            // No background in the crop: the frame's (white when it has none).
-            *frame_fill.get_or_init(|| frame_background_colour(img, owners))
-        };
+        let kept = crop
+            .chunks_exact(3)
+            .zip(background.iter().zip(near.iter()))
+            .filter(|(_, (&b, &nr))| b & !nr & 1 != 0)
+            .map(|(px, _)| px);
+        // No background in the crop: the frame's (white when it has none).
+        let fill = mean_colour(kept)
+            .unwrap_or_else(|| *frame_fill.get_or_init(|| frame_background_colour(img, owners)));
         for (((px, &c), &b), &nr) in crop
             .chunks_exact_mut(3)
             .zip(core.iter())
@@ -499,6 +481,18 @@ impl Blanking {
                 px.copy_from_slice(&fill);
             }
         }
+    }
+}
+
+/// `src` shifted by `d` both ways, ORed into `dst`: `dst[i] |= src[i + d]` and
+/// `dst[i + d] |= src[i]` wherever both lie inside.
+fn or_shifted(dst: &mut [u8], src: &[u8], d: usize) {
+    let n = src.len() - d;
+    for (o, &v) in dst[..n].iter_mut().zip(&src[d..]) {
+        *o |= v;
+    }
+    for (o, &v) in dst[d..].iter_mut().zip(&src[..n]) {
+        *o |= v;
     }
 }
 
