@@ -14,6 +14,8 @@
 #   CHULA_MODEL_PIXELS=0 ./scripts/chula-model.sh   # without the raw-pixel probe (18 min less)
 #   CHULA_MODEL_PROBES=0 ./scripts/chula-model.sh   # without the frozen-feature probes (7 min)
 #   CHULA_MODEL_EPOCHS=10, CHULA_MODEL_UM_PER_PX=0  # fewer epochs; the head without the size
+#   CHULA_MODEL_VIEWS=1 (or 8)   # test-time views: the crop alone, or its quarter turns and
+#                                # their mirror images (default 4, its quarter turns)
 #   CHULA_MODEL_PRETRAIN=docs/models/chula-pretrain-dino.toml ./scripts/chula-model.sh DATA --no-ship
 #       # another pretraining config (that one: 3 000 steps whose DINO loss learns; see the card)
 # Each step's time goes to $W/times.txt.
@@ -40,6 +42,9 @@ EPOCHS=${CHULA_MODEL_EPOCHS:-20}
 # median box (42 px) taken as a normal red cell's 7.5 um. The head takes each cell's size at
 # this scale (`finetune --cell-size`); 0 = the crop alone.
 UM_PER_PX=${CHULA_MODEL_UM_PER_PX:-0.18}
+# The model averages each crop's logits over its quarter turns (`export --test-time-views`);
+# cross-validation and the held-out score read it the same way.
+VIEWS=${CHULA_MODEL_VIEWS:-4}
 FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced --pixel-ops 0 --crop-scale 1.0)
 if [[ "$UM_PER_PX" != 0 ]]; then
     FT+=(--cell-size "$UM_PER_PX")
@@ -87,18 +92,20 @@ fi
 
 echo "== 4/7 fine-tuning, 5-fold by field, then on every development field"
 $T/reddino-trainer finetune --checkpoint "$PRETRAINED" --data "$W/crops" --out "$W/finetune" \
-    "${FT[@]}" --cross-validate >/dev/null
+    "${FT[@]}" --test-time-views "$VIEWS" --cross-validate >/dev/null
 step finetune
 
 echo "== 5/7 the held-out fields"
 $T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
-    --head "$W/finetune/head.safetensors" --data "$W/heldout" --out "$W/score-heldout" >/dev/null
+    --head "$W/finetune/head.safetensors" --data "$W/heldout" --out "$W/score-heldout" \
+    --test-time-views "$VIEWS" >/dev/null
 step score
 
 echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-chula --version 0.1.0 --cell-finder real-smear \
+    --sign models/demo/demo.sec --name reddino-chula --version 0.2.0 --cell-finder real-smear \
+    --test-time-views "$VIEWS" \
     --description "ViT-tiny pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test

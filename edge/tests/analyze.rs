@@ -41,6 +41,7 @@ fn analyze_counts_every_found_cell_once() {
             crop_min_side: 0.0,
             blank_neighbours: false,
             cell_finder: String::new(),
+            test_time_views: 1,
         },
         &dir,
         &key,

@@ -94,6 +94,12 @@ pub struct Manifest {
     /// ([`crate::cellsize`]): the edge adds it to the ONNX graph's logits; absent = none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell_size: Option<CellSize>,
+    /// The graph's logits are the mean over this many turned and mirrored copies of each crop
+    /// ([`crate::onnx::export_with_views`]: 4 = its quarter turns, 8 = those and their mirror
+    /// images); 1 (or absent) = the crop alone. The graph does it: the edge feeds each crop
+    /// once either way.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub test_time_views: usize,
     /// Every file of the bundle except the manifest and its signature.
     pub files: BTreeMap<String, FileEntry>,
     pub self_test: SelfTestSpec,
@@ -116,6 +122,14 @@ fn is_zero(x: &f32) -> bool {
 
 fn is_false(x: &bool) -> bool {
     !*x
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(x: &usize) -> bool {
+    *x == 1
 }
 
 impl Manifest {
@@ -392,6 +406,8 @@ pub struct NewBundle<'a> {
     pub blank_neighbours: bool,
     /// ([`Manifest::cell_finder`]).
     pub cell_finder: String,
+    /// ([`Manifest::test_time_views`]).
+    pub test_time_views: usize,
 }
 
 impl<'a> NewBundle<'a> {
@@ -414,6 +430,7 @@ impl<'a> NewBundle<'a> {
             crop_min_side: 0.0,
             blank_neighbours: false,
             cell_finder: String::new(),
+            test_time_views: 1,
         }
     }
 }
@@ -448,7 +465,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         )));
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let model = onnx::export(new.weights, new.head)?;
+    let model = onnx::export_with_views(new.weights, new.head, new.test_time_views)?;
 
     // Self-test input: a fixed pseudo-random image in normalised units.
     let s = cfg.img_size;
@@ -485,6 +502,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         blank_neighbours: new.blank_neighbours,
         cell_finder: new.cell_finder.clone(),
         cell_size: new.head.and_then(|h| h.size.clone()),
+        test_time_views: new.test_time_views,
         files,
         self_test: SelfTestSpec {
             file: SELF_TEST.into(),
@@ -920,6 +938,8 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
         .validate()
         .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     check_crop_min_side(manifest.crop_min_side).map_err(BundleError::BadManifest)?;
+    crate::onnx::check_views(manifest.test_time_views)
+        .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     if let Some(size) = &manifest.cell_size {
         size.validate(manifest.class_names.len())
             .map_err(BundleError::BadManifest)?;

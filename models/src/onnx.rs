@@ -3,6 +3,10 @@
 //! Input `pixels` `[N, 3, S, S]` f32 (N dynamic); outputs `embedding` `[N, D]` (the CLS token
 //! after the final norm) and, with a head, `logits` `[N, C]`. Initializers carry the timm key
 //! names (`blocks.{i}.attn.qkv.weight`), so a graph and its checkpoint read side by side.
+//!
+//! With test-time views ([`export_with_views`]) the graph also turns each crop through its
+//! quarter turns (4 views) or its quarter turns and their mirror images (8), runs the ViT on
+//! every view and averages the logits; `embedding` stays the crop's own (view 0).
 
 use prost::Message;
 use tract_onnx::pb;
@@ -292,6 +296,40 @@ impl Graph {
         Ok(self.op("Add", &[&x, &m], vec![], &format!("{b}.residual2")))
     }
 
+    /// The input's `views` turned and mirrored copies, stacked along the batch: `[V * N, 3, S,
+    /// S]`, view `k` turned `k % 4` quarter turns (`torch.rot90(x, k, [2, 3])`) and mirrored
+    /// left to right when `k >= 4`.
+    fn views(&mut self, s: usize, views: usize) -> String {
+        let reversed: Vec<i64> = (0..s as i64).rev().collect();
+        let rev = self.i64s("views.reversed", &reversed);
+        let mirror = |g: &mut Self, x: &str, name: &str| {
+            g.op("Gather", &[x, &rev], vec![attr_int("axis", 3)], name)
+        };
+        // rot90(x, 1, [2, 3]) = the transpose of the image mirrored left to right.
+        let turn = |g: &mut Self, x: &str, k: usize| {
+            let m = mirror(g, x, &format!("views.turn{k}.mirrored"));
+            g.op(
+                "Transpose",
+                &[&m],
+                vec![attr_ints("perm", &[0, 1, 3, 2])],
+                &format!("views.turn{k}"),
+            )
+        };
+        let mut all = vec![INPUT.to_string()];
+        for k in 1..4 {
+            let prev = all[k - 1].clone();
+            all.push(turn(self, &prev, k));
+        }
+        if views == 8 {
+            for k in 0..4 {
+                let x = all[k].clone();
+                all.push(mirror(self, &x, &format!("views.mirror{k}")));
+            }
+        }
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.op("Concat", &refs, vec![attr_int("axis", 0)], "views")
+    }
+
     /// `[1, k, D]` token(s) broadcast to `[N, k, D]`.
     fn expand_tokens(
         &mut self,
@@ -319,10 +357,42 @@ impl Graph {
 
 /// Writes the ONNX model of `weights` at its configured input size, with an optional head.
 pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>, Error> {
+    export_with_views(weights, head, 1)
+}
+
+/// The view counts a graph may average its logits over: the crop alone, its four quarter
+/// turns, or those and their mirror images.
+pub const VIEW_COUNTS: [usize; 3] = [1, 4, 8];
+
+/// Checks a test-time view count (one of [`VIEW_COUNTS`]).
+pub fn check_views(views: usize) -> Result<(), Error> {
+    if VIEW_COUNTS.contains(&views) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{views} test-time views: a model averages 1 (the crop alone), 4 (its quarter turns) or 8 (its quarter turns and their mirror images)"
+        )))
+    }
+}
+
+/// [`export`], the logits averaged over `views` turned and mirrored copies of each crop
+/// ([`VIEW_COUNTS`]; view `k` is the crop turned `k % 4` quarter turns, mirrored left to right
+/// when `k >= 4`).
+pub fn export_with_views(
+    weights: &VitWeights,
+    head: Option<&LinearHead>,
+    views: usize,
+) -> Result<Vec<u8>, Error> {
     let cfg = &weights.config;
     cfg.validate()?;
+    check_views(views)?;
     if let Some(h) = head {
         h.validate(cfg.embed_dim)?;
+    }
+    if views > 1 && head.is_none() {
+        return Err(Error::Config(
+            "test-time views average a head's logits: give the head".into(),
+        ));
     }
     let d = cfg.embed_dim;
     let s = cfg.img_size;
@@ -341,9 +411,14 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
         "patch_embed.proj.bias",
         weights.get("patch_embed.proj.bias")?,
     );
+    let input = if views > 1 {
+        g.views(s, views)
+    } else {
+        INPUT.to_string()
+    };
     let conv = g.op(
         "Conv",
-        &[INPUT, &pw, &pb_],
+        &[&input, &pw, &pb_],
         vec![
             attr_ints("kernel_shape", &[PATCH_SIZE as i64; 2]),
             attr_ints("strides", &[PATCH_SIZE as i64; 2]),
@@ -374,7 +449,7 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
     };
     let batch = g.op(
         "Shape",
-        &[INPUT],
+        &[&input],
         vec![attr_int("start", 0), attr_int("end", 1)],
         "batch_size",
     );
@@ -392,12 +467,25 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
     }
     let normed = g.layer_norm(weights, "norm", &x)?;
     let cls_idx = g.i64_scalar("cls_index", 0);
-    g.op(
+    let cls_name = if views > 1 { "cls_views" } else { EMBEDDING };
+    let cls_out = g.op(
         "Gather",
         &[&normed, &cls_idx],
         vec![attr_int("axis", 1)],
-        EMBEDDING,
+        cls_name,
     );
+    if views > 1 {
+        // [V * N, D] -> [V, N, D]: the crops' own view is the first.
+        let shape = g.i64s("cls_views.shape", &[views as i64, -1, d as i64]);
+        let by_view = g.op("Reshape", &[&cls_out, &shape], vec![], "cls_by_view");
+        let first = g.i64_scalar("view_index", 0);
+        g.op(
+            "Gather",
+            &[&by_view, &first],
+            vec![attr_int("axis", 0)],
+            EMBEDDING,
+        );
+    }
 
     let batch_dim = Dim::Param(BATCH_DIM.into());
     let mut outputs = vec![value_info(
@@ -409,8 +497,21 @@ pub fn export(weights: &VitWeights, head: Option<&LinearHead>) -> Result<Vec<u8>
         value: serde_json::to_string(cfg).expect("config serialises"),
     }];
     if let Some(h) = head {
-        let logits = g.linear_raw("head", &h.weight, &h.bias, EMBEDDING)?;
-        g.op("Identity", &[&logits], vec![], LOGITS);
+        let c = h.class_names.len() as i64;
+        if views > 1 {
+            let logits = g.linear_raw("head", &h.weight, &h.bias, &cls_out)?;
+            let shape = g.i64s("logits_views.shape", &[views as i64, -1, c]);
+            let by_view = g.op("Reshape", &[&logits, &shape], vec![], "logits_by_view");
+            g.op(
+                "ReduceMean",
+                &[&by_view],
+                vec![attr_ints("axes", &[0]), attr_int("keepdims", 0)],
+                LOGITS,
+            );
+        } else {
+            let logits = g.linear_raw("head", &h.weight, &h.bias, EMBEDDING)?;
+            g.op("Identity", &[&logits], vec![], LOGITS);
+        }
         outputs.push(value_info(
             LOGITS,
             &[batch_dim.clone(), Dim::Fixed(h.class_names.len() as i64)],

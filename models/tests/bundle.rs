@@ -54,6 +54,7 @@ fn fixture() -> Fixture {
             crop_min_side: 0.0,
             blank_neighbours: false,
             cell_finder: String::new(),
+            test_time_views: 1,
         },
         &dir,
         &key,
@@ -447,6 +448,19 @@ fn crop_policy_is_read_from_the_manifest_and_checked() {
         BundleError::BadManifest(_)
     ));
     edit_manifest(&f, |v| v["cell_finder"] = "".into());
+    // Test-time views: absent = the crop alone; only 1, 4 or 8.
+    assert_eq!(open(&f, &f.dir).unwrap().manifest().test_time_views, 1);
+    edit_manifest(&f, |v| v["test_time_views"] = 8.into());
+    assert_eq!(open(&f, &f.dir).unwrap().manifest().test_time_views, 8);
+    for bad in [0, 3, 16] {
+        edit_manifest(&f, |v| v["test_time_views"] = bad.into());
+        let e = refusal(open(&f, &f.dir));
+        assert!(
+            matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("test-time views"),
+            "{e}"
+        );
+    }
+    edit_manifest(&f, |v| v["test_time_views"] = 1.into());
     for bad in [-1.0, 0.1, 9.0] {
         edit_manifest(&f, |v| v["crop_min_side"] = bad.into());
         let e = refusal(open(&f, &f.dir));

@@ -9,6 +9,10 @@ use reddino_models::weights::{LinearHead, Tensor, VitWeights};
 const SIZE: usize = 28;
 
 fn model_bytes() -> Vec<u8> {
+    model_bytes_with_views(1)
+}
+
+fn model_bytes_with_views(views: usize) -> Vec<u8> {
     let cfg = VitConfig::preset(Preset::Tiny, SIZE).unwrap();
     let w = VitWeights::random(&cfg, 3, 0.5).unwrap();
     let (c, d) = (4, cfg.embed_dim);
@@ -21,7 +25,76 @@ fn model_bytes() -> Vec<u8> {
         bias: Tensor::new(vec![c], vec![0.1, -0.2, 0.3, 0.0]),
         size: None,
     };
-    onnx::export(&w, Some(&head)).unwrap()
+    onnx::export_with_views(&w, Some(&head), views).unwrap()
+}
+
+/// Image `i` of `[n, 3, S, S]` turned `k % 4` quarter turns counter-clockwise
+/// (`torch.rot90(x, k, [2, 3])`) and mirrored left to right when `k >= 4`.
+fn view_of(img: &[f32], k: usize) -> Vec<f32> {
+    let s = SIZE;
+    let mut cur = img.to_vec();
+    for _ in 0..k % 4 {
+        // rot90 by one: out[i][j] = in[j][s - 1 - i].
+        let mut next = vec![0f32; cur.len()];
+        for c in 0..3 {
+            for i in 0..s {
+                for j in 0..s {
+                    next[c * s * s + i * s + j] = cur[c * s * s + j * s + (s - 1 - i)];
+                }
+            }
+        }
+        cur = next;
+    }
+    if k >= 4 {
+        for row in cur.chunks_mut(s) {
+            row.reverse();
+        }
+    }
+    cur
+}
+
+/// A graph with test-time views gives the crop's own embedding and the mean of the plain
+/// graph's logits over the turned and mirrored crops.
+#[test]
+fn test_time_views_average_the_logits_of_the_turned_crops() {
+    let per = 3 * SIZE * SIZE;
+    let plain = TractModel::new(&model_bytes(), 1, SIZE).unwrap();
+    let x = images(3);
+    for views in [4, 8] {
+        let m = TractModel::with_threads(&model_bytes_with_views(views), 3, SIZE, 2).unwrap();
+        let o = m.run(&x).unwrap();
+        let logits = o.logits.unwrap();
+        for (i, img) in x.chunks(per).enumerate() {
+            let own = plain.run(img).unwrap();
+            assert!(max_diff(&o.embedding[i * 192..(i + 1) * 192], &own.embedding) < 1e-4);
+            let mut mean = vec![0f32; 4];
+            for k in 0..views {
+                let l = plain.run(&view_of(img, k)).unwrap().logits.unwrap();
+                for (m, v) in mean.iter_mut().zip(l) {
+                    *m += v / views as f32;
+                }
+            }
+            let got = &logits[i * 4..(i + 1) * 4];
+            assert!(
+                max_diff(got, &mean) < 1e-4,
+                "{views} views: {got:?} vs {mean:?}"
+            );
+            // The views matter: the crop alone reads otherwise.
+            assert!(max_diff(got, &own.logits.unwrap()) > 1e-3);
+        }
+    }
+    let cfg = VitConfig::preset(Preset::Tiny, SIZE).unwrap();
+    let w = VitWeights::random(&cfg, 3, 0.5).unwrap();
+    for bad in [0, 2, 3, 9] {
+        let e = onnx::export_with_views(&w, None, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test-time views"), "{e}");
+    }
+    let e = onnx::export_with_views(&w, None, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("give the head"), "{e}");
 }
 
 fn images(n: usize) -> Vec<f32> {

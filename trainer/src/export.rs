@@ -23,12 +23,18 @@ pub struct ExportSpec<'a> {
     pub input_size: usize,
 }
 
-/// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`.
-pub fn check_onnx(weights: &VitWeights, head: Option<&LinearHead>, size: usize) -> Result<f32> {
-    let onnx = reddino_models::onnx::export(weights, head)?;
-    let model = TractModel::new(&onnx, 1, size)?;
+/// Largest |ONNX - tch| over embedding and logits on a seeded random input, at `size`; with
+/// `views` > 1 the logits are tch's mean over the turned and mirrored inputs.
+pub fn check_onnx(
+    weights: &VitWeights,
+    head: Option<&LinearHead>,
+    size: usize,
+    views: usize,
+) -> Result<f32> {
+    let onnx = reddino_models::onnx::export_with_views(weights, head, views)?;
+    let model = TractModel::new(&onnx, 2, size)?;
     tch::manual_seed(1234);
-    let x = Tensor::randn([1, 3, size as i64, size as i64], (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([2, 3, size as i64, size as i64], (Kind::Float, Device::Cpu));
     let pixels = Vec::<f32>::try_from(x.flatten(0, -1))?;
     let out = model.run(&pixels)?;
     let vs = nn::VarStore::new(Device::Cpu);
@@ -40,7 +46,16 @@ pub fn check_onnx(weights: &VitWeights, head: Option<&LinearHead>, size: usize) 
         let w = Tensor::from_slice(&h.weight.data)
             .view([h.weight.shape[0] as i64, h.weight.shape[1] as i64]);
         let b = Tensor::from_slice(&h.bias.data);
-        let logits = Vec::<f32>::try_from(emb.matmul(&w.transpose(0, 1)).g_add(&b).flatten(0, -1))?;
+        let per_view: Vec<Tensor> = (0..views)
+            .map(|k| {
+                let v = x.rot90((k % 4) as i64, [2, 3]);
+                let v = if k >= 4 { v.flip([3]) } else { v };
+                let e = tch::no_grad(|| vit.embed(&v));
+                e.matmul(&w.transpose(0, 1)).g_add(&b)
+            })
+            .collect();
+        let mean = Tensor::stack(&per_view, 0).mean_dim(0, false, None);
+        let logits = Vec::<f32>::try_from(mean.flatten(0, -1))?;
         let Some(theirs) = out.logits.as_ref() else {
             bail!("the exported graph has no `logits` output although a head was given");
         };
@@ -64,6 +79,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Manifest, f32)> {
     // Refused before the (slow) ONNX check, not after it.
     bundle::check_crop_min_side(spec.bundle.crop_min_side).map_err(Error::Invalid)?;
+    reddino_models::onnx::check_views(spec.bundle.test_time_views)?;
     let mut w = spec.bundle.weights.clone();
     w.resize_input(spec.input_size)
         .with_context(|| format!("input size {}", spec.input_size))?;
@@ -71,7 +87,7 @@ pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Ma
     if let Some(h) = head {
         h.validate(w.config.embed_dim)?;
     }
-    let diff = check_onnx(&w, head, spec.input_size)?;
+    let diff = check_onnx(&w, head, spec.input_size, spec.bundle.test_time_views)?;
     if diff.is_nan() || diff > TOLERANCE {
         bail!("the exported ONNX differs from the tch model by {diff:e} (limit {TOLERANCE:e}); nothing written");
     }

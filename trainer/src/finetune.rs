@@ -47,6 +47,10 @@ pub struct FinetuneConfig {
     /// Give the head each cell's measured size too ([`reddino_models::cellsize`]), measured
     /// at this many micrometres per pixel of the training fields; `None` = the crop alone.
     pub cell_size: Option<f32>,
+    /// Cross-validation scores each crop by its logits averaged over this many turned and
+    /// mirrored views ([`reddino_models::onnx::VIEW_COUNTS`]), as a model exported with
+    /// `--test-time-views` reads it.
+    pub test_time_views: usize,
 }
 
 impl Default for FinetuneConfig {
@@ -72,6 +76,7 @@ impl Default for FinetuneConfig {
             seed: 0,
             balanced: false,
             cell_size: None,
+            test_time_views: 1,
         }
     }
 }
@@ -103,6 +108,7 @@ impl FinetuneConfig {
         if !(0.0..=1.0).contains(&self.warmup) {
             bail!("warmup must be a fraction in [0, 1], got {}", self.warmup);
         }
+        reddino_models::onnx::check_views(self.test_time_views)?;
         if let Some(um) = self.cell_size {
             if !(um.is_finite() && um > 0.0) {
                 bail!("the cell size's scale must be a positive number of micrometres per pixel, got {um}");
@@ -142,11 +148,18 @@ pub struct FoldResult {
 }
 
 /// Cross-validation by source folder: the pooled metrics and each fold's.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CrossValidation {
     pub pooled: Metrics,
     pub folds: Vec<FoldResult>,
     pub seconds: f64,
+    /// Every crop's logits from the model that did not see its fold, under the eight flips
+    /// and quarter turns ([`view_logits`]): `[8, N, classes]`, crops in fold order.
+    pub logits: Tensor,
+    /// The crops' truth and fold, in the order of `logits`.
+    pub truth: Vec<i64>,
+    pub fold_of: Vec<usize>,
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Fine-tunes once per source folder of `set`, each time on the other folders, and tests on
@@ -166,6 +179,7 @@ pub fn cross_validate(
     let classes = set.class_names.len();
     let t0 = std::time::Instant::now();
     let (mut truth, mut pred, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut all_logits, mut fold_of, mut files) = (Vec::new(), Vec::new(), Vec::new());
     for f in 0..folds {
         let train = set.select(|s| s != f as i64);
         let test = set.select(|s| s == f as i64);
@@ -179,15 +193,27 @@ pub fn cross_validate(
         let r = finetune(init, &train, cfg, device, 100, |s| log(f, s))?;
         let vs = nn::VarStore::new(device);
         let vit = Vit::from_weights(&vs.root(), &r.backbone, cfg.input_size)?;
-        let (t, p) = classify_set(&vit, &r.head, &test, device, 128)?;
+        let logits = view_logits(&vit, &r.head, &test, device, 128, 8)?;
+        let t = head_truth(&r.head, &test)?;
+        let p = argmax(
+            &logits
+                .narrow(0, 0, cfg.test_time_views as i64)
+                .mean_dim(0, false, None),
+        )?;
+        let single = metrics(&t, &argmax(&logits.get(0))?, classes);
         let m = metrics(&t, &p, classes);
         log::info!(
-            "fold {}: accuracy {:.3}, balanced accuracy {:.3}, weighted F1 {:.3}",
+            "fold {}: accuracy {:.3}, balanced accuracy {:.3}, weighted F1 {:.3} ({} view(s); the crop alone: balanced accuracy {:.3})",
             f + 1,
             m.accuracy,
             m.balanced_accuracy,
-            m.weighted_f1
+            m.weighted_f1,
+            cfg.test_time_views,
+            single.balanced_accuracy
         );
+        all_logits.push(logits);
+        fold_of.extend(std::iter::repeat_n(f, test.files.len()));
+        files.extend(test.files.iter().cloned());
         out.push(FoldResult {
             fold: set.source_names[f].clone(),
             train: train.files.len(),
@@ -201,7 +227,96 @@ pub fn cross_validate(
         pooled: metrics(&truth, &pred, classes),
         folds: out,
         seconds: t0.elapsed().as_secs_f64(),
+        logits: Tensor::cat(&all_logits, 1),
+        truth,
+        fold_of,
+        files,
     })
+}
+
+/// Logits of a backbone + linear head (with its size term) on every crop of `set` through the
+/// edge's preprocessing, under the first `views` turned and mirrored copies of each crop:
+/// `[views, N, classes]`, view `k` turned `k % 4` quarter turns and mirrored left to right
+/// when `k >= 4` (view 0 is the crop as the edge gives it; the views of
+/// [`reddino_models::onnx::export_with_views`]).
+pub fn view_logits(
+    vit: &Vit,
+    head: &LinearHead,
+    set: &LabelledSet,
+    device: Device,
+    batch: usize,
+    views: usize,
+) -> Result<Tensor> {
+    let size = vit.config.img_size;
+    let w = Tensor::from_slice(&head.weight.data)
+        .view([head.weight.shape[0] as i64, head.weight.shape[1] as i64]);
+    let bias = Tensor::from_slice(&head.bias.data);
+    let size_term = match &head.size {
+        Some(s) => {
+            let u =
+                Tensor::from_slice(&s.flat_weight()).view([s.weight.len() as i64, FEATURES as i64]);
+            Some(set.size_features(s.um_per_px)?.matmul(&u.tr()))
+        }
+        None => None,
+    };
+    let norm = Normalization {
+        mean: reddino_models::arch::IMAGENET_MEAN,
+        std: reddino_models::arch::IMAGENET_STD,
+    };
+    let plane = 3 * size * size;
+    let mut out: Vec<Vec<Tensor>> = (0..views).map(|_| Vec::new()).collect();
+    let mut buf = vec![0f32; plane];
+    for chunk in set.files.chunks(batch.max(1)) {
+        let mut data = Vec::with_capacity(chunk.len() * plane);
+        for p in chunk {
+            let img = image::open(p)
+                .with_context(|| format!("decoding {}", p.display()))?
+                .to_rgb8();
+            preprocess_into(&img, size as u32, &norm, &mut buf);
+            data.extend_from_slice(&buf);
+        }
+        let x = Tensor::from_slice(&data)
+            .view([chunk.len() as i64, 3, size as i64, size as i64])
+            .to_device(device);
+        tch::no_grad(|| {
+            for (k, o) in out.iter_mut().enumerate() {
+                let v = x.rot90((k % 4) as i64, [2, 3]);
+                let v = if k >= 4 { v.flip([3]) } else { v };
+                o.push(vit.embed(&v).to_device(Device::Cpu));
+            }
+        });
+    }
+    let views: Vec<Tensor> = out
+        .iter()
+        .map(|o| {
+            let l = Tensor::cat(o, 0).matmul(&w.tr()) + &bias;
+            match &size_term {
+                Some(t) => l + t,
+                None => l,
+            }
+        })
+        .collect();
+    Ok(Tensor::stack(&views, 0))
+}
+
+fn argmax(logits: &Tensor) -> Result<Vec<i64>> {
+    Ok(Vec::<i64>::try_from(logits.argmax(1, false))?)
+}
+
+/// `set`'s labels as indices into the head's class names; a class of the data the head lacks
+/// is an error.
+fn head_truth(head: &LinearHead, set: &LabelledSet) -> Result<Vec<i64>> {
+    let mut to_head = Vec::with_capacity(set.class_names.len());
+    for c in &set.class_names {
+        match head.class_names.iter().position(|h| h == c) {
+            Some(i) => to_head.push(i as i64),
+            None => bail!(
+                "the data has class `{c}`, which the head does not know (head classes: {})",
+                head.class_names.join(", ")
+            ),
+        }
+    }
+    Ok(set.labels.iter().map(|&l| to_head[l as usize]).collect())
 }
 
 /// Inverse-frequency class weights, `n / (classes * n_c)` (1 for every class of balanced
@@ -440,36 +555,21 @@ fn predict_logits(
     Tensor::cat(&out, 0)
 }
 
-/// Truth and predictions of a backbone + linear head on `set` (the edge's preprocessing), both
-/// as indices into the head's class names; a class of the data the head lacks is an error.
+/// Truth and predictions of a backbone + linear head on `set` (the edge's preprocessing, the
+/// logits averaged over `views` turned and mirrored copies of each crop as in
+/// [`view_logits`]), both as indices into the head's class names; a class of the data the
+/// head lacks is an error.
 pub fn classify_set(
     vit: &Vit,
     head: &LinearHead,
     set: &LabelledSet,
     device: Device,
     batch: usize,
+    views: usize,
 ) -> Result<(Vec<i64>, Vec<i64>)> {
-    let mut to_head = Vec::with_capacity(set.class_names.len());
-    for c in &set.class_names {
-        match head.class_names.iter().position(|h| h == c) {
-            Some(i) => to_head.push(i as i64),
-            None => bail!(
-                "the data has class `{c}`, which the head does not know (head classes: {})",
-                head.class_names.join(", ")
-            ),
-        }
-    }
-    let truth = set.labels.iter().map(|&l| to_head[l as usize]).collect();
-    let w = Tensor::from_slice(&head.weight.data)
-        .view([head.weight.shape[0] as i64, head.weight.shape[1] as i64]);
-    let bias = Tensor::from_slice(&head.bias.data);
-    let mut logits = set.embed(vit, device, batch)?.matmul(&w.tr()) + &bias;
-    if let Some(size) = &head.size {
-        // The edge's size term, on each crop's box at the head's own scale.
-        let u = Tensor::from_slice(&size.flat_weight())
-            .view([size.weight.len() as i64, FEATURES as i64]);
-        logits += set.size_features(size.um_per_px)?.matmul(&u.tr());
-    }
-    let pred = Vec::<i64>::try_from(logits.argmax(1, false))?;
+    reddino_models::onnx::check_views(views)?;
+    let truth = head_truth(head, set)?;
+    let logits = view_logits(vit, head, set, device, batch, views)?;
+    let pred = argmax(&logits.mean_dim(0, false, None))?;
     Ok((truth, pred))
 }

@@ -93,6 +93,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
                 crop_min_side: 1.0,
                 blank_neighbours: true,
                 cell_finder: "real-smear".into(),
+                test_time_views: 8,
                 ..NewBundle::new("t", "1", "test", &w, Some(&head))
             },
             input_size: 112,
@@ -110,6 +111,25 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     assert_eq!(b.manifest().crop_min_side, 1.0);
     assert!(b.manifest().blank_neighbours);
     assert_eq!(b.manifest().cell_finder, "real-smear");
+    // So do the test-time views; the check above held the graph's mean over the eight
+    // views to tch's.
+    assert_eq!(b.manifest().test_time_views, 8);
+    let out3 = dir.path().join("three");
+    let e = export(
+        &ExportSpec {
+            bundle: NewBundle {
+                test_time_views: 3,
+                ..NewBundle::new("t", "1", "test", &w, Some(&head))
+            },
+            input_size: 112,
+        },
+        &k,
+        &out3,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("test-time views"), "{e}");
+    assert!(!out3.exists());
 }
 
 #[test]
@@ -135,5 +155,5 @@ fn mismatching_head_is_refused_before_writing() {
     };
     assert!(export(&spec, &k, &out).is_err());
     assert!(!out.exists());
-    assert!(check_onnx(&w, None, 56).unwrap() < 1e-4);
+    assert!(check_onnx(&w, None, 56, 1).unwrap() < 1e-4);
 }

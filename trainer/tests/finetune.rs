@@ -80,7 +80,7 @@ fn learns_two_shapes_and_scores_them_the_same_way() {
     // The written backbone + head, through the edge's preprocessing, give the same metrics.
     let vs = nn::VarStore::new(Device::Cpu);
     let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &r.backbone, 28).unwrap();
-    let (truth, pred) = classify_set(&vit, &r.head, &set, Device::Cpu, 16).unwrap();
+    let (truth, pred) = classify_set(&vit, &r.head, &set, Device::Cpu, 16, 1).unwrap();
     let rep = score_report(&set, &r.head.class_names, &truth, &pred);
     assert!((rep.overall.accuracy - r.train.accuracy).abs() < 0.03);
     assert_eq!(rep.per_source.len(), 2);
@@ -120,7 +120,7 @@ fn bad_settings_and_unknown_classes_are_refused() {
     r.head.class_names[1] = "triangle".into();
     let vs = nn::VarStore::new(Device::Cpu);
     let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &r.backbone, 28).unwrap();
-    let e = classify_set(&vit, &r.head, &set, Device::Cpu, 4).unwrap_err();
+    let e = classify_set(&vit, &r.head, &set, Device::Cpu, 4, 1).unwrap_err();
     assert!(e.to_string().contains("`ring`"), "{e}");
 }
 
@@ -249,7 +249,7 @@ fn the_size_input_tells_cells_apart_that_their_crops_do_not() {
     assert_eq!(back, r.head);
     let vs = nn::VarStore::new(Device::Cpu);
     let vit = reddino_trainer::vit::Vit::from_weights(&vs.root(), &r.backbone, 28).unwrap();
-    let (truth, pred) = classify_set(&vit, &r.head, &set, Device::Cpu, 16).unwrap();
+    let (truth, pred) = classify_set(&vit, &r.head, &set, Device::Cpu, 16, 1).unwrap();
     let right = truth.iter().zip(&pred).filter(|(t, p)| t == p).count();
     assert!(right as f64 >= 0.95 * truth.len() as f64, "{right}");
 

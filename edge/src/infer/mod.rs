@@ -200,6 +200,13 @@ impl BackendError {
 
 /// Opens a verified bundle's model with the backend `spec` asks for.
 pub fn open(spec: &BackendSpec, bundle: &Bundle) -> Result<Box<dyn Backend>, BackendError> {
+    let views = bundle.manifest().test_time_views;
+    if views > 1 {
+        log::info!(
+            "{} averages each cell's logits over {views} turned copies of its crop (the graph runs {views} crops per cell)",
+            bundle.manifest().name
+        );
+    }
     match spec.kind {
         BackendKind::Tract => Ok(Box::new(TractBackend::from_bundle(
             bundle,

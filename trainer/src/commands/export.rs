@@ -45,6 +45,11 @@ pub struct ExportArgs {
     pub cell_finder: String,
     #[arg(long)]
     pub tar: bool,
+    /// The graph averages each crop's logits over this many turned and mirrored copies of it:
+    /// 1 (the crop alone), 4 (its quarter turns) or 8 (those and their mirror images); the
+    /// model costs that many times as much (the manifest's `test_time_views`).
+    #[arg(long, default_value_t = 1)]
+    pub test_time_views: usize,
 }
 
 /// Runs `reddino-trainer export`.
@@ -69,6 +74,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
                 crop_min_side: args.crop_min_side,
                 blank_neighbours: args.blank_neighbours,
                 cell_finder: args.cell_finder,
+                test_time_views: args.test_time_views,
                 ..NewBundle::new(args.name, args.version, args.description, &w, head.as_ref())
             },
             input_size,

@@ -53,6 +53,11 @@ pub struct FinetuneArgs {
     /// and its scale; the edge measures each cell's box the same way.
     #[arg(long, value_name = "UM_PER_PX")]
     pub cell_size: Option<f32>,
+    /// Cross-validation scores each crop by its logits averaged over this many turned and
+    /// mirrored copies (1, 4 or 8), as a model exported with `export --test-time-views` does
+    /// (the crop alone is logged beside it).
+    #[arg(long, default_value_t = 1)]
+    pub test_time_views: usize,
     /// Cross-validate first: one fine-tune per source folder of the data, tested on that
     /// folder (with `reddino-edge import --folds K`, K-fold cross-validation by field);
     /// writes OUT/cv/report.json and report.md, then fine-tunes on everything.
@@ -79,6 +84,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         threads,
         balanced,
         cell_size,
+        test_time_views,
         cross_validate,
         cv_only,
     } = args;
@@ -87,6 +93,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     if cv_only && !cross_validate {
         bail!("--cv-only needs --cross-validate");
     }
+
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
@@ -110,6 +117,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         seed,
         balanced,
         cell_size,
+        test_time_views,
         ..defaults
     };
     // Refused before any work: bad settings, crops without boxes for the size input.
@@ -135,18 +143,24 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             dir.join("report.json"),
             serde_json::to_vec_pretty(&serde_json::json!({
                 "protocol": format!("{folds}-fold by source folder, fine-tuned per fold"),
+                "test_time_views": test_time_views,
                 "class_names": set.class_names,
                 "pooled": cv.pooled,
                 "folds": cv.folds,
                 "seconds": cv.seconds,
             }))?,
         )?;
+        let views = match test_time_views {
+            1 => String::new(),
+            v => format!(", logits averaged over {v} turned views of each crop"),
+        };
         let md = crate::report::cv_markdown(
-            &format!("Fine-tuning, {folds}-fold cross-validation by source folder"),
+            &format!("Fine-tuning, {folds}-fold cross-validation by source folder{views}"),
             &set,
             &cv.pooled,
         );
         std::fs::write(dir.join("report.md"), &md)?;
+        write_logits(&dir.join("logits.csv"), &set, &cv)?;
         print!("{md}");
         if cv_only {
             return Ok(());
@@ -196,6 +210,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         "seed": seed,
         "balanced": balanced,
         "cell_size_um_per_px": cell_size,
+        "test_time_views": test_time_views,
         "first_loss": r.first_loss,
         "last_loss": r.last_loss,
         "seconds": t0.elapsed().as_secs_f64(),
@@ -215,5 +230,34 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         out.display(),
         out.display()
     );
+    Ok(())
+}
+
+/// Every crop's held-out logits under the eight views: `file,fold,truth,view,<class>...`.
+fn write_logits(
+    path: &std::path::Path,
+    set: &LabelledSet,
+    cv: &crate::finetune::CrossValidation,
+) -> Result<()> {
+    use std::io::Write;
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    writeln!(w, "file,fold,truth,view,{}", set.class_names.join(","))?;
+    let (views, n) = (cv.logits.size()[0], cv.logits.size()[1]);
+    for v in 0..views {
+        let rows: Vec<Vec<f32>> = Vec::try_from(cv.logits.get(v))?;
+        for (i, row) in rows.iter().enumerate().take(n as usize) {
+            let vals: Vec<String> = row.iter().map(|x| format!("{x:.5}")).collect();
+            writeln!(
+                w,
+                "{},{},{},{v},{}",
+                cv.files[i].display(),
+                cv.fold_of[i],
+                cv.truth[i],
+                vals.join(",")
+            )?;
+        }
+    }
+    w.flush()?;
     Ok(())
 }

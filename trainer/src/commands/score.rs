@@ -19,11 +19,20 @@ pub struct ScoreArgs {
     pub head: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
+    /// Average each crop's logits over this many turned and mirrored copies (1, 4 or 8), as a
+    /// model exported with `export --test-time-views` does.
+    #[arg(long, default_value_t = 1)]
+    pub test_time_views: usize,
 }
 
 /// Runs `reddino-trainer score`.
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let ScoreArgs { model, head, out } = args;
+    let ScoreArgs {
+        model,
+        head,
+        out,
+        test_time_views,
+    } = args;
     let data = model.data.clone();
     let bytes = std::fs::read(&head).with_context(|| format!("reading {}", head.display()))?;
     let head_name = head.display().to_string();
@@ -31,7 +40,14 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let set = LabelledSet::scan(&data)?;
     let (vs, vit) = model.vit(false)?;
     head.validate(vit.config.embed_dim)?;
-    let (truth, pred) = crate::finetune::classify_set(&vit, &head, &set, vs.device(), model.batch)?;
+    let (truth, pred) = crate::finetune::classify_set(
+        &vit,
+        &head,
+        &set,
+        vs.device(),
+        model.batch,
+        test_time_views,
+    )?;
     let report = crate::report::score_report(&set, &head.class_names, &truth, &pred);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
