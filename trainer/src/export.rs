@@ -48,9 +48,7 @@ pub fn check_onnx(
         let b = Tensor::from_slice(&h.bias.data);
         let per_view: Vec<Tensor> = (0..views)
             .map(|k| {
-                let v = x.rot90((k % 4) as i64, [2, 3]);
-                let v = if k >= 4 { v.flip([3]) } else { v };
-                let e = tch::no_grad(|| vit.embed(&v));
+                let e = tch::no_grad(|| vit.embed(&crate::finetune::view(&x, k)));
                 e.matmul(&w.transpose(0, 1)).g_add(&b)
             })
             .collect();

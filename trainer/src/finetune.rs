@@ -280,9 +280,7 @@ pub fn view_logits(
             .to_device(device);
         tch::no_grad(|| {
             for (k, o) in out.iter_mut().enumerate() {
-                let v = x.rot90((k % 4) as i64, [2, 3]);
-                let v = if k >= 4 { v.flip([3]) } else { v };
-                o.push(vit.embed(&v).to_device(Device::Cpu));
+                o.push(vit.embed(&view(&x, k)).to_device(Device::Cpu));
             }
         });
     }
@@ -297,6 +295,17 @@ pub fn view_logits(
         })
         .collect();
     Ok(Tensor::stack(&views, 0))
+}
+
+/// View `k` of images `[N, 3, S, S]`: turned `k % 4` quarter turns and mirrored left to right
+/// when `k >= 4`, as [`reddino_models::onnx::export_with_views`] turns them.
+pub fn view(x: &Tensor, k: usize) -> Tensor {
+    let v = x.rot90((k % 4) as i64, [2, 3]);
+    if k >= 4 {
+        v.flip([3])
+    } else {
+        v
+    }
 }
 
 fn argmax(logits: &Tensor) -> Result<Vec<i64>> {

@@ -243,10 +243,9 @@ fn write_logits(
     let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = std::io::BufWriter::new(f);
     writeln!(w, "file,fold,truth,view,{}", set.class_names.join(","))?;
-    let (views, n) = (cv.logits.size()[0], cv.logits.size()[1]);
-    for v in 0..views {
+    for v in 0..cv.logits.size()[0] {
         let rows: Vec<Vec<f32>> = Vec::try_from(cv.logits.get(v))?;
-        for (i, row) in rows.iter().enumerate().take(n as usize) {
+        for (i, row) in rows.iter().enumerate() {
             let vals: Vec<String> = row.iter().map(|x| format!("{x:.5}")).collect();
             writeln!(
                 w,
