@@ -14,7 +14,7 @@ use common::*;
 use reddino_edge::capture::{FrameSource, SyntheticSource};
 use reddino_edge::cells::{self, CellFinderConfig};
 use reddino_edge::config::Config;
-use reddino_edge::offline::demo::monitor::Monitor;
+use reddino_edge::offline::demo::monitor::{Monitor, Observed};
 use reddino_edge::publish::outbox::{Outbox, OutboxLimits};
 use reddino_models::synth::SourcePreset;
 
@@ -614,7 +614,7 @@ fn an_oversized_command_does_not_silence_the_device() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(bin, tmp.path());
     let (b, k) = bundle(&tmp.path().join("b"), 28);
-    let camera = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 40\nfps = 5.0";
+    let camera = "source = \"synthetic\"\nwidth = 320\nheight = 240\nframes = 80\nfps = 8.0";
     let cfg = load(
         tmp.path(),
         &config_text(&b, &k, broker.port, &tmp.path().join("o.db"), camera, ""),
@@ -645,19 +645,30 @@ fn an_oversized_command_does_not_silence_the_device() {
         }
         let _ = client.disconnect();
     }
-    std::thread::sleep(Duration::from_secs(2));
-    mon.command("status", br#"{"schema_version": 1, "id": "after"}"#)
-        .unwrap();
+    // Commands go at QoS 0: one sent while the device is still reconnecting is not kept for it,
+    // so its sender retries until a reply comes (as an operator's tool does), while the device
+    // still has frames to analyse.
+    let answered = |o: &Observed| {
+        o.replies
+            .iter()
+            .any(|r| r.id.as_deref() == Some("after") && r.ok)
+    };
+    let mut replied = false;
+    for _ in 0..20 {
+        mon.command("status", br#"{"schema_version": 1, "id": "after"}"#)
+            .unwrap();
+        if mon.wait_for(Duration::from_secs(1), answered) {
+            replied = true;
+            break;
+        }
+    }
     let report = h.join().unwrap();
-    assert_eq!(report.snapshot.frames.processed, 40);
+    assert!(replied, "the command after the oversized one was answered");
+    assert_eq!(report.snapshot.frames.processed, 80);
     assert_eq!(report.publisher.left_in_outbox, 0, "every result delivered");
-    assert!(mon.wait_for(Duration::from_secs(20), |o| o.counts.len() >= 40));
+    assert!(mon.wait_for(Duration::from_secs(20), |o| o.counts.len() >= 80));
     let o = mon.observed();
     assert!(contiguous(&o.seqs), "{:?}", o.seqs);
-    assert!(o
-        .replies
-        .iter()
-        .any(|r| r.id.as_deref() == Some("after") && r.ok));
     assert!(o.counts.iter().all(|m| m.session.is_none()));
 }
 
