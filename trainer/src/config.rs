@@ -26,6 +26,10 @@ use crate::ssl::Centering;
 pub struct ModelConfig {
     /// ViT size: tiny, small, base, large.
     pub arch: Preset,
+    /// Transformer blocks, when not the preset's (`tiny` has 4): a deeper model of the same
+    /// width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<usize>,
     /// Global crop side (the model's input size during training).
     pub img_size: usize,
     /// Register tokens (0 for RedDino).
@@ -280,6 +284,7 @@ impl Config {
             preset: name.to_string(),
             model: ModelConfig {
                 arch,
+                depth: None,
                 img_size: if tiny { 112 } else { 224 },
                 registers: 0,
                 drop_path: 0.0,
@@ -411,6 +416,12 @@ impl Config {
     pub fn vit(&self) -> Result<VitConfig> {
         let mut v = VitConfig::preset(self.model.arch, self.model.img_size)?;
         v.num_registers = self.model.registers;
+        if let Some(depth) = self.model.depth {
+            if depth == 0 {
+                bail!("model.depth must be at least 1");
+            }
+            v.depth = depth;
+        }
         Ok(v)
     }
 
@@ -459,7 +470,7 @@ impl Config {
 
     /// Checks values that would otherwise fail deep inside a run; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        self.vit().context("model.img_size")?;
+        self.vit().context("model")?;
         let pos = |v: usize, key: &str| -> Result<()> {
             if v == 0 {
                 bail!("`{key}` must be positive");
@@ -550,6 +561,9 @@ impl Config {
     }
 }
 
+/// Keys a preset leaves out (optional, absent by default) that a config may still set.
+const OPTIONAL_KEYS: &[&str] = &["model.depth"];
+
 /// Overlays `user` on `base`, refusing keys the base does not have (with their full name).
 fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> {
     for (k, v) in user {
@@ -562,6 +576,9 @@ fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> 
             (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &name)?,
             (Some(_), toml::Value::Table(_)) => bail!("`{name}` is a value, not a table"),
             (Some(slot), v) => *slot = v,
+            (None, v) if OPTIONAL_KEYS.contains(&name.as_str()) => {
+                base.insert(k, v);
+            }
             (None, _) => bail!("unknown key `{name}`"),
         }
     }
@@ -704,6 +721,9 @@ mod tests {
         assert!(err("[train]\nbatch_size = \"x\"").contains("batch_size"));
         assert!(err("preset = \"xl\"").contains("unknown preset `xl`"));
         assert!(err("[model]\nimg_size = 100").contains("multiple of the patch size"));
+        assert!(err("[model]\ndepth = 0").contains("model.depth"));
+        let deep = Config::from_toml("preset = \"tiny\"\n[model]\ndepth = 8\n", Path::new("."));
+        assert_eq!(deep.unwrap().vit().unwrap().depth, 8);
         assert!(err("[train]\nprecision = \"bf16\"").contains("train.precision"));
         assert!(
             err("[ssl]\nlocal_crops = 8\nlocal_crop_size = 100").contains("ssl.local_crop_size")

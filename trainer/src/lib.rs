@@ -4,7 +4,8 @@
 //! - Pretraining: [`config`] (TOML runs from presets), [`data`] (smear patches or crops),
 //!   [`augment`] (RedDino's transforms), [`masking`] (iBOT masks), [`vit`] (the backbone in
 //!   timm's names), [`head`] (the DINO head), [`loss`], [`ssl`] (one student/teacher step),
-//!   [`optim`], [`schedule`], [`train`] (the loop and checkpoints), [`synth`] (synthetic smears).
+//!   [`optim`], [`schedule`], [`train`] (the loop and checkpoints), [`synth`] (synthetic smears),
+//!   [`cpu`] (the floating-point mode CPU training runs in).
 //! - Labelled crops: [`labelled`] (a crop folder and its features), [`probe`] (features with
 //!   the shared preprocessing), [`eval`] (kNN, the linear probe, metrics, folds), [`report`]
 //!   (the protocols' runs, their Markdown and plots), [`finetune`] (backbone + head).
@@ -14,6 +15,7 @@
 pub mod augment;
 pub mod commands;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod distributed;
 pub mod error;

@@ -48,6 +48,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: libtorch's workers inherit the mode. REDDINO_KEEP_SUBNORMALS=1
+    // keeps the CPU's default (to measure what the flush saves, docs/benchmarks.md).
+    if std::env::var_os("REDDINO_KEEP_SUBNORMALS").is_none_or(|v| v != "1") {
+        reddino_trainer::cpu::flush_subnormals();
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match Cli::parse().cmd {
         Cmd::Pretrain(a) => commands::pretrain::run(a),
