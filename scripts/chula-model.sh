@@ -5,7 +5,7 @@
 # crop of them (no labels), probes of the pretrained features and of the two baselines (the
 # same ViT with random weights, raw pixels) under 5-fold cross-validation by field,
 # fine-tuning cross-validated the same way, the final fine-tune on every development field,
-# its score on the held-out fields, and the export signed with the demo key. About an hour
+# its score on the held-out fields, and the export signed with the demo key. About 80 minutes
 # on two CPU cores; everything goes under target/chula-model/ (override with
 # CHULA_MODEL_WORK).
 #
@@ -104,9 +104,9 @@ step score
 echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-chula --version 0.2.0 --cell-finder real-smear \
+    --sign models/demo/demo.sec --name reddino-chula --version 0.3.0 --cell-finder real-smear \
     --test-time-views "$VIEWS" \
-    --description "ViT-tiny pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \
+    --description "ViT-tiny (8 blocks) pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \
     --tar
 $T/reddino-models bundle verify "$W/bundle.tar" --trusted-key models/demo/demo.pub --self-test
 if [[ $ship == 1 ]]; then

@@ -461,6 +461,11 @@ fn the_model_cards_pretraining_configs_parse() {
     };
     let shipped = read("chula-pretrain.toml");
     assert_eq!(shipped.total_steps(), 300);
+    assert_eq!(
+        shipped.vit().unwrap().depth,
+        8,
+        "reddino-chula 0.3.0's 8 blocks"
+    );
     let dino = read("chula-pretrain-dino.toml");
     assert_eq!(dino.total_steps(), 3000);
     assert_eq!(

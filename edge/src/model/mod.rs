@@ -61,10 +61,10 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 /// never for patients.
 pub const DEMO_BUNDLE_TAR: &[u8] = include_bytes!("../../../models/demo/reddino-demo.tar");
 
-/// The shipped real-smear model (models/chula/reddino-chula.tar): a ViT-tiny pretrained and
-/// fine-tuned on the development fields of Chula RBC-12 (docs/models/chula.md), cut by the
-/// real-smear finder; one lab, one microscope, 1000x; signed with the demo key; not for
-/// diagnosis.
+/// The shipped real-smear model (models/chula/reddino-chula.tar): a ViT (192-d, 8 blocks)
+/// pretrained and fine-tuned on the development fields of Chula RBC-12 (docs/models/chula.md),
+/// cut by the real-smear finder; one lab, one microscope, 1000x; signed with the demo key; not
+/// for diagnosis.
 pub const CHULA_BUNDLE_TAR: &[u8] = include_bytes!("../../../models/chula/reddino-chula.tar");
 
 /// A model shipped inside the binary.
