@@ -259,25 +259,9 @@ pub fn view_logits(
         }
         None => None,
     };
-    let norm = Normalization {
-        mean: reddino_models::arch::IMAGENET_MEAN,
-        std: reddino_models::arch::IMAGENET_STD,
-    };
-    let plane = 3 * size * size;
     let mut out: Vec<Vec<Tensor>> = (0..views).map(|_| Vec::new()).collect();
-    let mut buf = vec![0f32; plane];
     for chunk in set.files.chunks(batch.max(1)) {
-        let mut data = Vec::with_capacity(chunk.len() * plane);
-        for p in chunk {
-            let img = image::open(p)
-                .with_context(|| format!("decoding {}", p.display()))?
-                .to_rgb8();
-            preprocess_into(&img, size as u32, &norm, &mut buf);
-            data.extend_from_slice(&buf);
-        }
-        let x = Tensor::from_slice(&data)
-            .view([chunk.len() as i64, 3, size as i64, size as i64])
-            .to_device(device);
+        let x = crate::probe::input_batch(&crate::labelled::decode(chunk)?, size, device);
         tch::no_grad(|| {
             for (k, o) in out.iter_mut().enumerate() {
                 o.push(vit.embed(&view(&x, k)).to_device(Device::Cpu));

@@ -235,16 +235,20 @@ impl LabelledSet {
     pub fn embed(&self, vit: &Vit, device: Device, batch: usize) -> Result<Tensor> {
         let mut out = Vec::new();
         for chunk in self.files.chunks(batch.max(1)) {
-            let imgs = chunk
-                .iter()
-                .map(|p| {
-                    Ok(image::open(p)
-                        .with_context(|| format!("decoding {}", p.display()))?
-                        .to_rgb8())
-                })
-                .collect::<Result<Vec<_>>>()?;
-            out.push(embed_images(vit, &imgs, device, batch));
+            out.push(embed_images(vit, &decode(chunk)?, device, batch));
         }
         Ok(Tensor::cat(&out, 0))
     }
+}
+
+/// Decodes crop files to RGB, naming the file that does not decode.
+pub fn decode(paths: &[PathBuf]) -> Result<Vec<image::RgbImage>> {
+    paths
+        .iter()
+        .map(|p| {
+            Ok(image::open(p)
+                .with_context(|| format!("decoding {}", p.display()))?
+                .to_rgb8())
+        })
+        .collect()
 }

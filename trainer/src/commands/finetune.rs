@@ -93,7 +93,6 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     if cv_only && !cross_validate {
         bail!("--cv-only needs --cross-validate");
     }
-
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
