@@ -44,6 +44,18 @@ pub struct FinetuneConfig {
     /// Cross-entropy weighted by inverse class frequency (each class weighs the same in the
     /// loss: for imbalanced data scored by balanced accuracy).
     pub balanced: bool,
+    /// Logit adjustment (Menon et al., "Long-tail learning via logit adjustment", 2021): the
+    /// training loss sees the logits plus `tau * ln(prior)` of each class, the model's own
+    /// logits stay without it, so that its argmax aims at balanced accuracy without weighing
+    /// the rare classes' crops up; 0 = off.
+    pub logit_adjust: f64,
+    /// The model kept is an exponential moving average of the weights over the steps, with
+    /// this decay per step (rising as `(1 + t) / (10 + t)` until it reaches it); 0 = the
+    /// last step's weights.
+    pub ema: f64,
+    /// Stochastic depth: each block's residual branches are dropped for a sample with this
+    /// probability in training (uniform over the blocks); 0 = off.
+    pub drop_path: f64,
     /// Give the head each cell's measured size too ([`reddino_models::cellsize`]), measured
     /// at this many micrometres per pixel of the training fields; `None` = the crop alone.
     pub cell_size: Option<f32>,
@@ -75,6 +87,9 @@ impl Default for FinetuneConfig {
             },
             seed: 0,
             balanced: false,
+            logit_adjust: 0.0,
+            ema: 0.0,
+            drop_path: 0.0,
             cell_size: None,
             test_time_views: 1,
         }
@@ -109,6 +124,27 @@ impl FinetuneConfig {
             bail!("warmup must be a fraction in [0, 1], got {}", self.warmup);
         }
         reddino_models::onnx::check_views(self.test_time_views)?;
+        if !(self.logit_adjust >= 0.0 && self.logit_adjust.is_finite()) {
+            bail!(
+                "logit adjustment must be a finite number >= 0, got {}",
+                self.logit_adjust
+            );
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            bail!(
+                "drop path must be a probability in [0, 1), got {}",
+                self.drop_path
+            );
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            bail!(
+                "the weights' moving average decays by a factor in [0, 1), got {}",
+                self.ema
+            );
+        }
+        if self.balanced && self.logit_adjust > 0.0 {
+            bail!("class weights (balanced) and logit adjustment both correct for class frequency: choose one");
+        }
         if let Some(um) = self.cell_size {
             if !(um.is_finite() && um > 0.0) {
                 bail!("the cell size's scale must be a positive number of micrometres per pixel, got {um}");
@@ -333,6 +369,21 @@ pub fn class_weights(labels: &[i64], classes: usize) -> Tensor {
     Tensor::from_slice(&w)
 }
 
+/// The logit adjustment's offsets, `tau * ln(n_c / n)` per class; a class without samples
+/// counts as half a sample (its offset stays finite).
+pub fn prior_offsets(labels: &[i64], classes: usize, tau: f64) -> Tensor {
+    let mut count = vec![0usize; classes];
+    for &l in labels {
+        count[l as usize] += 1;
+    }
+    let n = labels.len().max(1) as f64;
+    let o: Vec<f32> = count
+        .iter()
+        .map(|&c| (tau * ((c as f64).max(0.5) / n).ln()) as f32)
+        .collect();
+    Tensor::from_slice(&o)
+}
+
 /// Decodes every image of `set` resized to `size` x `size`, as u8 [N, 3, size, size].
 pub fn load_images(set: &LabelledSet, size: usize) -> Result<Tensor> {
     let plane = 3 * size * size;
@@ -378,10 +429,13 @@ pub fn finetune(
     let class_weights = cfg
         .balanced
         .then(|| class_weights(&set.labels, classes).to_device(device));
+    let offsets = (cfg.logit_adjust > 0.0)
+        .then(|| prior_offsets(&set.labels, classes, cfg.logit_adjust).to_device(device));
 
     let vs = nn::VarStore::new(device);
     let root = vs.root();
-    let vit = Vit::from_weights(&(&root / "backbone"), init, cfg.input_size)?;
+    let mut vit = Vit::from_weights(&(&root / "backbone"), init, cfg.input_size)?;
+    vit.drop_path = cfg.drop_path;
     let d = vit.config.embed_dim as i64;
     let head = linear(&root / "head", d, classes as i64);
     // The size term starts at zero: the crop alone until the loss finds a use for the size.
@@ -418,6 +472,12 @@ pub fn finetune(
         vit.config.depth,
     );
 
+    // The moving average's copy of every weight the optimiser updates.
+    let mut ema: Vec<Tensor> = if cfg.ema > 0.0 {
+        tch::no_grad(|| opt.params.iter().map(|p| p.var.detach().copy()).collect())
+    } else {
+        Vec::new()
+    };
     let b = cfg.batch_size.min(n);
     let steps_per_epoch = n.div_ceil(b);
     let total = steps_per_epoch * cfg.epochs;
@@ -453,6 +513,9 @@ pub fn finetune(
             if let (Some(f), Some(h)) = (&sizes, &size_head) {
                 logits += f.index_select(0, &idx).to_device(device).apply(h);
             }
+            if let Some(o) = &offsets {
+                logits += o;
+            }
             let loss = logits.cross_entropy_loss::<&Tensor>(
                 &y,
                 class_weights.as_ref(),
@@ -470,6 +533,14 @@ pub fn finetune(
             }
             let l = lr.at(step);
             opt.update(l, l, cfg.weight_decay);
+            if !ema.is_empty() {
+                let decay = cfg.ema.min((1.0 + step as f64) / (10.0 + step as f64));
+                tch::no_grad(|| {
+                    for (e, p) in ema.iter_mut().zip(&opt.params) {
+                        let _ = e.lerp_(&p.var, 1.0 - decay);
+                    }
+                });
+            }
             if step == 0 {
                 first_loss = value;
             }
@@ -486,6 +557,13 @@ pub fn finetune(
         }
     }
 
+    if !ema.is_empty() {
+        tch::no_grad(|| {
+            for (e, p) in ema.iter().zip(&mut opt.params) {
+                p.var.copy_(e);
+            }
+        });
+    }
     // Training-set metrics in eval mode through the edge's preprocessing.
     let mut logits = predict_logits(&vit, &head, &images, device, 128);
     if let (Some(f), Some(h)) = (&sizes, &size_head) {

@@ -86,6 +86,56 @@ fn learns_two_shapes_and_scores_them_the_same_way() {
     assert_eq!(rep.per_source.len(), 2);
 }
 
+/// The moving average of the weights and the logit adjustment each change what is learnt, and
+/// each still learns the shapes.
+#[test]
+fn weight_averaging_and_logit_adjustment_still_learn() {
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 24);
+    // One class thinned out: the logit adjustment then has priors to correct.
+    let rings: Vec<_> = std::fs::read_dir(tmp.path().join("a/ring"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for p in &rings[..16] {
+        std::fs::remove_file(p).unwrap();
+    }
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    let base = FinetuneConfig {
+        input_size: 28,
+        epochs: 25,
+        batch_size: 16,
+        lr: 2e-3,
+        layer_decay: 1.0,
+        ..FinetuneConfig::default()
+    };
+    let plain = finetune(&small_vit(), &set, &base, Device::Cpu, 100, |_| {}).unwrap();
+    for (name, cfg) in [
+        (
+            "ema",
+            FinetuneConfig {
+                ema: 0.9,
+                ..base.clone()
+            },
+        ),
+        (
+            "logit adjustment",
+            FinetuneConfig {
+                logit_adjust: 1.0,
+                ..base.clone()
+            },
+        ),
+    ] {
+        let r = finetune(&small_vit(), &set, &cfg, Device::Cpu, 100, |_| {}).unwrap();
+        eprintln!(
+            "{name}: training balanced accuracy {:.3}",
+            r.train.balanced_accuracy
+        );
+        assert!(r.train.balanced_accuracy >= 0.8, "{name}: {:?}", r.train);
+        assert_ne!(r.head.bias.data, plain.head.bias.data, "{name}");
+    }
+}
+
 #[test]
 fn bad_settings_and_unknown_classes_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -109,6 +159,42 @@ fn bad_settings_and_unknown_classes_are_refused() {
             e.to_string().contains("random crop's area"),
             "{scale:?}: {e}"
         );
+    }
+    for p in [1.0, -0.1, f64::NAN] {
+        let bad = FinetuneConfig {
+            drop_path: p,
+            ..FinetuneConfig::default()
+        };
+        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("drop path"), "{p}: {e}");
+    }
+    for ema in [1.0, -0.1] {
+        let bad = FinetuneConfig {
+            ema,
+            ..FinetuneConfig::default()
+        };
+        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("moving average"), "{ema}: {e}");
+    }
+    // Logit adjustment: negative or not a number, or beside the class weights.
+    for (tau, balanced, says) in [
+        (-1.0, false, "logit adjustment must be"),
+        (f64::NAN, false, "logit adjustment must be"),
+        (1.0, true, "choose one"),
+    ] {
+        let bad = FinetuneConfig {
+            logit_adjust: tau,
+            balanced,
+            ..FinetuneConfig::default()
+        };
+        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(says), "{tau} {balanced}: {e}");
     }
     // A head that does not know a class of the data.
     let cfg = FinetuneConfig {
@@ -134,6 +220,12 @@ fn balanced_weights_and_source_folds() {
     // n / (classes * n_c): 6 / (4 * 3), 6 / (4 * 1), 6 / (4 * 2); no samples: 0.
     for (got, want) in w.iter().zip([0.5, 1.5, 0.75, 0.0]) {
         assert!((got - want).abs() < 1e-6, "{w:?}");
+    }
+    // Logit adjustment's offsets: tau x ln(n_c / n); a class without samples as half of one.
+    let o = reddino_trainer::finetune::prior_offsets(&[0, 0, 0, 1, 2, 2], 4, 2.0);
+    let o = Vec::<f32>::try_from(o).unwrap();
+    for (got, want) in o.iter().zip([0.5f64, 1.0 / 6.0, 2.0 / 6.0, 0.5 / 6.0]) {
+        assert!((*got as f64 - 2.0 * want.ln()).abs() < 1e-5, "{o:?}");
     }
     let tmp = tempfile::tempdir().unwrap();
     shapes(tmp.path(), 3);

@@ -47,6 +47,19 @@ pub struct FinetuneArgs {
     /// Weigh the cross-entropy by inverse class frequency (imbalanced classes).
     #[arg(long)]
     pub balanced: bool,
+    /// Logit adjustment for imbalanced classes, instead of --balanced: the training loss
+    /// sees each class's logit plus TAU x ln(its share of the crops), the model's logits
+    /// stay without it (0 = off; 1 is the usual choice).
+    #[arg(long, default_value_t = 0.0, value_name = "TAU")]
+    pub logit_adjust: f64,
+    /// Keep a moving average of the weights over the steps, decaying by this factor per
+    /// step (e.g. 0.999), instead of the last step's weights; 0 = off.
+    #[arg(long, default_value_t = 0.0, value_name = "DECAY")]
+    pub ema: f64,
+    /// Stochastic depth in training: each block's branches are dropped for a crop with this
+    /// probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_path: f64,
     /// Give the head each cell's measured size too, at this many micrometres per pixel of
     /// the training fields (the crops must come from `reddino-edge import` of labelled
     /// fields, whose crops.csv has the cells' boxes). The exported bundle carries the term
@@ -83,6 +96,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         seed,
         threads,
         balanced,
+        logit_adjust,
+        ema,
+        drop_path,
         cell_size,
         test_time_views,
         cross_validate,
@@ -115,6 +131,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         },
         seed,
         balanced,
+        logit_adjust,
+        ema,
+        drop_path,
         cell_size,
         test_time_views,
         ..defaults
@@ -208,6 +227,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         "crop_scale": crop_scale,
         "seed": seed,
         "balanced": balanced,
+        "logit_adjust": logit_adjust,
+        "ema": ema,
+        "drop_path": drop_path,
         "cell_size_um_per_px": cell_size,
         "test_time_views": test_time_views,
         "first_loss": r.first_loss,
