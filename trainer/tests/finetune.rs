@@ -52,20 +52,25 @@ fn small_vit() -> VitWeights {
     VitWeights::random(&cfg, 1, 0.1).unwrap()
 }
 
-#[test]
-fn learns_two_shapes_and_scores_them_the_same_way() {
-    let tmp = tempfile::tempdir().unwrap();
-    shapes(tmp.path(), 24);
-    let set = LabelledSet::scan(tmp.path()).unwrap();
-    assert_eq!(set.class_names, ["disc", "ring"]);
-    let cfg = FinetuneConfig {
+/// Settings that learn [`shapes`] in seconds.
+fn shapes_config() -> FinetuneConfig {
+    FinetuneConfig {
         input_size: 28,
         epochs: 25,
         batch_size: 16,
         lr: 2e-3,
         layer_decay: 1.0,
         ..FinetuneConfig::default()
-    };
+    }
+}
+
+#[test]
+fn learns_two_shapes_and_scores_them_the_same_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    shapes(tmp.path(), 24);
+    let set = LabelledSet::scan(tmp.path()).unwrap();
+    assert_eq!(set.class_names, ["disc", "ring"]);
+    let cfg = shapes_config();
     let mut logged = 0;
     let r = finetune(&small_vit(), &set, &cfg, Device::Cpu, 5, |_| logged += 1).unwrap();
     eprintln!(
@@ -101,14 +106,7 @@ fn weight_averaging_and_logit_adjustment_still_learn() {
         std::fs::remove_file(p).unwrap();
     }
     let set = LabelledSet::scan(tmp.path()).unwrap();
-    let base = FinetuneConfig {
-        input_size: 28,
-        epochs: 25,
-        batch_size: 16,
-        lr: 2e-3,
-        layer_decay: 1.0,
-        ..FinetuneConfig::default()
-    };
+    let base = shapes_config();
     let plain = finetune(&small_vit(), &set, &base, Device::Cpu, 100, |_| {}).unwrap();
     for (name, cfg) in [
         (
