@@ -351,12 +351,8 @@ fn head_truth(head: &LinearHead, set: &LabelledSet) -> Result<Vec<i64>> {
 /// Inverse-frequency class weights, `n / (classes * n_c)` (1 for every class of balanced
 /// data; classes without samples get 0).
 pub fn class_weights(labels: &[i64], classes: usize) -> Tensor {
-    let mut count = vec![0usize; classes];
-    for &l in labels {
-        count[l as usize] += 1;
-    }
     let n = labels.len() as f64;
-    let w: Vec<f32> = count
+    let w: Vec<f32> = class_counts(labels, classes)
         .iter()
         .map(|&c| {
             if c == 0 {
@@ -372,16 +368,21 @@ pub fn class_weights(labels: &[i64], classes: usize) -> Tensor {
 /// The logit adjustment's offsets, `tau * ln(n_c / n)` per class; a class without samples
 /// counts as half a sample (its offset stays finite).
 pub fn prior_offsets(labels: &[i64], classes: usize, tau: f64) -> Tensor {
-    let mut count = vec![0usize; classes];
-    for &l in labels {
-        count[l as usize] += 1;
-    }
     let n = labels.len().max(1) as f64;
-    let o: Vec<f32> = count
+    let o: Vec<f32> = class_counts(labels, classes)
         .iter()
         .map(|&c| (tau * ((c as f64).max(0.5) / n).ln()) as f32)
         .collect();
     Tensor::from_slice(&o)
+}
+
+/// Crops per class.
+fn class_counts(labels: &[i64], classes: usize) -> Vec<usize> {
+    let mut count = vec![0usize; classes];
+    for &l in labels {
+        count[l as usize] += 1;
+    }
+    count
 }
 
 /// Decodes every image of `set` resized to `size` x `size`, as u8 [N, 3, size, size].
