@@ -91,10 +91,10 @@ fn learns_two_shapes_and_scores_them_the_same_way() {
     assert_eq!(rep.per_source.len(), 2);
 }
 
-/// The moving average of the weights and the logit adjustment each change what is learnt, and
-/// each still learns the shapes.
+/// The moving average of the weights, the logit adjustment and stochastic depth each change
+/// what is learnt, and each still learns the shapes.
 #[test]
-fn weight_averaging_and_logit_adjustment_still_learn() {
+fn weight_averaging_logit_adjustment_and_drop_path_still_learn() {
     let tmp = tempfile::tempdir().unwrap();
     shapes(tmp.path(), 24);
     // One class thinned out: the logit adjustment then has priors to correct.
@@ -120,6 +120,13 @@ fn weight_averaging_and_logit_adjustment_still_learn() {
             "logit adjustment",
             FinetuneConfig {
                 logit_adjust: 1.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "drop path",
+            FinetuneConfig {
+                drop_path: 0.2,
                 ..base.clone()
             },
         ),
