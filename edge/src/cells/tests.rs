@@ -693,6 +693,52 @@ fn the_distance_transform_is_exact() {
     }
 }
 
+#[test]
+fn an_object_with_one_seed_is_one_basin_as_the_flood_makes_it() {
+    // Random blobs (discs, touching pairs, noisy outlines): where the flood starts a single
+    // basin, the short cut gives the flood's labels; both kinds of object occur (specks
+    // aside).
+    let mut next_u32 = lcg(5);
+    let (mut single, mut several) = (0, 0);
+    for round in 0..300 {
+        let (w, h) = (12 + next_u32() as usize % 50, 12 + next_u32() as usize % 40);
+        let discs: Vec<(f32, f32, f32)> = (0..1 + round % 3)
+            .map(|_| {
+                let r = 3.0 + (next_u32() % 80) as f32 / 10.0;
+                let cx = r + (next_u32() as usize % w.max(1)) as f32 * 0.6;
+                let cy = r + (next_u32() as usize % h.max(1)) as f32 * 0.6;
+                (cx, cy, r)
+            })
+            .collect();
+        let mask: Vec<u8> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as f32, (i / w) as f32);
+                let inside = discs
+                    .iter()
+                    .any(|&(cx, cy, r)| (x - cx).powi(2) + (y - cy).powi(2) <= r * r);
+                (inside ^ (next_u32() % 100 < 2 * (round % 3) as u32)) as u8
+            })
+            .collect();
+        for obj in watershed::objects(&mask, w, 0, usize::MAX) {
+            match (watershed::single_seed(&obj), obj.area >= 30) {
+                (true, true) => single += 1,
+                (false, _) => several += 1,
+                (true, false) => {} // specks
+            }
+            // Clumps off, and on (a small typical cell: most blobs are clumps).
+            for (cell, clump_area) in [(0.0, 0.0), (40.0, 1.3)] {
+                let want = watershed::flood_and_split_clump(&obj, 1.2, cell, clump_area);
+                let got = watershed::flood_clump(&obj, 1.2, cell, clump_area);
+                assert_eq!(got, want, "round {round}: clump {cell} x {clump_area}");
+            }
+        }
+    }
+    assert!(
+        single > 50 && several > 50,
+        "{single} single, {several} several"
+    );
+}
+
 /// A small deterministic generator for random test masks.
 fn lcg(seed: u64) -> impl FnMut() -> u32 {
     let mut state = seed;

@@ -328,6 +328,21 @@ pub(super) fn flood_clump(
     cell: f32,
     clump_area: f32,
 ) -> (Vec<u32>, usize) {
+    if single_seed(obj) {
+        // One basin whatever the dynamics: no flood, no split.
+        let labels = obj.dt2.iter().map(|&d| if d > 0 { 0 } else { u32::MAX });
+        return (labels.collect(), 1);
+    }
+    flood_and_split_clump(obj, h_dyn, cell, clump_area)
+}
+
+/// [`flood_clump`] without its short cut for objects of a single seed.
+pub(super) fn flood_and_split_clump(
+    obj: &Object,
+    h_dyn: f32,
+    cell: f32,
+    clump_area: f32,
+) -> (Vec<u32>, usize) {
     let order = flood_order(obj);
     let first = flood(obj, &order, h_dyn);
     if clump_area <= 0.0 || cell <= 0.0 || (obj.area as f32) < clump_area * cell {
@@ -536,6 +551,40 @@ pub(super) fn flood_order(obj: &Object) -> Vec<(u32, u32)> {
         }
     }
     order
+}
+
+/// Whether [`flood`] starts a single basin on `obj`: exactly one of its pixels has no
+/// neighbour the flood visits before it (higher on the distance map, or as high and earlier in
+/// raster order). Every other pixel then drains into that basin, and no two basins ever meet,
+/// whatever the dynamics: most lone cells. Stops at the second such pixel.
+pub(super) fn single_seed(obj: &Object) -> bool {
+    let (w, h) = (obj.w, obj.h);
+    let d = &obj.dt2;
+    let mut seeds = 0;
+    for y in 0..h {
+        let rows = y.saturating_sub(1)..(y + 2).min(h);
+        for x in 0..w {
+            let p = y * w + x;
+            let v = d[p];
+            if v == 0 {
+                continue;
+            }
+            let cols = x.saturating_sub(1)..(x + 2).min(w);
+            let drains = rows.clone().any(|ny| {
+                cols.clone().any(|nx| {
+                    let q = ny * w + nx;
+                    d[q] > v || (d[q] == v && q < p)
+                })
+            });
+            if !drains {
+                seeds += 1;
+                if seeds > 1 {
+                    return false;
+                }
+            }
+        }
+    }
+    seeds == 1
 }
 
 /// Watershed of an object's distance transform by flooding from its peaks; basins whose peak
