@@ -473,40 +473,41 @@ pub(super) fn fill_holes(mask: &mut [u8], w: usize) {
 pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usize {
     let h = mask.len() / w;
     const OUTSIDE: u8 = 2;
-    let mut stack: Vec<u32> = Vec::new();
-    let seed = |mask: &mut [u8], i: usize, stack: &mut Vec<u32>| {
+    // Pixels as (x, y): no division per pixel.
+    let mut stack: Vec<(u32, u32)> = Vec::new();
+    let seed = |mask: &mut [u8], x: usize, y: usize, stack: &mut Vec<(u32, u32)>| {
+        let i = y * w + x;
         if mask[i] == 0 {
             mask[i] = OUTSIDE;
-            stack.push(i as u32);
+            stack.push((x as u32, y as u32));
         }
     };
     for x in 0..w {
-        seed(mask, x, &mut stack);
-        seed(mask, (h - 1) * w + x, &mut stack);
+        seed(mask, x, 0, &mut stack);
+        seed(mask, x, h - 1, &mut stack);
     }
     for y in 0..h {
-        seed(mask, y * w, &mut stack);
-        seed(mask, y * w + w - 1, &mut stack);
+        seed(mask, 0, y, &mut stack);
+        seed(mask, w - 1, y, &mut stack);
     }
-    while let Some(i) = stack.pop() {
-        let i = i as usize;
-        let (x, y) = (i % w, i / w);
+    while let Some((x, y)) = stack.pop() {
+        let (x, y) = (x as usize, y as usize);
         if x > 0 {
-            seed(mask, i - 1, &mut stack);
+            seed(mask, x - 1, y, &mut stack);
         }
         if x + 1 < w {
-            seed(mask, i + 1, &mut stack);
+            seed(mask, x + 1, y, &mut stack);
         }
         if y > 0 {
-            seed(mask, i - w, &mut stack);
+            seed(mask, x, y - 1, &mut stack);
         }
         if y + 1 < h {
-            seed(mask, i + w, &mut stack);
+            seed(mask, x, y + 1, &mut stack);
         }
     }
     // The holes: 4-connected regions of background the flood did not reach.
     let mut largest = 0;
-    let mut region: Vec<u32> = Vec::new();
+    let mut region: Vec<(u32, u32)> = Vec::new();
     for start in 0..mask.len() {
         if mask[start] != 0 {
             continue;
@@ -514,35 +515,36 @@ pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usi
         const HOLE: u8 = 3;
         mask[start] = HOLE;
         region.clear();
-        region.push(start as u32);
+        region.push(((start % w) as u32, (start / w) as u32));
         let mut next = 0;
         while next < region.len() {
-            let i = region[next] as usize;
+            let (x, y) = region[next];
+            let (x, y) = (x as usize, y as usize);
             next += 1;
-            let (x, y) = (i % w, i / w);
-            let mut visit = |j: usize| {
+            let mut visit = |x: usize, y: usize| {
+                let j = y * w + x;
                 if mask[j] == 0 {
                     mask[j] = HOLE;
-                    region.push(j as u32);
+                    region.push((x as u32, y as u32));
                 }
             };
             if x > 0 {
-                visit(i - 1);
+                visit(x - 1, y);
             }
             if x + 1 < w {
-                visit(i + 1);
+                visit(x + 1, y);
             }
             if y > 0 {
-                visit(i - w);
+                visit(x, y - 1);
             }
             if y + 1 < h {
-                visit(i + w);
+                visit(x, y + 1);
             }
         }
         largest = largest.max(region.len());
         if region.len() > max_area {
-            for &i in &region {
-                mask[i as usize] = OUTSIDE;
+            for &(x, y) in &region {
+                mask[y as usize * w + x as usize] = OUTSIDE;
             }
         }
     }

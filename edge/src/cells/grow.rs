@@ -49,6 +49,8 @@ pub(super) struct Grow<'a> {
     /// A pixel can be claimed when its density is above this.
     pub(super) threshold: f32,
     pub(super) w: usize,
+    /// Rows of the frame.
+    pub(super) h: usize,
     /// Which basins grow (the others are debris).
     pub(super) grows: &'a [bool],
 }
@@ -125,9 +127,8 @@ impl Grow<'_> {
 
     /// Calls `f` on the 3x3 neighbourhood of pixel `j` inside the frame (`j` included).
     pub(super) fn around(&self, j: usize, mut f: impl FnMut(usize)) {
-        let h = self.od.len() / self.w;
         let (x, y) = (j % self.w, j / self.w);
-        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+        for ny in y.saturating_sub(1)..(y + 2).min(self.h) {
             for nx in x.saturating_sub(1)..(x + 2).min(self.w) {
                 f(ny * self.w + nx);
             }

@@ -426,6 +426,7 @@ fn find_cells(
             od,
             threshold: t_grow.min(t),
             w: wu,
+            h: h as usize,
             grows: &kept,
         };
         for (i, l) in grow.run(&mut basin, &objs, cfg.grow_steps) {

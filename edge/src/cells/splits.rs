@@ -30,10 +30,13 @@ pub(super) fn split_necks(
     let min_depth = (0.2 * typical_r).max(2.0);
     type P = (f32, f32);
     let cross = |o: P, a: P, b: P| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
-    let mut pixels: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, &l) in labels.iter().enumerate() {
-        if l != u32::MAX {
-            pixels[l as usize].push(i);
+    // Each basin's pixels (x, y) in raster order.
+    let mut pixels: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
+    for (y, row) in labels.chunks_exact(w).enumerate() {
+        for (x, &l) in row.iter().enumerate() {
+            if l != u32::MAX {
+                pixels[l as usize].push((x, y));
+            }
         }
     }
     for (l, pix) in pixels.iter().enumerate() {
@@ -51,7 +54,7 @@ pub(super) fn split_necks(
         // Boundary pixels (a 4-neighbour outside the basin), in raster order.
         let boundary: Vec<P> = pix
             .iter()
-            .map(|&i| ((i % w) as i64, (i / w) as i64))
+            .map(|&(x, y)| (x as i64, y as i64))
             .filter(|&(x, y)| {
                 !(inside(x - 1, y) && inside(x + 1, y) && inside(x, y - 1) && inside(x, y + 1))
             })
@@ -71,21 +74,30 @@ pub(super) fn split_necks(
         if hull.len() < 3 {
             continue;
         }
-        // Depth inside the hull: the distance to the nearest hull edge's line.
-        let depth = |p: P| {
-            (0..hull.len())
-                .map(|k| {
-                    let (a, b) = (hull[k], hull[(k + 1) % hull.len()]);
-                    let len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt().max(1e-6);
-                    cross(a, b, p).abs() / len
-                })
-                .fold(f32::INFINITY, f32::min)
-        };
-        let deep: Vec<(P, f32)> = boundary
-            .iter()
-            .map(|&p| (p, depth(p)))
-            .filter(|&(_, d)| d >= min_depth)
+        // Depth inside the hull: the distance to the nearest hull edge's line. Most boundary
+        // pixels lie on or near the hull: the search stops at the first edge closer than
+        // `min_depth`, starting from the edge that stopped the last one.
+        let edges: Vec<(P, P, f32)> = (0..hull.len())
+            .map(|k| {
+                let (a, b) = (hull[k], hull[(k + 1) % hull.len()]);
+                let len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt().max(1e-6);
+                (a, b, len)
+            })
             .collect();
+        let mut near = 0;
+        let mut deep: Vec<(P, f32)> = Vec::new();
+        'pixels: for &p in &boundary {
+            let mut d = f32::INFINITY;
+            for k in (near..edges.len()).chain(0..near) {
+                let (a, b, len) = edges[k];
+                d = d.min(cross(a, b, p).abs() / len);
+                if d < min_depth {
+                    near = k;
+                    continue 'pixels;
+                }
+            }
+            deep.push((p, d));
+        }
         if deep.len() < 2 {
             continue;
         }
@@ -133,7 +145,7 @@ pub(super) fn split_necks(
         };
         let left: Vec<bool> = pix
             .iter()
-            .map(|&i| cross(p, q, ((i % w) as f32, (i / w) as f32)) > 0.0)
+            .map(|&(x, y)| cross(p, q, (x as f32, y as f32)) > 0.0)
             .collect();
         let on_left = left.iter().filter(|&&s| s).count();
         let smaller = on_left.min(pix.len() - on_left);
@@ -143,9 +155,9 @@ pub(super) fn split_necks(
         let minority = 2 * on_left < pix.len();
         let id = n as u32;
         n += 1;
-        for (&i, &s) in pix.iter().zip(&left) {
+        for (&(x, y), &s) in pix.iter().zip(&left) {
             if s == minority {
-                labels[i] = id;
+                labels[y * w + x] = id;
             }
         }
     }
@@ -173,6 +185,11 @@ pub(super) fn split_blue_parts(
     let (w, h) = (obj.w, obj.h);
     let mut blue = vec![false; w * h];
     let mut any = false;
+    // The background block of each of the window's columns.
+    let block = bg.block as usize;
+    let bxs: Vec<usize> = (obj.x0..obj.x0 + w)
+        .map(|x| (x / block).min(bg.gw - 1))
+        .collect();
     let raw = img.as_raw();
     let stride = 3 * img.width() as usize;
     for (ly, (row, out)) in labels
@@ -183,12 +200,11 @@ pub(super) fn split_blue_parts(
         let y = obj.y0 + ly;
         let pixels = &raw[y * stride + 3 * obj.x0..y * stride + 3 * (obj.x0 + w)];
         let blocks = bg.row(y);
-        let block = bg.block as usize;
-        for (lx, ((&l, b), px)) in row.iter().zip(out).zip(pixels.chunks_exact(3)).enumerate() {
+        for (((&l, b), px), &bx) in row.iter().zip(out).zip(pixels.chunks_exact(3)).zip(&bxs) {
             if l == u32::MAX {
                 continue;
             }
-            let g = blocks[((obj.x0 + lx) / block).min(blocks.len() - 1)];
+            let g = blocks[bx];
             // ln(bg_r / r) - ln(bg_b / b)
             let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
             if red_minus_blue > threshold {

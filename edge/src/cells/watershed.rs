@@ -543,11 +543,13 @@ pub(super) fn flood_order(obj: &Object) -> Vec<(u32, u32)> {
         start[k] += start[k - 1];
     }
     let mut order = vec![(0u32, 0u32); start[max_key + 1] as usize];
-    for (i, &d) in obj.dt2.iter().enumerate() {
-        if d > 0 {
-            let s = &mut start[slot(d)];
-            order[*s as usize] = ((i % w) as u32, (i / w) as u32);
-            *s += 1;
+    for (y, row) in obj.dt2.chunks_exact(w).enumerate() {
+        for (x, &d) in row.iter().enumerate() {
+            if d > 0 {
+                let s = &mut start[slot(d)];
+                order[*s as usize] = (x as u32, y as u32);
+                *s += 1;
+            }
         }
     }
     order
