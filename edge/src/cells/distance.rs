@@ -42,7 +42,7 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
     // from the background pixel before the run to the one after it can hold its minimum.
     let mut out = vec![0u32; mask.len()];
     let mut v = vec![0usize; w + 1];
-    let mut z = vec![0f64; w + 2];
+    let mut g = vec![0i64; w + 1];
     for y in 0..h {
         let f = &col[y * w..(y + 1) * w];
         let m = &mask[y * w..(y + 1) * w];
@@ -58,7 +58,7 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
                 b += 1;
             }
             let (lo, hi) = (a.saturating_sub(1), b.min(w - 1));
-            envelope(&f[lo..=hi], &mut v, &mut z, &mut row[lo..=hi]);
+            envelope(&f[lo..=hi], &mut v, &mut g, &mut row[lo..=hi]);
             a = b;
         }
     }
@@ -66,8 +66,10 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
 }
 
 /// 1-D squared distance transform of `f` (`u32::MAX / 4` = no background in that column) into
-/// `out`, by the lower envelope of parabolas.
-pub(super) fn envelope(f: &[u32], v: &mut [usize], z: &mut [f64], out: &mut [u32]) {
+/// `out`, by the lower envelope of parabolas. The parabola of column `p` is
+/// `(x - p)^2 + f[p]`; `g` holds `f[p] + p^2` of each parabola on the envelope, and where two
+/// parabolas cross is compared by cross-multiplication in integers (no division).
+pub(super) fn envelope(f: &[u32], v: &mut [usize], g: &mut [i64], out: &mut [u32]) {
     const INF: u32 = u32::MAX / 4;
     let mut k = 0usize;
     let mut any = false;
@@ -75,20 +77,19 @@ pub(super) fn envelope(f: &[u32], v: &mut [usize], z: &mut [f64], out: &mut [u32
         if fq == INF {
             continue;
         }
+        let gq = fq as i64 + (q * q) as i64;
         if !any {
             any = true;
             v[0] = q;
-            z[0] = f64::NEG_INFINITY;
-            z[1] = f64::INFINITY;
+            g[0] = gq;
             continue;
         }
-        let fqq = fq as f64 + (q * q) as f64;
-        let mut s;
-        loop {
-            let p = v[k];
-            s = (fqq - (f[p] as f64 + (p * p) as f64)) / (2.0 * (q - p) as f64);
-            if s <= z[k] {
-                // z[0] is -inf: k never drops below 0 here.
+        // Parabola q crosses parabola v[k] at (gq - g[k]) / 2(q - v[k]); v[k] crosses v[k - 1]
+        // at (g[k] - g[k - 1]) / 2(v[k] - v[k - 1]). While the first is not right of the
+        // second, v[k] is nowhere lowest.
+        while k > 0 {
+            let (p, pp) = (v[k], v[k - 1]);
+            if (gq - g[k]) * (p - pp) as i64 <= (g[k] - g[k - 1]) * (q - p) as i64 {
                 k -= 1;
             } else {
                 break;
@@ -96,16 +97,17 @@ pub(super) fn envelope(f: &[u32], v: &mut [usize], z: &mut [f64], out: &mut [u32
         }
         k += 1;
         v[k] = q;
-        z[k] = s;
-        z[k + 1] = f64::INFINITY;
+        g[k] = gq;
     }
     if !any {
         out.iter_mut().for_each(|o| *o = u32::MAX);
         return;
     }
+    let last = k;
     let mut k = 0;
     for (x, o) in out.iter_mut().enumerate() {
-        while z[k + 1] < x as f64 {
+        // Move on while the next parabola is lower at x: their crossing lies left of x.
+        while k < last && g[k + 1] - g[k] < 2 * (x as i64) * (v[k + 1] - v[k]) as i64 {
             k += 1;
         }
         let p = v[k];
