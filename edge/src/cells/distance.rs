@@ -25,16 +25,14 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
             }
         }
     }
-    for y in (0..h.saturating_sub(1)).rev() {
-        let (head, below) = col.split_at_mut((y + 1) * w);
-        let row = &mut head[y * w..];
-        for (c, &b) in row.iter_mut().zip(&below[..w]) {
-            *c = (*c).min(b + 1);
-        }
-    }
-    for c in col.iter_mut() {
-        if *c != INF {
-            *c *= *c;
+    // Up the rows, each row's final distance squared as it is reached; `below` keeps the row
+    // under it unsquared.
+    let mut below = vec![INF; w];
+    for row in col.chunks_exact_mut(w).rev() {
+        for (c, b) in row.iter_mut().zip(below.iter_mut()) {
+            let d = (*c).min(*b + 1);
+            *b = d;
+            *c = if d == INF { INF } else { d * d };
         }
     }
     // Row pass: lower envelope of the parabolas (x - q)^2 + col[q], per run of foreground.

@@ -259,22 +259,32 @@ pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
 pub(super) const HIST_OFFSET: f32 = 2.0;
 
 pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<u32> {
-    let bin = |v: f32| (((v + HIST_OFFSET) * scale).max(0.0) as usize).min(bins - 1);
+    // Clamped as floats, then truncated to i32: the same bins as clamping after the
+    // conversion, and a block of them converts in a few vector instructions (NaN: bin 0).
+    let top = (bins - 1) as f32;
+    let bin = |v: f32| ((v + HIST_OFFSET) * scale).max(0.0).min(top) as i32 as usize;
     // Parts of the frame side by side, each into four interleaved histograms (neighbouring
     // pixels mostly fall in one bin: four counters keep the increments independent).
     let part = |mut h: Vec<u32>, chunk: &[f32]| {
         let (h0, rest) = h.split_at_mut(bins);
         let (h1, rest) = rest.split_at_mut(bins);
         let (h2, h3) = rest.split_at_mut(bins);
-        let quads = chunk.chunks_exact(4);
-        for &v in quads.remainder() {
+        const BLOCK: usize = 64;
+        let blocks = chunk.chunks_exact(BLOCK);
+        for &v in blocks.remainder() {
             h0[bin(v)] += 1;
         }
-        for q in quads {
-            h0[bin(q[0])] += 1;
-            h1[bin(q[1])] += 1;
-            h2[bin(q[2])] += 1;
-            h3[bin(q[3])] += 1;
+        let mut idx = [0usize; BLOCK];
+        for block in blocks {
+            for (i, &v) in idx.iter_mut().zip(block) {
+                *i = bin(v);
+            }
+            for q in idx.chunks_exact(4) {
+                h0[q[0]] += 1;
+                h1[q[1]] += 1;
+                h2[q[2]] += 1;
+                h3[q[3]] += 1;
+            }
         }
         h
     };

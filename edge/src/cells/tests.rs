@@ -665,6 +665,41 @@ fn components_from_runs_are_the_flood_fills_of_the_mask() {
 }
 
 #[test]
+fn density_histograms_count_each_value_in_its_bin() {
+    // Against one bin per value computed the plain way: values below, inside and above the
+    // range, on bin edges, NaN and infinities, and lengths that leave partial blocks.
+    let mut next_u32 = lcg(11);
+    for (round, len) in [0usize, 1, 3, 63, 64, 65, 1000, 70_001]
+        .into_iter()
+        .enumerate()
+    {
+        let (bins, scale) = if round % 2 == 0 {
+            (1024, 128.0)
+        } else {
+            (8192, 1024.0)
+        };
+        let values: Vec<f32> = (0..len)
+            .map(|i| match i % 11 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                3 => -foreground::HIST_OFFSET - 1.0,
+                4 => (next_u32() % bins as u32) as f32 / scale - foreground::HIST_OFFSET,
+                5 => 1e9,
+                _ => (next_u32() % 20_000) as f32 / 2_000.0 - 3.0,
+            })
+            .collect();
+        let mut want = vec![0u32; bins];
+        for &v in &values {
+            let b = (((v + foreground::HIST_OFFSET) * scale).max(0.0) as usize).min(bins - 1);
+            want[b] += 1;
+        }
+        let got = foreground::density_histogram(&values, bins, scale);
+        assert_eq!(got, want, "{len} values in {bins} bins");
+    }
+}
+
+#[test]
 fn the_distance_transform_is_exact() {
     // Random masks against the brute-force nearest background pixel (squared Euclidean).
     let mut next_u32 = lcg(3);
