@@ -56,7 +56,15 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
                 b += 1;
             }
             let (lo, hi) = (a.saturating_sub(1), b.min(w - 1));
-            envelope(&f[lo..=hi], &mut v, &mut g, &mut row[lo..=hi]);
+            // With background at both ends, no pixel of the run lies farther than
+            // `(hi - lo) / 2` from one: a column whose own distance is beyond that squared is
+            // never the nearest, and stays off the envelope.
+            let cap = if f[lo] == 0 && f[hi] == 0 {
+                (((hi - lo) / 2).pow(2) as u32).min(INF - 1)
+            } else {
+                INF - 1
+            };
+            envelope(&f[lo..=hi], cap, &mut v, &mut g, &mut row[lo..=hi]);
             a = b;
         }
     }
@@ -64,15 +72,15 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
 }
 
 /// 1-D squared distance transform of `f` (`u32::MAX / 4` = no background in that column) into
-/// `out`, by the lower envelope of parabolas. The parabola of column `p` is
+/// `out`, by the lower envelope of parabolas, leaving out the columns whose `f` is above
+/// `cap` (below `u32::MAX / 4`; the caller knows those are never the nearest). The parabola of column `p` is
 /// `(x - p)^2 + f[p]`; `g` holds `f[p] + p^2` of each parabola on the envelope, and where two
 /// parabolas cross is compared by cross-multiplication in integers (no division).
-pub(super) fn envelope(f: &[u32], v: &mut [usize], g: &mut [i64], out: &mut [u32]) {
-    const INF: u32 = u32::MAX / 4;
+pub(super) fn envelope(f: &[u32], cap: u32, v: &mut [usize], g: &mut [i64], out: &mut [u32]) {
     let mut k = 0usize;
     let mut any = false;
     for (q, &fq) in f.iter().enumerate() {
-        if fq == INF {
+        if fq > cap {
             continue;
         }
         let gq = fq as i64 + (q * q) as i64;
