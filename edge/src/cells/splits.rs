@@ -30,17 +30,39 @@ pub(super) fn split_necks(
     let min_depth = (0.2 * typical_r).max(2.0);
     type P = (f32, f32);
     let cross = |o: P, a: P, b: P| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
-    // Each basin's pixels (x, y) in raster order.
-    let mut pixels: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
+    // Each basin's area, then the boundary pixels (a 4-neighbour outside the basin) of those
+    // big enough to look at, in raster order.
+    let mut area = vec![0usize; n];
+    for &l in &labels {
+        if l != u32::MAX {
+            area[l as usize] += 1;
+        }
+    }
+    let big: Vec<bool> = area.iter().map(|&a| a as f32 >= min_area).collect();
+    if !big.contains(&true) {
+        return (labels, n);
+    }
+    let mut boundaries: Vec<Vec<P>> = vec![Vec::new(); n];
     for (y, row) in labels.chunks_exact(w).enumerate() {
         for (x, &l) in row.iter().enumerate() {
-            if l != u32::MAX {
-                pixels[l as usize].push((x, y));
+            if l == u32::MAX || !big[l as usize] {
+                continue;
+            }
+            let interior = x > 0
+                && row[x - 1] == l
+                && x + 1 < w
+                && row[x + 1] == l
+                && y > 0
+                && labels[(y - 1) * w + x] == l
+                && y + 1 < h
+                && labels[(y + 1) * w + x] == l;
+            if !interior {
+                boundaries[l as usize].push((x as f32, y as f32));
             }
         }
     }
-    for (l, pix) in pixels.iter().enumerate() {
-        if (pix.len() as f32) < min_area {
+    for (l, boundary) in boundaries.into_iter().enumerate() {
+        if !big[l] {
             continue;
         }
         let l = l as u32;
@@ -51,15 +73,6 @@ pub(super) fn split_necks(
                 && (y as usize) < h
                 && labels[y as usize * w + x as usize] == l
         };
-        // Boundary pixels (a 4-neighbour outside the basin), in raster order.
-        let boundary: Vec<P> = pix
-            .iter()
-            .map(|&(x, y)| (x as i64, y as i64))
-            .filter(|&(x, y)| {
-                !(inside(x - 1, y) && inside(x + 1, y) && inside(x, y - 1) && inside(x, y + 1))
-            })
-            .map(|(x, y)| (x as f32, y as f32))
-            .collect();
         // Convex hull (Andrew's monotone chain; raster order sorted by x, then y).
         let mut sorted = boundary.clone();
         sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
@@ -143,6 +156,17 @@ pub(super) fn split_necks(
         let Some((_, p, q)) = cut else {
             continue;
         };
+        // The basin's pixels in raster order (earlier cuts relabelled only other basins).
+        let pix: Vec<(usize, usize)> = labels
+            .chunks_exact(w)
+            .enumerate()
+            .flat_map(|(y, row)| {
+                row.iter()
+                    .enumerate()
+                    .filter(move |(_, &m)| m == l)
+                    .map(move |(x, _)| (x, y))
+            })
+            .collect();
         let left: Vec<bool> = pix
             .iter()
             .map(|&(x, y)| cross(p, q, (x as f32, y as f32)) > 0.0)
