@@ -292,16 +292,12 @@ fn build_object(
     // anything inside it (an object enclosed by this one is not counted on its own).
     let largest_hole = fill_holes_upto(&mut local, ww, max_hole);
     let dt2 = squared_distance(&local, ww);
-    let peak = dt2
-        .iter()
-        .map(|&d| {
-            if d == u32::MAX {
-                f32::INFINITY
-            } else {
-                (d as f32).sqrt()
-            }
-        })
-        .fold(0f32, f32::max);
+    // The square root of the largest squared distance (the root is monotonic: one root, not
+    // one per pixel).
+    let peak = match dt2.iter().copied().max().unwrap_or(0) {
+        u32::MAX => f32::INFINITY,
+        d => (d as f32).sqrt(),
+    };
     let area = local.iter().filter(|&&v| v != 0).count();
     let obj = Object {
         x0: wx0,
