@@ -932,6 +932,20 @@ impl Op {
     ];
 }
 
+impl Op {
+    /// Colour and exposure alone: the stain's hue, the light's level and contrast, with no
+    /// blur, noise or equalisation, so a cell's outline and texture stay as they are. For a
+    /// classifier that should not tell a field by its stain.
+    pub const COLOUR: [Op; 6] = [
+        Op::FancyPca,
+        Op::HueSaturationValue,
+        Op::RandomBrightnessContrast,
+        Op::RgbShift,
+        Op::RandomGamma,
+        Op::RandomToneCurve,
+    ];
+}
+
 /// [`augment`] drawing the pixel transforms from `ops` (applied in [`Op::ALL`] order).
 pub fn augment_with(
     images: &Tensor,

@@ -40,6 +40,8 @@ pub struct FinetuneConfig {
     /// Gradient-norm clip over all parameters; 0 = off.
     pub clip_grad: f64,
     pub augment: AugmentConfig,
+    /// The transforms `augment.ops_per_image` draws from.
+    pub pixel_pool: PixelPool,
     pub seed: u64,
     /// Cross-entropy weighted by inverse class frequency (each class weighs the same in the
     /// loss: for imbalanced data scored by balanced accuracy).
@@ -56,6 +58,10 @@ pub struct FinetuneConfig {
     /// Stochastic depth: each block's residual branches are dropped for a sample with this
     /// probability in training (uniform over the blocks); 0 = off.
     pub drop_path: f64,
+    /// Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", 2018): each batch is
+    /// blended with a shuffled copy of itself, crops, sizes and losses alike, by a weight
+    /// drawn from Beta(alpha, alpha) per batch; 0 = off.
+    pub mixup: f64,
     /// Give the head each cell's measured size too ([`reddino_models::cellsize`]), measured
     /// at this many micrometres per pixel of the training fields; `None` = the crop alone.
     pub cell_size: Option<f32>,
@@ -63,6 +69,25 @@ pub struct FinetuneConfig {
     /// mirrored views ([`reddino_models::onnx::VIEW_COUNTS`]), as a model exported with
     /// `--test-time-views` reads it.
     pub test_time_views: usize,
+}
+
+/// Which pixel transforms fine-tuning draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PixelPool {
+    /// [`Op::FINETUNE`]: stain, colour, exposure, noise and a mild blur.
+    Finetune,
+    /// [`Op::COLOUR`]: colour and exposure alone.
+    Colour,
+}
+
+impl PixelPool {
+    pub fn ops(self) -> &'static [Op] {
+        match self {
+            PixelPool::Finetune => &Op::FINETUNE,
+            PixelPool::Colour => &Op::COLOUR,
+        }
+    }
 }
 
 impl Default for FinetuneConfig {
@@ -85,11 +110,13 @@ impl Default for FinetuneConfig {
                 ops_per_image: 3,
                 flip_p: 0.5,
             },
+            pixel_pool: PixelPool::Finetune,
             seed: 0,
             balanced: false,
             logit_adjust: 0.0,
             ema: 0.0,
             drop_path: 0.0,
+            mixup: 0.0,
             cell_size: None,
             test_time_views: 1,
         }
@@ -134,6 +161,12 @@ impl FinetuneConfig {
             bail!(
                 "drop path must be a probability in [0, 1), got {}",
                 self.drop_path
+            );
+        }
+        if !(self.mixup >= 0.0 && self.mixup.is_finite()) {
+            bail!(
+                "mixup's alpha must be a finite number >= 0, got {}",
+                self.mixup
             );
         }
         if !(0.0..1.0).contains(&self.ema) {
@@ -505,25 +538,53 @@ pub fn finetune(
                 &x,
                 cfg.input_size as i64,
                 &cfg.augment,
-                &Op::FINETUNE,
+                cfg.pixel_pool.ops(),
                 &mut rng,
             );
+            let mut size = sizes
+                .as_ref()
+                .map(|f| f.index_select(0, &idx).to_device(device));
+            // Mixup: the batch blended with itself in another order, by `lambda`.
+            let mix = (cfg.mixup > 0.0).then(|| {
+                let lambda: f64 =
+                    rng.sample(rand_distr::Beta::new(cfg.mixup, cfg.mixup).expect("alpha checked"));
+                let mut perm: Vec<i64> = (0..chunk.len() as i64).collect();
+                for i in (1..perm.len()).rev() {
+                    perm.swap(i, rng.gen_range(0..=i));
+                }
+                (lambda, Tensor::from_slice(&perm).to_device(device))
+            });
+            let x = match &mix {
+                Some((lambda, perm)) => {
+                    size = size.map(|f| &f * *lambda + f.index_select(0, perm) * (1.0 - lambda));
+                    &x * *lambda + x.index_select(0, perm) * (1.0 - lambda)
+                }
+                None => x,
+            };
             opt.zero_grad();
             let cls = vit.forward(&x, None, true).cls;
             let mut logits = cls.apply(&head);
-            if let (Some(f), Some(h)) = (&sizes, &size_head) {
-                logits += f.index_select(0, &idx).to_device(device).apply(h);
+            if let (Some(f), Some(h)) = (&size, &size_head) {
+                logits += f.apply(h);
             }
             if let Some(o) = &offsets {
                 logits += o;
             }
-            let loss = logits.cross_entropy_loss::<&Tensor>(
-                &y,
-                class_weights.as_ref(),
-                tch::Reduction::Mean,
-                -100,
-                cfg.label_smoothing,
-            );
+            let ce = |y: &Tensor| {
+                logits.cross_entropy_loss::<&Tensor>(
+                    y,
+                    class_weights.as_ref(),
+                    tch::Reduction::Mean,
+                    -100,
+                    cfg.label_smoothing,
+                )
+            };
+            let loss = match &mix {
+                Some((lambda, perm)) => {
+                    ce(&y) * *lambda + ce(&y.index_select(0, perm)) * (1.0 - lambda)
+                }
+                None => ce(&y),
+            };
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bail!("loss became {value} at step {step}; lower the learning rate");

@@ -2,7 +2,7 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use reddino_trainer::augment::{augment, hsv_to_rgb, rgb_to_hsv, AugmentConfig, Op};
+use reddino_trainer::augment::{augment, augment_with, hsv_to_rgb, rgb_to_hsv, AugmentConfig, Op};
 use tch::{Device, Kind, Tensor};
 
 const S: i64 = 32;
@@ -451,4 +451,55 @@ fn pipeline_draws_four_of_33_and_flips_at_085() {
     tch::manual_seed(5);
     let (y2, _) = augment(&imgs, 28, &cfg, &mut r2);
     assert!(maxdiff(&y, &y2) == 0.0, "reproducible");
+}
+
+#[test]
+fn colour_transforms_keep_every_outline() {
+    let _seeded = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // A disc on a background, two colours: a transform of colour and exposure alone gives
+    // every pixel of the disc one value and every pixel of the background another, so the
+    // outline is where it was. The fine-tuning pool's blurs and noise do not.
+    let y = Tensor::arange(S, (Kind::Float, Device::Cpu)).view([1, 1, S, 1]);
+    let x = Tensor::arange(S, (Kind::Float, Device::Cpu)).view([1, 1, 1, S]);
+    let disc = ((&x - 15.5).square() + (&y - 15.5).square()).le(81.0);
+    let n = 24;
+    let cell = constant(n, [0.6, 0.3, 0.4]);
+    let images = cell.where_self(&disc, &constant(n, [0.9, 0.85, 0.8]));
+    let cfg = AugmentConfig {
+        crop_scale: (1.0, 1.0),
+        crop_ratio: (1.0, 1.0),
+        ops_per_image: 2,
+        flip_p: 0.0,
+    };
+    // The largest spread of one channel's values over the disc's or the background's pixels.
+    let spread = |out: &Tensor| {
+        [disc.shallow_clone(), disc.logical_not()]
+            .iter()
+            .map(|part| {
+                let part = part.expand([n, 3, S, S], false);
+                let inside = |v: f64| out.where_self(&part, &Tensor::from(v));
+                let hi = inside(f64::NEG_INFINITY).amax([2i64, 3].as_slice(), false);
+                let lo = inside(f64::INFINITY).amin([2i64, 3].as_slice(), false);
+                (hi - lo).max().double_value(&[])
+            })
+            .fold(0.0, f64::max)
+    };
+    let mut r = rng();
+    let (out, applied) = augment_with(&images, S, &cfg, &Op::COLOUR, &mut r);
+    for ops in &applied.ops {
+        assert_eq!(ops.len(), 2);
+        assert!(ops.iter().all(|op| Op::COLOUR.contains(op)), "{ops:?}");
+    }
+    assert!(spread(&out) < 1e-4, "colour pool: spread {}", spread(&out));
+    let changed = (&out - augment_with(&images, S, &cfg, &[], &mut r).0)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(changed > 0.05, "colour pool changed nothing: {changed}");
+    let (out, _) = augment_with(&images, S, &cfg, &Op::FINETUNE, &mut r);
+    assert!(
+        spread(&out) > 0.05,
+        "fine-tuning pool: spread {}",
+        spread(&out)
+    );
 }

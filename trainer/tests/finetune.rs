@@ -6,7 +6,7 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use reddino_models::arch::VitConfig;
 use reddino_models::weights::VitWeights;
-use reddino_trainer::finetune::{classify_set, finetune, FinetuneConfig};
+use reddino_trainer::finetune::{classify_set, finetune, FinetuneConfig, PixelPool};
 use reddino_trainer::labelled::LabelledSet;
 use reddino_trainer::report::score_report;
 use tch::{nn, Device};
@@ -94,7 +94,7 @@ fn learns_two_shapes_and_scores_them_the_same_way() {
 /// The moving average of the weights, the logit adjustment and stochastic depth each change
 /// what is learnt, and each still learns the shapes.
 #[test]
-fn weight_averaging_logit_adjustment_and_drop_path_still_learn() {
+fn weight_averaging_logit_adjustment_drop_path_and_mixup_still_learn() {
     let tmp = tempfile::tempdir().unwrap();
     shapes(tmp.path(), 24);
     // One class thinned out: the logit adjustment then has priors to correct.
@@ -130,6 +130,13 @@ fn weight_averaging_logit_adjustment_and_drop_path_still_learn() {
                 ..base.clone()
             },
         ),
+        (
+            "mixup",
+            FinetuneConfig {
+                mixup: 0.4,
+                ..base.clone()
+            },
+        ),
     ] {
         let r = finetune(&small_vit(), &set, &cfg, Device::Cpu, 100, |_| {}).unwrap();
         eprintln!(
@@ -139,6 +146,14 @@ fn weight_averaging_logit_adjustment_and_drop_path_still_learn() {
         assert!(r.train.balanced_accuracy >= 0.8, "{name}: {:?}", r.train);
         assert_ne!(r.head.bias.data, plain.head.bias.data, "{name}");
     }
+    // The colour pool draws as many transforms from another set (what they do to a crop is
+    // tested with the transforms): another head.
+    let colour = FinetuneConfig {
+        pixel_pool: PixelPool::Colour,
+        ..base.clone()
+    };
+    let r = finetune(&small_vit(), &set, &colour, Device::Cpu, 100, |_| {}).unwrap();
+    assert_ne!(r.head.bias.data, plain.head.bias.data, "colour pool");
 }
 
 #[test]
@@ -174,6 +189,16 @@ fn bad_settings_and_unknown_classes_are_refused() {
             .err()
             .unwrap();
         assert!(e.to_string().contains("drop path"), "{p}: {e}");
+    }
+    for alpha in [-0.5, f64::NAN, f64::INFINITY] {
+        let bad = FinetuneConfig {
+            mixup: alpha,
+            ..FinetuneConfig::default()
+        };
+        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("mixup's alpha"), "{alpha}: {e}");
     }
     for ema in [1.0, -0.1] {
         let bad = FinetuneConfig {

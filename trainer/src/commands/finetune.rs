@@ -39,6 +39,11 @@ pub struct FinetuneArgs {
     /// colour, noise, inversion ...); flips and quarter turns are applied either way.
     #[arg(long, default_value_t = 3)]
     pub pixel_ops: usize,
+    /// Which transforms `--pixel-ops` draws from: `finetune` (stain, colour, exposure,
+    /// noise, a mild blur) or `colour` (colour and exposure alone, the cell's outline and
+    /// texture untouched).
+    #[arg(long, value_enum, default_value = "finetune")]
+    pub pixel_pool: crate::finetune::PixelPool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// CPU threads for libtorch (0 = its default).
@@ -60,6 +65,10 @@ pub struct FinetuneArgs {
     /// probability (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub drop_path: f64,
+    /// Mixup in training: each batch blended with a shuffled copy of itself (crops, sizes
+    /// and losses) by a weight drawn from Beta(ALPHA, ALPHA); 0 = off (0.2-1 are usual).
+    #[arg(long, default_value_t = 0.0, value_name = "ALPHA")]
+    pub mixup: f64,
     /// Give the head each cell's measured size too, at this many micrometres per pixel of
     /// the training fields (the crops must come from `reddino-edge import` of labelled
     /// fields, whose crops.csv has the cells' boxes). The exported bundle carries the term
@@ -93,12 +102,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         label_smoothing,
         crop_scale,
         pixel_ops,
+        pixel_pool,
         seed,
         threads,
         balanced,
         logit_adjust,
         ema,
         drop_path,
+        mixup,
         cell_size,
         test_time_views,
         cross_validate,
@@ -129,11 +140,13 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             ops_per_image: pixel_ops,
             ..defaults.augment
         },
+        pixel_pool,
         seed,
         balanced,
         logit_adjust,
         ema,
         drop_path,
+        mixup,
         cell_size,
         test_time_views,
         ..defaults
@@ -225,11 +238,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         "weight_decay": weight_decay,
         "label_smoothing": label_smoothing,
         "crop_scale": crop_scale,
+        "pixel_ops": pixel_ops,
+        "pixel_pool": pixel_pool,
         "seed": seed,
         "balanced": balanced,
         "logit_adjust": logit_adjust,
         "ema": ema,
         "drop_path": drop_path,
+        "mixup": mixup,
         "cell_size_um_per_px": cell_size,
         "test_time_views": test_time_views,
         "first_loss": r.first_loss,
