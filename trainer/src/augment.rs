@@ -930,9 +930,7 @@ impl Op {
         Op::Sharpen,
         Op::Clahe,
     ];
-}
 
-impl Op {
     /// Colour and exposure alone: the stain's hue, the light's level and contrast, with no
     /// blur, noise or equalisation, so a cell's outline and texture stay as they are. For a
     /// classifier that should not tell a field by its stain.

@@ -161,20 +161,22 @@ fn bad_settings_and_unknown_classes_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     shapes(tmp.path(), 2);
     let set = LabelledSet::scan(tmp.path()).unwrap();
+    // What fine-tuning with these settings says when it refuses them.
+    let refusal = |cfg: &FinetuneConfig| {
+        finetune(&small_vit(), &set, cfg, Device::Cpu, 1, |_| {})
+            .err()
+            .expect("refused")
+    };
     let bad = FinetuneConfig {
         input_size: 30,
         ..FinetuneConfig::default()
     };
-    let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
-        .err()
-        .unwrap();
+    let e = refusal(&bad);
     assert!(e.to_string().contains("multiple of 14"), "{e}");
     for scale in [(0.0, 1.0), (0.8, 0.6), (0.6, 1.2), (f64::NAN, 1.0)] {
         let mut bad = FinetuneConfig::default();
         bad.augment.crop_scale = scale;
-        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
-            .err()
-            .unwrap();
+        let e = refusal(&bad);
         assert!(
             e.to_string().contains("random crop's area"),
             "{scale:?}: {e}"
@@ -185,9 +187,7 @@ fn bad_settings_and_unknown_classes_are_refused() {
             drop_path: p,
             ..FinetuneConfig::default()
         };
-        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
-            .err()
-            .unwrap();
+        let e = refusal(&bad);
         assert!(e.to_string().contains("drop path"), "{p}: {e}");
     }
     for alpha in [-0.5, f64::NAN, f64::INFINITY] {
@@ -195,9 +195,7 @@ fn bad_settings_and_unknown_classes_are_refused() {
             mixup: alpha,
             ..FinetuneConfig::default()
         };
-        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
-            .err()
-            .unwrap();
+        let e = refusal(&bad);
         assert!(e.to_string().contains("mixup's alpha"), "{alpha}: {e}");
     }
     for ema in [1.0, -0.1] {
@@ -205,9 +203,7 @@ fn bad_settings_and_unknown_classes_are_refused() {
             ema,
             ..FinetuneConfig::default()
         };
-        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
-            .err()
-            .unwrap();
+        let e = refusal(&bad);
         assert!(e.to_string().contains("moving average"), "{ema}: {e}");
     }
     // Logit adjustment: negative or not a number, or beside the class weights.
@@ -221,9 +217,7 @@ fn bad_settings_and_unknown_classes_are_refused() {
             balanced,
             ..FinetuneConfig::default()
         };
-        let e = finetune(&small_vit(), &set, &bad, Device::Cpu, 1, |_| {})
-            .err()
-            .unwrap();
+        let e = refusal(&bad);
         assert!(e.to_string().contains(says), "{tau} {balanced}: {e}");
     }
     // A head that does not know a class of the data.

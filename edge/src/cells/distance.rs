@@ -73,9 +73,10 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
 
 /// 1-D squared distance transform of `f` (`u32::MAX / 4` = no background in that column) into
 /// `out`, by the lower envelope of parabolas, leaving out the columns whose `f` is above
-/// `cap` (below `u32::MAX / 4`; the caller knows those are never the nearest). The parabola of column `p` is
-/// `(x - p)^2 + f[p]`; `g` holds `f[p] + p^2` of each parabola on the envelope, and where two
-/// parabolas cross is compared by cross-multiplication in integers (no division).
+/// `cap` (below `u32::MAX / 4`; the caller knows those are never the nearest). The parabola
+/// of column `p` is `(x - p)^2 + f[p]`; `g` holds `f[p] + p^2` of each parabola on the
+/// envelope, and where two parabolas cross is compared by cross-multiplication in integers
+/// (no division).
 pub(super) fn envelope(f: &[u32], cap: u32, v: &mut [usize], g: &mut [i64], out: &mut [u32]) {
     let mut k = 0usize;
     let mut any = false;
