@@ -54,8 +54,14 @@ pub enum Mode {
 #[serde(deny_unknown_fields, default)]
 pub struct CellFinderConfig {
     pub mode: Mode,
-    /// Side of the blocks used to estimate the background light.
+    /// Side of the blocks used to estimate the background light (with `background_radii`, of
+    /// the first look's blocks only).
     pub background_block: u32,
+    /// Blocks of the background this many typical cell radii wide (at least 16 pixels; the
+    /// radius from `um_per_px`, or from a first look with `background_block`): a block must
+    /// hold background between its cells, and light changes over a few cells. 0 = every
+    /// frame's blocks are `background_block` wide.
+    pub background_radii: f32,
     /// Threshold = background mode + this many noise widths (and at least `min_density`).
     pub noise_widths: f32,
     /// A background block darker than most of its neighbours by more than this (summed natural
@@ -130,6 +136,7 @@ impl Default for CellFinderConfig {
         CellFinderConfig {
             mode: Mode::Cells,
             background_block: 96,
+            background_radii: 0.0,
             noise_widths: 6.0,
             background_covered: 0.0,
             median_noise: false,
@@ -161,12 +168,14 @@ impl CellFinderConfig {
     /// cells, vignetting): channels weighed by contrast over noise, the density smoothed and
     /// gated by each pixel's own, the noise width from the median deviation, rims' gaps closed,
     /// enclosed background bigger than a pallor left open, clumps split, the typical radius
-    /// without specks, blocks of background taken from their neighbours only when covered.
+    /// without specks, blocks of background 2.4 cell radii wide and taken from their neighbours
+    /// only when covered.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
         CellFinderConfig {
             background_covered: 0.2,
+            background_radii: 2.4,
             median_noise: true,
             skip_specks: true,
             weigh_channels: true,
@@ -175,6 +184,7 @@ impl CellFinderConfig {
             max_pallor: 0.8,
             clump_area: 1.3,
             smooth_min_radius: 15.0,
+            split_dynamics: 0.1,
             ..CellFinderConfig::default()
         }
     }
@@ -297,15 +307,27 @@ fn find_cells(
         return vec![];
     }
     let wu = w as usize;
-    let bg = Background::of(img, cfg.background_block, cfg.background_covered);
     let ln = ln_table();
-    let weights = if cfg.weigh_channels {
-        channel_weights(img, &bg, &ln)
-    } else {
-        [1.0; 3]
-    };
-    let raw = optical_density(img, &bg, &ln, weights);
     let known_r = (cfg.um_per_px > 0.0).then(|| CELL_RADIUS_UM / cfg.um_per_px);
+    // The background's blocks: `background_block` wide, or `background_radii` cells wide
+    // (the radius known, or from the first look below).
+    let scaled = cfg.background_radii > 0.0;
+    let block_for = |r: f32| ((cfg.background_radii * r).round() as u32).max(16);
+    let density = |block: u32| {
+        let bg = Background::of(img, block, cfg.background_covered);
+        let weights = if cfg.weigh_channels {
+            channel_weights(img, &bg, &ln)
+        } else {
+            [1.0; 3]
+        };
+        let raw = optical_density(img, &bg, &ln, weights);
+        (bg, raw)
+    };
+    let (mut bg, mut raw) = density(match known_r {
+        Some(r) if scaled => block_for(r),
+        _ => cfg.background_block,
+    });
+    let mut rescale = scaled && known_r.is_none();
     // Smoothing and closing the rims' gaps shut the gaps between small touching cells: only
     // for cells of at least `smooth_min_radius`, known or found by a first look without them
     // (with them, a field of small packed cells would read as a few clumps of a large radius).
@@ -335,16 +357,29 @@ fn find_cells(
         let Some(r) = r else {
             return vec![];
         };
-        if !decided {
-            decided = true;
+        // The first look: the cells' radius decides the smoothing and the blocks.
+        let mut again = false;
+        if !decided || rescale {
             // A pale cell whose rim is broken is a ring open on one side: its distance peak
             // is half the rim's width, its area still that of a cell.
-            if r.max(disc_radius(&objs, r)) >= cfg.smooth_min_radius {
-                large = true;
-                continue;
+            let r_cell = r.max(disc_radius(&objs, r));
+            if !decided {
+                decided = true;
+                large = r_cell >= cfg.smooth_min_radius;
+                again = large;
+            }
+            if rescale {
+                rescale = false;
+                let block = block_for(r_cell);
+                if block != bg.block {
+                    (bg, raw) = density(block);
+                    again = true;
+                }
             }
         }
-        break (smoothed, t, t_grow, objs, r);
+        if !again {
+            break (smoothed, t, t_grow, objs, r);
+        }
     };
     // The density the cells were found on (and grow on).
     let od = smoothed.as_deref().unwrap_or(&raw);

@@ -461,6 +461,68 @@ fn a_clump_of_overlapping_cells_is_split_into_its_cells() {
 }
 
 #[test]
+fn background_blocks_follow_the_cells_size() {
+    // A 40x field: small packed cells, a few hundred in a block of 96 pixels, where the
+    // background's estimate (a block's brightest tenth) is darker than the gaps' light.
+    let field = render(&FieldSpec::new(
+        1280,
+        960,
+        1000,
+        SourcePreset::by_name("field_40x").unwrap(),
+    ))
+    .unwrap();
+    let truth: Vec<((f32, f32), f32)> = field.cells.iter().map(|c| (c.center, c.radius)).collect();
+    let score = |cfg: &CellFinderConfig| {
+        let found: Vec<(f32, f32)> = find(&field.image, cfg).iter().map(|c| c.center).collect();
+        match_centres(&found, &truth)
+    };
+    let scaled = score(&CellFinderConfig::real_smear());
+    let fixed = score(&CellFinderConfig {
+        background_radii: 0.0,
+        ..CellFinderConfig::real_smear()
+    });
+    assert!(
+        scaled.true_positives >= fixed.true_positives + 4,
+        "blocks scaled to the cells {scaled:?}, fixed blocks {fixed:?}"
+    );
+    assert!(scaled.precision() >= 0.98, "{scaled:?}");
+}
+
+#[test]
+fn a_known_pixel_size_sets_the_background_blocks() {
+    // 0.3 um per pixel: cells of radius 12.5 pixels, blocks of 2.4 radii (30 pixels) from the
+    // start, with no first look.
+    let field = render(&FieldSpec::new(
+        640,
+        480,
+        1001,
+        SourcePreset::by_name("field_40x").unwrap(),
+    ))
+    .unwrap();
+    let known = CellFinderConfig {
+        um_per_px: 0.3,
+        ..CellFinderConfig::real_smear()
+    };
+    let centres = |cfg: &CellFinderConfig| -> Vec<(f32, f32)> {
+        find(&field.image, cfg).iter().map(|c| c.center).collect()
+    };
+    let scaled = centres(&known);
+    let fixed = |block| {
+        centres(&CellFinderConfig {
+            background_radii: 0.0,
+            background_block: block,
+            ..known.clone()
+        })
+    };
+    assert_eq!(scaled, fixed(30));
+    assert_ne!(
+        scaled,
+        fixed(96),
+        "the blocks' size changes the cells found"
+    );
+}
+
+#[test]
 fn channels_are_weighed_by_their_contrast_over_noise() {
     // Pale cells that darken green alone, on a sensor whose red and blue are noisy.
     let noise = |x: u32, y: u32, c: u32| {
