@@ -96,15 +96,20 @@ fn touching_cells_of_different_sizes_keep_their_own_pixels() {
     }
 }
 
-#[test]
-fn the_owner_map_gives_each_cell_its_own_pixels() {
-    let field = render(&FieldSpec::new(
-        640,
-        480,
-        21,
+/// A synthetic field of the 40x source (small packed cells).
+fn field_40x(width: u32, height: u32, seed: u64) -> reddino_models::synth::Field {
+    render(&FieldSpec::new(
+        width,
+        height,
+        seed,
         SourcePreset::by_name("field_40x").unwrap(),
     ))
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn the_owner_map_gives_each_cell_its_own_pixels() {
+    let field = field_40x(640, 480, 21);
     // Cut off the field's margins, so that cells lie across the frame's edge.
     let img = image::imageops::crop_imm(&field.image, 37, 29, 640 - 74, 480 - 58).to_image();
     let cfg = CellFinderConfig::default();
@@ -462,15 +467,9 @@ fn a_clump_of_overlapping_cells_is_split_into_its_cells() {
 
 #[test]
 fn background_blocks_follow_the_cells_size() {
-    // A 40x field: small packed cells, a few hundred in a block of 96 pixels, where the
-    // background's estimate (a block's brightest tenth) is darker than the gaps' light.
-    let field = render(&FieldSpec::new(
-        1280,
-        960,
-        1000,
-        SourcePreset::by_name("field_40x").unwrap(),
-    ))
-    .unwrap();
+    // A 40x field: small packed cells, some twenty to a block of 96 pixels, against about
+    // two to a block of 2.4 radii (30 pixels).
+    let field = field_40x(1280, 960, 1000);
     let truth: Vec<((f32, f32), f32)> = field.cells.iter().map(|c| (c.center, c.radius)).collect();
     let score = |cfg: &CellFinderConfig| {
         let found: Vec<(f32, f32)> = find(&field.image, cfg).iter().map(|c| c.center).collect();
@@ -492,13 +491,7 @@ fn background_blocks_follow_the_cells_size() {
 fn a_known_pixel_size_sets_the_background_blocks() {
     // 0.3 um per pixel: cells of radius 12.5 pixels, blocks of 2.4 radii (30 pixels) from the
     // start, with no first look.
-    let field = render(&FieldSpec::new(
-        640,
-        480,
-        1001,
-        SourcePreset::by_name("field_40x").unwrap(),
-    ))
-    .unwrap();
+    let field = field_40x(640, 480, 1001);
     let known = CellFinderConfig {
         um_per_px: 0.3,
         ..CellFinderConfig::real_smear()
