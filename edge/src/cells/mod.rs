@@ -125,6 +125,10 @@ pub struct CellFinderConfig {
     pub grow_widths: f32,
     /// Objects smaller than this fraction of the median object area are dropped as debris.
     pub min_area_fraction: f32,
+    /// Objects smaller than this fraction of the typical cell's area (the median area of the
+    /// objects as wide as a cell) are dropped as debris too: where specks of stain outnumber
+    /// the cells, the median object is a speck. 0 = off.
+    pub min_cell_fraction: f32,
     /// Objects touching the frame border are dropped (they are counted in the next field).
     pub drop_border: bool,
     /// Tile side for `Mode::Tiles` (the model input size).
@@ -157,6 +161,7 @@ impl Default for CellFinderConfig {
             grow_steps: 3,
             grow_widths: 4.0,
             min_area_fraction: 0.02,
+            min_cell_fraction: 0.0,
             drop_border: true,
             tile: 224,
         }
@@ -169,7 +174,7 @@ impl CellFinderConfig {
     /// gated by each pixel's own, the noise width from the median deviation, rims' gaps closed,
     /// enclosed background bigger than a pallor left open, clumps split, the typical radius
     /// without specks, blocks of background 2.4 cell radii wide and taken from their neighbours
-    /// only when covered.
+    /// only when covered, specks under a twentieth of a cell dropped.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
@@ -185,6 +190,7 @@ impl CellFinderConfig {
             clump_area: 1.3,
             smooth_min_radius: 15.0,
             split_dynamics: 0.1,
+            min_cell_fraction: 0.05,
             ..CellFinderConfig::default()
         }
     }
@@ -446,15 +452,17 @@ fn find_cells(
         // Empty basins stay (their indices are in the owner map); the area filter drops them.
         found.extend(acc);
     }
-    // Debris: basins smaller than a fraction of the median basin (before growing, so that
-    // growing changes boxes, never which cells are found).
+    // Debris: basins smaller than a fraction of the median basin or of the typical cell
+    // (before growing, so that growing changes boxes, never which cells are found).
     let mut areas: Vec<u32> = found.iter().map(|a| a.n).filter(|&n| n > 0).collect();
     if areas.is_empty() {
         return vec![];
     }
     areas.sort_unstable();
     let median = areas[areas.len() / 2];
-    let min_area = ((median as f32 * cfg.min_area_fraction) as u32).max(6);
+    let min_area = ((median as f32 * cfg.min_area_fraction) as u32)
+        .max((typical_area * cfg.min_cell_fraction) as u32)
+        .max(6);
     let kept: Vec<bool> = found.iter().map(|a| a.n >= min_area).collect();
     if growing {
         let grow = Grow {

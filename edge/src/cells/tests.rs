@@ -410,6 +410,38 @@ fn field(w: u32, h: u32, cell: impl Fn(f32, f32) -> bool) -> RgbImage {
 }
 
 #[test]
+fn specks_that_outnumber_the_cells_are_debris() {
+    // Four cells (radius 18) and, between them, sixty specks of stain (radius 3): wide enough
+    // to pass the opening, and so many that the median object is a speck.
+    let cells = [(60.0, 60.0), (180.0, 60.0), (60.0, 260.0), (180.0, 260.0)];
+    let at = |i: u16| {
+        (
+            f32::from(12 + 24 * (i % 10)),
+            f32::from(112 + 16 * (i / 10)),
+        )
+    };
+    let specks: Vec<(f32, f32)> = (0..60).map(at).collect();
+    let img = field(240, 320, |x, y| {
+        cells.iter().any(|c| (x - c.0).hypot(y - c.1) <= 18.0)
+            || specks.iter().any(|s| (x - s.0).hypot(y - s.1) <= 3.0)
+    });
+    let truth: Vec<((f32, f32), f32)> = cells.iter().map(|&c| (c, 18.0)).collect();
+    let score = |cfg: &CellFinderConfig| {
+        let found: Vec<(f32, f32)> = find(&img, cfg).iter().map(|c| c.center).collect();
+        match_centres(&found, &truth)
+    };
+    let real = score(&CellFinderConfig::real_smear());
+    assert_eq!((real.true_positives, real.detections), (4, 4), "{real:?}");
+    // Against the median object alone, the specks stay.
+    let median_only = score(&CellFinderConfig {
+        min_cell_fraction: 0.0,
+        ..CellFinderConfig::real_smear()
+    });
+    assert_eq!(median_only.true_positives, 4, "{median_only:?}");
+    assert!(median_only.detections > 50, "{median_only:?}");
+}
+
+#[test]
 fn a_pallor_behind_a_broken_rim_is_filled() {
     // A ring cell (rim 7 pixels wide, pallor as bright as the background) whose rim is cut
     // by a 4-pixel slit from its pallor to the outside (wider than smoothing shuts).
