@@ -788,13 +788,26 @@ fn density_histograms_count_each_value_in_its_bin() {
 
 #[test]
 fn the_distance_transform_is_exact() {
-    // Random masks against the brute-force nearest background pixel (squared Euclidean).
+    // Random masks against the brute-force nearest background pixel (squared Euclidean); rows
+    // up to 50 wide (every run short) and up to 200 (long runs take the envelope).
     let mut next_u32 = lcg(3);
     for round in 0..80 {
-        let (w, h) = (1 + next_u32() as usize % 50, 1 + next_u32() as usize % 40);
+        let widest = if round % 2 == 0 { 50 } else { 200 };
+        let (w, h) = (
+            1 + next_u32() as usize % widest,
+            1 + next_u32() as usize % 40,
+        );
         let p = [50, 80, 95, 99, 100][round % 5];
         let mask: Vec<u8> = (0..w * h).map(|_| (next_u32() % 100 < p) as u8).collect();
-        let got = distance::squared_distance(&mask, w);
+        let here = distance::Lanes::here();
+        let got = distance::squared_distance_with(&mask, w, distance::Lanes::None);
+        for lanes in [here, distance::Lanes::Plain] {
+            let other = distance::squared_distance_with(&mask, w, lanes);
+            assert_eq!(
+                other, got,
+                "round {round}: {w}x{h}, {lanes:?} against the envelope"
+            );
+        }
         let background: Vec<(i64, i64)> = (0..w * h)
             .filter(|&i| mask[i] == 0)
             .map(|i| ((i % w) as i64, (i / w) as i64))
