@@ -68,13 +68,29 @@ impl Grow<'_> {
     pub(super) fn run(&self, basin: &mut [u32], objs: &[Object], steps: u32) -> Vec<(u32, u32)> {
         // First ring: unclaimed pixels next to a growing basin. A basin's pixels lie inside its
         // object's window, and so do their neighbours (the window is the box grown by one).
+        // Most of a window is claimed already or below the threshold: eight pixels at a time
+        // are checked for an unclaimed one above it (no branch) before any is tried.
+        const CHUNK: usize = 8;
         let mut ring: Vec<u32> = Vec::new();
         for obj in objs {
             for y in obj.y0..obj.y0 + obj.h {
-                for j in y * self.w + obj.x0..y * self.w + obj.x0 + obj.w {
-                    if let Some(l) = self.claim(basin, j) {
-                        basin[j] = l | Self::FRESH;
-                        ring.push(j as u32);
+                let row = y * self.w + obj.x0..y * self.w + obj.x0 + obj.w;
+                for start in row.clone().step_by(CHUNK) {
+                    let end = (start + CHUNK).min(row.end);
+                    let open = basin[start..end]
+                        .iter()
+                        .zip(&self.od[start..end])
+                        .fold(false, |a, (&b, &v)| {
+                            a | (b == Self::NONE && v > self.threshold)
+                        });
+                    if !open {
+                        continue;
+                    }
+                    for j in start..end {
+                        if let Some(l) = self.claim(basin, j) {
+                            basin[j] = l | Self::FRESH;
+                            ring.push(j as u32);
+                        }
                     }
                 }
             }

@@ -224,17 +224,13 @@ pub(super) fn split_blue_parts(
         let y = obj.y0 + ly;
         let pixels = &raw[y * stride + 3 * obj.x0..y * stride + 3 * (obj.x0 + w)];
         let blocks = bg.row(y);
+        // Every pixel of the window, then masked by the object: no branch at its outline.
         for (((&l, b), px), &bx) in row.iter().zip(out).zip(pixels.chunks_exact(3)).zip(&bxs) {
-            if l == u32::MAX {
-                continue;
-            }
             let g = blocks[bx];
             // ln(bg_r / r) - ln(bg_b / b)
             let red_minus_blue = (g[0] - ln[px[0] as usize]) - (g[2] - ln[px[2] as usize]);
-            if red_minus_blue > threshold {
-                *b = true;
-                any = true;
-            }
+            *b = l != u32::MAX && red_minus_blue > threshold;
+            any |= *b;
         }
     }
     if !any {
