@@ -267,7 +267,7 @@ pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<
     // Parts of the frame side by side, each into four interleaved counters per bin
     // (neighbouring pixels mostly fall in one bin: four counters keep the increments
     // independent). The four of a bin share a cache line: four histograms a power of two
-    // apart cost a third more here.
+    // apart took half as long again (docs/benchmarks.md, the finder's fifth round).
     let part = |mut h: Vec<[u32; 4]>, chunk: &[f32]| {
         const BLOCK: usize = 64;
         let blocks = chunk.chunks_exact(BLOCK);
