@@ -1,6 +1,9 @@
 //! The exact squared Euclidean distance transform of a mask (Felzenszwalb-Huttenlocher), its
 //! short rows by brute force in vector lanes where the processor has wide ones.
 
+/// A column's distance with no background in it (far above any distance in a frame).
+const INF: u32 = u32::MAX / 4;
+
 /// Exact squared Euclidean distance of each foreground pixel to the nearest background pixel
 /// inside the frame (0 on background; `u32::MAX` where the frame has no background).
 /// Felzenszwalb & Huttenlocher's separable transform: per column, then lower envelopes of
@@ -12,7 +15,6 @@ pub(super) fn squared_distance(mask: &[u8], w: usize) -> Vec<u32> {
 /// [`squared_distance`] with short runs' row pass by `lanes` ([`Lanes::None`]: the envelope).
 pub(super) fn squared_distance_with(mask: &[u8], w: usize, lanes: Lanes) -> Vec<u32> {
     let h = mask.len() / w;
-    const INF: u32 = u32::MAX / 4;
     // Column pass: vertical distance to the nearest background pixel, squared. Down the rows
     // (the distance to the background above), then up (below), every column at once.
     let mut col = vec![INF; mask.len()];
@@ -62,17 +64,17 @@ pub(super) fn squared_distance_with(mask: &[u8], w: usize, lanes: Lanes) -> Vec<
                 b += 1;
             }
             let (lo, hi) = (a.saturating_sub(1), b.min(w - 1));
-            // With background at both ends, no pixel of the run lies farther than
-            // `(hi - lo) / 2` from one: a column whose own distance is beyond that squared is
-            // never the nearest, and stays off the envelope.
-            let cap = if f[lo] == 0 && f[hi] == 0 {
-                (((hi - lo) / 2).pow(2) as u32).min(INF - 1)
-            } else {
-                INF - 1
-            };
             if lanes != Lanes::None && hi - lo < NEAREST_MAX {
                 nearest(&f[lo..=hi], &mut row[lo..=hi], lanes);
             } else {
+                // With background at both ends, no pixel of the run lies farther than
+                // `(hi - lo) / 2` from one: a column whose own distance is beyond that squared
+                // is never the nearest, and stays off the envelope.
+                let cap = if f[lo] == 0 && f[hi] == 0 {
+                    (((hi - lo) / 2).pow(2) as u32).min(INF - 1)
+                } else {
+                    INF - 1
+                };
                 envelope(&f[lo..=hi], cap, &mut v, &mut g, &mut row[lo..=hi]);
             }
             a = b;
@@ -115,7 +117,6 @@ impl Lanes {
 /// comparison the processor mispredicts (with AVX2, the transform's share of the finder's
 /// profile on the suite's fields went from 15% to 8%). The same values as [`envelope`] with
 /// no cap.
-#[cfg_attr(not(any(test, target_arch = "x86_64")), allow(dead_code))]
 fn nearest(f: &[u32], out: &mut [u32], lanes: Lanes) {
     match lanes {
         #[cfg(target_arch = "x86_64")]
@@ -132,9 +133,7 @@ fn nearest_avx2(f: &[u32], out: &mut [u32]) {
 }
 
 #[inline(always)]
-#[cfg_attr(not(any(test, target_arch = "x86_64")), allow(dead_code))]
 fn nearest_lanes(f: &[u32], out: &mut [u32]) {
-    const INF: u32 = u32::MAX / 4;
     const LANES: usize = 8;
     for (c, chunk) in out.chunks_mut(LANES).enumerate() {
         let mut best = [u32::MAX; LANES];
@@ -159,9 +158,9 @@ fn nearest_lanes(f: &[u32], out: &mut [u32]) {
     }
 }
 
-/// 1-D squared distance transform of `f` (`u32::MAX / 4` = no background in that column) into
+/// 1-D squared distance transform of `f` (`INF` = no background in that column) into
 /// `out`, by the lower envelope of parabolas, leaving out the columns whose `f` is above
-/// `cap` (below `u32::MAX / 4`; the caller knows those are never the nearest). The parabola
+/// `cap` (below `INF`; the caller knows those are never the nearest). The parabola
 /// of column `p` is `(x - p)^2 + f[p]`; `g` holds `f[p] + p^2` of each parabola on the
 /// envelope, and where two parabolas cross is compared by cross-multiplication in integers
 /// (no division).

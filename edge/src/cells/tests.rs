@@ -791,6 +791,7 @@ fn the_distance_transform_is_exact() {
     // Random masks against the brute-force nearest background pixel (squared Euclidean); rows
     // up to 50 wide (every run short) and up to 200 (long runs take the envelope).
     let mut next_u32 = lcg(3);
+    let here = distance::Lanes::here();
     for round in 0..80 {
         let widest = if round % 2 == 0 { 50 } else { 200 };
         let (w, h) = (
@@ -799,7 +800,6 @@ fn the_distance_transform_is_exact() {
         );
         let p = [50, 80, 95, 99, 100][round % 5];
         let mask: Vec<u8> = (0..w * h).map(|_| (next_u32() % 100 < p) as u8).collect();
-        let here = distance::Lanes::here();
         let got = distance::squared_distance_with(&mask, w, distance::Lanes::None);
         for lanes in [here, distance::Lanes::Plain] {
             let other = distance::squared_distance_with(&mask, w, lanes);
