@@ -401,11 +401,14 @@ fn find_cells(
 
     const NONE: u32 = u32::MAX;
     let growing = cfg.grow_steps > 0;
-    // The basin of each pixel over the frame (`NONE` off every basin), for growing.
-    let mut basin = if growing {
-        vec![NONE; wu * h as usize]
-    } else {
-        Vec::new()
+    // The basin of each pixel over the frame (`NONE` off every basin), for growing. With an
+    // owner map asked for, the map's buffer is the basin map (its background is `NONE`): one
+    // frame-sized buffer filled and written, not two.
+    const _: () = assert!(NONE == OwnerMap::BACKGROUND && NONE == Grow::NONE);
+    let mut basin = match owners.as_deref_mut() {
+        Some(o) if growing => std::mem::take(&mut o.ids),
+        _ if growing => vec![NONE; wu * h as usize],
+        _ => Vec::new(),
     };
     // Statistics per basin; basin `l` of an object is `found[base + l]`.
     let mut found: Vec<Acc> = Vec::new();
@@ -432,19 +435,17 @@ fn find_cells(
         .collect();
     for (obj, (labels, acc)) in objs.iter().zip(split) {
         let base = found.len() as u32;
-        if growing || owners.is_some() {
+        let map = if growing {
+            Some(&mut basin[..])
+        } else {
+            owners.as_deref_mut().map(|o| &mut o.ids[..])
+        };
+        if let Some(map) = map {
             for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
-                let y = obj.y0 + ly;
-                for (lx, &l) in row.iter().enumerate() {
-                    if l == NONE {
-                        continue;
-                    }
-                    let x = obj.x0 + lx;
-                    if growing {
-                        basin[y * wu + x] = base + l;
-                    }
-                    if let Some(o) = owners.as_deref_mut() {
-                        o.ids[y * wu + x] = base + l;
+                let at = (obj.y0 + ly) * wu + obj.x0;
+                for (m, &l) in map[at..at + obj.w].iter_mut().zip(row) {
+                    if l != NONE {
+                        *m = base + l;
                     }
                 }
             }
@@ -475,12 +476,13 @@ fn find_cells(
         for (i, l) in grow.run(&mut basin, &objs, cfg.grow_steps) {
             let (x, y) = (i % w, i / w);
             found[l as usize].add(x, y, w, h);
-            if let Some(o) = owners.as_deref_mut() {
-                o.ids[i as usize] = l;
-            }
         }
     }
-    drop(basin);
+    // Grown, the basin map is the owner map before its basins become cell indices.
+    match owners.as_deref_mut() {
+        Some(o) if growing => o.ids = basin,
+        _ => drop(basin),
+    }
     drop(smoothed);
     drop(raw);
     let mut cells: Vec<(usize, Cell)> = found
