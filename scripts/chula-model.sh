@@ -16,6 +16,10 @@
 #   CHULA_MODEL_EPOCHS=10, CHULA_MODEL_UM_PER_PX=0  # fewer epochs; the head without the size
 #   CHULA_MODEL_VIEWS=1 (or 8)   # test-time views: the crop alone, or its quarter turns and
 #                                # their mirror images (default 4, its quarter turns)
+#   CHULA_MODEL_MARGIN=1.1       # the crops the model is fine-tuned on, probed and cut at on the
+#                                # device (then the manifest's crop_margin): side as a multiple
+#                                # of the cell's box (default 1.3, the edge's; pretraining's
+#                                # crops are cut at 1.3 either way)
 #   CHULA_MODEL_PRETRAIN=docs/models/chula-pretrain-dino.toml ./scripts/chula-model.sh DATA --no-ship
 #       # another pretraining config (that one: 3 000 steps whose DINO loss learns; see the card)
 # Each step's time goes to $W/times.txt.
@@ -45,6 +49,7 @@ UM_PER_PX=${CHULA_MODEL_UM_PER_PX:-0.18}
 # The model averages each crop's logits over its quarter turns (`export --test-time-views`);
 # cross-validation and the held-out score read it the same way.
 VIEWS=${CHULA_MODEL_VIEWS:-4}
+MARGIN=${CHULA_MODEL_MARGIN:-1.3}
 FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced --pixel-ops 0 --crop-scale 1.0)
 if [[ "$UM_PER_PX" != 0 ]]; then
     FT+=(--cell-size "$UM_PER_PX")
@@ -61,11 +66,22 @@ step() { # name: the time since the last step, to $W/times.txt
 }
 
 echo "== 1/7 import: development fields in 5 folds by field, held-out fields apart"
-$T/reddino-edge import --points "$data" --fields dev --folds 5 --out "$W/crops" \
+# Pretraining's crops at the edge's default margin (1.3: a cell with some of its
+# surroundings), labelled or not; the labelled crops again at the model's margin when it is
+# another (the manifest then carries it).
+$T/reddino-edge import --points "$data" --fields dev --folds 5 --out "$W/crops-1.3" \
     --unlabelled "$W/unlabelled"
-$T/reddino-edge import --points "$data" --fields test --out "$W/heldout"
+MARGIN_FLAG=()
+if [[ "$MARGIN" == 1.3 ]]; then
+    ln -s crops-1.3 "$W/crops"
+else
+    $T/reddino-edge import --points "$data" --fields dev --folds 5 --out "$W/crops" \
+        --margin "$MARGIN"
+    MARGIN_FLAG=(--crop-margin "$MARGIN")
+fi
+$T/reddino-edge import --points "$data" --fields test --out "$W/heldout" --margin "$MARGIN"
 mkdir -p "$W/ssl"
-ln -s ../crops "$W/ssl/labelled"
+ln -s ../crops-1.3 "$W/ssl/labelled"
 ln -s ../unlabelled "$W/ssl/unlabelled"
 step import
 
@@ -105,6 +121,7 @@ echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
     --sign models/demo/demo.sec --name reddino-chula --version 0.3.0 --cell-finder real-smear \
+    "${MARGIN_FLAG[@]}" \
     --test-time-views "$VIEWS" \
     --description "ViT-tiny (8 blocks) pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \
     --tar

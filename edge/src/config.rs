@@ -87,7 +87,8 @@ fn default_min_confidence() -> f32 {
 pub struct AnalysisConfig {
     #[serde(default = "default_mode")]
     pub mode: Mode,
-    /// Crop side as a multiple of the cell's box.
+    /// Crop side as a multiple of the cell's box, for models whose manifest gives no margin of
+    /// its own (`crop_margin`: a model is cut at the margin it was trained at).
     #[serde(default = "default_margin")]
     pub margin: f32,
     /// Threads for the CPU stages of each frame: finding cells, cutting and preprocessing

@@ -39,6 +39,7 @@ fn analyze_counts_every_found_cell_once() {
             head: Some(&head),
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            crop_margin: 0.0,
             blank_neighbours: false,
             cell_finder: String::new(),
             test_time_views: 1,

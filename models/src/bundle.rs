@@ -82,6 +82,11 @@ pub struct Manifest {
     /// each crop scaled to its own cell.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub crop_min_side: f32,
+    /// How cells are cut for this model: the crop's side as a multiple of the cell's box, the
+    /// margin its training crops were cut at (it overrides the device's `analysis.margin`);
+    /// 0 (or absent) = the device's margin.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub crop_margin: f32,
     /// How cells are cut for this model: the other cells in a crop are blanked out, see
     /// [`crate::preprocess::cell_crops_blanked`]; false (or absent) = crops as they are.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -116,6 +121,18 @@ pub fn check_crop_min_side(x: f32) -> Result<(), String> {
     }
 }
 
+/// `crop_margin` is 0 (the device's) or a multiple of the cell's box in 1..=4, the range
+/// `analysis.margin` takes.
+pub fn check_crop_margin(x: f32) -> Result<(), String> {
+    if x == 0.0 || (1.0..=4.0).contains(&x) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`crop_margin` {x} is neither 0 (the device's margin) nor in 1..=4 (multiples of the cell's box)"
+        ))
+    }
+}
+
 fn is_zero(x: &f32) -> bool {
     *x == 0.0
 }
@@ -141,10 +158,15 @@ impl Manifest {
         }
     }
 
-    /// The crop policy the model was trained with, at the device's `margin`.
+    /// The crop policy the model was trained with: its own margin ([`Manifest::crop_margin`]),
+    /// else the device's `margin`.
     pub fn crop_policy(&self, margin: f32) -> CropPolicy {
         CropPolicy {
-            margin,
+            margin: if self.crop_margin > 0.0 {
+                self.crop_margin
+            } else {
+                margin
+            },
             min_side: self.crop_min_side,
             blank_neighbours: self.blank_neighbours,
         }
@@ -402,6 +424,8 @@ pub struct NewBundle<'a> {
     pub normalization: Normalization,
     /// The crop policy the model was trained with ([`Manifest::crop_min_side`]).
     pub crop_min_side: f32,
+    /// ([`Manifest::crop_margin`]).
+    pub crop_margin: f32,
     /// ([`Manifest::blank_neighbours`]).
     pub blank_neighbours: bool,
     /// ([`Manifest::cell_finder`]).
@@ -428,6 +452,7 @@ impl<'a> NewBundle<'a> {
             head,
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            crop_margin: 0.0,
             blank_neighbours: false,
             cell_finder: String::new(),
             test_time_views: 1,
@@ -453,6 +478,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Manifest, Error> {
     let cfg = &new.weights.config;
     check_crop_min_side(new.crop_min_side).map_err(Error::Config)?;
+    check_crop_margin(new.crop_margin).map_err(Error::Config)?;
     if dir.exists()
         && fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -499,6 +525,7 @@ pub fn write_dir(new: &NewBundle<'_>, dir: &Path, key: &SigningKey) -> Result<Ma
         std: new.normalization.std,
         class_names: new.head.map(|h| h.class_names.clone()).unwrap_or_default(),
         crop_min_side: new.crop_min_side,
+        crop_margin: new.crop_margin,
         blank_neighbours: new.blank_neighbours,
         cell_finder: new.cell_finder.clone(),
         cell_size: new.head.and_then(|h| h.size.clone()),
@@ -938,6 +965,7 @@ fn verify_dir(dir: &Path, trusted: &TrustedKeys, limits: &Limits) -> Result<Mani
         .validate()
         .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     check_crop_min_side(manifest.crop_min_side).map_err(BundleError::BadManifest)?;
+    check_crop_margin(manifest.crop_margin).map_err(BundleError::BadManifest)?;
     crate::onnx::check_views(manifest.test_time_views)
         .map_err(|e| BundleError::BadManifest(e.to_string()))?;
     if let Some(size) = &manifest.cell_size {

@@ -8,9 +8,10 @@ use crate::preprocess::CropPolicy;
 /// `reddino-edge import`): the flags of a [`CropPolicy`].
 #[derive(Args, Debug, Clone)]
 pub struct CropArgs {
-    /// Crop side as a multiple of the cell's box. The edge cuts at 1.3 (`analysis.margin`);
-    /// training crops cut wider let the fine-tuning's random crops frame the cells on either
-    /// side of it.
+    /// Crop side as a multiple of the cell's box. The edge cuts at 1.3 (`analysis.margin`)
+    /// unless the model's manifest gives its own (`crop_margin`; `reddino-trainer export
+    /// --crop-margin`); training crops cut wider let the fine-tuning's random crops frame the
+    /// cells on either side of it.
     #[arg(long, default_value_t = CropPolicy::DEFAULT_MARGIN)]
     pub margin: f32,
     /// No crop smaller than this multiple of the frame's median cell (the model's

@@ -52,6 +52,7 @@ fn fixture() -> Fixture {
             head: Some(&h),
             normalization: Normalization::default(),
             crop_min_side: 0.0,
+            crop_margin: 0.0,
             blank_neighbours: false,
             cell_finder: String::new(),
             test_time_views: 1,
@@ -466,6 +467,23 @@ fn crop_policy_is_read_from_the_manifest_and_checked() {
         let e = refusal(open(&f, &f.dir));
         assert!(
             matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("crop_min_side"),
+            "{e}"
+        );
+    }
+    edit_manifest(&f, |v| v["crop_min_side"] = 0.0.into());
+    // The margin: absent = the device's; present, it wins over the device's.
+    let m = open(&f, &f.dir).unwrap().manifest().clone();
+    assert_eq!(m.crop_margin, 0.0);
+    assert_eq!(m.crop_policy(1.5).margin, 1.5);
+    edit_manifest(&f, |v| v["crop_margin"] = 1.1.into());
+    let m = open(&f, &f.dir).unwrap().manifest().clone();
+    assert_eq!(m.crop_margin, 1.1);
+    assert_eq!(m.crop_policy(1.5).margin, 1.1);
+    for bad in [-1.0, 0.5, 4.5, f64::NAN] {
+        edit_manifest(&f, |v| v["crop_margin"] = bad.into());
+        let e = refusal(open(&f, &f.dir));
+        assert!(
+            matches!(e, BundleError::BadManifest(_)) && e.to_string().contains("crop_margin"),
             "{e}"
         );
     }

@@ -77,6 +77,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn export(spec: &ExportSpec<'_>, key: &SigningKey, dir: &Path) -> Result<(Manifest, f32)> {
     // Refused before the (slow) ONNX check, not after it.
     bundle::check_crop_min_side(spec.bundle.crop_min_side).map_err(Error::Invalid)?;
+    bundle::check_crop_margin(spec.bundle.crop_margin).map_err(Error::Invalid)?;
     reddino_models::onnx::check_views(spec.bundle.test_time_views)?;
     let mut w = spec.bundle.weights.clone();
     w.resize_input(spec.input_size)

@@ -91,6 +91,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
         &ExportSpec {
             bundle: NewBundle {
                 crop_min_side: 1.0,
+                crop_margin: 1.1,
                 blank_neighbours: true,
                 cell_finder: "real-smear".into(),
                 test_time_views: 8,
@@ -109,6 +110,7 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     assert!(b.self_test().unwrap() < 1e-4);
     // The crop policy travels in the signed manifest.
     assert_eq!(b.manifest().crop_min_side, 1.0);
+    assert_eq!(b.manifest().crop_margin, 1.1);
     assert!(b.manifest().blank_neighbours);
     assert_eq!(b.manifest().cell_finder, "real-smear");
     // So do the test-time views; the check above held the graph's mean over the eight
@@ -129,6 +131,22 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("test-time views"), "{e}");
+    assert!(!out3.exists());
+    // A margin the edge could not cut at is refused before anything is written.
+    let e = export(
+        &ExportSpec {
+            bundle: NewBundle {
+                crop_margin: 0.5,
+                ..NewBundle::new("t", "1", "test", &w, Some(&head))
+            },
+            input_size: 112,
+        },
+        &k,
+        &out3,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("crop_margin"), "{e}");
     assert!(!out3.exists());
 }
 

@@ -35,6 +35,11 @@ pub struct ExportArgs {
     /// median cell (`--min-side` of the crop tools); 0 = each crop scaled to its cell.
     #[arg(long, default_value_t = 0.0)]
     pub crop_min_side: f32,
+    /// The crops the model was trained on were cut at this multiple of the cell's box
+    /// (`reddino-edge import --margin`); the edge then cuts at it whatever its own
+    /// `analysis.margin`. 0 = the device's margin (1.3 unless configured).
+    #[arg(long, default_value_t = 0.0)]
+    pub crop_margin: f32,
     /// The crops the model was trained on had their neighbours blanked out
     /// (`--blank-neighbours` of the crop tools); the edge then cuts them so too.
     #[arg(long)]
@@ -72,6 +77,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         &crate::export::ExportSpec {
             bundle: NewBundle {
                 crop_min_side: args.crop_min_side,
+                crop_margin: args.crop_margin,
                 blank_neighbours: args.blank_neighbours,
                 cell_finder: args.cell_finder,
                 test_time_views: args.test_time_views,
