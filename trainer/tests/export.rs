@@ -116,38 +116,29 @@ fn tiny_with_head_exports_at_112_and_verifies() {
     // So do the test-time views; the check above held the graph's mean over the eight
     // views to tch's.
     assert_eq!(b.manifest().test_time_views, 8);
+    // Three views, or a margin the edge could not cut at, are refused before anything is
+    // written.
     let out3 = dir.path().join("three");
-    let e = export(
-        &ExportSpec {
-            bundle: NewBundle {
-                test_time_views: 3,
-                ..NewBundle::new("t", "1", "test", &w, Some(&head))
-            },
+    let refused = |bundle| {
+        let spec = ExportSpec {
+            bundle,
             input_size: 112,
-        },
-        &k,
-        &out3,
-    )
-    .unwrap_err()
-    .to_string();
+        };
+        let e = export(&spec, &k, &out3).unwrap_err().to_string();
+        assert!(!out3.exists());
+        e
+    };
+    let plain = NewBundle::new("t", "1", "test", &w, Some(&head));
+    let e = refused(NewBundle {
+        test_time_views: 3,
+        ..plain.clone()
+    });
     assert!(e.contains("test-time views"), "{e}");
-    assert!(!out3.exists());
-    // A margin the edge could not cut at is refused before anything is written.
-    let e = export(
-        &ExportSpec {
-            bundle: NewBundle {
-                crop_margin: 0.5,
-                ..NewBundle::new("t", "1", "test", &w, Some(&head))
-            },
-            input_size: 112,
-        },
-        &k,
-        &out3,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(NewBundle {
+        crop_margin: 0.5,
+        ..plain
+    });
     assert!(e.contains("crop_margin"), "{e}");
-    assert!(!out3.exists());
 }
 
 #[test]
