@@ -116,7 +116,17 @@ pub fn describe(
         input_size: backend.input_size() as u32,
         size: SizeInput::of(m, cfg.analysis.um_per_px),
     };
-    Ok((info, cells, m.crop_policy(cfg.analysis.margin)))
+    let crop = m.crop_policy(cfg.analysis.margin);
+    if crop.margin != cfg.analysis.margin {
+        log::info!(
+            "{} cuts cells at {} times their box, the margin it was trained at (its manifest's \
+             crop_margin), not at analysis.margin {}",
+            info.id,
+            crop.margin,
+            cfg.analysis.margin
+        );
+    }
+    Ok((info, cells, crop))
 }
 
 /// A verified bundle, ready to be switched to: its backend built and warmed by the self-test.

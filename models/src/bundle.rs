@@ -112,23 +112,43 @@ pub struct Manifest {
 
 /// `crop_min_side` is 0 (off) or a multiple of the median cell in 0.25..=4.
 pub fn check_crop_min_side(x: f32) -> Result<(), String> {
-    if x == 0.0 || (0.25..=4.0).contains(&x) {
-        Ok(())
-    } else {
-        Err(format!(
-            "`crop_min_side` {x} is neither 0 (off) nor in 0.25..=4 (multiples of the median cell)"
-        ))
-    }
+    check_multiple(
+        "crop_min_side",
+        x,
+        "off",
+        0.25..=4.0,
+        "multiples of the median cell",
+    )
 }
 
 /// `crop_margin` is 0 (the device's) or a multiple of the cell's box in 1..=4, the range
 /// `analysis.margin` takes.
 pub fn check_crop_margin(x: f32) -> Result<(), String> {
-    if x == 0.0 || (1.0..=4.0).contains(&x) {
+    check_multiple(
+        "crop_margin",
+        x,
+        "the device's margin",
+        1.0..=4.0,
+        "multiples of the cell's box",
+    )
+}
+
+/// A manifest field that is 0 (meaning `zero`) or a multiple of something in `range`; the
+/// error names the field, both meanings and the unit.
+fn check_multiple(
+    field: &str,
+    x: f32,
+    zero: &str,
+    range: std::ops::RangeInclusive<f32>,
+    unit: &str,
+) -> Result<(), String> {
+    if x == 0.0 || range.contains(&x) {
         Ok(())
     } else {
         Err(format!(
-            "`crop_margin` {x} is neither 0 (the device's margin) nor in 1..=4 (multiples of the cell's box)"
+            "`{field}` {x} is neither 0 ({zero}) nor in {}..={} ({unit})",
+            range.start(),
+            range.end()
         ))
     }
 }
