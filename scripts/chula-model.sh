@@ -6,8 +6,8 @@
 # same ViT with random weights, raw pixels) under 5-fold cross-validation by field,
 # fine-tuning cross-validated the same way, the final fine-tune on every development field,
 # its score on the held-out fields, and the export signed with the demo key. About 80 minutes
-# on two CPU cores; everything goes under target/chula-model/ (override with
-# CHULA_MODEL_WORK).
+# on two cores of an Intel Xeon, about 110 on two of an AMD EPYC (docs/models/chula.md);
+# everything goes under target/chula-model/ (override with CHULA_MODEL_WORK).
 #
 #   ./scripts/chula-model.sh [DATA]            # DATA: default ../shared/data/chula-rbc-12
 #   ./scripts/chula-model.sh [DATA] --no-ship  # everything but replacing the shipped bundle
@@ -16,10 +16,11 @@
 #   CHULA_MODEL_EPOCHS=10, CHULA_MODEL_UM_PER_PX=0  # fewer epochs; the head without the size
 #   CHULA_MODEL_VIEWS=1 (or 8)   # test-time views: the crop alone, or its quarter turns and
 #                                # their mirror images (default 4, its quarter turns)
-#   CHULA_MODEL_MARGIN=1.1       # the crops the model is fine-tuned on, probed and cut at on the
-#                                # device (then the manifest's crop_margin): side as a multiple
-#                                # of the cell's box (default 1.3, the edge's; pretraining's
-#                                # crops are cut at 1.3 either way)
+#   CHULA_MODEL_MARGIN=1.3       # the crops the model is fine-tuned on, probed and cut at on the
+#                                # device (the manifest's crop_margin unless it is 1.3, the
+#                                # edge's default): side as a multiple of the cell's box
+#                                # (default 1.1, the cell and little of its neighbours;
+#                                # pretraining's crops are cut at 1.3 either way)
 #   CHULA_MODEL_PRETRAIN=docs/models/chula-pretrain-dino.toml ./scripts/chula-model.sh DATA --no-ship
 #       # another pretraining config (that one: 3 000 steps whose DINO loss learns; see the card)
 # Each step's time goes to $W/times.txt.
@@ -49,7 +50,7 @@ UM_PER_PX=${CHULA_MODEL_UM_PER_PX:-0.18}
 # The model averages each crop's logits over its quarter turns (`export --test-time-views`);
 # cross-validation and the held-out score read it the same way.
 VIEWS=${CHULA_MODEL_VIEWS:-4}
-MARGIN=${CHULA_MODEL_MARGIN:-1.3}
+MARGIN=${CHULA_MODEL_MARGIN:-1.1}
 FT=(--epochs "$EPOCHS" --lr 2e-3 --layer-decay 0.9 --threads 2 --balanced --pixel-ops 0 --crop-scale 1.0)
 if [[ "$UM_PER_PX" != 0 ]]; then
     FT+=(--cell-size "$UM_PER_PX")
@@ -120,7 +121,7 @@ step score
 echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-chula --version 0.3.0 --cell-finder real-smear \
+    --sign models/demo/demo.sec --name reddino-chula --version 0.4.0 --cell-finder real-smear \
     "${MARGIN_FLAG[@]}" \
     --test-time-views "$VIEWS" \
     --description "ViT-tiny (8 blocks) pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \

@@ -464,7 +464,7 @@ fn the_model_cards_pretraining_configs_parse() {
     assert_eq!(
         shipped.vit().unwrap().depth,
         8,
-        "reddino-chula 0.3.0's 8 blocks"
+        "reddino-chula's 8 blocks (0.3.0 and 0.4.0)"
     );
     let dino = read("chula-pretrain-dino.toml");
     assert_eq!(dino.total_steps(), 3000);
