@@ -5,9 +5,10 @@
 # crop of them (no labels), probes of the pretrained features and of the two baselines (the
 # same ViT with random weights, raw pixels) under 5-fold cross-validation by field,
 # fine-tuning cross-validated the same way, the final fine-tune on every development field,
-# its score on the held-out fields, and the export signed with the demo key. About 80 minutes
-# on two cores of an Intel Xeon, about 110 on two of an AMD EPYC (docs/models/chula.md);
-# everything goes under target/chula-model/ (override with CHULA_MODEL_WORK).
+# its head calibrated on the folds' logits (`calibrate`), its score on the held-out fields,
+# and the export signed with the demo key. About 80 minutes on two cores of an Intel Xeon,
+# about 110 on two of an AMD EPYC (docs/models/chula.md); everything goes under
+# target/chula-model/ (override with CHULA_MODEL_WORK).
 #
 #   ./scripts/chula-model.sh [DATA]            # DATA: default ../shared/data/chula-rbc-12
 #   ./scripts/chula-model.sh [DATA] --no-ship  # everything but replacing the shipped bundle
@@ -107,21 +108,27 @@ if [[ "${CHULA_MODEL_PIXELS:-1}" != 0 ]]; then
     step pixel-probe
 fi
 
-echo "== 4/7 fine-tuning, 5-fold by field, then on every development field"
+echo "== 4/7 fine-tuning, 5-fold by field, then on every development field; calibration"
 $T/reddino-trainer finetune --checkpoint "$PRETRAINED" --data "$W/crops" --out "$W/finetune" \
     "${FT[@]}" --test-time-views "$VIEWS" --cross-validate >/dev/null
+# The head's logits divided by the temperature fitted on the folds' out-of-fold logits: the
+# same classes, a top probability that says how often it is right.
+$T/reddino-trainer calibrate --logits "$W/finetune/cv/logits.csv" \
+    --head "$W/finetune/head.safetensors" --test-time-views "$VIEWS" \
+    --out "$W/finetune/calibrated/head.safetensors"
+HEAD="$W/finetune/calibrated/head.safetensors"
 step finetune
 
 echo "== 5/7 the held-out fields"
 $T/reddino-trainer score --checkpoint "$W/finetune/backbone.safetensors" \
-    --head "$W/finetune/head.safetensors" --data "$W/heldout" --out "$W/score-heldout" \
+    --head "$HEAD" --data "$W/heldout" --out "$W/score-heldout" \
     --test-time-views "$VIEWS" >/dev/null
 step score
 
 echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
-    --head "$W/finetune/head.safetensors" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-chula --version 0.4.0 --cell-finder real-smear \
+    --head "$HEAD" --input-size $SIZE --out "$W/bundle" \
+    --sign models/demo/demo.sec --name reddino-chula --version 0.4.1 --cell-finder real-smear \
     "${MARGIN_FLAG[@]}" \
     --test-time-views "$VIEWS" \
     --description "ViT-tiny (8 blocks) pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \

@@ -560,6 +560,23 @@ impl LinearHead {
         Ok(())
     }
 
+    /// The same head with every logit it gives multiplied by `factor` (its weight, bias and
+    /// size term): the same class for every crop, probabilities sharper for a factor above 1.
+    /// Temperature scaling divides by a temperature: `scaled(1 / t)`.
+    pub fn scaled(&self, factor: f32) -> LinearHead {
+        let scale =
+            |t: &Tensor| Tensor::new(t.shape.clone(), t.data.iter().map(|x| x * factor).collect());
+        LinearHead {
+            class_names: self.class_names.clone(),
+            weight: scale(&self.weight),
+            bias: scale(&self.bias),
+            size: self.size.as_ref().map(|s| CellSize {
+                um_per_px: s.um_per_px,
+                weight: s.weight.iter().map(|row| row.map(|x| x * factor)).collect(),
+            }),
+        }
+    }
+
     /// Serialises to safetensors (`head.weight`, `head.bias`, with a size term
     /// `head.size_weight`; class names and the size term's scale in the metadata).
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
@@ -646,6 +663,31 @@ mod tests {
 
     fn tiny() -> VitConfig {
         VitConfig::preset(Preset::Tiny, 56).unwrap()
+    }
+
+    #[test]
+    fn a_scaled_head_scales_every_term_of_the_logits_and_keeps_the_rest() {
+        let head = LinearHead {
+            class_names: vec!["a".into(), "b".into()],
+            weight: Tensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            bias: Tensor::new(vec![2], vec![0.5, -1.0]),
+            size: Some(CellSize {
+                um_per_px: 0.2,
+                weight: vec![[1.0, 2.0], [3.0, 4.0]],
+            }),
+        };
+        let s = head.scaled(2.0);
+        s.validate(3).unwrap();
+        assert_eq!(s.class_names, head.class_names);
+        assert_eq!(s.weight.shape, vec![2, 3]);
+        assert_eq!(s.weight.data, vec![2.0, 4.0, 6.0, 8.0, 10.0, 12.0]);
+        assert_eq!(s.bias.data, vec![1.0, -2.0]);
+        let size = s.size.unwrap();
+        assert_eq!(
+            size.um_per_px, 0.2,
+            "the scale the boxes are measured at stays"
+        );
+        assert_eq!(size.weight, vec![[2.0, 4.0], [6.0, 8.0]]);
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //!   [`cpu`] (the floating-point mode CPU training runs in).
 //! - Labelled crops: [`labelled`] (a crop folder and its features), [`probe`] (features with
 //!   the shared preprocessing), [`eval`] (kNN, the linear probe, metrics, folds), [`report`]
-//!   (the protocols' runs, their Markdown and plots), [`finetune`] (backbone + head).
+//!   (the protocols' runs, their Markdown and plots), [`finetune`] (backbone + head),
+//!   [`calibrate`] (the temperature that makes the head's probabilities mean what they say).
 //! - Out: [`export`] (signed bundles for the edge); [`commands`] (one function per
 //!   `reddino-trainer` command); [`error`] (the one error type every function returns).
 
 pub mod augment;
+pub mod calibrate;
 pub mod commands;
 pub mod config;
 pub mod cpu;

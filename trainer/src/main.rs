@@ -38,6 +38,10 @@ enum Cmd {
     /// the confusion matrix, overall and per source; writes report.json, report.md and
     /// confusion.png.
     Score(commands::score::ScoreArgs),
+    /// Fit the temperature that gives the cross-validation's out-of-fold logits the lowest log
+    /// loss and write the head with its logits divided by it (the same classes, a top
+    /// probability that says how often it is right).
+    Calibrate(commands::calibrate::CalibrateArgs),
     /// Train the linear head the edge uses (multinomial logistic regression on the CLS
     /// features of all crops) and write it with its class names; `export --head` takes it.
     Probe(commands::probe::ProbeArgs),
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => commands::eval::run(a),
         Cmd::Finetune(a) => commands::finetune::run(a),
         Cmd::Score(a) => commands::score::run(a),
+        Cmd::Calibrate(a) => commands::calibrate::run(a),
         Cmd::Probe(a) => commands::probe::run(a),
         Cmd::Preset(a) => commands::preset::run(a),
         Cmd::SynthSmears(a) => commands::synth_smears::run(a),

@@ -1,6 +1,7 @@
 //! One module per `reddino-trainer` command, each with its clap arguments and the one function
 //! the binary calls; the argument groups they share ([`ModelArgs`]) are here.
 
+pub mod calibrate;
 pub mod embed;
 pub mod eval;
 pub mod export;
