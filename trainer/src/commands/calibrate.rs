@@ -82,3 +82,59 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reddino_models::weights::Tensor;
+
+    fn head(names: &[&str]) -> LinearHead {
+        let n = names.len();
+        LinearHead {
+            class_names: names.iter().map(|s| s.to_string()).collect(),
+            weight: Tensor::new(vec![n, 4], vec![0.5; n * 4]),
+            bias: Tensor::new(vec![n], vec![0.25; n]),
+            size: None,
+        }
+    }
+
+    #[test]
+    fn a_head_of_other_classes_is_refused_and_the_right_one_is_divided_by_the_temperature() {
+        let dir = tempfile::tempdir().unwrap();
+        let logits = dir.path().join("logits.csv");
+        std::fs::write(
+            &logits,
+            "file,fold,truth,view,a,b\nx/1,0,1,0,1.0,3.0\nx/2,0,0,0,2.0,0.0\nx/3,1,1,0,1.0,0.0\n",
+        )
+        .unwrap();
+        let args = |h: &str| CalibrateArgs {
+            logits: logits.clone(),
+            head: dir.path().join(h),
+            test_time_views: 1,
+            out: dir.path().join("cal/head.safetensors"),
+        };
+        let write = |name: &str, h: LinearHead| {
+            std::fs::write(dir.path().join(name), h.to_bytes().unwrap()).unwrap()
+        };
+        write("other.safetensors", head(&["a", "c"]));
+        let err = run(args("other.safetensors")).unwrap_err().to_string();
+        assert!(err.contains("not the same run"), "{err}");
+        assert!(!dir.path().join("cal").exists(), "nothing written");
+
+        write("head.safetensors", head(&["a", "b"]));
+        run(args("head.safetensors")).unwrap();
+        let bytes = std::fs::read(dir.path().join("cal/head.safetensors")).unwrap();
+        let cal = LinearHead::from_bytes(&bytes, "cal").unwrap();
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("cal/calibration.json")).unwrap(),
+        )
+        .unwrap();
+        let t = report["calibration"]["temperature"].as_f64().unwrap();
+        assert!(t > 0.0 && t.is_finite(), "{t}");
+        assert_eq!(cal.class_names, vec!["a", "b"]);
+        for (x, y) in cal.weight.data.iter().zip(&head(&["a", "b"]).weight.data) {
+            assert!((*x as f64 - *y as f64 / t).abs() < 1e-4 * (1.0 + y.abs() as f64 / t));
+        }
+        assert!((cal.bias.data[0] as f64 - 0.25 / t).abs() < 1e-4 * (1.0 + 0.25 / t));
+    }
+}
