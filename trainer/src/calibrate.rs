@@ -74,9 +74,13 @@ fn confidences(set: &HeldOutLogits, t: f64) -> Vec<(f64, bool)> {
 
 /// Expected calibration error over `bins` equal-width bins of the top probability.
 pub fn calibration_error(set: &HeldOutLogits, t: f64, bins: usize) -> f64 {
-    let c = confidences(set, t);
+    binned_error(&confidences(set, t), bins)
+}
+
+/// [`calibration_error`] of crops' (top probability, right) pairs.
+fn binned_error(c: &[(f64, bool)], bins: usize) -> f64 {
     let mut sums = vec![(0usize, 0.0f64, 0usize); bins];
-    for &(p, right) in &c {
+    for &(p, right) in c {
         let b = ((p * bins as f64).ceil() as usize).clamp(1, bins) - 1;
         sums[b].0 += 1;
         sums[b].1 += p;
@@ -121,22 +125,46 @@ pub fn fit_temperature(set: &HeldOutLogits) -> Result<f64> {
 /// Fits the temperature and measures it against the logits as they are.
 pub fn calibrate(set: &HeldOutLogits) -> Result<Calibration> {
     let t = fit_temperature(set)?;
-    let under = |t: f64| {
-        let c = confidences(set, t);
-        c.iter().filter(|(p, _)| *p < 0.5).count() as f64 / c.len() as f64
-    };
-    let c = confidences(set, 1.0);
+    let (before, after) = (confidences(set, 1.0), confidences(set, t));
+    let n = before.len() as f64;
+    let under = |c: &[(f64, bool)]| c.iter().filter(|(p, _)| *p < 0.5).count() as f64 / n;
     Ok(Calibration {
         temperature: t,
         crops: set.truth.len(),
         log_loss: [log_loss(set, 1.0), log_loss(set, t)],
-        calibration_error: [
-            calibration_error(set, 1.0, 15),
-            calibration_error(set, t, 15),
-        ],
-        under_half: [under(1.0), under(t)],
-        accuracy: c.iter().filter(|(_, right)| *right).count() as f64 / c.len() as f64,
+        calibration_error: [binned_error(&before, 15), binned_error(&after, 15)],
+        under_half: [under(&before), under(&after)],
+        accuracy: before.iter().filter(|(_, right)| *right).count() as f64 / n,
     })
+}
+
+/// The first columns of cv/logits.csv; one column per class follows, named by the class.
+const LOGITS_COLUMNS: [&str; 4] = ["file", "fold", "truth", "view"];
+
+/// Writes the out-of-fold logits of a cross-validation as [`read_cv_logits`] reads them:
+/// `logits[view][crop][class]`, with each crop's file, fold and true class.
+pub fn write_cv_logits(
+    path: &Path,
+    class_names: &[String],
+    files: &[std::path::PathBuf],
+    fold_of: &[usize],
+    truth: &[usize],
+    logits: &[Vec<Vec<f32>>],
+) -> Result<()> {
+    use std::io::Write;
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    writeln!(w, "{},{}", LOGITS_COLUMNS.join(","), class_names.join(","))?;
+    for (v, rows) in logits.iter().enumerate() {
+        for (i, row) in rows.iter().enumerate() {
+            let vals: Vec<String> = row.iter().map(|x| format!("{x:.5}")).collect();
+            let (file, fold, y) = (files[i].display(), fold_of[i], truth[i]);
+            writeln!(w, "{file},{fold},{y},{v},{}", vals.join(","))?;
+        }
+    }
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// Reads the out-of-fold logits `finetune --cross-validate` writes (cv/logits.csv:
@@ -152,13 +180,15 @@ pub fn read_cv_logits(path: &Path, views: usize) -> Result<HeldOutLogits> {
         .map(|(_, h)| h)
         .with_context(|| format!("{}: empty file", path.display()))?;
     let cols: Vec<&str> = header.split(',').collect();
-    if cols.len() < 5 || cols[..4] != ["file", "fold", "truth", "view"] {
+    let n = LOGITS_COLUMNS.len();
+    if cols.len() <= n || cols[..n] != LOGITS_COLUMNS {
         bail!(
-            "{}: line 1: not a cross-validation logits file (expected `file,fold,truth,view,<class>...`)",
-            path.display()
+            "{}: line 1: not a cross-validation logits file (expected `{},<class>...`)",
+            path.display(),
+            LOGITS_COLUMNS.join(",")
         );
     }
-    let class_names: Vec<String> = cols[4..].iter().map(|s| s.to_string()).collect();
+    let class_names: Vec<String> = cols[n..].iter().map(|s| s.to_string()).collect();
     let classes = class_names.len();
     let mut index: HashMap<String, usize> = HashMap::new();
     let (mut sums, mut counts, mut truth): (Vec<Vec<f64>>, Vec<usize>, Vec<usize>) =
@@ -306,5 +336,26 @@ mod tests {
         assert!(err("file,fold,truth,view,a,b\nx/1,0,2,0,1.0,2.0\n", 1).contains("truth 2"));
         assert!(err("file,fold,truth,view,a,b\nx/1,0,1,0,1.0,zz\n", 1).contains("`zz`"));
         assert!(err("file,fold,truth,view,a,b\nx/1,0,1,0,1.0,NaN\n", 1).contains("finite"));
+    }
+
+    #[test]
+    fn written_logits_read_back_averaged_over_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("logits.csv");
+        let names = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let files = vec!["f0/a/x,1.png".into(), "f1/c/y.png".into()];
+        let logits = vec![
+            vec![vec![1.0, 2.0, 3.0], vec![-1.0, 0.5, 4.0]],
+            vec![vec![3.0, 0.0, 1.0], vec![1.0, 1.5, 0.0]],
+        ];
+        write_cv_logits(&p, &names, &files, &[0, 1], &[0, 2], &logits).unwrap();
+        let back = read_cv_logits(&p, 2).unwrap();
+        assert_eq!(back.class_names, names);
+        assert_eq!(back.truth, vec![0, 2]);
+        assert_eq!(back.logits, vec![vec![2.0, 1.0, 2.0], vec![0.0, 1.0, 2.0]]);
+        assert_eq!(
+            read_cv_logits(&p, 1).unwrap().logits[1],
+            vec![-1.0, 0.5, 4.0]
+        );
     }
 }

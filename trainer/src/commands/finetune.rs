@@ -191,7 +191,18 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             &cv.pooled,
         );
         std::fs::write(dir.join("report.md"), &md)?;
-        write_logits(&dir.join("logits.csv"), &set, &cv)?;
+        let logits = (0..cv.logits.size()[0])
+            .map(|v| Vec::<Vec<f32>>::try_from(cv.logits.get(v)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let truth: Vec<usize> = cv.truth.iter().map(|&y| y as usize).collect();
+        crate::calibrate::write_cv_logits(
+            &dir.join("logits.csv"),
+            &set.class_names,
+            &cv.files,
+            &cv.fold_of,
+            &truth,
+            &logits,
+        )?;
         print!("{md}");
         if cv_only {
             return Ok(());
@@ -267,33 +278,5 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         out.display(),
         out.display()
     );
-    Ok(())
-}
-
-/// Every crop's held-out logits under the eight views: `file,fold,truth,view,<class>...`.
-fn write_logits(
-    path: &std::path::Path,
-    set: &LabelledSet,
-    cv: &crate::finetune::CrossValidation,
-) -> Result<()> {
-    use std::io::Write;
-    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(f);
-    writeln!(w, "file,fold,truth,view,{}", set.class_names.join(","))?;
-    for v in 0..cv.logits.size()[0] {
-        let rows: Vec<Vec<f32>> = Vec::try_from(cv.logits.get(v))?;
-        for (i, row) in rows.iter().enumerate() {
-            let vals: Vec<String> = row.iter().map(|x| format!("{x:.5}")).collect();
-            writeln!(
-                w,
-                "{},{},{},{v},{}",
-                cv.files[i].display(),
-                cv.fold_of[i],
-                cv.truth[i],
-                vals.join(",")
-            )?;
-        }
-    }
-    w.flush()?;
     Ok(())
 }
