@@ -66,7 +66,7 @@ def main():
     args = ap.parse_args()
     cv2.setNumThreads(args.threads)
     rows = []
-    for name in sorted(f for f in os.listdir(args.fields) if f.endswith(".png")):
+    for name in sorted(f for f in os.listdir(args.fields) if f.lower().endswith((".png", ".jpg"))):
         img = cv2.imread(os.path.join(args.fields, name), cv2.IMREAD_COLOR)
         if img is None:
             raise SystemExit(f"cannot decode {name}")

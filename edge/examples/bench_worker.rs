@@ -342,8 +342,13 @@ impl reddino_edge::capture::FrameSource for MjpgCamera {
     }
 }
 
+/// An image by its content, whatever its name's extension says (data sets hold PNGs named .jpg).
 fn load(p: &Path) -> Result<RgbImage> {
-    Ok(image::open(p)
+    Ok(image::ImageReader::open(p)
+        .with_context(|| format!("opening {}", p.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", p.display()))?
+        .decode()
         .with_context(|| format!("decoding {}", p.display()))?
         .to_rgb8())
 }
