@@ -97,7 +97,9 @@ pub struct AnalysisConfig {
     pub threads: usize,
     /// Micrometres per pixel of the camera's frames, for models that take each cell's measured
     /// size as an input (their manifest's `cell_size`); 0 = the scale the model was trained at
-    /// (the same microscope, objective and camera). Ignored by other models.
+    /// (the same microscope, objective and camera). Set, it also gives the cell finder the
+    /// cells' size, which it otherwise finds in each frame (the real-smear finder then runs
+    /// about 1.5x faster).
     #[serde(default)]
     pub um_per_px: f32,
 }

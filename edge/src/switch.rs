@@ -103,7 +103,7 @@ pub fn describe(
     let cells = CellFinderConfig {
         mode: cfg.analysis.mode,
         tile: backend.input_size() as u32,
-        ..CellFinderConfig::for_model(m)?
+        ..CellFinderConfig::for_device(m, cfg.analysis.um_per_px)?
     };
     let info = ModelInfo {
         id: format!("{}@{}", m.name, m.version),

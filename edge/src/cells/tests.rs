@@ -884,3 +884,51 @@ fn lcg(seed: u64) -> impl FnMut() -> u32 {
         (state >> 33) as u32
     }
 }
+
+#[test]
+fn at_the_device_scale_the_real_smear_finder_finds_the_cells_its_first_look_finds() {
+    // reddino-chula's manifest names the real-smear profile; the device's scale (0.18 um per
+    // pixel, the Chula fields': cells of radius 21 px) replaces the first look at each frame.
+    let dir = tempfile::tempdir().unwrap();
+    let (tar, key) = crate::model::shipped_model(crate::model::Shipped::Chula, dir.path()).unwrap();
+    let manifest = crate::model::open_bundle(&tar, &[key])
+        .unwrap()
+        .manifest()
+        .clone();
+    let looked = CellFinderConfig::for_device(&manifest, 0.0).unwrap();
+    assert_eq!(looked, CellFinderConfig::real_smear());
+    let known = CellFinderConfig::for_device(&manifest, 0.18).unwrap();
+    assert_eq!(known.um_per_px, 0.18);
+    // Scored as `finder-quality` scores them, against the sample fields' labels.
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/chula-rbc-12");
+    let (mut found, mut labels) = ([0usize; 2], 0usize);
+    for f in ["1", "222", "34", "42"] {
+        let img = image::open(format!("{data}/images/{f}.jpg")).unwrap().to_rgb8();
+        let points: Vec<(f32, f32)> = std::fs::read_to_string(format!("{data}/labels/{f}.txt"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Vec<f32> = l.split_whitespace().map(|t| t.parse().unwrap()).collect();
+                (v[0], v[1])
+            })
+            .collect();
+        let score = |cfg| crate::offline::quality::score_field(f, &img, &points, cfg);
+        let (a, b) = (score(&looked), score(&known));
+        let n = a.cell_sized as f64;
+        assert!(
+            (b.cell_sized as f64 - n).abs() <= 0.05 * n,
+            "{f}: {} cell-sized detections at the device's scale, {n} with a first look",
+            b.cell_sized
+        );
+        found[0] += a.interior_found;
+        found[1] += b.interior_found;
+        labels += a.interior;
+    }
+    let recall = found.map(|k| k as f64 / labels as f64);
+    assert!(
+        recall[1] >= recall[0] - 0.01,
+        "interior recall {:.4} at the device's scale, {:.4} with a first look",
+        recall[1],
+        recall[0]
+    );
+}

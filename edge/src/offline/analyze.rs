@@ -43,6 +43,7 @@ pub struct AnalyzeArgs {
     pub min_confidence: f32,
     /// Micrometres per pixel of the images, for a model that takes each cell's measured size
     /// (its manifest's `cell_size`); 0 = the model's own scale (the same microscope and camera).
+    /// Set, it also gives the cell finder the cells' size (no first look at each image).
     #[arg(long, default_value_t = 0.0, value_parser = parse_um_per_px)]
     pub um_per_px: f32,
     /// `tract` (CPU) or `onnxruntime`.
@@ -90,7 +91,7 @@ pub fn command(args: &AnalyzeArgs) -> Result<()> {
     let cfg = AnalyzeConfig {
         min_confidence: args.min_confidence,
         crop: m.crop_policy(CropPolicy::DEFAULT_MARGIN),
-        cells: CellFinderConfig::for_model(m)?,
+        cells: CellFinderConfig::for_device(m, args.um_per_px)?,
         size: SizeInput::of(m, args.um_per_px),
     };
     let mut failed = 0;
