@@ -271,8 +271,10 @@ def bench_cells(ctx, plan):
 REAL_SAMPLE = os.path.join(ROOT, "tests", "data", "chula-rbc-12")
 # Fields with at least this many labels are densely labelled (finder-quality's `dense`).
 DENSE_LABELS = 60
-# A Chula RBC-12 cell's radius in pixels (1000x, 640x480: the normal cells' median box is 42 px).
+# A Chula RBC-12 cell's radius in pixels (1000x, 640x480: the normal cells' median box is 42 px),
+# and the scale that makes it a 7.5 um cell (scripts/chula-model.sh's).
 CHULA_RADIUS = 21.0
+CHULA_UM_PER_PX = 0.18
 
 
 def fnv_fold(name, folds):
@@ -324,9 +326,11 @@ def bench_cells_real(ctx, plan):
     rows = []
     r = CHULA_RADIUS
     for threads in plan["threads"]:
+        edge = [ctx["worker"], "cells", "--fields", d, "--reps", str(plan["reps"]), "--threads", str(threads),
+                "--profile", "real-smear"]
         for contender, cmd in (
-            ("reddino-edge", [ctx["worker"], "cells", "--fields", d, "--reps", str(plan["reps"]),
-                              "--threads", str(threads), "--profile", "real-smear"]),
+            ("reddino-edge", edge),
+            ("reddino-edge at the device's scale", edge + ["--um-per-px", str(CHULA_UM_PER_PX)]),
             ("opencv", [PY, os.path.join(HERE, "cv_cells.py"), "--fields", d, "--threads", str(threads),
                         "--reps", str(plan["reps"])]),
         ):
@@ -539,7 +543,9 @@ def report(res, out_dir):
                  "centroid), labels and detections within a radius of the "
                  "frame's edge left out (both contenders drop cut cells); precision on the fields of at "
                  f"least {DENSE_LABELS} labels, where a detection of a cell the field leaves unlabelled "
-                 "counts against it for both.")
+                 "counts against it for both. At the device's scale: the finder given the fields' scale "
+                 f"({CHULA_UM_PER_PX} um per pixel, a device's `analysis.um_per_px`) instead of a first "
+                 "look at each field.")
         L.append("")
         L.append("| source | size | fields | cells | contender | threads | ms per field | recall | precision |")
         L.append("|---|---|---:|---:|---|---:|---:|---:|---:|")
@@ -702,7 +708,7 @@ def plots(res, out_dir):
         fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(res["cells"])), 4))
         labels = [f"{r['source']}\n{r['contender']} t{r['threads']}" for r in res["cells"]]
         bars = ax.bar(range(len(labels)), [r["ms_per_field"] for r in res["cells"]],
-                      color=["tab:red" if r["contender"] == "reddino-edge" else "tab:blue" for r in res["cells"]])
+                      color=["tab:red" if r["contender"].startswith("reddino-edge") else "tab:blue" for r in res["cells"]])
         for b, r in zip(bars, res["cells"]):
             ax.annotate(f"R {r['recall']:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=7)

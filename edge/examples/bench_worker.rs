@@ -7,7 +7,7 @@
 //! bench_worker model    --preset P --size S --out DIR      (weights.safetensors + model.onnx)
 //! bench_worker infer    --onnx F --size S --batch B --threads T [--min-time SEC] [--min-reps N]
 //!                       [--backend tract|onnxruntime [--onnxruntime-library LIB]]
-//! bench_worker cells    --fields DIR [--reps N]
+//! bench_worker cells    --fields DIR [--reps N] [--threads T] [--profile P] [--um-per-px S]
 //! bench_worker pipeline --fields DIR [--model BUNDLE --trusted-key KEY] [--batch B] [--threads T]
 //!                       [--backend tract|onnxruntime [--onnxruntime-library LIB]]
 //! bench_worker frame    --fields DIR --threads T [--reps N] [--shipped demo|chula]
@@ -98,6 +98,9 @@ enum Cmd {
         /// Finder profile: `default` (the synthetic microscope's) or `real-smear`.
         #[arg(long, default_value = "default")]
         profile: String,
+        /// The fields' scale, as a device's `analysis.um_per_px` gives it (0 = unknown).
+        #[arg(long, default_value_t = 0.0)]
+        um_per_px: f32,
     },
     /// Cell finding and cropping with and without blanked neighbours, side by side on each
     /// field (best of N each, alternating): the cost of the `blank_neighbours` crop policy.
@@ -567,8 +570,12 @@ fn run(cli: Cli) -> Result<()> {
             reps,
             threads,
             profile,
+            um_per_px,
         } => {
-            let cfg = cells::CellFinderConfig::profile(&profile)?;
+            let cfg = cells::CellFinderConfig {
+                um_per_px,
+                ..cells::CellFinderConfig::profile(&profile)?
+            };
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.max(1))
                 .build()?;
