@@ -312,14 +312,14 @@ def real_set(ctx, folder):
 
 
 def bench_cells_real(ctx, plan):
-    """The finder's real-smear profile and OpenCV's pipeline on real fields, scored against the
-    point labels: a detection finds a labelled cell when its centre lies within a cell's radius
-    of the label (a hand-placed point marks the cell, not its centroid; one match per label),
-    nearest first; labels within a radius of the frame's edge are
-    left out, as both contenders drop the cells the edge cuts. Precision is taken on the
-    densely labelled fields alone (many fields label a few cells of many): detections off that
-    border band that found no label count against it, cells a field leaves unlabelled against
-    both contenders alike."""
+    """The finder's real-smear profile (also at the fields' scale, as a device that knows it
+    runs it) and OpenCV's pipeline on real fields, scored against the point labels: a
+    detection finds a labelled cell when its centre lies within a cell's radius of the label
+    (a hand-placed point marks the cell, not its centroid), one match per label, nearest
+    first; labels and detections within a radius of the frame's edge are left out, as both
+    contenders drop the cells the edge cuts. Precision is taken on the densely labelled fields
+    alone (many fields label a few of their cells): there a detection that found no label
+    counts against it, a cell the field leaves unlabelled against both contenders alike."""
     folder = ctx.get("real_fields") or REAL_SAMPLE
     name = "Chula RBC-12 (real)" if ctx.get("real_fields") else "Chula RBC-12 sample (real)"
     d, points = real_set(ctx, folder)
@@ -359,8 +359,6 @@ def bench_cells_real(ctx, plan):
             log(f"cells {name} t{threads} {contender}: {rows[-1]['ms_per_field']:.1f} ms/field, "
                 f"recall {rows[-1]['recall']:.4f}, precision {rows[-1]['precision']:.4f}")
     return rows
-
-
 
 
 # ---------------------------------------------------------------------------------------------
