@@ -903,7 +903,9 @@ fn at_the_device_scale_the_real_smear_finder_finds_the_cells_its_first_look_find
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/chula-rbc-12");
     let (mut found, mut labels) = ([0usize; 2], 0usize);
     for f in ["1", "222", "34", "42"] {
-        let img = image::open(format!("{data}/images/{f}.jpg")).unwrap().to_rgb8();
+        let img = image::open(format!("{data}/images/{f}.jpg"))
+            .unwrap()
+            .to_rgb8();
         let points: Vec<(f32, f32)> = std::fs::read_to_string(format!("{data}/labels/{f}.txt"))
             .unwrap()
             .lines()
