@@ -72,12 +72,8 @@ fn confidences(set: &HeldOutLogits, t: f64) -> Vec<(f64, bool)> {
         .collect()
 }
 
-/// Expected calibration error over `bins` equal-width bins of the top probability.
-pub fn calibration_error(set: &HeldOutLogits, t: f64, bins: usize) -> f64 {
-    binned_error(&confidences(set, t), bins)
-}
-
-/// [`calibration_error`] of crops' (top probability, right) pairs.
+/// Expected calibration error of crops' (top probability, right) pairs over `bins`
+/// equal-width bins of the top probability.
 fn binned_error(c: &[(f64, bool)], bins: usize) -> f64 {
     let mut sums = vec![(0usize, 0.0f64, 0usize); bins];
     for &(p, right) in c {
