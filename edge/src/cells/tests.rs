@@ -874,6 +874,242 @@ fn an_object_with_one_seed_is_one_basin_as_the_flood_makes_it() {
     );
 }
 
+#[test]
+fn the_replayed_flood_and_the_counted_merges_match_the_floods_and_merges_they_replace() {
+    // Random blobs (discs, touching clumps, noisy outlines), flooded at several dynamics and
+    // their small basins merged at several sizes: labels and counts exactly as one flood per
+    // dynamics and one pass over the window per merge give them; objects with several basins,
+    // and merges, occur.
+    let mut next_u32 = lcg(11);
+    let (mut meetings, mut merged) = (0, 0);
+    for round in 0..200 {
+        let (w, h) = (16 + next_u32() as usize % 60, 16 + next_u32() as usize % 50);
+        let discs: Vec<(f32, f32, f32)> = (0..1 + round % 5)
+            .map(|_| {
+                let r = 3.0 + (next_u32() % 90) as f32 / 10.0;
+                let cx = r + (next_u32() as usize % w) as f32 * 0.6;
+                let cy = r + (next_u32() as usize % h) as f32 * 0.6;
+                (cx, cy, r)
+            })
+            .collect();
+        let mask: Vec<u8> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as f32, (i / w) as f32);
+                let inside = discs
+                    .iter()
+                    .any(|&(cx, cy, r)| (x - cx).powi(2) + (y - cy).powi(2) <= r * r);
+                (inside ^ (next_u32() % 100 < 2 * (round % 3) as u32)) as u8
+            })
+            .collect();
+        for obj in watershed::objects(&mask, w, 0, usize::MAX) {
+            let order = watershed::flood_order(&obj);
+            let drain = watershed::Drain::of(&obj, &order);
+            for h_dyn in [0.15, 0.3, 0.6, 1.2, 2.4] {
+                let want = reference_flood(&obj, &order, h_dyn);
+                let got = drain.flood(h_dyn);
+                assert_eq!(got, want, "round {round}: dynamics {h_dyn}");
+                let basins = got
+                    .0
+                    .iter()
+                    .filter(|&&l| l != u32::MAX)
+                    .collect::<std::collections::HashSet<_>>();
+                meetings += (basins.len() > 1) as usize;
+                for min_px in [4, 16, 60] {
+                    let (mut a, mut b) = (got.0.clone(), got.0.clone());
+                    let n = reference_merge_small(&mut a, got.1, obj.w, min_px);
+                    let m = watershed::merge_small(&mut b, got.1, obj.w, min_px);
+                    assert_eq!(
+                        (m, &b),
+                        (n, &a),
+                        "round {round}: dynamics {h_dyn}, {min_px} px"
+                    );
+                    merged += (n < basins.len()) as usize;
+                }
+            }
+        }
+    }
+    assert!(
+        meetings > 100 && merged > 50,
+        "{meetings} floods of several basins, {merged} merges"
+    );
+}
+
+/// The merge as first written, for reference (one pass over the window per merge): merges each basin of fewer than `min_px` pixels into the neighbouring basin it shares the
+/// most 4-connected outline with (smallest first), and renumbers the basins `0..n`. Returns
+/// the new number of basins.
+fn reference_merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
+    const NONE: u32 = u32::MAX;
+    let h = labels.len() / w;
+    loop {
+        let mut size = vec![0usize; n];
+        for &l in labels.iter() {
+            if l != NONE {
+                size[l as usize] += 1;
+            }
+        }
+        let Some(small) = (0..n)
+            .filter(|&l| size[l] > 0 && size[l] < min_px)
+            .min_by_key(|&l| size[l])
+        else {
+            break;
+        };
+        let mut shared = std::collections::HashMap::<u32, usize>::new();
+        for y in 0..h {
+            for x in 0..w {
+                if labels[y * w + x] as usize != small {
+                    continue;
+                }
+                let mut see = |j: usize| {
+                    let l = labels[j];
+                    if l != NONE && l as usize != small {
+                        *shared.entry(l).or_default() += 1;
+                    }
+                };
+                if x > 0 {
+                    see(y * w + x - 1);
+                }
+                if x + 1 < w {
+                    see(y * w + x + 1);
+                }
+                if y > 0 {
+                    see((y - 1) * w + x);
+                }
+                if y + 1 < h {
+                    see((y + 1) * w + x);
+                }
+            }
+        }
+        let Some((&into, _)) = shared
+            .iter()
+            .max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
+        else {
+            // An isolated small basin: merging stops here (the debris filter judges what is
+            // left small).
+            break;
+        };
+        for l in labels.iter_mut() {
+            if *l as usize == small {
+                *l = into;
+            }
+        }
+    }
+    // Renumber the basins left.
+    let mut map = vec![NONE; n];
+    let mut next = 0u32;
+    for l in labels.iter_mut() {
+        if *l == NONE {
+            continue;
+        }
+        let m = &mut map[*l as usize];
+        if *m == NONE {
+            *m = next;
+            next += 1;
+        }
+        *l = *m;
+    }
+    next as usize
+}
+
+/// The flood as first written, for reference (one flood per dynamics): watershed of an object's distance transform by flooding from its peaks; basins whose peak
+/// rises less than `h_dyn` above the level where they meet a higher basin are merged into it.
+/// Pixels are visited in `order` ([`flood_order`]: from the highest distance down). Returns a
+/// basin index per window pixel (`u32::MAX` off the object) and the
+/// number of basins.
+fn reference_flood(obj: &watershed::Object, order: &[(u32, u32)], h_dyn: f32) -> (Vec<u32>, usize) {
+    let (w, h) = (obj.w, obj.h);
+    // A window clipped by the frame can hold object pixels on its edge; any other has a
+    // background rim, and its object pixels' neighbours need no bounds checks.
+    let on_edge = |i: usize| obj.dt2[i] > 0;
+    let clipped = (0..w).any(|x| on_edge(x) || on_edge((h - 1) * w + x))
+        || (0..h).any(|y| on_edge(y * w) || on_edge(y * w + w - 1));
+    let iw = w as isize;
+    // The 3x3 neighbourhood row by row, the pixel itself included (as the bounded loops).
+    let offsets = [-iw - 1, -iw, -iw + 1, -1, 0, 1, iw - 1, iw, iw + 1];
+    let level_of = |d: u32| {
+        if d == u32::MAX {
+            f32::INFINITY
+        } else {
+            (d as f32).sqrt()
+        }
+    };
+    let mut comp = vec![u32::MAX; w * h];
+    let mut parent: Vec<u32> = Vec::new();
+    let mut peak: Vec<f32> = Vec::new();
+    let mut roots: Vec<u32> = Vec::with_capacity(8);
+    for &(x, y) in order {
+        let (x, y) = (x as usize, y as usize);
+        let p = y * w + x;
+        roots.clear();
+        let mut last = u32::MAX;
+        // The labelled neighbour highest on the distance map: the pixel drains to its basin.
+        // (Taking the basin with the highest peak instead lets a big cell creep along the rim
+        // of a smaller touching one, pixel by pixel at the rim's level.)
+        let mut uphill = (0u32, u32::MAX);
+        let mut around = [0usize; 9];
+        let mut n = 0;
+        if clipped {
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    around[n] = ny * w + nx;
+                    n += 1;
+                }
+            }
+        } else {
+            for (a, o) in around.iter_mut().zip(offsets) {
+                *a = (p as isize + o) as usize;
+            }
+            n = 9;
+        }
+        for &q in &around[..n] {
+            let c = comp[q];
+            // Labelled pixels lie on the object, where the distance is positive.
+            if c != u32::MAX && obj.dt2[q] > uphill.0 {
+                uphill = (obj.dt2[q], c);
+            }
+            // Neighbours mostly share one basin: resolve each once.
+            if c != u32::MAX && c != last {
+                last = c;
+                let r = watershed::find_root(&mut parent, c);
+                if !roots.contains(&r) {
+                    roots.push(r);
+                }
+            }
+        }
+        if roots.is_empty() {
+            let id = parent.len() as u32;
+            parent.push(id);
+            peak.push(level_of(obj.dt2[p]));
+            comp[p] = id;
+            continue;
+        }
+        if roots.len() == 1 {
+            // Inside one basin (most pixels): nothing to merge.
+            comp[p] = watershed::find_root(&mut parent, uphill.1);
+            continue;
+        }
+        let level = level_of(obj.dt2[p]);
+        roots.sort_unstable_by(|a, b| peak[*b as usize].total_cmp(&peak[*a as usize]));
+        let best = roots[0];
+        for &r in &roots[1..] {
+            let pk = peak[r as usize];
+            let dynamics = pk - level;
+            // Small objects (platelets) touching a big one keep their own basin when they
+            // rise clearly relative to their own size.
+            let small_but_distinct = pk >= 2.5 && dynamics >= 1.0 && dynamics >= 0.35 * pk;
+            if dynamics < h_dyn && !small_but_distinct {
+                parent[r as usize] = best;
+            }
+        }
+        comp[p] = watershed::find_root(&mut parent, uphill.1);
+    }
+    for c in comp.iter_mut() {
+        if *c != u32::MAX {
+            *c = watershed::find_root(&mut parent, *c);
+        }
+    }
+    (comp, parent.len())
+}
+
 /// A small deterministic generator for random test masks.
 fn lcg(seed: u64) -> impl FnMut() -> u32 {
     let mut state = seed;

@@ -339,8 +339,8 @@ pub(super) fn flood_and_split_clump(
     cell: f32,
     clump_area: f32,
 ) -> (Vec<u32>, usize) {
-    let order = flood_order(obj);
-    let first = flood(obj, &order, h_dyn);
+    let drain = Drain::of(obj, &flood_order(obj));
+    let first = drain.flood(h_dyn);
     if clump_area <= 0.0 || cell <= 0.0 || (obj.area as f32) < clump_area * cell {
         return first;
     }
@@ -361,7 +361,7 @@ pub(super) fn flood_and_split_clump(
         let (mut labels, n) = if k == 0 {
             first.clone()
         } else {
-            flood(obj, &order, h_dyn / (1u32 << k) as f32)
+            drain.flood(h_dyn / (1u32 << k) as f32)
         };
         let n = merge_small(&mut labels, n, obj.w, min_px);
         let sc = score(&labels, n);
@@ -373,72 +373,94 @@ pub(super) fn flood_and_split_clump(
 }
 
 /// Merges each basin of fewer than `min_px` pixels into the neighbouring basin it shares the
-/// most 4-connected outline with (smallest first), and renumbers the basins `0..n`. Returns
-/// the new number of basins.
+/// most 4-connected outline with (smallest first, ties to the lower index; the most outline,
+/// ties to the lower index), and renumbers the basins `0..n` in raster order of their first
+/// pixels. Merging stops at a small basin that touches no other. Returns the new number of
+/// basins. The sizes and shared outlines are counted once and carried through the merges: a
+/// merged basin's outline with each neighbour is the sum of its parts'.
 pub(super) fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
     const NONE: u32 = u32::MAX;
-    let h = labels.len() / w;
-    loop {
-        let mut size = vec![0usize; n];
-        for &l in labels.iter() {
-            if l != NONE {
-                size[l as usize] += 1;
-            }
-        }
-        let Some(small) = (0..n)
-            .filter(|&l| size[l] > 0 && size[l] < min_px)
-            .min_by_key(|&l| size[l])
-        else {
-            break;
-        };
-        let mut shared = std::collections::HashMap::<u32, usize>::new();
-        for y in 0..h {
-            for x in 0..w {
-                if labels[y * w + x] as usize != small {
+    let mut size = vec![0usize; n];
+    for &l in labels.iter().filter(|&&l| l != NONE) {
+        size[l as usize] += 1;
+    }
+    // Where each basin went (itself while it stands).
+    let mut into: Vec<u32> = (0..n as u32).collect();
+    if (0..n).any(|l| size[l] > 0 && size[l] < min_px) {
+        // Pixel pairs side by side or one above the other in two basins: each basin's
+        // neighbours with the length of outline they share.
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        for (y, row) in labels.chunks_exact(w).enumerate() {
+            let below = labels.get((y + 1) * w..(y + 2) * w);
+            for (x, &a) in row.iter().enumerate() {
+                if a == NONE {
                     continue;
                 }
-                let mut see = |j: usize| {
-                    let l = labels[j];
-                    if l != NONE && l as usize != small {
-                        *shared.entry(l).or_default() += 1;
+                let right = row.get(x + 1).copied().unwrap_or(NONE);
+                let down = below.map_or(NONE, |r| r[x]);
+                for b in [right, down] {
+                    if b != NONE && b != a {
+                        pairs.push((a, b));
+                        pairs.push((b, a));
                     }
-                };
-                if x > 0 {
-                    see(y * w + x - 1);
-                }
-                if x + 1 < w {
-                    see(y * w + x + 1);
-                }
-                if y > 0 {
-                    see((y - 1) * w + x);
-                }
-                if y + 1 < h {
-                    see((y + 1) * w + x);
                 }
             }
         }
-        let Some((&into, _)) = shared
-            .iter()
-            .max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))
-        else {
-            // An isolated small basin: merging stops here (the debris filter judges what is
-            // left small).
-            break;
-        };
-        for l in labels.iter_mut() {
-            if *l as usize == small {
-                *l = into;
+        pairs.sort_unstable();
+        let mut shared: Vec<Vec<(u32, usize)>> = vec![Vec::new(); n];
+        for run in pairs.chunk_by(|p, q| p == q) {
+            let (a, b) = run[0];
+            shared[a as usize].push((b, run.len()));
+        }
+        while let Some(small) = (0..n)
+            .filter(|&l| size[l] > 0 && size[l] < min_px)
+            .min_by_key(|&l| size[l])
+        {
+            let Some(&(to, _)) = shared[small]
+                .iter()
+                .max_by_key(|(l, c)| (*c, std::cmp::Reverse(*l)))
+            else {
+                // An isolated small basin: merging stops here (the debris filter judges what
+                // is left small).
+                break;
+            };
+            let gone = std::mem::take(&mut shared[small]);
+            for (l, c) in gone {
+                let others = &mut shared[l as usize];
+                others.retain(|e| e.0 != small as u32);
+                if l == to {
+                    continue;
+                }
+                match others.iter_mut().find(|e| e.0 == to) {
+                    Some(e) => e.1 += c,
+                    None => others.push((to, c)),
+                }
+                let mine = &mut shared[to as usize];
+                match mine.iter_mut().find(|e| e.0 == l) {
+                    Some(e) => e.1 += c,
+                    None => mine.push((l, c)),
+                }
             }
+            size[to as usize] += size[small];
+            size[small] = 0;
+            into[small] = to;
         }
     }
-    // Renumber the basins left.
+    // Each basin's final one, then renumbered in order of first pixels.
+    let last = |mut l: u32| {
+        while into[l as usize] != l {
+            l = into[l as usize];
+        }
+        l
+    };
+    let fin: Vec<u32> = (0..n as u32).map(last).collect();
     let mut map = vec![NONE; n];
     let mut next = 0u32;
     for l in labels.iter_mut() {
         if *l == NONE {
             continue;
         }
-        let m = &mut map[*l as usize];
+        let m = &mut map[fin[*l as usize] as usize];
         if *m == NONE {
             *m = next;
             next += 1;
@@ -606,102 +628,150 @@ pub(super) fn single_seed(obj: &Object) -> bool {
     seeds == 1
 }
 
-/// Watershed of an object's distance transform by flooding from its peaks; basins whose peak
-/// rises less than `h_dyn` above the level where they meet a higher basin are merged into it.
-/// Pixels are visited in `order` ([`flood_order`]: from the highest distance down). Returns a
-/// basin index per window pixel (`u32::MAX` off the object) and the
-/// number of basins.
-pub(super) fn flood(obj: &Object, order: &[(u32, u32)], h_dyn: f32) -> (Vec<u32>, usize) {
-    let (w, h) = (obj.w, obj.h);
-    // A window clipped by the frame can hold object pixels on its edge; any other has a
-    // background rim, and its object pixels' neighbours need no bounds checks.
-    let on_edge = |i: usize| obj.dt2[i] > 0;
-    let clipped = (0..w).any(|x| on_edge(x) || on_edge((h - 1) * w + x))
-        || (0..h).any(|y| on_edge(y * w) || on_edge(y * w + w - 1));
-    let iw = w as isize;
-    // The 3x3 neighbourhood row by row, the pixel itself included (as the bounded loops).
-    let offsets = [-iw - 1, -iw, -iw + 1, -1, 0, 1, iw - 1, iw, iw + 1];
-    let level_of = |d: u32| {
-        if d == u32::MAX {
-            f32::INFINITY
-        } else {
-            (d as f32).sqrt()
-        }
-    };
-    let mut comp = vec![u32::MAX; w * h];
-    let mut parent: Vec<u32> = Vec::new();
-    let mut peak: Vec<f32> = Vec::new();
-    let mut roots: Vec<u32> = Vec::with_capacity(8);
-    for &(x, y) in order {
-        let (x, y) = (x as usize, y as usize);
-        let p = y * w + x;
-        roots.clear();
-        let mut last = u32::MAX;
-        // The labelled neighbour highest on the distance map: the pixel drains to its basin.
-        // (Taking the basin with the highest peak instead lets a big cell creep along the rim
-        // of a smaller touching one, pixel by pixel at the rim's level.)
-        let mut uphill = (0u32, u32::MAX);
-        let mut around = [0usize; 9];
-        let mut n = 0;
-        if clipped {
-            for ny in y.saturating_sub(1)..(y + 2).min(h) {
-                for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                    around[n] = ny * w + nx;
-                    n += 1;
+/// Watershed of an object's distance transform by flooding from its peaks (pixels visited in
+/// [`flood_order`]: from the highest distance down); basins whose peak rises less than the
+/// dynamics `h_dyn` above the level where they meet a higher basin are merged into it.
+///
+/// What the flood of an object does whatever its dynamics: where each pixel drains (to its
+/// labelled neighbour highest on the distance map, which leads back to the peak that started
+/// its basin: its seed) and where basins meet (a pixel whose labelled neighbours drain to more
+/// than one seed). Only whether two meeting basins merge depends on the dynamics, so an
+/// object is flooded once and each dynamics replays the meetings ([`Drain::flood`]): the same
+/// merges in the same order as a flood with that dynamics alone.
+pub(super) struct Drain {
+    /// Each window pixel's seed (`u32::MAX` off the object).
+    seed: Vec<u32>,
+    /// Each seed's peak (the distance where its basin started).
+    peak: Vec<f32>,
+    /// Each meeting's level and its range of `met`.
+    meetings: Vec<(f32, u32, u32)>,
+    /// The seeds of each meeting pixel's labelled neighbours, in the order the flood sees them
+    /// (each once).
+    met: Vec<u32>,
+}
+
+impl Drain {
+    /// Floods `obj` in `order`, recording seeds and meetings.
+    pub(super) fn of(obj: &Object, order: &[(u32, u32)]) -> Drain {
+        let (w, h) = (obj.w, obj.h);
+        // A window clipped by the frame can hold object pixels on its edge; any other has a
+        // background rim, and its object pixels' neighbours need no bounds checks.
+        let on_edge = |i: usize| obj.dt2[i] > 0;
+        let clipped = (0..w).any(|x| on_edge(x) || on_edge((h - 1) * w + x))
+            || (0..h).any(|y| on_edge(y * w) || on_edge(y * w + w - 1));
+        let iw = w as isize;
+        // The 3x3 neighbourhood row by row, the pixel itself included (as the bounded loops).
+        let offsets = [-iw - 1, -iw, -iw + 1, -1, 0, 1, iw - 1, iw, iw + 1];
+        let mut d = Drain {
+            seed: vec![u32::MAX; w * h],
+            peak: Vec::new(),
+            meetings: Vec::new(),
+            met: Vec::new(),
+        };
+        let mut seeds: Vec<u32> = Vec::with_capacity(9);
+        for &(x, y) in order {
+            let (x, y) = (x as usize, y as usize);
+            let p = y * w + x;
+            seeds.clear();
+            // The labelled neighbour highest on the distance map: the pixel drains to its
+            // basin. (Taking the basin with the highest peak instead lets a big cell creep
+            // along the rim of a smaller touching one, pixel by pixel at the rim's level.)
+            let mut uphill = (0u32, u32::MAX);
+            let mut around = [0usize; 9];
+            let mut n = 0;
+            if clipped {
+                for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                    for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                        around[n] = ny * w + nx;
+                        n += 1;
+                    }
+                }
+            } else {
+                for (a, o) in around.iter_mut().zip(offsets) {
+                    *a = (p as isize + o) as usize;
+                }
+                n = 9;
+            }
+            for &q in &around[..n] {
+                let s = d.seed[q];
+                // Labelled pixels lie on the object, where the distance is positive.
+                if s != u32::MAX {
+                    if obj.dt2[q] > uphill.0 {
+                        uphill = (obj.dt2[q], s);
+                    }
+                    if !seeds.contains(&s) {
+                        seeds.push(s);
+                    }
                 }
             }
-        } else {
-            for (a, o) in around.iter_mut().zip(offsets) {
-                *a = (p as isize + o) as usize;
-            }
-            n = 9;
+            d.seed[p] = match seeds.len() {
+                0 => {
+                    d.peak.push(level_of(obj.dt2[p]));
+                    d.peak.len() as u32 - 1
+                }
+                1 => seeds[0],
+                _ => {
+                    let from = d.met.len() as u32;
+                    d.met.extend_from_slice(&seeds);
+                    d.meetings
+                        .push((level_of(obj.dt2[p]), from, d.met.len() as u32));
+                    uphill.1
+                }
+            };
         }
-        for &q in &around[..n] {
-            let c = comp[q];
-            // Labelled pixels lie on the object, where the distance is positive.
-            if c != u32::MAX && obj.dt2[q] > uphill.0 {
-                uphill = (obj.dt2[q], c);
-            }
-            // Neighbours mostly share one basin: resolve each once.
-            if c != u32::MAX && c != last {
-                last = c;
-                let r = find_root(&mut parent, c);
+        d
+    }
+
+    /// The flood with dynamics `h_dyn`: a basin index per window pixel (`u32::MAX` off the
+    /// object; the index of the seed whose basin it ended in) and the number of seeds.
+    pub(super) fn flood(&self, h_dyn: f32) -> (Vec<u32>, usize) {
+        let mut parent: Vec<u32> = (0..self.peak.len() as u32).collect();
+        let mut roots: Vec<u32> = Vec::with_capacity(9);
+        for &(level, from, to) in &self.meetings {
+            roots.clear();
+            for &s in &self.met[from as usize..to as usize] {
+                let r = find_root(&mut parent, s);
                 if !roots.contains(&r) {
                     roots.push(r);
                 }
             }
-        }
-        if roots.is_empty() {
-            let id = parent.len() as u32;
-            parent.push(id);
-            peak.push(level_of(obj.dt2[p]));
-            comp[p] = id;
-            continue;
-        }
-        if roots.len() == 1 {
-            // Inside one basin (most pixels): nothing to merge.
-            comp[p] = find_root(&mut parent, uphill.1);
-            continue;
-        }
-        let level = level_of(obj.dt2[p]);
-        roots.sort_unstable_by(|a, b| peak[*b as usize].total_cmp(&peak[*a as usize]));
-        let best = roots[0];
-        for &r in &roots[1..] {
-            let pk = peak[r as usize];
-            let dynamics = pk - level;
-            // Small objects (platelets) touching a big one keep their own basin when they
-            // rise clearly relative to their own size.
-            let small_but_distinct = pk >= 2.5 && dynamics >= 1.0 && dynamics >= 0.35 * pk;
-            if dynamics < h_dyn && !small_but_distinct {
-                parent[r as usize] = best;
+            if roots.len() < 2 {
+                continue;
+            }
+            roots
+                .sort_unstable_by(|a, b| self.peak[*b as usize].total_cmp(&self.peak[*a as usize]));
+            let best = roots[0];
+            for &r in &roots[1..] {
+                let pk = self.peak[r as usize];
+                let dynamics = pk - level;
+                // Small objects (platelets) touching a big one keep their own basin when they
+                // rise clearly relative to their own size.
+                let small_but_distinct = pk >= 2.5 && dynamics >= 1.0 && dynamics >= 0.35 * pk;
+                if dynamics < h_dyn && !small_but_distinct {
+                    parent[r as usize] = best;
+                }
             }
         }
-        comp[p] = find_root(&mut parent, uphill.1);
+        let labels = self
+            .seed
+            .iter()
+            .map(|&s| {
+                if s == u32::MAX {
+                    s
+                } else {
+                    find_root(&mut parent, s)
+                }
+            })
+            .collect();
+        (labels, self.peak.len())
     }
-    for c in comp.iter_mut() {
-        if *c != u32::MAX {
-            *c = find_root(&mut parent, *c);
-        }
+}
+
+/// The flood's level at a squared distance.
+fn level_of(d: u32) -> f32 {
+    if d == u32::MAX {
+        f32::INFINITY
+    } else {
+        (d as f32).sqrt()
     }
-    (comp, parent.len())
 }
