@@ -176,21 +176,28 @@ pub(super) fn optical_density(
 pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> [f32; 3] {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let raw = img.as_raw();
-    let mut samples: Vec<[f32; 3]> = Vec::with_capacity((w / 2) * (h / 2));
-    for y in (0..h.saturating_sub(1)).step_by(2) {
-        let b = bg.row(y);
-        for x in (0..w.saturating_sub(1)).step_by(2) {
-            let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
-            let mut v = [0f32; 3];
-            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let i = ((y + dy) * w + x + dx) * 3;
-                for c in 0..3 {
-                    v[c] += bb[c] - ln[raw[i + c] as usize];
+    // Rows of 2x2 means side by side (each row's in order: the same samples on any pool).
+    let (sw, sh) = (w / 2, h / 2);
+    let mut samples: Vec<[f32; 3]> = vec![[0f32; 3]; sw * sh];
+    samples
+        .par_chunks_mut(sw.max(1))
+        .enumerate()
+        .for_each(|(sy, out)| {
+            let y = 2 * sy;
+            let b = bg.row(y);
+            for (sx, o) in out.iter_mut().enumerate() {
+                let x = 2 * sx;
+                let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
+                let mut v = [0f32; 3];
+                for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let i = ((y + dy) * w + x + dx) * 3;
+                    for c in 0..3 {
+                        v[c] += bb[c] - ln[raw[i + c] as usize];
+                    }
                 }
+                *o = v.map(|s| s * 0.25);
             }
-            samples.push(v.map(|s| s * 0.25));
-        }
-    }
+        });
     const PLAIN: [f32; 3] = [1.0, 1.0, 1.0];
     if samples.len() < 64 {
         return PLAIN;
@@ -236,8 +243,13 @@ pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
     const SCALE: f32 = 1024.0;
     let hist = density_histogram(values, BINS, SCALE);
     // The mode of a lightly smoothed histogram (single bins are spiky).
+    // Sums over bins i-4..=i+4 (clipped at the ends), from running totals.
+    let mut total = vec![0u32; BINS + 1];
+    for (i, &c) in hist.iter().enumerate() {
+        total[i + 1] = total[i] + c;
+    }
     let smooth: Vec<u32> = (0..BINS)
-        .map(|i| hist[i.saturating_sub(4)..(i + 5).min(BINS)].iter().sum())
+        .map(|i| total[(i + 5).min(BINS)] - total[i.saturating_sub(4)])
         .collect();
     let mode = smooth
         .iter()
