@@ -5,6 +5,7 @@
 use image::RgbImage;
 use rayon::prelude::*;
 
+use super::watershed::find_root;
 use super::CellFinderConfig;
 
 /// The background light of a frame: natural log per block and channel.
@@ -493,86 +494,78 @@ pub(super) fn fill_holes(mask: &mut [u8], w: usize) {
 
 /// [`fill_holes`] for the holes of at most `max_area` pixels (larger enclosed regions stay
 /// background: the space a ring of touching cells closes in). Returns the largest hole's area.
+/// The background is taken in runs along the rows, joined where runs of neighbouring rows
+/// share a column: a component that reaches the window's edge is outside, any other a hole.
 pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usize {
     let h = mask.len() / w;
-    const OUTSIDE: u8 = 2;
-    // Pixels as (x, y): no division per pixel.
-    let mut stack: Vec<(u32, u32)> = Vec::new();
-    let seed = |mask: &mut [u8], x: usize, y: usize, stack: &mut Vec<(u32, u32)>| {
-        let i = y * w + x;
-        if mask[i] == 0 {
-            mask[i] = OUTSIDE;
-            stack.push((x as u32, y as u32));
-        }
-    };
-    for x in 0..w {
-        seed(mask, x, 0, &mut stack);
-        seed(mask, x, h - 1, &mut stack);
-    }
+    // The background's runs row by row; runs in rows next to each other that share a column
+    // are 4-connected (union-find on run indices).
+    let mut runs: Vec<(u32, u32, u32)> = Vec::new(); // (y, x0, x1)
+    let mut parent: Vec<u32> = Vec::new();
+    let mut above = 0..0;
     for y in 0..h {
-        seed(mask, 0, y, &mut stack);
-        seed(mask, w - 1, y, &mut stack);
-    }
-    while let Some((x, y)) = stack.pop() {
-        let (x, y) = (x as usize, y as usize);
-        if x > 0 {
-            seed(mask, x - 1, y, &mut stack);
+        let row = &mask[y * w..(y + 1) * w];
+        let here = runs.len();
+        let mut x = 0;
+        while x < w {
+            if row[x] != 0 {
+                x += 1;
+                continue;
+            }
+            let x0 = x;
+            while x < w && row[x] == 0 {
+                x += 1;
+            }
+            runs.push((y as u32, x0 as u32, x as u32));
+            parent.push((runs.len() - 1) as u32);
         }
-        if x + 1 < w {
-            seed(mask, x + 1, y, &mut stack);
-        }
-        if y > 0 {
-            seed(mask, x, y - 1, &mut stack);
-        }
-        if y + 1 < h {
-            seed(mask, x, y + 1, &mut stack);
-        }
-    }
-    // The holes: 4-connected regions of background the flood did not reach.
-    let mut largest = 0;
-    let mut region: Vec<(u32, u32)> = Vec::new();
-    for start in 0..mask.len() {
-        if mask[start] != 0 {
-            continue;
-        }
-        const HOLE: u8 = 3;
-        mask[start] = HOLE;
-        region.clear();
-        region.push(((start % w) as u32, (start / w) as u32));
-        let mut next = 0;
-        while next < region.len() {
-            let (x, y) = region[next];
-            let (x, y) = (x as usize, y as usize);
-            next += 1;
-            let mut visit = |x: usize, y: usize| {
-                let j = y * w + x;
-                if mask[j] == 0 {
-                    mask[j] = HOLE;
-                    region.push((x as u32, y as u32));
+        // Runs of the row above overlapping each new run (both lists in column order).
+        let mut k = above.start;
+        for r in here..runs.len() {
+            let (_, x0, x1) = runs[r];
+            while k < above.end && runs[k].2 <= x0 {
+                k += 1;
+            }
+            let mut j = k;
+            while j < above.end && runs[j].1 < x1 {
+                let (a, b) = (
+                    find_root(&mut parent, j as u32),
+                    find_root(&mut parent, r as u32),
+                );
+                if a != b {
+                    // The lower index is the root: a component's root is its first run.
+                    let (lo, hi) = (a.min(b), a.max(b));
+                    parent[hi as usize] = lo;
                 }
-            };
-            if x > 0 {
-                visit(x - 1, y);
-            }
-            if x + 1 < w {
-                visit(x + 1, y);
-            }
-            if y > 0 {
-                visit(x, y - 1);
-            }
-            if y + 1 < h {
-                visit(x, y + 1);
+                j += 1;
             }
         }
-        largest = largest.max(region.len());
-        if region.len() > max_area {
-            for &(x, y) in &region {
-                mask[y as usize * w + x as usize] = OUTSIDE;
-            }
-        }
+        above = here..runs.len();
     }
+    // Each component's area and whether it reaches the window's edge (then it is outside).
+    let mut area = vec![0usize; runs.len()];
+    let mut outside = vec![false; runs.len()];
+    let mut root = vec![0u32; runs.len()];
+    for (i, &(y, x0, x1)) in runs.iter().enumerate() {
+        root[i] = find_root(&mut parent, i as u32);
+        let root = root[i] as usize;
+        area[root] += (x1 - x0) as usize;
+        outside[root] |= y == 0 || y as usize == h - 1 || x0 == 0 || x1 as usize == w;
+    }
+    let largest = (0..runs.len())
+        .filter(|&i| root[i] as usize == i && !outside[i])
+        .map(|i| area[i])
+        .max()
+        .unwrap_or(0);
     for v in mask.iter_mut() {
-        *v = (*v != OUTSIDE) as u8;
+        *v = (*v != 0) as u8;
+    }
+    for (&(y, x0, x1), &root) in runs.iter().zip(&root) {
+        let root = root as usize;
+        if !outside[root] && area[root] <= max_area {
+            let row = y as usize * w;
+            mask[row + x0 as usize..row + x1 as usize].fill(1);
+        }
     }
     largest
 }

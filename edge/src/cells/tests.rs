@@ -1110,6 +1110,121 @@ fn reference_flood(obj: &watershed::Object, order: &[(u32, u32)], h_dyn: f32) ->
     (comp, parent.len())
 }
 
+#[test]
+fn holes_filled_from_runs_are_the_holes_a_flood_from_the_edge_leaves() {
+    // Random masks (sparse to dense, blobs with pallor and rings): the same mask out and the
+    // same largest hole as a pixel flood, for holes filled up to several sizes; masks with
+    // holes of several sizes occur.
+    let mut next_u32 = lcg(23);
+    let mut with_holes = 0;
+    for round in 0..400 {
+        let (w, h) = (1 + next_u32() as usize % 40, 1 + next_u32() as usize % 30);
+        let p = [30, 50, 60, 70, 85][round % 5];
+        let mask: Vec<u8> = (0..w * h).map(|_| (next_u32() % 100 < p) as u8).collect();
+        for max_area in [0, 1, 3, 10, usize::MAX] {
+            let (mut a, mut b) = (mask.clone(), mask.clone());
+            let want = reference_fill_holes_upto(&mut a, w, max_area);
+            let got = foreground::fill_holes_upto(&mut b, w, max_area);
+            assert_eq!(
+                (got, &b),
+                (want, &a),
+                "round {round}: {w}x{h}, holes up to {max_area}"
+            );
+            with_holes += (max_area == usize::MAX && want > 3) as usize;
+        }
+    }
+    assert!(
+        with_holes > 20,
+        "{with_holes} masks with holes over 3 pixels"
+    );
+}
+
+/// Hole filling as first written, for reference: the background flooded pixel by pixel from
+/// the window's edge, then each hole flooded to measure it.
+fn reference_fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usize {
+    let h = mask.len() / w;
+    const OUTSIDE: u8 = 2;
+    // Pixels as (x, y): no division per pixel.
+    let mut stack: Vec<(u32, u32)> = Vec::new();
+    let seed = |mask: &mut [u8], x: usize, y: usize, stack: &mut Vec<(u32, u32)>| {
+        let i = y * w + x;
+        if mask[i] == 0 {
+            mask[i] = OUTSIDE;
+            stack.push((x as u32, y as u32));
+        }
+    };
+    for x in 0..w {
+        seed(mask, x, 0, &mut stack);
+        seed(mask, x, h - 1, &mut stack);
+    }
+    for y in 0..h {
+        seed(mask, 0, y, &mut stack);
+        seed(mask, w - 1, y, &mut stack);
+    }
+    while let Some((x, y)) = stack.pop() {
+        let (x, y) = (x as usize, y as usize);
+        if x > 0 {
+            seed(mask, x - 1, y, &mut stack);
+        }
+        if x + 1 < w {
+            seed(mask, x + 1, y, &mut stack);
+        }
+        if y > 0 {
+            seed(mask, x, y - 1, &mut stack);
+        }
+        if y + 1 < h {
+            seed(mask, x, y + 1, &mut stack);
+        }
+    }
+    // The holes: 4-connected regions of background the flood did not reach.
+    let mut largest = 0;
+    let mut region: Vec<(u32, u32)> = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] != 0 {
+            continue;
+        }
+        const HOLE: u8 = 3;
+        mask[start] = HOLE;
+        region.clear();
+        region.push(((start % w) as u32, (start / w) as u32));
+        let mut next = 0;
+        while next < region.len() {
+            let (x, y) = region[next];
+            let (x, y) = (x as usize, y as usize);
+            next += 1;
+            let mut visit = |x: usize, y: usize| {
+                let j = y * w + x;
+                if mask[j] == 0 {
+                    mask[j] = HOLE;
+                    region.push((x as u32, y as u32));
+                }
+            };
+            if x > 0 {
+                visit(x - 1, y);
+            }
+            if x + 1 < w {
+                visit(x + 1, y);
+            }
+            if y > 0 {
+                visit(x, y - 1);
+            }
+            if y + 1 < h {
+                visit(x, y + 1);
+            }
+        }
+        largest = largest.max(region.len());
+        if region.len() > max_area {
+            for &(x, y) in &region {
+                mask[y as usize * w + x as usize] = OUTSIDE;
+            }
+        }
+    }
+    for v in mask.iter_mut() {
+        *v = (*v != OUTSIDE) as u8;
+    }
+    largest
+}
+
 /// A small deterministic generator for random test masks.
 fn lcg(seed: u64) -> impl FnMut() -> u32 {
     let mut state = seed;
