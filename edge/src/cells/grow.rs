@@ -1,6 +1,8 @@
 //! Each basin's statistics, and each cell grown back into its thin parts (the stained pixels
 //! around it above a lower threshold, a few pixels out).
 
+use rayon::prelude::*;
+
 use super::watershed::Object;
 
 /// Where a cell is and how big: a basin's statistics.
@@ -71,28 +73,43 @@ impl Grow<'_> {
         // Most of a window is claimed already or below the threshold: eight pixels at a time
         // are checked for an unclaimed one above it (no branch) before any is tried.
         const CHUNK: usize = 8;
-        let mut ring: Vec<u32> = Vec::new();
-        for obj in objs {
-            for y in obj.y0..obj.y0 + obj.h {
-                let row = y * self.w + obj.x0..y * self.w + obj.x0 + obj.w;
-                for start in row.clone().step_by(CHUNK) {
-                    let end = (start + CHUNK).min(row.end);
-                    let open = basin[start..end]
-                        .iter()
-                        .zip(&self.od[start..end])
-                        .fold(false, |a, (&b, &v)| {
-                            a | (b == Self::NONE && v > self.threshold)
-                        });
-                    if !open {
-                        continue;
-                    }
-                    for j in start..end {
-                        if let Some(l) = self.claim(basin, j) {
-                            basin[j] = l | Self::FRESH;
-                            ring.push(j as u32);
+        // Each window's claims side by side on the pool's threads: a claim reads only pixels
+        // claimed before this step, so it is the same in any order; windows overlap, so a
+        // pixel two windows claim (for the same basin) is taken once.
+        let shared: &[u32] = basin;
+        let claims: Vec<Vec<(u32, u32)>> = objs
+            .par_iter()
+            .map(|obj| {
+                let mut out = Vec::new();
+                for y in obj.y0..obj.y0 + obj.h {
+                    let row = y * self.w + obj.x0..y * self.w + obj.x0 + obj.w;
+                    for start in row.clone().step_by(CHUNK) {
+                        let end = (start + CHUNK).min(row.end);
+                        let open = shared[start..end]
+                            .iter()
+                            .zip(&self.od[start..end])
+                            .fold(false, |a, (&b, &v)| {
+                                a | (b == Self::NONE && v > self.threshold)
+                            });
+                        if !open {
+                            continue;
+                        }
+                        for j in start..end {
+                            if let Some(l) = self.claim(shared, j) {
+                                out.push((j as u32, l));
+                            }
                         }
                     }
                 }
+                out
+            })
+            .collect();
+        let mut ring: Vec<u32> = Vec::new();
+        for (j, l) in claims.into_iter().flatten() {
+            let b = &mut basin[j as usize];
+            if *b == Self::NONE {
+                *b = l | Self::FRESH;
+                ring.push(j);
             }
         }
         let mut all = Vec::new();
