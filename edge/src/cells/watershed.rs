@@ -660,38 +660,40 @@ impl Drain {
         let clipped = (0..w).any(|x| on_edge(x) || on_edge((h - 1) * w + x))
             || (0..h).any(|y| on_edge(y * w) || on_edge(y * w + w - 1));
         let iw = w as isize;
-        // The 3x3 neighbourhood row by row, the pixel itself included (as the bounded loops).
-        let offsets = [-iw - 1, -iw, -iw + 1, -1, 0, 1, iw - 1, iw, iw + 1];
+        // The 3x3 neighbourhood row by row, without the pixel itself (not labelled yet).
+        let offsets = [-iw - 1, -iw, -iw + 1, -1, 1, iw - 1, iw, iw + 1];
         let mut d = Drain {
             seed: vec![u32::MAX; w * h],
             peak: Vec::new(),
             meetings: Vec::new(),
             met: Vec::new(),
         };
-        let mut seeds: Vec<u32> = Vec::with_capacity(9);
+        let mut around = [0usize; 8];
         for &(x, y) in order {
             let (x, y) = (x as usize, y as usize);
             let p = y * w + x;
-            seeds.clear();
-            // The labelled neighbour highest on the distance map: the pixel drains to its
-            // basin. (Taking the basin with the highest peak instead lets a big cell creep
-            // along the rim of a smaller touching one, pixel by pixel at the rim's level.)
-            let mut uphill = (0u32, u32::MAX);
-            let mut around = [0usize; 9];
             let mut n = 0;
             if clipped {
                 for ny in y.saturating_sub(1)..(y + 2).min(h) {
                     for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                        around[n] = ny * w + nx;
-                        n += 1;
+                        if (nx, ny) != (x, y) {
+                            around[n] = ny * w + nx;
+                            n += 1;
+                        }
                     }
                 }
             } else {
                 for (a, o) in around.iter_mut().zip(offsets) {
                     *a = (p as isize + o) as usize;
                 }
-                n = 9;
+                n = 8;
             }
+            // The labelled neighbour highest on the distance map: the pixel drains to its
+            // basin. (Taking the basin with the highest peak instead lets a big cell creep
+            // along the rim of a smaller touching one, pixel by pixel at the rim's level.)
+            let mut uphill = (0u32, u32::MAX);
+            let mut several = false;
+            let mut first = u32::MAX;
             for &q in &around[..n] {
                 let s = d.seed[q];
                 // Labelled pixels lie on the object, where the distance is positive.
@@ -699,24 +701,29 @@ impl Drain {
                     if obj.dt2[q] > uphill.0 {
                         uphill = (obj.dt2[q], s);
                     }
-                    if !seeds.contains(&s) {
-                        seeds.push(s);
+                    several |= first != u32::MAX && s != first;
+                    if first == u32::MAX {
+                        first = s;
                     }
                 }
             }
-            d.seed[p] = match seeds.len() {
-                0 => {
-                    d.peak.push(level_of(obj.dt2[p]));
-                    d.peak.len() as u32 - 1
+            d.seed[p] = if first == u32::MAX {
+                d.peak.push(level_of(obj.dt2[p]));
+                d.peak.len() as u32 - 1
+            } else if !several {
+                first
+            } else {
+                // A meeting: the neighbours' seeds, each once, in the order they come.
+                let from = d.met.len();
+                for &q in &around[..n] {
+                    let s = d.seed[q];
+                    if s != u32::MAX && !d.met[from..].contains(&s) {
+                        d.met.push(s);
+                    }
                 }
-                1 => seeds[0],
-                _ => {
-                    let from = d.met.len() as u32;
-                    d.met.extend_from_slice(&seeds);
-                    d.meetings
-                        .push((level_of(obj.dt2[p]), from, d.met.len() as u32));
-                    uphill.1
-                }
+                d.meetings
+                    .push((level_of(obj.dt2[p]), from as u32, d.met.len() as u32));
+                uphill.1
             };
         }
         d
