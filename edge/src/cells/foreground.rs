@@ -5,7 +5,7 @@
 use image::RgbImage;
 use rayon::prelude::*;
 
-use super::watershed::find_root;
+use super::watershed::{find_root, join_runs, Run};
 use super::CellFinderConfig;
 
 /// The background light of a frame: natural log per block and channel.
@@ -499,13 +499,11 @@ pub(super) fn fill_holes(mask: &mut [u8], w: usize) {
 pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usize {
     let h = mask.len() / w;
     // The background's runs row by row; runs in rows next to each other that share a column
-    // are 4-connected (union-find on run indices).
-    let mut runs: Vec<(u32, u32, u32)> = Vec::new(); // (y, x0, x1)
-    let mut parent: Vec<u32> = Vec::new();
-    let mut above = 0..0;
-    for y in 0..h {
-        let row = &mask[y * w..(y + 1) * w];
-        let here = runs.len();
+    // are 4-connected.
+    let mut runs: Vec<Run> = Vec::new();
+    let mut rows = Vec::with_capacity(h + 1);
+    for (y, row) in mask.chunks_exact(w).enumerate() {
+        rows.push(runs.len());
         let mut x = 0;
         while x < w {
             if row[x] != 0 {
@@ -516,37 +514,20 @@ pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usi
             while x < w && row[x] == 0 {
                 x += 1;
             }
-            runs.push((y as u32, x0 as u32, x as u32));
-            parent.push((runs.len() - 1) as u32);
+            runs.push(Run {
+                y: y as u32,
+                x0: x0 as u32,
+                x1: x as u32,
+            });
         }
-        // Runs of the row above overlapping each new run (both lists in column order).
-        let mut k = above.start;
-        for r in here..runs.len() {
-            let (_, x0, x1) = runs[r];
-            while k < above.end && runs[k].2 <= x0 {
-                k += 1;
-            }
-            let mut j = k;
-            while j < above.end && runs[j].1 < x1 {
-                let (a, b) = (
-                    find_root(&mut parent, j as u32),
-                    find_root(&mut parent, r as u32),
-                );
-                if a != b {
-                    // The lower index is the root: a component's root is its first run.
-                    let (lo, hi) = (a.min(b), a.max(b));
-                    parent[hi as usize] = lo;
-                }
-                j += 1;
-            }
-        }
-        above = here..runs.len();
     }
+    rows.push(runs.len());
+    let mut parent = join_runs(&runs, &rows, false);
     // Each component's area and whether it reaches the window's edge (then it is outside).
     let mut area = vec![0usize; runs.len()];
     let mut outside = vec![false; runs.len()];
     let mut root = vec![0u32; runs.len()];
-    for (i, &(y, x0, x1)) in runs.iter().enumerate() {
+    for (i, &Run { y, x0, x1 }) in runs.iter().enumerate() {
         root[i] = find_root(&mut parent, i as u32);
         let root = root[i] as usize;
         area[root] += (x1 - x0) as usize;
@@ -560,7 +541,7 @@ pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usi
     for v in mask.iter_mut() {
         *v = (*v != 0) as u8;
     }
-    for (&(y, x0, x1), &root) in runs.iter().zip(&root) {
+    for (&Run { y, x0, x1 }, &root) in runs.iter().zip(&root) {
         let root = root as usize;
         if !outside[root] && area[root] <= max_area {
             let row = y as usize * w;

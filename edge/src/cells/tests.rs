@@ -837,23 +837,14 @@ fn an_object_with_one_seed_is_one_basin_as_the_flood_makes_it() {
     let (mut single, mut several) = (0, 0);
     for round in 0..300 {
         let (w, h) = (12 + next_u32() as usize % 50, 12 + next_u32() as usize % 40);
-        let discs: Vec<(f32, f32, f32)> = (0..1 + round % 3)
-            .map(|_| {
-                let r = 3.0 + (next_u32() % 80) as f32 / 10.0;
-                let cx = r + (next_u32() as usize % w.max(1)) as f32 * 0.6;
-                let cy = r + (next_u32() as usize % h.max(1)) as f32 * 0.6;
-                (cx, cy, r)
-            })
-            .collect();
-        let mask: Vec<u8> = (0..w * h)
-            .map(|i| {
-                let (x, y) = ((i % w) as f32, (i / w) as f32);
-                let inside = discs
-                    .iter()
-                    .any(|&(cx, cy, r)| (x - cx).powi(2) + (y - cy).powi(2) <= r * r);
-                (inside ^ (next_u32() % 100 < 2 * (round % 3) as u32)) as u8
-            })
-            .collect();
+        let mask = random_blobs(
+            &mut next_u32,
+            w,
+            h,
+            1 + round % 3,
+            80,
+            2 * (round % 3) as u32,
+        );
         for obj in watershed::objects(&mask, w, 0, usize::MAX) {
             match (watershed::single_seed(&obj), obj.area >= 30) {
                 (true, true) => single += 1,
@@ -884,23 +875,14 @@ fn the_replayed_flood_and_the_counted_merges_match_the_floods_and_merges_they_re
     let (mut meetings, mut merged) = (0, 0);
     for round in 0..200 {
         let (w, h) = (16 + next_u32() as usize % 60, 16 + next_u32() as usize % 50);
-        let discs: Vec<(f32, f32, f32)> = (0..1 + round % 5)
-            .map(|_| {
-                let r = 3.0 + (next_u32() % 90) as f32 / 10.0;
-                let cx = r + (next_u32() as usize % w) as f32 * 0.6;
-                let cy = r + (next_u32() as usize % h) as f32 * 0.6;
-                (cx, cy, r)
-            })
-            .collect();
-        let mask: Vec<u8> = (0..w * h)
-            .map(|i| {
-                let (x, y) = ((i % w) as f32, (i / w) as f32);
-                let inside = discs
-                    .iter()
-                    .any(|&(cx, cy, r)| (x - cx).powi(2) + (y - cy).powi(2) <= r * r);
-                (inside ^ (next_u32() % 100 < 2 * (round % 3) as u32)) as u8
-            })
-            .collect();
+        let mask = random_blobs(
+            &mut next_u32,
+            w,
+            h,
+            1 + round % 5,
+            90,
+            2 * (round % 3) as u32,
+        );
         for obj in watershed::objects(&mask, w, 0, usize::MAX) {
             let order = watershed::flood_order(&obj);
             let drain = watershed::Drain::of(&obj, &order);
@@ -1223,6 +1205,36 @@ fn reference_fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usiz
         *v = (*v != OUTSIDE) as u8;
     }
     largest
+}
+
+/// A `w` x `h` mask of `discs` random discs (radii 3 to 3 + `radius_tenths` / 10 pixels,
+/// touching and overlapping as they fall), each pixel flipped with a chance of `noise` in 100
+/// (noisy outlines, specks, pinholes).
+fn random_blobs(
+    next_u32: &mut impl FnMut() -> u32,
+    w: usize,
+    h: usize,
+    discs: usize,
+    radius_tenths: u32,
+    noise: u32,
+) -> Vec<u8> {
+    let discs: Vec<(f32, f32, f32)> = (0..discs)
+        .map(|_| {
+            let r = 3.0 + (next_u32() % radius_tenths) as f32 / 10.0;
+            let cx = r + (next_u32() as usize % w.max(1)) as f32 * 0.6;
+            let cy = r + (next_u32() as usize % h.max(1)) as f32 * 0.6;
+            (cx, cy, r)
+        })
+        .collect();
+    (0..w * h)
+        .map(|i| {
+            let (x, y) = ((i % w) as f32, (i / w) as f32);
+            let inside = discs
+                .iter()
+                .any(|&(cx, cy, r)| (x - cx).powi(2) + (y - cy).powi(2) <= r * r);
+            (inside ^ (next_u32() % 100 < noise)) as u8
+        })
+        .collect()
 }
 
 /// A small deterministic generator for random test masks.

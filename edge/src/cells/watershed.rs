@@ -148,33 +148,9 @@ pub(super) fn components(mask: &[u8], w: usize) -> (Vec<Run>, Vec<std::ops::Rang
         runs.extend(r);
     }
     row_start.push(runs.len());
-    // Union-find over the runs: a run joins every run of the row above that it touches
-    // (overlapping columns or diagonal neighbours).
-    let mut parent: Vec<u32> = (0..runs.len() as u32).collect();
-    for y in 1..row_start.len() - 1 {
-        let above = row_start[y - 1]..row_start[y];
-        let mut k = above.start;
-        for i in row_start[y]..row_start[y + 1] {
-            let r = runs[i];
-            // Runs above that end before this one's reach: done for this and later runs.
-            while k < above.end && runs[k].x1 < r.x0 {
-                k += 1;
-            }
-            let mut j = k;
-            while j < above.end && runs[j].x0 <= r.x1 {
-                let (a, b) = (
-                    find_root(&mut parent, i as u32),
-                    find_root(&mut parent, j as u32),
-                );
-                if a != b {
-                    // The root is the earlier run: a component's root is its first run.
-                    let (lo, hi) = (a.min(b), a.max(b));
-                    parent[hi as usize] = lo;
-                }
-                j += 1;
-            }
-        }
-    }
+    // A run joins every run of the row above that it touches (overlapping columns or
+    // diagonal neighbours).
+    let mut parent = join_runs(&runs, &row_start, true);
     // Components numbered by their first run; runs grouped by component, keeping their order.
     let mut id = vec![u32::MAX; runs.len()];
     let mut count: Vec<usize> = Vec::new();
@@ -201,6 +177,38 @@ pub(super) fn components(mask: &[u8], w: usize) -> (Vec<Run>, Vec<std::ops::Rang
         next[c as usize] += 1;
     }
     (grouped, ranges)
+}
+
+/// Union-find over `runs` (row `y`'s runs are `rows[y]..rows[y + 1]`, in column order): each
+/// run joined to the runs of the row above that share a column with it, or with `diagonal`
+/// also touch it at a corner (8-connectivity; else 4). A component's root is its first run.
+pub(super) fn join_runs(runs: &[Run], rows: &[usize], diagonal: bool) -> Vec<u32> {
+    let d = diagonal as u32;
+    let mut parent: Vec<u32> = (0..runs.len() as u32).collect();
+    for y in 1..rows.len().saturating_sub(1) {
+        let above = rows[y - 1]..rows[y];
+        let mut k = above.start;
+        for i in rows[y]..rows[y + 1] {
+            let r = runs[i];
+            // Runs above that end before this one's reach: done for this and later runs.
+            while k < above.end && runs[k].x1 + d <= r.x0 {
+                k += 1;
+            }
+            let mut j = k;
+            while j < above.end && runs[j].x0 < r.x1 + d {
+                let (a, b) = (
+                    find_root(&mut parent, i as u32),
+                    find_root(&mut parent, j as u32),
+                );
+                if a != b {
+                    let (lo, hi) = (a.min(b), a.max(b));
+                    parent[hi as usize] = lo;
+                }
+                j += 1;
+            }
+        }
+    }
+    parent
 }
 
 /// Whether the object built from `runs`, filled into `local`, holds foreground of `mask` that
