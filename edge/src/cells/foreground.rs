@@ -5,7 +5,7 @@
 use image::RgbImage;
 use rayon::prelude::*;
 
-use super::watershed::{find_root, join_runs, Run};
+use super::watershed::{find_root, join_runs, push_runs, Run};
 use super::CellFinderConfig;
 
 /// The background light of a frame: natural log per block and channel.
@@ -504,22 +504,7 @@ pub(super) fn fill_holes_upto(mask: &mut [u8], w: usize, max_area: usize) -> usi
     let mut rows = Vec::with_capacity(h + 1);
     for (y, row) in mask.chunks_exact(w).enumerate() {
         rows.push(runs.len());
-        let mut x = 0;
-        while x < w {
-            if row[x] != 0 {
-                x += 1;
-                continue;
-            }
-            let x0 = x;
-            while x < w && row[x] == 0 {
-                x += 1;
-            }
-            runs.push(Run {
-                y: y as u32,
-                x0: x0 as u32,
-                x1: x as u32,
-            });
-        }
+        push_runs(row, y, false, &mut runs);
     }
     rows.push(runs.len());
     let mut parent = join_runs(&runs, &rows, false);

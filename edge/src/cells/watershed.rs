@@ -124,20 +124,7 @@ pub(super) fn components(mask: &[u8], w: usize) -> (Vec<Run>, Vec<std::ops::Rang
         .enumerate()
         .map(|(y, row)| {
             let mut out = Vec::new();
-            let mut x = 0;
-            while x < w {
-                match row[x..].iter().position(|&v| v != 0) {
-                    None => break,
-                    Some(a) => x += a,
-                }
-                let x0 = x;
-                x += row[x..].iter().position(|&v| v == 0).unwrap_or(w - x);
-                out.push(Run {
-                    y: y as u32,
-                    x0: x0 as u32,
-                    x1: x as u32,
-                });
-            }
+            push_runs(row, y, true, &mut out);
             out
         })
         .collect();
@@ -177,6 +164,29 @@ pub(super) fn components(mask: &[u8], w: usize) -> (Vec<Run>, Vec<std::ops::Rang
         next[c as usize] += 1;
     }
     (grouped, ranges)
+}
+
+/// Appends row `y`'s runs of foreground (`foreground`: pixels not 0) or of background (0),
+/// left to right.
+pub(super) fn push_runs(row: &[u8], y: usize, foreground: bool, out: &mut Vec<Run>) {
+    let w = row.len();
+    let mut x = 0;
+    while x < w {
+        match row[x..].iter().position(|&v| (v != 0) == foreground) {
+            None => break,
+            Some(a) => x += a,
+        }
+        let x0 = x;
+        x += row[x..]
+            .iter()
+            .position(|&v| (v != 0) != foreground)
+            .unwrap_or(w - x);
+        out.push(Run {
+            y: y as u32,
+            x0: x0 as u32,
+            x1: x as u32,
+        });
+    }
 }
 
 /// Union-find over `runs` (row `y`'s runs are `rows[y]..rows[y + 1]`, in column order): each
