@@ -48,34 +48,34 @@ pub(super) fn log_background_grid(
     let gh = h.div_ceil(block) as usize;
     let mut pct = vec![[0f32; 3]; gw * gh];
     let raw = img.as_raw();
-    pct.par_chunks_mut(gw).enumerate().for_each(|(by, pct)| {
-        for (bx, out) in pct.iter_mut().enumerate() {
-            // The three channels' counters of a value side by side (one cache line).
-            let mut hist = [[0u32; 4]; 256];
-            let (x0, y0) = (bx as u32 * block, by as u32 * block);
-            let (x1, y1) = ((x0 + block).min(w), (y0 + block).min(h));
-            for y in y0..y1 {
-                let row = &raw[((y * w + x0) * 3) as usize..((y * w + x1) * 3) as usize];
-                for px in row.chunks_exact(3) {
-                    hist[px[0] as usize][0] += 1;
-                    hist[px[1] as usize][1] += 1;
-                    hist[px[2] as usize][2] += 1;
+    // Block by block on the pool (a frame's rows of blocks are too few to share out).
+    pct.par_iter_mut().enumerate().for_each(|(i, out)| {
+        let (bx, by) = (i % gw, i / gw);
+        // The three channels' counters of a value side by side (one cache line).
+        let mut hist = [[0u32; 4]; 256];
+        let (x0, y0) = (bx as u32 * block, by as u32 * block);
+        let (x1, y1) = ((x0 + block).min(w), (y0 + block).min(h));
+        for y in y0..y1 {
+            let row = &raw[((y * w + x0) * 3) as usize..((y * w + x1) * 3) as usize];
+            for px in row.chunks_exact(3) {
+                hist[px[0] as usize][0] += 1;
+                hist[px[1] as usize][1] += 1;
+                hist[px[2] as usize][2] += 1;
+            }
+        }
+        let n = (x1 - x0) * (y1 - y0);
+        let target = (n as f32 * 0.9) as u32;
+        for c in 0..3 {
+            let mut acc = 0;
+            let mut v = 255;
+            for (i, cnt) in hist.iter().enumerate() {
+                acc += cnt[c];
+                if acc >= target {
+                    v = i;
+                    break;
                 }
             }
-            let n = (x1 - x0) * (y1 - y0);
-            let target = (n as f32 * 0.9) as u32;
-            for c in 0..3 {
-                let mut acc = 0;
-                let mut v = 255;
-                for (i, cnt) in hist.iter().enumerate() {
-                    acc += cnt[c];
-                    if acc >= target {
-                        v = i;
-                        break;
-                    }
-                }
-                out[c] = (v.max(1) as f32).ln();
-            }
+            out[c] = (v.max(1) as f32).ln();
         }
     });
     // A block darker than most of its neighbours by more than `covered` (summed over the
@@ -175,41 +175,79 @@ pub(super) fn optical_density(
 /// frame (8-bit steps quantise single pixels' densities); (1, 1, 1) when the frame shows no
 /// stain.
 pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) -> [f32; 3] {
+    const PLAIN: [f32; 3] = [1.0, 1.0, 1.0];
     let (w, h) = (img.width() as usize, img.height() as usize);
     let raw = img.as_raw();
-    // Rows of 2x2 means side by side (each row's in order: the same samples on any pool).
     let (sw, sh) = (w / 2, h / 2);
-    let mut samples: Vec<[f32; 3]> = vec![[0f32; 3]; sw * sh];
-    samples
-        .par_chunks_mut(sw.max(1))
-        .enumerate()
-        .for_each(|(sy, out)| {
-            let y = 2 * sy;
-            let b = bg.row(y);
-            for (sx, o) in out.iter_mut().enumerate() {
-                let x = 2 * sx;
-                let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
-                let mut v = [0f32; 3];
-                for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                    let i = ((y + dy) * w + x + dx) * 3;
-                    for c in 0..3 {
-                        v[c] += bb[c] - ln[raw[i + c] as usize];
-                    }
-                }
-                *o = v.map(|s| s * 0.25);
-            }
-        });
-    const PLAIN: [f32; 3] = [1.0, 1.0, 1.0];
-    if samples.len() < 64 {
+    if sw * sh < 64 {
         return PLAIN;
     }
-    let sums: Vec<f32> = samples.iter().map(|v| v[0] + v[1] + v[2]).collect();
-    let (mode, sigma) = mode_and_noise(&sums);
+    // Rows of 2x2 means side by side, each part of the rows counting its samples' bins: of
+    // the sum over the channels (histogram 0) and of each channel (1 to 3). Counts add up to
+    // the same histograms however the rows are shared out.
+    let mut samples: Vec<[f32; 3]> = vec![[0f32; 3]; sw * sh];
+    let rows_per_part = sh.div_ceil(4 * rayon::current_num_threads()).max(8);
+    let bin = |v: f32| density_bin(v, NOISE_BINS, NOISE_SCALE);
+    let hist = samples
+        .par_chunks_mut(sw * rows_per_part)
+        .enumerate()
+        .fold(
+            || (vec![[0u32; 4]; NOISE_BINS], Vec::new()),
+            |(mut hist, mut bins), (part, out)| {
+                for (r, out) in out.chunks_exact_mut(sw).enumerate() {
+                    let y = 2 * (part * rows_per_part + r);
+                    let b = bg.row(y);
+                    let (top, below) = (&raw[y * w * 3..], &raw[(y + 1) * w * 3..]);
+                    for (sx, o) in out.iter_mut().enumerate() {
+                        let x = 2 * sx;
+                        let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
+                        let mut v = [0f32; 3];
+                        for row in [top, below] {
+                            for dx in 0..2 {
+                                let px = &row[(x + dx) * 3..(x + dx) * 3 + 3];
+                                for c in 0..3 {
+                                    v[c] += bb[c] - ln[px[c] as usize];
+                                }
+                            }
+                        }
+                        *o = v.map(|s| s * 0.25);
+                    }
+                    // The row's bins (converted a row at a time, in vector registers), then
+                    // counted sample by sample: four counters apart, four increments that do
+                    // not wait on each other.
+                    bins.clear();
+                    bins.extend(out.iter().map(|o| bin(o[0] + o[1] + o[2])));
+                    bins.extend(out.as_flattened().iter().map(|&v| bin(v)));
+                    let (sums, channels) = bins.split_at(out.len());
+                    for (&s, c) in sums.iter().zip(channels.chunks_exact(3)) {
+                        hist[s][0] += 1;
+                        hist[c[0]][1] += 1;
+                        hist[c[1]][2] += 1;
+                        hist[c[2]][3] += 1;
+                    }
+                }
+                (hist, bins)
+            },
+        )
+        .map(|(hist, _)| hist)
+        .reduce(
+            || vec![[0u32; 4]; NOISE_BINS],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    for k in 0..4 {
+                        x[k] += y[k];
+                    }
+                }
+                a
+            },
+        );
+    let of = |k: usize| -> Vec<u32> { hist.iter().map(|c| c[k]).collect() };
+    let (mode, sigma) = mode_and_noise_of(&of(0));
     let stained = mode + 6.0 * sigma.max(1e-3);
     let mut signal = [0f64; 3];
     let mut n = 0usize;
-    for (v, &s) in samples.iter().zip(&sums) {
-        if s > stained {
+    for v in &samples {
+        if v[0] + v[1] + v[2] > stained {
             n += 1;
             for c in 0..3 {
                 signal[c] += v[c] as f64;
@@ -222,8 +260,7 @@ pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) 
     let mut weights = [0f32; 3];
     let (mut kept, mut total) = (0f32, 0f32);
     for c in 0..3 {
-        let channel: Vec<f32> = samples.iter().map(|v| v[c]).collect();
-        let (m, noise) = mode_and_noise(&channel);
+        let (m, noise) = mode_and_noise_of(&of(c + 1));
         let contrast = (signal[c] / n as f64) as f32 - m;
         total += contrast.max(0.0);
         if noise > 0.0 && contrast > 0.0 {
@@ -237,12 +274,20 @@ pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) 
     weights.map(|v| v * total / kept)
 }
 
+/// The bins of [`mode_and_noise`]: 1/1024 wide.
+const NOISE_BINS: usize = 8192;
+const NOISE_SCALE: f32 = 1024.0;
+
 /// The mode of `values` (the background's density) and the noise around it: the median
 /// distance below the mode, as a normal's sigma (the upper side mixes with faint cell edges).
 pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
-    const BINS: usize = 8192;
-    const SCALE: f32 = 1024.0;
-    let hist = density_histogram(values, BINS, SCALE);
+    mode_and_noise_of(&density_histogram(values, NOISE_BINS, NOISE_SCALE))
+}
+
+/// [`mode_and_noise`] of the values counted in `hist` (`NOISE_BINS` bins of `1 / NOISE_SCALE`).
+fn mode_and_noise_of(hist: &[u32]) -> (f32, f32) {
+    const BINS: usize = NOISE_BINS;
+    const SCALE: f32 = NOISE_SCALE;
     // The mode of a lightly smoothed histogram (single bins are spiky).
     // Sums over bins i-4..=i+4 (clipped at the ends), from running totals.
     let mut total = vec![0u32; BINS + 1];
@@ -272,11 +317,20 @@ pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
 /// Densities from `-HIST_OFFSET` up, in `bins` bins of `1 / scale` (the ends collect the rest).
 pub(super) const HIST_OFFSET: f32 = 2.0;
 
+/// The bin of `v` in [`density_histogram`]'s `bins` bins of `1 / scale`.
+#[inline(always)]
+fn density_bin(v: f32, bins: usize, scale: f32) -> usize {
+    // Clamped as floats, then truncated: the same bins as clamping after the conversion (NaN:
+    // bin 0, `max` returns the number). The clamped value needs no saturating conversion,
+    // whose checks keep the conversion out of vector registers.
+    let clamped = ((v + HIST_OFFSET) * scale).max(0.0).min((bins - 1) as f32);
+    // SAFETY: `clamped` is a number in 0..=bins - 1, and `bins` is a histogram's length: it
+    // truncates to an i32.
+    unsafe { clamped.to_int_unchecked::<i32>() as usize }
+}
+
 pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<u32> {
-    // Clamped as floats, then truncated to i32: the same bins as clamping after the
-    // conversion, and a block of them converts in a few vector instructions (NaN: bin 0).
-    let top = (bins - 1) as f32;
-    let bin = |v: f32| ((v + HIST_OFFSET) * scale).max(0.0).min(top) as i32 as usize;
+    let bin = |v: f32| density_bin(v, bins, scale);
     // Parts of the frame side by side, each into four interleaved counters per bin
     // (neighbouring pixels mostly fall in one bin: four counters keep the increments
     // independent). The four of a bin share a cache line: four histograms a power of two
@@ -321,26 +375,48 @@ pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<
 /// 3x3 mean of a frame-sized map (edges use the pixels inside the frame).
 pub(super) fn box3(v: &[f32], w: usize) -> Vec<f32> {
     let h = v.len() / w;
+    // Rows: each value with its neighbours, summed left to right, over their number. The
+    // ends have one neighbour; inside, three slices side by side (the loop vectorises).
     let mut rows = vec![0f32; v.len()];
     let pairs = v.par_chunks_exact(w).zip(rows.par_chunks_exact_mut(w));
-    pairs.for_each(|(src, dst)| {
-        for (x, d) in dst.iter_mut().enumerate() {
-            let (a, b) = (x.saturating_sub(1), (x + 2).min(w));
-            *d = src[a..b].iter().sum::<f32>() / (b - a) as f32;
+    pairs.for_each(|(src, dst)| match w {
+        1 => dst[0] = src[0],
+        _ => {
+            dst[0] = (src[0] + src[1]) / 2.0;
+            let (l, m, r) = (&src[..w - 2], &src[1..w - 1], &src[2..]);
+            for (((d, &l), &m), &r) in dst[1..w - 1].iter_mut().zip(l).zip(m).zip(r) {
+                *d = (l + m + r) / 3.0;
+            }
+            dst[w - 1] = (src[w - 2] + src[w - 1]) / 2.0;
         }
     });
+    // Columns: the rows above and below (those inside the frame) added to 0 top to bottom,
+    // times one over their number.
     let mut out = vec![0f32; v.len()];
+    let row = |y: usize| &rows[y * w..(y + 1) * w];
     out.par_chunks_exact_mut(w)
         .enumerate()
         .for_each(|(y, dst)| {
             let (a, b) = (y.saturating_sub(1), (y + 2).min(h));
             let k = 1.0 / (b - a) as f32;
-            for yy in a..b {
-                for (d, s) in dst.iter_mut().zip(&rows[yy * w..(yy + 1) * w]) {
-                    *d += s;
+            match b - a {
+                3 => {
+                    let (r0, r1, r2) = (row(a), row(a + 1), row(a + 2));
+                    for (((d, &p), &q), &s) in dst.iter_mut().zip(r0).zip(r1).zip(r2) {
+                        *d = (0.0 + p + q + s) * k;
+                    }
+                }
+                2 => {
+                    for ((d, &p), &q) in dst.iter_mut().zip(row(a)).zip(row(a + 1)) {
+                        *d = (0.0 + p + q) * k;
+                    }
+                }
+                _ => {
+                    for (d, &p) in dst.iter_mut().zip(row(a)) {
+                        *d = (0.0 + p) * k;
+                    }
                 }
             }
-            dst.iter_mut().for_each(|d| *d *= k);
         });
     out
 }

@@ -589,6 +589,189 @@ fn channels_are_weighed_by_their_contrast_over_noise() {
 }
 
 #[test]
+fn channel_weights_from_bins_counted_with_the_samples_are_the_weights_of_the_samples() {
+    // Against the weights computed from collected samples, one histogram at a time: the
+    // sample fields and noisy drawn fields of odd sizes (cells pale in green, strong in all
+    // channels, none), on one and three threads, with the background's blocks of both looks.
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/chula-rbc-12");
+    let mut imgs: Vec<RgbImage> = ["1", "222", "34", "42"]
+        .iter()
+        .map(|f| {
+            image::open(format!("{data}/images/{f}.jpg"))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
+    let mut next_u32 = lcg(5);
+    for (w, h, shade) in [
+        (181, 97, [0, 30, 0]),
+        (64, 9, [40, 60, 30]),
+        (300, 211, [0, 0, 0]),
+        (17, 15, [5, 25, 5]),
+    ] {
+        let mask = random_blobs(&mut next_u32, w, h, w * h / 400 + 1, 80, 2);
+        let noise: Vec<u32> = (0..w * h * 3).map(|_| next_u32() % 21).collect();
+        imgs.push(RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let i = y as usize * w + x as usize;
+            image::Rgb(std::array::from_fn(|c| {
+                (215 + noise[i * 3 + c] - shade[c] * mask[i] as u32) as u8
+            }))
+        }));
+    }
+    let ln = foreground::ln_table();
+    for (k, img) in imgs.iter().enumerate() {
+        for block in [96, 48] {
+            let bg = foreground::Background::of(img, block, 0.2);
+            let want = reference_channel_weights(img, &bg, &ln);
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| foreground::channel_weights(img, &bg, &ln));
+                assert_eq!(
+                    got.map(f32::to_bits),
+                    want.map(f32::to_bits),
+                    "image {k}, blocks of {block}, {threads} threads: {got:?} against {want:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The channel weights as they were computed before their histograms were counted with the
+/// samples: the samples collected, then each histogram from a copy of its values.
+fn reference_channel_weights(
+    img: &RgbImage,
+    bg: &foreground::Background,
+    ln: &[f32; 256],
+) -> [f32; 3] {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    // Rows of 2x2 means side by side (each row's in order: the same samples on any pool).
+    let (sw, sh) = (w / 2, h / 2);
+    let mut samples: Vec<[f32; 3]> = vec![[0f32; 3]; sw * sh];
+    samples
+        .par_chunks_mut(sw.max(1))
+        .enumerate()
+        .for_each(|(sy, out)| {
+            let y = 2 * sy;
+            let b = bg.row(y);
+            for (sx, o) in out.iter_mut().enumerate() {
+                let x = 2 * sx;
+                let bb = &b[(x / bg.block as usize).min(bg.gw - 1)];
+                let mut v = [0f32; 3];
+                for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let i = ((y + dy) * w + x + dx) * 3;
+                    for c in 0..3 {
+                        v[c] += bb[c] - ln[raw[i + c] as usize];
+                    }
+                }
+                *o = v.map(|s| s * 0.25);
+            }
+        });
+    const PLAIN: [f32; 3] = [1.0, 1.0, 1.0];
+    if samples.len() < 64 {
+        return PLAIN;
+    }
+    let sums: Vec<f32> = samples.iter().map(|v| v[0] + v[1] + v[2]).collect();
+    let (mode, sigma) = foreground::mode_and_noise(&sums);
+    let stained = mode + 6.0 * sigma.max(1e-3);
+    let mut signal = [0f64; 3];
+    let mut n = 0usize;
+    for (v, &s) in samples.iter().zip(&sums) {
+        if s > stained {
+            n += 1;
+            for c in 0..3 {
+                signal[c] += v[c] as f64;
+            }
+        }
+    }
+    if n < 64 {
+        return PLAIN;
+    }
+    let mut weights = [0f32; 3];
+    let (mut kept, mut total) = (0f32, 0f32);
+    for c in 0..3 {
+        let channel: Vec<f32> = samples.iter().map(|v| v[c]).collect();
+        let (m, noise) = foreground::mode_and_noise(&channel);
+        let contrast = (signal[c] / n as f64) as f32 - m;
+        total += contrast.max(0.0);
+        if noise > 0.0 && contrast > 0.0 {
+            weights[c] = contrast / (noise * noise);
+            kept += weights[c] * contrast;
+        }
+    }
+    if kept <= 0.0 || total <= 0.0 {
+        return PLAIN;
+    }
+    weights.map(|v| v * total / kept)
+}
+
+#[test]
+fn the_vectorised_box_mean_is_the_box_mean_it_replaces() {
+    // Against the mean summed over each pixel's neighbours slice by slice, bit for bit: maps
+    // one to three pixels wide or high and larger ones, values of both signs, on one and three
+    // threads.
+    let mut next_u32 = lcg(17);
+    for (w, h) in [
+        (1, 1),
+        (1, 5),
+        (5, 1),
+        (2, 2),
+        (3, 3),
+        (2, 7),
+        (64, 3),
+        (37, 41),
+        (640, 48),
+    ] {
+        let v: Vec<f32> = (0..w * h)
+            .map(|_| (next_u32() % 100_000) as f32 / 12_345.0 - 2.5)
+            .collect();
+        let want = reference_box3(&v, w);
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| foreground::box3(&v, w));
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{w}x{h} on {threads} threads"
+            );
+        }
+    }
+}
+
+/// The 3x3 mean as it was before its rows and columns were summed from slices side by side.
+fn reference_box3(v: &[f32], w: usize) -> Vec<f32> {
+    let h = v.len() / w;
+    let mut rows = vec![0f32; v.len()];
+    let pairs = v.par_chunks_exact(w).zip(rows.par_chunks_exact_mut(w));
+    pairs.for_each(|(src, dst)| {
+        for (x, d) in dst.iter_mut().enumerate() {
+            let (a, b) = (x.saturating_sub(1), (x + 2).min(w));
+            *d = src[a..b].iter().sum::<f32>() / (b - a) as f32;
+        }
+    });
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_exact_mut(w)
+        .enumerate()
+        .for_each(|(y, dst)| {
+            let (a, b) = (y.saturating_sub(1), (y + 2).min(h));
+            let k = 1.0 / (b - a) as f32;
+            for yy in a..b {
+                for (d, s) in dst.iter_mut().zip(&rows[yy * w..(yy + 1) * w]) {
+                    *d += s;
+                }
+            }
+            dst.iter_mut().for_each(|d| *d *= k);
+        });
+    out
+}
+
+#[test]
 fn tiles_cover_the_frame_without_overlap() {
     let t = tiles(500, 300, 224);
     assert_eq!(t.len(), 2);
