@@ -51,16 +51,27 @@ pub(super) fn log_background_grid(
     // Block by block on the pool (a frame's rows of blocks are too few to share out).
     pct.par_iter_mut().enumerate().for_each(|(i, out)| {
         let (bx, by) = (i % gw, i / gw);
-        // The three channels' counters of a value side by side (one cache line).
-        let mut hist = [[0u32; 4]; 256];
+        // Each value's counters side by side (one cache line): the three channels' of even
+        // pixels, then of odd ones. Neighbouring pixels mostly hold the same value; two sets of
+        // counters halve the increments that wait on the one before.
+        let mut hist = [[0u32; 8]; 256];
         let (x0, y0) = (bx as u32 * block, by as u32 * block);
         let (x1, y1) = ((x0 + block).min(w), (y0 + block).min(h));
         for y in y0..y1 {
             let row = &raw[((y * w + x0) * 3) as usize..((y * w + x1) * 3) as usize];
-            for px in row.chunks_exact(3) {
+            let pairs = row.chunks_exact(6);
+            if let [r, g, b] = *pairs.remainder() {
+                hist[r as usize][0] += 1;
+                hist[g as usize][1] += 1;
+                hist[b as usize][2] += 1;
+            }
+            for px in pairs {
                 hist[px[0] as usize][0] += 1;
                 hist[px[1] as usize][1] += 1;
                 hist[px[2] as usize][2] += 1;
+                hist[px[3] as usize][4] += 1;
+                hist[px[4] as usize][5] += 1;
+                hist[px[5] as usize][6] += 1;
             }
         }
         let n = (x1 - x0) * (y1 - y0);
@@ -69,7 +80,7 @@ pub(super) fn log_background_grid(
             let mut acc = 0;
             let mut v = 255;
             for (i, cnt) in hist.iter().enumerate() {
-                acc += cnt[c];
+                acc += cnt[c] + cnt[c + 4];
                 if acc >= target {
                     v = i;
                     break;
@@ -465,74 +476,81 @@ pub(super) fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
 
 /// 3x3 minimum (`erode`) or maximum filter of a 0/1 mask over the pixels inside the frame.
 pub(super) fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
+    let h = mask.len() / w;
     // One copy of the loops per filter: the pick inlines and the rows vectorise.
     if erode {
-        filter3_with(mask, w, u8::min, false)
+        filter3_rows(mask, 0, w, h, 0..h, u8::min)
     } else {
-        filter3_with(mask, w, u8::max, false)
+        filter3_rows(mask, 0, w, h, 0..h, u8::max)
     }
 }
 
-/// [`filter3`] of a frame-sized mask, its rows side by side on the pool's threads.
-pub(super) fn filter3_frame(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
-    if erode {
-        filter3_with(mask, w, u8::min, true)
-    } else {
-        filter3_with(mask, w, u8::max, true)
-    }
-}
-
-#[inline(always)]
-fn filter3_with(
-    mask: &[u8],
+/// The opening (3x3 erosion, then dilation, as [`filter3`] makes them) of the frame-sized
+/// 0/1 mask whose rows `row_mask(y, row)` writes: bands of rows side by side on the pool's
+/// threads, each thresholding, eroding and dilating its rows and the two either side of them
+/// in buffers of its own (the mask is never written whole, and a band's rows stay in cache).
+pub(super) fn opened_mask(
     w: usize,
-    pick: impl Fn(u8, u8) -> u8 + Copy + Sync,
-    parallel: bool,
+    h: usize,
+    row_mask: impl Fn(usize, &mut [u8]) + Sync,
 ) -> Vec<u8> {
-    let h = mask.len() / w;
-    // Rows: each pixel with its left and right neighbours (the frame edge counts as neither).
-    let row = |(src, dst): (&[u8], &mut [u8])| {
-        dst.copy_from_slice(src);
+    const BAND: usize = 32;
+    let mut out = vec![0u8; w * h];
+    if w == 0 {
+        return out;
+    }
+    out.par_chunks_mut(BAND * w)
+        .enumerate()
+        .for_each(|(band, dst)| {
+            let (y0, y1) = (band * BAND, (band * BAND + BAND).min(h));
+            let (m0, m1) = (y0.saturating_sub(2), (y1 + 2).min(h));
+            let mut mask = vec![0u8; (m1 - m0) * w];
+            for (y, row) in (m0..m1).zip(mask.chunks_exact_mut(w)) {
+                row_mask(y, row);
+            }
+            let (e0, e1) = (y0.saturating_sub(1), (y1 + 1).min(h));
+            let eroded = filter3_rows(&mask, m0, w, h, e0..e1, u8::min);
+            dst.copy_from_slice(&filter3_rows(&eroded, e0, w, h, y0..y1, u8::max));
+        });
+    out
+}
+
+/// Rows `rows` of the 3x3 filter `pick` of a frame `h` rows high, from its rows `src_y0..`
+/// in `src` (those the output rows need: one above and below, inside the frame).
+#[inline(always)]
+fn filter3_rows(
+    src: &[u8],
+    src_y0: usize,
+    w: usize,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    pick: impl Fn(u8, u8) -> u8 + Copy,
+) -> Vec<u8> {
+    let row = |y: usize| &src[(y - src_y0) * w..(y - src_y0 + 1) * w];
+    let mut out = vec![0u8; rows.len() * w];
+    let mut across = vec![0u8; w];
+    for (y, dst) in rows.clone().zip(out.chunks_exact_mut(w)) {
+        // Each pixel with the rows above and below (inside the frame), then with its left
+        // and right neighbours (the frame's edge counts as neither).
+        across.copy_from_slice(row(y));
+        for ny in [y.wrapping_sub(1), y + 1] {
+            if ny < h {
+                for (d, &s) in across.iter_mut().zip(row(ny)) {
+                    *d = pick(*d, s);
+                }
+            }
+        }
+        dst.copy_from_slice(&across);
         if w > 1 {
             for (d, (&l, &r)) in dst[1..w - 1]
                 .iter_mut()
-                .zip(src[..w - 2].iter().zip(&src[2..]))
+                .zip(across[..w - 2].iter().zip(&across[2..]))
             {
                 *d = pick(*d, pick(l, r));
             }
-            dst[0] = pick(src[0], src[1]);
-            dst[w - 1] = pick(src[w - 1], src[w - 2]);
+            dst[0] = pick(across[0], across[1]);
+            dst[w - 1] = pick(across[w - 1], across[w - 2]);
         }
-    };
-    let mut tmp = vec![0u8; mask.len()];
-    if parallel {
-        let rows = mask.par_chunks_exact(w).zip(tmp.par_chunks_exact_mut(w));
-        rows.for_each(row);
-    } else {
-        mask.chunks_exact(w)
-            .zip(tmp.chunks_exact_mut(w))
-            .for_each(row);
-    }
-    // Columns: each row with the rows above and below.
-    let tmp = &tmp;
-    let col = |(y, dst): (usize, &mut [u8])| {
-        dst.copy_from_slice(&tmp[y * w..(y + 1) * w]);
-        if y > 0 {
-            for (d, &s) in dst.iter_mut().zip(&tmp[(y - 1) * w..y * w]) {
-                *d = pick(*d, s);
-            }
-        }
-        if y + 1 < h {
-            for (d, &s) in dst.iter_mut().zip(&tmp[(y + 1) * w..(y + 2) * w]) {
-                *d = pick(*d, s);
-            }
-        }
-    };
-    let mut out = vec![0u8; mask.len()];
-    if parallel {
-        out.par_chunks_exact_mut(w).enumerate().for_each(col);
-    } else {
-        out.chunks_exact_mut(w).enumerate().for_each(col);
     }
     out
 }

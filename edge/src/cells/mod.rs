@@ -27,7 +27,7 @@ mod watershed;
 pub use score::{greedy_pairs, match_centres, Match};
 
 use foreground::{
-    box3, channel_weights, density_thresholds, filter3_frame, ln_table, optical_density, Background,
+    box3, channel_weights, density_thresholds, ln_table, opened_mask, optical_density, Background,
 };
 use grow::{Acc, Grow};
 use splits::{split_blue_parts, split_necks};
@@ -541,16 +541,21 @@ fn foreground(
     known_r: Option<f32>,
 ) -> (f32, f32, Vec<Object>, Option<f32>) {
     let [t, t_grow] = density_thresholds(od, cfg, [cfg.noise_widths, cfg.grow_widths]);
-    let mask: Vec<u8> = match gate {
-        Some((raw, tr)) => od
-            .par_iter()
-            .zip(raw)
-            .map(|(&v, &r)| (v > t && r > tr) as u8)
-            .collect(),
-        None => od.par_iter().map(|&v| (v > t) as u8).collect(),
+    // The mask opened with a 3x3 square (specks and one-pixel bridges removed).
+    let h = od.len() / w;
+    let mask = match gate {
+        Some((raw, tr)) => opened_mask(w, h, |y, row| {
+            let at = y * w..(y + 1) * w;
+            for ((m, &v), &r) in row.iter_mut().zip(&od[at.clone()]).zip(&raw[at]) {
+                *m = (v > t && r > tr) as u8;
+            }
+        }),
+        None => opened_mask(w, h, |y, row| {
+            for (m, &v) in row.iter_mut().zip(&od[y * w..(y + 1) * w]) {
+                *m = (v > t) as u8;
+            }
+        }),
     };
-    // Opening with a 3x3 square removes specks and one-pixel bridges.
-    let mask = filter3_frame(&filter3_frame(&mask, w, true), w, false);
     let mut objs = objects(&mask, w, cfg.close_gaps, usize::MAX);
     let typical = |objs: &[Object]| {
         if cfg.skip_specks {
