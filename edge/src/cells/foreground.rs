@@ -366,8 +366,13 @@ pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<
         }
         h
     };
+    // One part per thread: each part's counters are zeroed and added up once.
+    let part_len = values
+        .len()
+        .div_ceil(rayon::current_num_threads())
+        .max(1 << 14);
     let four = values
-        .par_chunks(1 << 16)
+        .par_chunks(part_len)
         .fold(|| vec![[0u32; 4]; bins], part)
         .reduce(
             || vec![[0u32; 4]; bins],
