@@ -241,17 +241,7 @@ pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) 
             },
         )
         .map(|(hist, _)| hist)
-        .reduce(
-            || vec![[0u32; 4]; NOISE_BINS],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    for k in 0..4 {
-                        x[k] += y[k];
-                    }
-                }
-                a
-            },
-        );
+        .reduce(|| vec![[0u32; 4]; NOISE_BINS], add_counts);
     let of = |k: usize| -> Vec<u32> { hist.iter().map(|c| c[k]).collect() };
     let (mode, sigma) = mode_and_noise_of(&of(0));
     let stained = mode + 6.0 * sigma.max(1e-3);
@@ -283,6 +273,16 @@ pub(super) fn channel_weights(img: &RgbImage, bg: &Background, ln: &[f32; 256]) 
         return PLAIN;
     }
     weights.map(|v| v * total / kept)
+}
+
+/// Two parts' counters (four per bin) added up.
+fn add_counts(mut a: Vec<[u32; 4]>, b: Vec<[u32; 4]>) -> Vec<[u32; 4]> {
+    for (x, y) in a.iter_mut().zip(&b) {
+        for k in 0..4 {
+            x[k] += y[k];
+        }
+    }
+    a
 }
 
 /// The bins of [`mode_and_noise`]: 1/1024 wide.
@@ -374,17 +374,7 @@ pub(super) fn density_histogram(values: &[f32], bins: usize, scale: f32) -> Vec<
     let four = values
         .par_chunks(part_len)
         .fold(|| vec![[0u32; 4]; bins], part)
-        .reduce(
-            || vec![[0u32; 4]; bins],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    for k in 0..4 {
-                        x[k] += y[k];
-                    }
-                }
-                a
-            },
-        );
+        .reduce(|| vec![[0u32; 4]; bins], add_counts);
     four.iter().map(|c| c.iter().sum()).collect()
 }
 
