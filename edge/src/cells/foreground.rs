@@ -473,11 +473,13 @@ pub(super) fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
 pub(super) fn filter3(mask: &[u8], w: usize, erode: bool) -> Vec<u8> {
     let h = mask.len() / w;
     // One copy of the loops per filter: the pick inlines and the rows vectorise.
+    let mut out = vec![0u8; mask.len()];
     if erode {
-        filter3_rows(mask, 0, w, h, 0..h, u8::min)
+        filter3_rows(mask, 0, w, h, 0..h, u8::min, &mut out);
     } else {
-        filter3_rows(mask, 0, w, h, 0..h, u8::max)
+        filter3_rows(mask, 0, w, h, 0..h, u8::max, &mut out);
     }
+    out
 }
 
 /// The opening (3x3 erosion, then dilation, as [`filter3`] makes them) of the frame-sized
@@ -504,14 +506,16 @@ pub(super) fn opened_mask(
                 row_mask(y, row);
             }
             let (e0, e1) = (y0.saturating_sub(1), (y1 + 1).min(h));
-            let eroded = filter3_rows(&mask, m0, w, h, e0..e1, u8::min);
-            dst.copy_from_slice(&filter3_rows(&eroded, e0, w, h, y0..y1, u8::max));
+            let mut eroded = vec![0u8; (e1 - e0) * w];
+            filter3_rows(&mask, m0, w, h, e0..e1, u8::min, &mut eroded);
+            filter3_rows(&eroded, e0, w, h, y0..y1, u8::max, dst);
         });
     out
 }
 
-/// Rows `rows` of the 3x3 filter `pick` of a frame `h` rows high, from its rows `src_y0..`
-/// in `src` (those the output rows need: one above and below, inside the frame).
+/// Rows `rows` of the 3x3 filter `pick` of a frame `h` rows high into `out` (`rows.len()`
+/// rows), from its rows `src_y0..` in `src` (those the output rows need: one above and
+/// below, inside the frame).
 #[inline(always)]
 fn filter3_rows(
     src: &[u8],
@@ -520,11 +524,11 @@ fn filter3_rows(
     h: usize,
     rows: std::ops::Range<usize>,
     pick: impl Fn(u8, u8) -> u8 + Copy,
-) -> Vec<u8> {
+    out: &mut [u8],
+) {
     let row = |y: usize| &src[(y - src_y0) * w..(y - src_y0 + 1) * w];
-    let mut out = vec![0u8; rows.len() * w];
     let mut across = vec![0u8; w];
-    for (y, dst) in rows.clone().zip(out.chunks_exact_mut(w)) {
+    for (y, dst) in rows.zip(out.chunks_exact_mut(w)) {
         // Each pixel with the rows above and below (inside the frame), then with its left
         // and right neighbours (the frame's edge counts as neither).
         across.copy_from_slice(row(y));
@@ -547,7 +551,6 @@ fn filter3_rows(
             dst[w - 1] = pick(across[w - 1], across[w - 2]);
         }
     }
-    out
 }
 
 /// Fills the pallor of a cell whose stained rim is broken by gaps up to `2 x radius` pixels
