@@ -432,21 +432,19 @@ impl Blanking {
             v.clear();
             v.resize(s * s, 0);
         }
-        let mut any = 0u8;
+        // Each mask in a loop of its own, which vectorises (one loop writing both did not).
         for y in 0..s {
             let start = (top as usize + y) * w + left as usize;
             let ids = &owners.ids[start..start + s];
-            let (c, b) = (
-                &mut core[y * s..(y + 1) * s],
-                &mut background[y * s..(y + 1) * s],
-            );
-            for ((c, b), &o) in c.iter_mut().zip(b.iter_mut()).zip(ids) {
+            let row = y * s..(y + 1) * s;
+            for (b, &o) in background[row.clone()].iter_mut().zip(ids) {
                 *b = (o == OwnerMap::BACKGROUND) as u8;
+            }
+            for (c, &o) in core[row].iter_mut().zip(ids) {
                 *c = (o != OwnerMap::BACKGROUND && o != own) as u8;
-                any |= *c;
             }
         }
-        if any == 0 {
+        if !core.contains(&1) {
             return;
         }
         // The core dilated by a (2 rim + 1) square, rows then columns (clipped to the crop).

@@ -436,12 +436,21 @@ fn find_cells(
             let (labels, n) = split_blue_parts(img, &bg, obj, labels, n, cfg.split_blue, &ln);
             let (labels, n) = split_necks(obj, labels, n, typical_r, cfg.split_necks);
             let mut acc = vec![Acc::EMPTY; n];
+            // A basin's pixels run along the rows: each run added at once.
             for (ly, row) in labels.chunks_exact(obj.w).enumerate() {
                 let y = (obj.y0 + ly) as u32;
-                for (lx, &l) in row.iter().enumerate() {
+                let mut lx = 0;
+                while lx < row.len() {
+                    let l = row[lx];
+                    let end = row[lx..]
+                        .iter()
+                        .position(|&m| m != l)
+                        .map_or(row.len(), |k| lx + k);
                     if l != NONE {
-                        acc[l as usize].add((obj.x0 + lx) as u32, y, w, h);
+                        let x = obj.x0 as u32;
+                        acc[l as usize].add_run(x + lx as u32, x + end as u32, y, w, h);
                     }
+                    lx = end;
                 }
             }
             (labels, acc)
@@ -506,7 +515,7 @@ fn find_cells(
         .map(|(k, a)| {
             let cell = Cell {
                 bbox: [a.x0, a.y0, a.x1, a.y1],
-                center: ((a.sx / a.n as f64) as f32, (a.sy / a.n as f64) as f32),
+                center: a.centre(),
                 area: a.n,
             };
             (k, cell)

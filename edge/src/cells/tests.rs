@@ -1053,6 +1053,83 @@ fn components_from_runs_are_the_flood_fills_of_the_mask() {
 }
 
 #[test]
+fn runs_found_eight_bytes_at_a_time_are_the_runs_pixel_by_pixel() {
+    // Rows of every length up to 70 (words and a remainder), of bytes 0, 1, 127, 128 and 255
+    // in runs of random lengths, against the runs read pixel by pixel.
+    let mut next_u32 = lcg(5);
+    for round in 0..400 {
+        let len = round % 71;
+        let mut row = Vec::with_capacity(len);
+        while row.len() < len {
+            let v = [0u8, 1, 127, 128, 255][next_u32() as usize % 5];
+            let n = 1 + next_u32() as usize % [1, 3, 12][round % 3];
+            row.extend(std::iter::repeat_n(v, n.min(len - row.len())));
+        }
+        // The scan first, both ways (a wrong one could keep `push_runs` in place).
+        for foreground in [true, false] {
+            for from in 0..len {
+                let want = row[from..].iter().position(|&v| (v != 0) == foreground);
+                assert_eq!(watershed::first_byte(&row[from..], foreground), want);
+            }
+        }
+        for foreground in [true, false] {
+            let mut want = Vec::new();
+            let mut x = 0;
+            while x < len {
+                if (row[x] != 0) != foreground {
+                    x += 1;
+                    continue;
+                }
+                let x0 = x;
+                while x < len && (row[x] != 0) == foreground {
+                    x += 1;
+                }
+                want.push((x0 as u32, x as u32));
+            }
+            let mut got = Vec::new();
+            watershed::push_runs(&row, 3, foreground, &mut got);
+            assert!(got.iter().all(|r| r.y == 3));
+            let got: Vec<(u32, u32)> = got.iter().map(|r| (r.x0, r.x1)).collect();
+            assert_eq!(got, want, "{row:?}, foreground {foreground}");
+        }
+    }
+}
+
+#[test]
+fn a_row_of_pixels_adds_to_a_basin_as_its_pixels_one_by_one() {
+    // Runs anywhere in a frame (its edges included), against `add` of each pixel: the same
+    // box, area, border flag and centre.
+    let mut next_u32 = lcg(9);
+    let (w, h) = (97u32, 31u32);
+    for _ in 0..300 {
+        let (mut runs, mut pixels) = (Acc::EMPTY, Acc::EMPTY);
+        for _ in 0..1 + next_u32() % 6 {
+            let y = next_u32() % h;
+            let x0 = next_u32() % w;
+            let x1 = x0 + 1 + next_u32() % (w - x0);
+            runs.add_run(x0, x1, y, w, h);
+            for x in x0..x1 {
+                pixels.add(x, y, w, h);
+            }
+        }
+        let key = |a: &Acc| (a.x0, a.y0, a.x1, a.y1, a.sx, a.sy, a.n, a.border);
+        assert_eq!(key(&runs), key(&pixels));
+        assert_eq!(runs.centre(), pixels.centre());
+        // The centre as it was computed before: `x + 0.5` summed in f64 pixel by pixel.
+        let mut a = Acc::EMPTY;
+        let (mut sx, mut sy) = (0f64, 0f64);
+        for _ in 0..1 + next_u32() % 2000 {
+            let (x, y) = (next_u32() % 4000, next_u32() % 3000);
+            a.add(x, y, 4000, 3000);
+            sx += x as f64 + 0.5;
+            sy += y as f64 + 0.5;
+        }
+        let n = a.n as f64;
+        assert_eq!(a.centre(), ((sx / n) as f32, (sy / n) as f32));
+    }
+}
+
+#[test]
 fn density_histograms_count_each_value_in_its_bin() {
     // Against one bin per value computed the plain way: values below, inside and above the
     // range, on bin edges, NaN and infinities, and lengths that leave partial blocks.

@@ -172,21 +172,44 @@ pub(super) fn push_runs(row: &[u8], y: usize, foreground: bool, out: &mut Vec<Ru
     let w = row.len();
     let mut x = 0;
     while x < w {
-        match row[x..].iter().position(|&v| (v != 0) == foreground) {
+        match first_byte(&row[x..], foreground) {
             None => break,
             Some(a) => x += a,
         }
         let x0 = x;
-        x += row[x..]
-            .iter()
-            .position(|&v| (v != 0) != foreground)
-            .unwrap_or(w - x);
+        x += first_byte(&row[x..], !foreground).unwrap_or(w - x);
         out.push(Run {
             y: y as u32,
             x0: x0 as u32,
             x1: x as u32,
         });
     }
+}
+
+/// The index of the first byte of `bytes` that is not 0 (`nonzero`) or that is 0, eight
+/// bytes at a time.
+pub(super) fn first_byte(bytes: &[u8], nonzero: bool) -> Option<usize> {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let mut words = bytes.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let v = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        // Non-zero: the word's bytes as they are. Zero: the high bit of each byte that is 0
+        // (its low seven bits plus 0x7f carry into the high bit unless all are 0, and never
+        // into the next byte).
+        let hits = if nonzero {
+            v
+        } else {
+            !(((v & LOW7) + LOW7) | v | LOW7)
+        };
+        if hits != 0 {
+            // Little-endian: the lowest hit is the first byte.
+            return Some(at + hits.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    let rest = words.remainder().iter().position(|&v| (v != 0) == nonzero);
+    rest.map(|k| at + k)
 }
 
 /// Union-find over `runs` (row `y`'s runs are `rows[y]..rows[y + 1]`, in column order): each
