@@ -1130,6 +1130,107 @@ fn a_row_of_pixels_adds_to_a_basin_as_its_pixels_one_by_one() {
 }
 
 #[test]
+fn the_objects_are_the_objects_of_a_scan_of_the_whole_mask() {
+    // Rings (some broken, some with a dot or a blob inside, some touching) over speckled
+    // blobs, against the plain scan: a flood from each unvisited mask pixel in raster order,
+    // its object built, and every pixel of its filled window visited. The same objects in the
+    // same order, with and without closing the rims' gaps, with every hole filled or only
+    // small ones.
+    let mut next_u32 = lcg(23);
+    for round in 0..40 {
+        let (w, h) = (20 + next_u32() as usize % 60, 20 + next_u32() as usize % 50);
+        let mut mask = random_blobs(&mut next_u32, w, h, 2 + round % 4, 40, [0, 2, 6][round % 3]);
+        for _ in 0..1 + next_u32() % 5 {
+            let (cx, cy) = (
+                (next_u32() as usize % w) as f32,
+                (next_u32() as usize % h) as f32,
+            );
+            let outer = 5.0 + (next_u32() % 60) as f32 / 10.0;
+            let inner = outer - 1.5 - (next_u32() % 20) as f32 / 10.0;
+            let gap = next_u32() % 2 == 0;
+            let dot = next_u32() % 2 == 0;
+            // A bar from inside the ring out through its gap: partly inside the filled ring
+            // when the gap is closed.
+            let bar = gap && next_u32() % 2 == 0;
+            for y in 0..h {
+                for x in 0..w {
+                    let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+                    let d = (dx * dx + dy * dy).sqrt();
+                    let on_ring = d <= outer && d >= inner && !(gap && dx > 0.0 && dy.abs() < 2.5);
+                    let on_bar = bar && dy.abs() < 0.5 && dx >= 0.0 && dx <= outer + 4.0;
+                    if on_ring || on_bar || (dot && d <= 1.5) {
+                        mask[y * w + x] = 1;
+                    }
+                }
+            }
+        }
+        for close_gaps in [0, 2] {
+            for max_hole in [usize::MAX, 12, 40] {
+                let got = watershed::objects(&mask, w, close_gaps, max_hole);
+                let want = reference_objects(&mask, w, close_gaps, max_hole);
+                let key = |o: &watershed::Object| {
+                    (
+                        o.x0,
+                        o.y0,
+                        o.w,
+                        o.h,
+                        o.dt2.clone(),
+                        o.peak,
+                        o.largest_hole,
+                        o.area,
+                    )
+                };
+                let got: Vec<_> = got.iter().map(key).collect();
+                let want: Vec<_> = want.iter().map(key).collect();
+                assert_eq!(
+                    got, want,
+                    "round {round}, close_gaps {close_gaps}, max_hole {max_hole}"
+                );
+            }
+        }
+    }
+}
+
+/// The objects of `mask` as a scan alone finds them.
+fn reference_objects(
+    mask: &[u8],
+    w: usize,
+    close_gaps: u32,
+    max_hole: usize,
+) -> Vec<watershed::Object> {
+    let mut seen = vec![false; mask.len()];
+    let mut out = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] == 0 || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        let mut pixels = vec![((start % w) as u32, (start / w) as u32)];
+        watershed::spread(mask, w, &mut pixels, 0, |j| {
+            !std::mem::replace(&mut seen[j], true)
+        });
+        let runs: Vec<watershed::Run> = pixels
+            .iter()
+            .map(|&(x, y)| watershed::Run {
+                y,
+                x0: x,
+                x1: x + 1,
+            })
+            .collect();
+        let (obj, local) = watershed::build_object(&runs, mask, w, close_gaps, max_hole);
+        for ly in 0..obj.h {
+            for lx in 0..obj.w {
+                if local[ly * obj.w + lx] != 0 {
+                    seen[(obj.y0 + ly) * w + obj.x0 + lx] = true;
+                }
+            }
+        }
+        out.push(obj);
+    }
+    out
+}
+
+#[test]
 fn density_histograms_count_each_value_in_its_bin() {
     // Against one bin per value computed the plain way: values below, inside and above the
     // range, on bin edges, NaN and infinities, and lengths that leave partial blocks.

@@ -58,50 +58,65 @@ pub(super) fn objects(mask: &[u8], w: usize, close_gaps: u32, max_hole: usize) -
             comp[row + r.x0 as usize..row + r.x1 as usize].fill(id as u32);
         }
     }
-    let mut built: Vec<Option<(Object, Vec<u8>)>> =
-        built.into_iter().map(|(o, l, _)| Some((o, l))).collect();
-    // The scan.
+    let mut built: Vec<Option<(Object, Vec<u8>, bool)>> = built.into_iter().map(Some).collect();
+    // The scan: the mask's pixels in raster order (its runs row by row).
+    let mut raster = runs.clone();
+    raster.sort_unstable_by_key(|r| (r.y, r.x0));
     let mut seen = vec![false; mask.len()];
     // Components some earlier object's window filled into.
     let mut touched = vec![false; comps.len()];
     let mut scratch: Vec<(u32, u32)> = Vec::new();
     let mut scratch_runs: Vec<Run> = Vec::new();
     let mut out = Vec::new();
-    for start in 0..mask.len() {
-        if mask[start] == 0 || seen[start] {
-            continue;
-        }
-        let c = comp[start] as usize;
-        let (obj, local) = if !touched[c] {
-            // Untouched, its first pixel: the scan's flood from here is the component.
-            built[c].take().expect("each component is taken once")
-        } else {
-            seen[start] = true;
-            scratch.clear();
-            scratch.push(((start % w) as u32, (start / w) as u32));
-            spread(mask, w, &mut scratch, 0, |j| {
-                !std::mem::replace(&mut seen[j], true)
-            });
-            scratch_runs.clear();
-            scratch_runs.extend(scratch.iter().map(|&(x, y)| Run {
-                y,
-                x0: x,
-                x1: x + 1,
-            }));
-            build_object(&scratch_runs, mask, w, close_gaps, max_hole)
-        };
-        for ly in 0..obj.h {
-            for lx in 0..obj.w {
-                if local[ly * obj.w + lx] != 0 {
-                    let j = (obj.y0 + ly) * w + obj.x0 + lx;
-                    seen[j] = true;
-                    if mask[j] != 0 && comp[j] as usize != c {
-                        touched[comp[j] as usize] = true;
+    for run in &raster {
+        let row = run.y as usize * w;
+        for start in row + run.x0 as usize..row + run.x1 as usize {
+            if seen[start] {
+                continue;
+            }
+            let c = comp[start] as usize;
+            let (obj, local) = if !touched[c] {
+                // Untouched, its first pixel: the scan's flood from here is the component.
+                let (obj, local, reaches) = built[c].take().expect("each component is taken once");
+                if !reaches {
+                    // The only foreground in its window is its own: the scan sees its runs,
+                    // and no other component is touched.
+                    for r in &runs[comps[c].clone()] {
+                        let row = r.y as usize * w;
+                        seen[row + r.x0 as usize..row + r.x1 as usize].fill(true);
+                    }
+                    out.push(obj);
+                    continue;
+                }
+                (obj, local)
+            } else {
+                seen[start] = true;
+                scratch.clear();
+                scratch.push(((start % w) as u32, (start / w) as u32));
+                spread(mask, w, &mut scratch, 0, |j| {
+                    !std::mem::replace(&mut seen[j], true)
+                });
+                scratch_runs.clear();
+                scratch_runs.extend(scratch.iter().map(|&(x, y)| Run {
+                    y,
+                    x0: x,
+                    x1: x + 1,
+                }));
+                build_object(&scratch_runs, mask, w, close_gaps, max_hole)
+            };
+            for ly in 0..obj.h {
+                for lx in 0..obj.w {
+                    if local[ly * obj.w + lx] != 0 {
+                        let j = (obj.y0 + ly) * w + obj.x0 + lx;
+                        seen[j] = true;
+                        if mask[j] != 0 && comp[j] as usize != c {
+                            touched[comp[j] as usize] = true;
+                        }
                     }
                 }
             }
+            out.push(obj);
         }
-        out.push(obj);
     }
     out
 }
@@ -255,17 +270,23 @@ fn reaches_others(obj: &Object, local: &[u8], runs: &[Run], mask: &[u8], w: usiz
         let row = (r.y as usize - obj.y0) * obj.w;
         own[row + r.x0 as usize - obj.x0..row + r.x1 as usize - obj.x0].fill(true);
     }
+    // Row by row, each row whole (a loop that vectorises).
     (0..obj.h).any(|ly| {
-        (0..obj.w).any(|lx| {
-            let l = ly * obj.w + lx;
-            local[l] != 0 && !own[l] && mask[(obj.y0 + ly) * w + obj.x0 + lx] != 0
+        let l = ly * obj.w..(ly + 1) * obj.w;
+        let m = (obj.y0 + ly) * w + obj.x0;
+        let row = local[l.clone()]
+            .iter()
+            .zip(&own[l])
+            .zip(&mask[m..m + obj.w]);
+        row.fold(false, |a, ((&lo, &ow), &ma)| {
+            a | (lo != 0 && !ow && ma != 0)
         })
     })
 }
 
 /// Grows the object whose pixels from `pixels[from..]` on are known through the mask's
 /// 8-connected foreground: each neighbour `take` accepts joins it.
-fn spread(
+pub(super) fn spread(
     mask: &[u8],
     w: usize,
     pixels: &mut Vec<(u32, u32)>,
@@ -303,7 +324,7 @@ fn spread(
 /// The object of these runs of pixels: its window (the box grown by one pixel and by the closing's
 /// reach), its rims' gaps closed and holes filled, its distance transform; and its window's
 /// mask (1 on the object, holes filled).
-fn build_object(
+pub(super) fn build_object(
     runs: &[Run],
     mask: &[u8],
     w: usize,
