@@ -545,6 +545,38 @@ mod tests {
     }
 
     #[test]
+    fn each_value_is_scaled_and_shifted_into_its_plane() {
+        // Crops of 1 to 20 pixels a side (no resizing), against the formula per value, bit
+        // for bit.
+        let norm = Normalization {
+            mean: [0.3, 0.5, 0.7],
+            std: [0.2, 0.25, 0.3],
+        };
+        for size in 1..=20u32 {
+            let img = RgbImage::from_fn(size, size, |x, y| {
+                image::Rgb([
+                    (x * 37 + y * 11) as u8,
+                    (x * 5 + y * 91) as u8,
+                    (x * y) as u8,
+                ])
+            });
+            let out = preprocess(&img, size, &norm);
+            let plane = (size * size) as usize;
+            for (i, px) in img.pixels().enumerate() {
+                for c in 0..3 {
+                    let want =
+                        px[c] as f32 * (1.0 / (255.0 * norm.std[c])) - norm.mean[c] / norm.std[c];
+                    assert_eq!(
+                        out[c * plane + i].to_bits(),
+                        want.to_bits(),
+                        "{size}: pixel {i}, channel {c}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn crops_of_small_cells_keep_the_context_of_the_median_cell() {
         let img = RgbImage::new(200, 100);
         // Three 20 px cells and a 6 px one: the median side is 20.
