@@ -35,17 +35,10 @@ impl Acc {
 
     /// Adds pixel (`x`, `y`) of a `w` x `h` frame.
     pub(super) fn add(&mut self, x: u32, y: u32, w: u32, h: u32) {
-        self.x0 = self.x0.min(x);
-        self.y0 = self.y0.min(y);
-        self.x1 = self.x1.max(x + 1);
-        self.y1 = self.y1.max(y + 1);
-        self.sx += 2 * x as u64 + 1;
-        self.sy += 2 * y as u64 + 1;
-        self.n += 1;
-        self.border |= x == 0 || y == 0 || x == w - 1 || y == h - 1;
+        self.add_run(x, x + 1, y, w, h);
     }
 
-    /// Adds pixels `x0..x1` of row `y` of a `w` x `h` frame (`x0 < x1`): [`Acc::add`] of each.
+    /// Adds pixels `x0..x1` of row `y` of a `w` x `h` frame (`x0 < x1`).
     pub(super) fn add_run(&mut self, x0: u32, x1: u32, y: u32, w: u32, h: u32) {
         self.x0 = self.x0.min(x0);
         self.y0 = self.y0.min(y);
