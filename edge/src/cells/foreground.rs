@@ -291,6 +291,7 @@ const NOISE_SCALE: f32 = 1024.0;
 
 /// The mode of `values` (the background's density) and the noise around it: the median
 /// distance below the mode, as a normal's sigma (the upper side mixes with faint cell edges).
+#[cfg(test)]
 pub(super) fn mode_and_noise(values: &[f32]) -> (f32, f32) {
     mode_and_noise_of(&density_histogram(values, NOISE_BINS, NOISE_SCALE))
 }
@@ -433,25 +434,74 @@ pub(super) fn ln_table() -> [f32; 256] {
 }
 
 /// Thresholds `widths` noise widths above the background mode of the density (and at least
-/// `min_density` above it), one per entry of `widths`.
+/// `min_density` above it), one per entry of `widths`. With `pale`, the first one is lowered
+/// to [`cell_widths`] in a pale field.
 pub(super) fn density_thresholds<const N: usize>(
     od: &[f32],
     cfg: &CellFinderConfig,
-    widths: [f32; N],
+    mut widths: [f32; N],
+    pale: bool,
 ) -> [f32; N] {
-    let (m, sigma) = if cfg.median_noise {
-        mode_and_noise(od)
+    let (bins, scale) = if cfg.median_noise {
+        (NOISE_BINS, NOISE_SCALE)
     } else {
-        mode_and_half_width(od)
+        (HALF_WIDTH_BINS, HALF_WIDTH_SCALE)
     };
+    let hist = density_histogram(od, bins, scale);
+    let (m, sigma) = if cfg.median_noise {
+        mode_and_noise_of(&hist)
+    } else {
+        mode_and_half_width_of(&hist)
+    };
+    if let Some(first) = widths
+        .first_mut()
+        .filter(|_| pale && cfg.contrast_fraction > 0.0)
+    {
+        let stained = quantile_of(&hist, scale, STAINED_QUANTILE);
+        *first = cell_widths(m, sigma, stained, cfg);
+    }
     widths.map(|k| (m + k * sigma).max(m + cfg.min_density))
 }
 
-/// The background mode of the density histogram and the noise width from its lower half-width
-/// at half maximum (bins of 1/128: on a frame of 8-bit pixels, quantised).
-pub(super) fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
-    const SCALE: f32 = 128.0;
-    let hist = density_histogram(od, 1024, SCALE);
+/// The density's quantile that stands for its stained pixels (cells cover a fifth to two
+/// thirds of a field: its top twentieth lies inside them).
+pub(super) const STAINED_QUANTILE: f32 = 0.95;
+
+/// Noise widths of the cells' threshold for a density of background mode `m`, noise width
+/// `sigma` and stained level `stained`: `noise_widths`, or where the cells stand few noise
+/// widths above the background (a pale stain) `contrast_fraction` of their contrast, down to
+/// `min_widths` (`contrast_fraction` 0: always `noise_widths`). A threshold of many noise widths cuts a pale cell's rim into arcs and specks.
+pub(super) fn cell_widths(m: f32, sigma: f32, stained: f32, cfg: &CellFinderConfig) -> f32 {
+    let k = cfg.contrast_fraction * (stained - m) / sigma;
+    if cfg.contrast_fraction <= 0.0 || k.is_nan() {
+        return cfg.noise_widths;
+    }
+    k.clamp(cfg.min_widths.min(cfg.noise_widths), cfg.noise_widths)
+}
+
+/// The value below which a fraction `q` of the values counted in `hist` lie (bins of
+/// `1 / scale` from `-HIST_OFFSET`; the bin's middle).
+pub(super) fn quantile_of(hist: &[u32], scale: f32, q: f32) -> f32 {
+    let total: u64 = hist.iter().map(|&c| c as u64).sum();
+    let target = (q as f64 * total as f64).ceil() as u64;
+    let mut acc = 0u64;
+    let bin = hist
+        .iter()
+        .position(|&c| {
+            acc += c as u64;
+            acc >= target.max(1)
+        })
+        .unwrap_or(hist.len().saturating_sub(1));
+    (bin as f32 + 0.5) / scale - HIST_OFFSET
+}
+
+/// The bins of [`mode_and_half_width_of`]: 1/128 wide (on a frame of 8-bit pixels, quantised).
+const HALF_WIDTH_BINS: usize = 1024;
+const HALF_WIDTH_SCALE: f32 = 128.0;
+
+/// The background mode of the values counted in `hist` (`HALF_WIDTH_BINS` bins of
+/// `1 / HALF_WIDTH_SCALE`) and the noise width from its lower half-width at half maximum.
+fn mode_and_half_width_of(hist: &[u32]) -> (f32, f32) {
     let mode = hist
         .iter()
         .enumerate()
@@ -464,8 +514,8 @@ pub(super) fn mode_and_half_width(od: &[f32]) -> (f32, f32) {
         hw += 1;
     }
     (
-        (mode as f32 + 0.5) / SCALE - HIST_OFFSET,
-        hw as f32 / 1.1774 / SCALE,
+        (mode as f32 + 0.5) / HALF_WIDTH_SCALE - HIST_OFFSET,
+        hw as f32 / 1.1774 / HALF_WIDTH_SCALE,
     )
 }
 

@@ -64,6 +64,14 @@ pub struct CellFinderConfig {
     pub background_radii: f32,
     /// Threshold = background mode + this many noise widths (and at least `min_density`).
     pub noise_widths: f32,
+    /// In a pale field the cells stand few noise widths above the background, and a threshold
+    /// of `noise_widths` cuts their rims into arcs and specks (and the typical radius read from
+    /// them is a speck's). The threshold is then at most this fraction of the cells' contrast
+    /// (the density's 95th percentile over the background mode), down to `min_widths` noise
+    /// widths; 0 = always `noise_widths`.
+    pub contrast_fraction: f32,
+    /// The fewest noise widths `contrast_fraction` lowers the threshold to.
+    pub min_widths: f32,
     /// A background block darker than most of its neighbours by more than this (summed natural
     /// log over R, G, B) is taken as covered by a cell and takes its brightest neighbour's
     /// light; 0 = every block takes the brightest of its 3x3 neighbourhood.
@@ -142,6 +150,8 @@ impl Default for CellFinderConfig {
             background_block: 96,
             background_radii: 0.0,
             noise_widths: 6.0,
+            contrast_fraction: 0.0,
+            min_widths: 3.0,
             background_covered: 0.0,
             median_noise: false,
             skip_specks: false,
@@ -171,10 +181,11 @@ impl Default for CellFinderConfig {
 impl CellFinderConfig {
     /// The finder's settings for real smears (pale and strong stains, JPEG noise, overlapping
     /// cells, vignetting): channels weighed by contrast over noise, the density smoothed and
-    /// gated by each pixel's own, the noise width from the median deviation, rims' gaps closed,
-    /// enclosed background bigger than a pallor left open, clumps split, the typical radius
-    /// without specks, blocks of background 2.4 cell radii wide and taken from their neighbours
-    /// only when covered, specks under a twentieth of a cell dropped.
+    /// gated by each pixel's own, the noise width from the median deviation, the threshold
+    /// following the cells' contrast in a pale field, rims' gaps closed, enclosed background
+    /// bigger than a pallor left open, clumps split, the typical radius without specks, blocks
+    /// of background 2.4 cell radii wide and taken from their neighbours only when covered,
+    /// specks under a twentieth of a cell dropped.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
@@ -191,6 +202,8 @@ impl CellFinderConfig {
             smooth_min_radius: 15.0,
             split_dynamics: 0.1,
             min_cell_fraction: 0.05,
+            contrast_fraction: 0.35,
+            min_density: 0.05,
             ..CellFinderConfig::default()
         }
     }
@@ -370,7 +383,7 @@ fn find_cells(
         // Smoothed, a pixel must also stand out on its own (the gap between touching cells
         // stays open though its neighbours raise its mean).
         let gate = (smooth && cfg.raw_widths > 0.0).then(|| {
-            let [t] = density_thresholds(&raw, cfg, [cfg.raw_widths]);
+            let [t] = density_thresholds(&raw, cfg, [cfg.raw_widths], false);
             (raw.as_slice(), t)
         });
         let (t, t_grow, objs, r) = foreground(od, gate, wu, cfg, known_r);
@@ -549,7 +562,8 @@ fn foreground(
     cfg: &CellFinderConfig,
     known_r: Option<f32>,
 ) -> (f32, f32, Vec<Object>, Option<f32>) {
-    let [t, t_grow] = density_thresholds(od, cfg, [cfg.noise_widths, cfg.grow_widths]);
+    let widths = [cfg.noise_widths, cfg.grow_widths];
+    let [t, t_grow] = density_thresholds(od, cfg, widths, true);
     // The mask opened with a 3x3 square (specks and one-pixel bridges removed).
     let h = od.len() / w;
     let mask = match gate {

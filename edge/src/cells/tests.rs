@@ -1776,3 +1776,45 @@ fn at_the_device_scale_the_real_smear_finder_finds_the_cells_its_first_look_find
         recall[0]
     );
 }
+
+#[test]
+fn the_threshold_follows_the_contrast_of_pale_cells_only() {
+    let cfg = CellFinderConfig::real_smear();
+    let widths = |stained: f32| foreground::cell_widths(0.02, 0.02, stained, &cfg);
+    // Strong cells (contrast 0.6, 30 noise widths): six noise widths, as without the rule.
+    assert_eq!(widths(0.62), cfg.noise_widths);
+    // Pale cells (contrast 0.2, 10 noise widths): a threshold at 0.35 of their contrast.
+    assert!((widths(0.22) - 3.5).abs() < 1e-4, "{}", widths(0.22));
+    // Never under `min_widths` (noise), nor a number when there is no noise to measure.
+    assert_eq!(widths(0.05), cfg.min_widths);
+    assert_eq!(
+        foreground::cell_widths(0.0, 0.0, 0.0, &cfg),
+        cfg.noise_widths
+    );
+    // Off: always `noise_widths`.
+    let off = CellFinderConfig {
+        contrast_fraction: 0.0,
+        ..cfg.clone()
+    };
+    assert_eq!(
+        foreground::cell_widths(0.02, 0.02, 0.22, &off),
+        off.noise_widths
+    );
+}
+
+#[test]
+fn a_quantile_of_a_histogram_is_the_bin_it_falls_in() {
+    // Bins of 1/4 from -2: ten values in bin 10 (0.5..0.75), ninety in bin 2 (-1.5..-1.25).
+    let mut hist = vec![0u32; 16];
+    hist[2] = 90;
+    hist[10] = 10;
+    let at = |q: f32| foreground::quantile_of(&hist, 4.0, q);
+    assert_eq!(at(0.5), -1.375);
+    assert_eq!(at(0.9), -1.375);
+    assert_eq!(at(0.91), 0.625);
+    assert_eq!(at(0.95), 0.625);
+    assert_eq!(
+        foreground::quantile_of(&[0; 8], 4.0, 0.95),
+        -2.0 + 7.5 / 4.0
+    );
+}

@@ -35,6 +35,10 @@ pub struct QualityArgs {
     /// Rescale each field by these factors (simulated magnifications), comma-separated.
     #[arg(long, default_value = "1")]
     pub scales: String,
+    /// Scale each field's stain by these factors (0.5: each pixel's optical density against
+    /// the field's background halved, a paler smear), comma-separated.
+    #[arg(long, default_value = "1")]
+    pub stains: String,
     /// Synthetic fields per acquisition source (0 = none).
     #[arg(long, default_value_t = 0)]
     pub synthetic: u64,
@@ -55,15 +59,21 @@ pub struct QualityArgs {
 /// scale and/or on the synthetic sources; one row (or JSON line) per set.
 pub fn command(args: &QualityArgs) -> Result<()> {
     let cfg = args.finder.config()?;
-    let scales = args
-        .scales
-        .split(',')
-        .map(|s| s.trim().parse::<f32>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| Error::Usage(format!("--scales {}: comma-separated numbers", args.scales)))?;
-    if let Some(&bad) = scales.iter().find(|&&s| !(s > 0.0 && s <= 8.0)) {
-        return Err(Error::Usage(format!("--scales: {bad} is not in (0, 8]")));
-    }
+    let factors = |flag: &str, list: &str, max: f32| -> Result<Vec<f32>> {
+        let v = list
+            .split(',')
+            .map(|s| s.trim().parse::<f32>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Error::Usage(format!("--{flag} {list}: comma-separated numbers")))?;
+        match v.iter().find(|&&s| !(s > 0.0 && s <= max)) {
+            Some(bad) => Err(Error::Usage(format!(
+                "--{flag}: {bad} is not in (0, {max}]"
+            ))),
+            None => Ok(v),
+        }
+    };
+    let scales = factors("scales", &args.scales, 8.0)?;
+    let stains = factors("stains", &args.stains, 4.0)?;
     if args.points.is_none() && args.synthetic == 0 {
         return Err(Error::Usage(
             "nothing to score: give --points DIR and/or --synthetic N".into(),
@@ -74,19 +84,22 @@ pub fn command(args: &QualityArgs) -> Result<()> {
     }
     let mut rows: Vec<(String, Summary, Vec<FieldScore>)> = Vec::new();
     if let Some(dir) = &args.points {
-        for &scale in &scales {
-            let scores = score_point_set(
-                dir,
-                args.fields,
-                scale,
-                args.classes,
-                &cfg,
-                args.overlays.as_deref(),
-                |d, n| eprint!("\rscale {scale}: {d}/{n} fields"),
-            )?;
-            eprintln!();
-            let name = format!("{} x{scale}", dir.display());
-            rows.push((name, Summary::of(&scores), scores));
+        for &stain in &stains {
+            for &scale in &scales {
+                let look = Look { scale, stain };
+                let scores = score_point_set(
+                    dir,
+                    args.fields,
+                    look,
+                    args.classes,
+                    &cfg,
+                    args.overlays.as_deref(),
+                    |d, n| eprint!("\r{}: {d}/{n} fields", look.name()),
+                )?;
+                eprintln!();
+                let name = format!("{} {}", dir.display(), look.name());
+                rows.push((name, Summary::of(&scores), scores));
+            }
         }
     }
     if args.synthetic > 0 {
@@ -427,7 +440,7 @@ impl Fields {
 pub fn score_point_set(
     dir: &Path,
     which: Fields,
-    scale: f32,
+    look: Look,
     classes: usize,
     cfg: &CellFinderConfig,
     overlays: Option<&Path>,
@@ -441,7 +454,7 @@ pub fn score_point_set(
     for (k, f) in fields.iter().enumerate() {
         let img = labelled::open_image(&f.image)?;
         let points = f.points(img.width(), img.height(), classes)?;
-        let (img, points) = rescale(img, &points, scale);
+        let (img, points) = rescale(restain(img, look.stain), &points, look.scale);
         let t = Instant::now();
         let (found, owners) = find_all(&img, cfg);
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -450,7 +463,7 @@ pub fn score_point_set(
             &f.name, w, h, &found, &owners, &points, ms,
         ));
         if let Some(dir) = overlays {
-            let path = dir.join(format!("{}_x{scale}.png", f.name));
+            let path = dir.join(format!("{}_{}.png", f.name, look.name().replace(' ', "_")));
             draw_detections(&img, &found, &owners, &points)
                 .save(&path)
                 .map_err(|e| LabelError::Image {
@@ -461,6 +474,69 @@ pub fn score_point_set(
         progress(k + 1, fields.len());
     }
     Ok(out)
+}
+
+/// How a field is shown to the finder: rescaled (a simulated magnification) and its stain
+/// made paler or stronger.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Look {
+    /// Factor on the field's size (1 = as it is).
+    pub scale: f32,
+    /// Factor on each pixel's optical density against the field's background (1 = as it is).
+    pub stain: f32,
+}
+
+impl Look {
+    /// The field as it is.
+    pub const AS_IS: Look = Look {
+        scale: 1.0,
+        stain: 1.0,
+    };
+
+    /// `x2`, or `x2 stain 0.5` when the stain is changed.
+    pub fn name(&self) -> String {
+        match self.stain {
+            s if (s - 1.0).abs() < 1e-6 => format!("x{}", self.scale),
+            s => format!("x{} stain {s}", self.scale),
+        }
+    }
+}
+
+/// `img` with its stain `stain` times as strong (1 = unchanged): each pixel's optical density
+/// against the field's background light (each channel's 95th percentile) scaled, as a paler
+/// (`stain` < 1) or stronger smear of the same field would read.
+pub fn restain(mut img: RgbImage, stain: f32) -> RgbImage {
+    if (stain - 1.0).abs() < 1e-6 {
+        return img;
+    }
+    let mut hist = [[0u32; 256]; 3];
+    for px in img.pixels() {
+        for c in 0..3 {
+            hist[c][px[c] as usize] += 1;
+        }
+    }
+    let n = img.width() as u64 * img.height() as u64;
+    let luts: [[u8; 256]; 3] = std::array::from_fn(|c| {
+        let mut acc = 0u64;
+        let bg = hist[c]
+            .iter()
+            .position(|&k| {
+                acc += k as u64;
+                20 * acc >= 19 * n
+            })
+            .unwrap_or(255)
+            .max(1) as f32;
+        std::array::from_fn(|v| {
+            let v = (v.max(1) as f32 / bg).powf(stain) * bg;
+            v.round().clamp(0.0, 255.0) as u8
+        })
+    });
+    for px in img.pixels_mut() {
+        for c in 0..3 {
+            px[c] = luts[c][px[c] as usize];
+        }
+    }
+    img
 }
 
 /// `img` and the centres of `points` rescaled by `scale` (1 = unchanged).
