@@ -145,3 +145,33 @@ fn finds_them_in_a_paler_stain() {
         fixed.interior_recall
     );
 }
+
+#[test]
+fn finds_them_under_light_falling_off_to_the_corners() {
+    // The corners get half the centre's light (a camera whose optics vignette).
+    let dim = Look {
+        vignette: 0.5,
+        ..Look::AS_IS
+    };
+    let s = summary_of(&CellFinderConfig::real_smear(), dim);
+    assert!(
+        s.interior_recall >= 0.95,
+        "interior recall with the corners at half light {}",
+        s.interior_recall
+    );
+    // A block 0.2 darker than its neighbours taken as covered by a cell: towards the corners
+    // every block is, the background there is its brighter neighbours', and whole corners
+    // read as stain.
+    let strict = summary_of(
+        &CellFinderConfig {
+            background_covered: 0.2,
+            ..CellFinderConfig::real_smear()
+        },
+        dim,
+    );
+    assert!(
+        strict.interior_recall < s.interior_recall - 0.3,
+        "{} with blocks 0.2 darker taken as covered",
+        strict.interior_recall
+    );
+}

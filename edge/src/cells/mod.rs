@@ -74,7 +74,9 @@ pub struct CellFinderConfig {
     pub min_widths: f32,
     /// A background block darker than most of its neighbours by more than this (summed natural
     /// log over R, G, B) is taken as covered by a cell and takes its brightest neighbour's
-    /// light; 0 = every block takes the brightest of its 3x3 neighbourhood.
+    /// light; 0 = every block takes the brightest of its 3x3 neighbourhood. Vignetting darkens
+    /// the blocks towards the corners too, each step a little: at 0.2 a field whose corners
+    /// get half the light of its centre read its corners as covered.
     pub background_covered: f32,
     /// Noise width from the median deviation below the background mode (else from the
     /// half-width at half maximum of a coarse histogram, which 8-bit steps quantise).
@@ -184,13 +186,14 @@ impl CellFinderConfig {
     /// gated by each pixel's own, the noise width from the median deviation, the threshold
     /// following the cells' contrast in a pale field, rims' gaps closed, enclosed background
     /// bigger than a pallor left open, clumps split, the typical radius without specks, blocks
-    /// of background 2.4 cell radii wide and taken from their neighbours only when covered,
+    /// of background 2.4 cell radii wide and taken from their neighbours only when covered by
+    /// something dark,
     /// specks under a twentieth of a cell dropped.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
         CellFinderConfig {
-            background_covered: 0.2,
+            background_covered: 1.0,
             background_radii: 2.4,
             median_noise: true,
             skip_specks: true,

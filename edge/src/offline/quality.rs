@@ -39,6 +39,10 @@ pub struct QualityArgs {
     /// the field's background halved, a paler smear), comma-separated.
     #[arg(long, default_value = "1")]
     pub stains: String,
+    /// Darken each field towards its corners by these fractions (0.3: the corners get 70% of
+    /// the centre's light, falling off with the square of the distance), comma-separated.
+    #[arg(long, default_value = "0")]
+    pub vignettes: String,
     /// Synthetic fields per acquisition source (0 = none).
     #[arg(long, default_value_t = 0)]
     pub synthetic: u64,
@@ -59,21 +63,24 @@ pub struct QualityArgs {
 /// scale and/or on the synthetic sources; one row (or JSON line) per set.
 pub fn command(args: &QualityArgs) -> Result<()> {
     let cfg = args.finder.config()?;
-    let factors = |flag: &str, list: &str, max: f32| -> Result<Vec<f32>> {
+    // A comma-separated list of numbers, each inside `range` (a half-open or closed interval:
+    // `(0, 8]`).
+    let factors = |flag: &str, list: &str, range: &str, ok: fn(f32) -> bool| -> Result<Vec<f32>> {
         let v = list
             .split(',')
             .map(|s| s.trim().parse::<f32>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| Error::Usage(format!("--{flag} {list}: comma-separated numbers")))?;
-        match v.iter().find(|&&s| !(s > 0.0 && s <= max)) {
-            Some(bad) => Err(Error::Usage(format!(
-                "--{flag}: {bad} is not in (0, {max}]"
-            ))),
+        match v.iter().find(|&&s| !ok(s)) {
+            Some(bad) => Err(Error::Usage(format!("--{flag}: {bad} is not in {range}"))),
             None => Ok(v),
         }
     };
-    let scales = factors("scales", &args.scales, 8.0)?;
-    let stains = factors("stains", &args.stains, 4.0)?;
+    let scales = factors("scales", &args.scales, "(0, 8]", |s| s > 0.0 && s <= 8.0)?;
+    let stains = factors("stains", &args.stains, "(0, 4]", |s| s > 0.0 && s <= 4.0)?;
+    let vignettes = factors("vignettes", &args.vignettes, "[0, 0.9]", |s| {
+        (0.0..=0.9).contains(&s)
+    })?;
     if args.points.is_none() && args.synthetic == 0 {
         return Err(Error::Usage(
             "nothing to score: give --points DIR and/or --synthetic N".into(),
@@ -84,22 +91,31 @@ pub fn command(args: &QualityArgs) -> Result<()> {
     }
     let mut rows: Vec<(String, Summary, Vec<FieldScore>)> = Vec::new();
     if let Some(dir) = &args.points {
-        for &stain in &stains {
-            for &scale in &scales {
-                let look = Look { scale, stain };
-                let scores = score_point_set(
-                    dir,
-                    args.fields,
-                    look,
-                    args.classes,
-                    &cfg,
-                    args.overlays.as_deref(),
-                    |d, n| eprint!("\r{}: {d}/{n} fields", look.name()),
-                )?;
-                eprintln!();
-                let name = format!("{} {}", dir.display(), look.name());
-                rows.push((name, Summary::of(&scores), scores));
+        let mut looks = Vec::new();
+        for &vignette in &vignettes {
+            for &stain in &stains {
+                for &scale in &scales {
+                    looks.push(Look {
+                        scale,
+                        stain,
+                        vignette,
+                    });
+                }
             }
+        }
+        for look in looks {
+            let scores = score_point_set(
+                dir,
+                args.fields,
+                look,
+                args.classes,
+                &cfg,
+                args.overlays.as_deref(),
+                |d, n| eprint!("\r{}: {d}/{n} fields", look.name()),
+            )?;
+            eprintln!();
+            let name = format!("{} {}", dir.display(), look.name());
+            rows.push((name, Summary::of(&scores), scores));
         }
     }
     if args.synthetic > 0 {
@@ -454,7 +470,8 @@ pub fn score_point_set(
     for (k, f) in fields.iter().enumerate() {
         let img = labelled::open_image(&f.image)?;
         let points = f.points(img.width(), img.height(), classes)?;
-        let (img, points) = rescale(restain(img, look.stain), &points, look.scale);
+        let img = vignette(restain(img, look.stain), look.vignette);
+        let (img, points) = rescale(img, &points, look.scale);
         let t = Instant::now();
         let (found, owners) = find_all(&img, cfg);
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -476,14 +493,16 @@ pub fn score_point_set(
     Ok(out)
 }
 
-/// How a field is shown to the finder: rescaled (a simulated magnification) and its stain
-/// made paler or stronger.
+/// How a field is shown to the finder: rescaled (a simulated magnification), its stain made
+/// paler or stronger, its light falling off towards the corners.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Look {
     /// Factor on the field's size (1 = as it is).
     pub scale: f32,
     /// Factor on each pixel's optical density against the field's background (1 = as it is).
     pub stain: f32,
+    /// Light lost at the corners (0 = as it is; see [`vignette`]).
+    pub vignette: f32,
 }
 
 impl Look {
@@ -491,14 +510,19 @@ impl Look {
     pub const AS_IS: Look = Look {
         scale: 1.0,
         stain: 1.0,
+        vignette: 0.0,
     };
 
-    /// `x2`, or `x2 stain 0.5` when the stain is changed.
+    /// `x2`, with ` stain 0.5` and ` vignette 0.3` when they are changed.
     pub fn name(&self) -> String {
-        match self.stain {
-            s if (s - 1.0).abs() < 1e-6 => format!("x{}", self.scale),
-            s => format!("x{} stain {s}", self.scale),
+        let mut name = format!("x{}", self.scale);
+        if (self.stain - 1.0).abs() > 1e-6 {
+            name += &format!(" stain {}", self.stain);
         }
+        if self.vignette != 0.0 {
+            name += &format!(" vignette {}", self.vignette);
+        }
+        name
     }
 }
 
@@ -534,6 +558,27 @@ pub fn restain(mut img: RgbImage, stain: f32) -> RgbImage {
     for px in img.pixels_mut() {
         for c in 0..3 {
             px[c] = luts[c][px[c] as usize];
+        }
+    }
+    img
+}
+
+/// `img` darkened towards its corners: each pixel times `1 - loss * d^2`, `d` its distance
+/// from the centre over the corners' (0 = unchanged), as a camera whose optics vignette sees it.
+pub fn vignette(mut img: RgbImage, loss: f32) -> RgbImage {
+    if loss == 0.0 {
+        return img;
+    }
+    let (cx, cy) = (
+        (img.width() as f32 - 1.0) / 2.0,
+        (img.height() as f32 - 1.0) / 2.0,
+    );
+    let corner = (cx * cx + cy * cy).max(1.0);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let d2 = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)) / corner;
+        let gain = 1.0 - loss * d2;
+        for c in 0..3 {
+            px[c] = (px[c] as f32 * gain).round().clamp(0.0, 255.0) as u8;
         }
     }
     img
