@@ -434,13 +434,14 @@ pub(super) fn ln_table() -> [f32; 256] {
 }
 
 /// Thresholds `widths` noise widths above the background mode of the density (and at least
-/// `min_density` above it), one per entry of `widths`. With `pale`, the first one is lowered
-/// to [`cell_widths`] in a pale field.
+/// `min_density` above it), one per entry of `widths`. In a pale field (with
+/// `contrast_fraction`) the least density above the mode is [`cell_floor`], and with
+/// `lower_first` the first width is [`cell_widths`].
 pub(super) fn density_thresholds<const N: usize>(
     od: &[f32],
     cfg: &CellFinderConfig,
     mut widths: [f32; N],
-    pale: bool,
+    lower_first: bool,
 ) -> [f32; N] {
     let (bins, scale) = if cfg.median_noise {
         (NOISE_BINS, NOISE_SCALE)
@@ -453,14 +454,26 @@ pub(super) fn density_thresholds<const N: usize>(
     } else {
         mode_and_half_width_of(&hist)
     };
-    if let Some(first) = widths
-        .first_mut()
-        .filter(|_| pale && cfg.contrast_fraction > 0.0)
-    {
+    let mut floor = cfg.min_density;
+    if cfg.contrast_fraction > 0.0 {
         let stained = quantile_of(&hist, scale, STAINED_QUANTILE);
-        *first = cell_widths(m, sigma, stained, cfg);
+        floor = cell_floor(m, stained, cfg);
+        if let Some(first) = widths.first_mut().filter(|_| lower_first) {
+            *first = cell_widths(m, sigma, stained, cfg);
+        }
     }
-    widths.map(|k| (m + k * sigma).max(m + cfg.min_density))
+    widths.map(|k| (m + k * sigma).max(m + floor))
+}
+
+/// The least density above the background mode `m` counted as stained, for a stained level
+/// `stained`: `min_density`, or in a pale field `contrast_fraction` of the cells' contrast
+/// (a floor of 0.1 would cut a cell of contrast 0.2 down to its rim).
+pub(super) fn cell_floor(m: f32, stained: f32, cfg: &CellFinderConfig) -> f32 {
+    let own = cfg.contrast_fraction * (stained - m);
+    if cfg.contrast_fraction <= 0.0 || own.is_nan() {
+        return cfg.min_density;
+    }
+    own.clamp(0.0, cfg.min_density)
 }
 
 /// The density's quantile that stands for its stained pixels (cells cover a fifth to two

@@ -65,10 +65,11 @@ pub struct CellFinderConfig {
     /// Threshold = background mode + this many noise widths (and at least `min_density`).
     pub noise_widths: f32,
     /// In a pale field the cells stand few noise widths above the background, and a threshold
-    /// of `noise_widths` cuts their rims into arcs and specks (and the typical radius read from
-    /// them is a speck's). The threshold is then at most this fraction of the cells' contrast
-    /// (the density's 95th percentile over the background mode), down to `min_widths` noise
-    /// widths; 0 = always `noise_widths`.
+    /// of `noise_widths` (or `min_density`) cuts their rims into arcs and specks (and the
+    /// typical radius read from them is a speck's). The threshold is then at most this
+    /// fraction of the cells' contrast (the density's 95th percentile over the background
+    /// mode), down to `min_widths` noise widths, and so is the floor `min_density`; 0 = always
+    /// `noise_widths` and `min_density`.
     pub contrast_fraction: f32,
     /// The fewest noise widths `contrast_fraction` lowers the threshold to.
     pub min_widths: f32,
@@ -206,7 +207,6 @@ impl CellFinderConfig {
             split_dynamics: 0.1,
             min_cell_fraction: 0.05,
             contrast_fraction: 0.35,
-            min_density: 0.05,
             ..CellFinderConfig::default()
         }
     }

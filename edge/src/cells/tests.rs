@@ -1800,6 +1800,11 @@ fn the_threshold_follows_the_contrast_of_pale_cells_only() {
         foreground::cell_widths(0.02, 0.02, 0.22, &off),
         off.noise_widths
     );
+    // The floor: `min_density` for strong cells, a fraction of a pale cell's contrast.
+    assert_eq!(foreground::cell_floor(0.02, 0.62, &cfg), cfg.min_density);
+    assert!((foreground::cell_floor(0.02, 0.22, &cfg) - 0.07).abs() < 1e-6);
+    assert_eq!(foreground::cell_floor(0.02, 0.0, &cfg), 0.0);
+    assert_eq!(foreground::cell_floor(0.02, 0.22, &off), off.min_density);
 }
 
 #[test]
