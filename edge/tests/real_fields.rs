@@ -115,63 +115,56 @@ fn a_known_pixel_size_gives_the_cell_size() {
     );
 }
 
+/// Interior recall of the real-smear profile on the sample fields seen as `look`, which must
+/// reach `least`, and of the profile with one setting undone, which must fall more than
+/// `margin` below it.
+fn holds_where_the_old_setting_fails(look: Look, least: f64, old: CellFinderConfig, margin: f64) {
+    let now = summary_of(&CellFinderConfig::real_smear(), look).interior_recall;
+    assert!(now >= least, "interior recall {now} as {}", look.name());
+    let before = summary_of(&old, look).interior_recall;
+    assert!(
+        before < now - margin,
+        "{before} with the old setting against {now}, as {}",
+        look.name()
+    );
+}
+
 #[test]
 fn finds_them_in_a_paler_stain() {
     // The same fields with each pixel's optical density halved (a smear stained half as
-    // strongly; field 34 is pale already).
-    let pale = Look {
-        stain: 0.5,
-        ..Look::AS_IS
-    };
-    let s = summary_of(&CellFinderConfig::real_smear(), pale);
-    assert!(
-        s.interior_recall >= 0.95,
-        "interior recall in a paler stain {}",
-        s.interior_recall
-    );
-    // A threshold of six noise widths whatever the cells' contrast (and at least 0.1) cuts
-    // the pale cells' rims into specks, and the typical radius read from them is a speck's.
-    let fixed = summary_of(
-        &CellFinderConfig {
+    // strongly; field 34 is pale already). A threshold of six noise widths whatever the
+    // cells' contrast (and at least 0.1) cuts the pale cells' rims into specks, and the
+    // typical radius read from them is a speck's.
+    holds_where_the_old_setting_fails(
+        Look {
+            stain: 0.5,
+            ..Look::AS_IS
+        },
+        0.95,
+        CellFinderConfig {
             contrast_fraction: 0.0,
-            min_density: 0.1,
             ..CellFinderConfig::real_smear()
         },
-        pale,
-    );
-    assert!(
-        fixed.interior_recall < s.interior_recall - 0.05,
-        "{} with the threshold at six noise widths",
-        fixed.interior_recall
+        0.05,
     );
 }
 
 #[test]
 fn finds_them_under_light_falling_off_to_the_corners() {
-    // The corners get half the centre's light (a camera whose optics vignette).
-    let dim = Look {
-        vignette: 0.5,
-        ..Look::AS_IS
-    };
-    let s = summary_of(&CellFinderConfig::real_smear(), dim);
-    assert!(
-        s.interior_recall >= 0.95,
-        "interior recall with the corners at half light {}",
-        s.interior_recall
-    );
-    // A block 0.2 darker than its neighbours taken as covered by a cell: towards the corners
-    // every block is, the background there is its brighter neighbours', and whole corners
-    // read as stain.
-    let strict = summary_of(
-        &CellFinderConfig {
+    // The corners get half the centre's light (a camera whose optics vignette). With a block
+    // 0.2 darker than its neighbours taken as covered by a cell, towards the corners every
+    // block is, the background there is its brighter neighbours', and whole corners read as
+    // stain.
+    holds_where_the_old_setting_fails(
+        Look {
+            vignette: 0.5,
+            ..Look::AS_IS
+        },
+        0.95,
+        CellFinderConfig {
             background_covered: 0.2,
             ..CellFinderConfig::real_smear()
         },
-        dim,
-    );
-    assert!(
-        strict.interior_recall < s.interior_recall - 0.3,
-        "{} with blocks 0.2 darker taken as covered",
-        strict.interior_recall
+        0.3,
     );
 }
