@@ -483,7 +483,8 @@ pub(super) const STAINED_QUANTILE: f32 = 0.95;
 /// Noise widths of the cells' threshold for a density of background mode `m`, noise width
 /// `sigma` and stained level `stained`: `noise_widths`, or where the cells stand few noise
 /// widths above the background (a pale stain) `contrast_fraction` of their contrast, down to
-/// `min_widths` (`contrast_fraction` 0: always `noise_widths`). A threshold of many noise widths cuts a pale cell's rim into arcs and specks.
+/// `min_widths` (`contrast_fraction` 0: always `noise_widths`). A threshold of many noise
+/// widths cuts a pale cell's rim into arcs and specks.
 pub(super) fn cell_widths(m: f32, sigma: f32, stained: f32, cfg: &CellFinderConfig) -> f32 {
     let k = cfg.contrast_fraction * (stained - m) / sigma;
     if cfg.contrast_fraction <= 0.0 || k.is_nan() {

@@ -700,4 +700,38 @@ mod tests {
         assert_eq!(s.dense_off, 1);
         assert_eq!(s.interior_recall, 1.0);
     }
+
+    #[test]
+    fn a_paler_stain_scales_each_pixels_density_against_the_background() {
+        // Background 200 (most of the field), a cell at 50 (density ln 4 in each channel).
+        let img = RgbImage::from_fn(40, 40, |x, _| {
+            if x < 4 {
+                image::Rgb([50, 50, 50])
+            } else {
+                image::Rgb([200, 200, 200])
+            }
+        });
+        assert_eq!(restain(img.clone(), 1.0), img);
+        let pale = restain(img.clone(), 0.5);
+        // Half the density: 200 / 2 = 100; the background stays.
+        assert_eq!(pale.get_pixel(0, 0).0, [100, 100, 100]);
+        assert_eq!(pale.get_pixel(20, 0).0, [200, 200, 200]);
+        let strong = restain(img, 1.5);
+        assert_eq!(strong.get_pixel(0, 0).0, [25, 25, 25]);
+    }
+
+    #[test]
+    fn a_vignette_darkens_the_corners_by_its_loss_and_spares_the_centre() {
+        let img = RgbImage::from_pixel(41, 31, image::Rgb([200, 100, 50]));
+        assert_eq!(vignette(img.clone(), 0.0), img);
+        let dim = vignette(img, 0.3);
+        assert_eq!(dim.get_pixel(20, 15).0, [200, 100, 50]);
+        assert_eq!(dim.get_pixel(0, 0).0, [140, 70, 35]);
+        assert_eq!(dim.get_pixel(40, 30).0, [140, 70, 35]);
+        // Ten pixels right of the centre, 25 from the corners: 100 / 625 of the loss.
+        assert_eq!(
+            dim.get_pixel(30, 15).0[0],
+            200 - (200.0f32 * 0.3 * 100.0 / 625.0).round() as u8
+        );
+    }
 }
