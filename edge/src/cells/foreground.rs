@@ -179,6 +179,95 @@ pub(super) fn optical_density(
     od
 }
 
+/// The least optical density (natural log of the background's light over the pixel's) an
+/// opaque pixel has in every channel ([`clear_opaque`]): under 37% of the background's light.
+pub(super) const OPAQUE_DENSITY: f32 = 0.5;
+
+/// The density [`clear_opaque`] gives opaque pixels: below any cell's and any background's,
+/// in the bottom bin of [`density_histogram`], which [`density_thresholds`] then leaves out.
+pub(super) const OPAQUE: f32 = -2.0 * HIST_OFFSET;
+
+/// Sets the density `od` (from [`optical_density`] with `weights`) of opaque grey pixels to
+/// [`OPAQUE`]:
+/// at least [`OPAQUE_DENSITY`] in every channel against their block's background, the least
+/// channel's density at least `ratio` of the greatest's. A stained cell absorbs green far more
+/// than red (eosin, haemoglobin), a white cell's nucleus red far more than blue; what is as dark
+/// in every channel is opaque: an eyepiece pointer, a scale bar and its legend, dirt. Only
+/// pixels whose weighted density could be that high are looked at (few, on a smear).
+pub(super) fn clear_opaque(
+    od: &mut [f32],
+    img: &RgbImage,
+    bg: &Background,
+    ln: &[f32; 256],
+    weights: [f32; 3],
+    ratio: f32,
+) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    // An opaque pixel's weighted density against the interpolated background, with a fifth
+    // of slack for the blocks' differences from it.
+    let least = 0.8 * OPAQUE_DENSITY * (weights[0] + weights[1] + weights[2]);
+    let block = bg.block as usize;
+    let shared: &[f32] = od;
+    let opaque: Vec<(usize, usize)> = shared
+        .par_chunks_exact(w)
+        .zip(img.as_raw().par_chunks_exact(3 * w))
+        .enumerate()
+        .flat_map_iter(|(y, (row_od, row))| {
+            let blocks = bg.row(y);
+            row_od
+                .iter()
+                .zip(row.chunks_exact(3))
+                .enumerate()
+                .filter(move |(x, (&o, px))| {
+                    if o < least {
+                        return false;
+                    }
+                    let g = blocks[(x / block).min(bg.gw - 1)];
+                    is_opaque(&std::array::from_fn(|c| g[c] - ln[px[c] as usize]), ratio)
+                })
+                .map(move |(x, _)| (x, y))
+        })
+        .collect();
+    if opaque.is_empty() {
+        return;
+    }
+    // The mark's blurred edge goes with it: the grey pixels (as dense in every channel, over
+    // [`GREY_DENSITY`]) joined to it.
+    let grey = |x: usize, y: usize| {
+        let g = bg.row(y)[(x / block).min(bg.gw - 1)];
+        let px = &img.as_raw()[3 * (y * w + x)..3 * (y * w + x) + 3];
+        let d: [f32; 3] = std::array::from_fn(|c| g[c] - ln[px[c] as usize]);
+        let (lo, hi) = (d[0].min(d[1]).min(d[2]), d[0].max(d[1]).max(d[2]));
+        lo >= GREY_DENSITY && lo >= ratio * hi
+    };
+    let mut seen = vec![false; w * h];
+    for &(x, y) in &opaque {
+        seen[y * w + x] = true;
+    }
+    let mut stack = opaque;
+    while let Some((x, y)) = stack.pop() {
+        od[y * w + x] = OPAQUE;
+        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+            for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                if !seen[ny * w + nx] && grey(nx, ny) {
+                    seen[ny * w + nx] = true;
+                    stack.push((nx, ny));
+                }
+            }
+        }
+    }
+}
+
+/// The least density in every channel of the grey edge [`clear_opaque`] takes with an opaque
+/// mark (a blurred pointer's shadow is a few pixels wide).
+const GREY_DENSITY: f32 = 0.1;
+
+/// Densities `d` (R, G, B) of an opaque grey pixel: see [`clear_opaque`].
+fn is_opaque(d: &[f32; 3], ratio: f32) -> bool {
+    let (lo, hi) = (d[0].min(d[1]).min(d[2]), d[0].max(d[1]).max(d[2]));
+    lo >= OPAQUE_DENSITY && lo >= ratio * hi
+}
+
 /// Channel weights that bring the cells out of the noise best (a matched filter): each
 /// channel's cell contrast over its noise variance, scaled so that a typical stained pixel
 /// keeps the density it has summed over R, G and B. Haemoglobin absorbs green most; on a pale
@@ -448,7 +537,11 @@ pub(super) fn density_thresholds<const N: usize>(
     } else {
         (HALF_WIDTH_BINS, HALF_WIDTH_SCALE)
     };
-    let hist = density_histogram(od, bins, scale);
+    let mut hist = density_histogram(od, bins, scale);
+    if cfg.drop_neutral > 0.0 {
+        // Opaque pixels ([`clear_opaque`]) are neither background nor cells.
+        hist[0] = 0;
+    }
     let (m, sigma) = if cfg.median_noise {
         mode_and_noise_of(&hist)
     } else {

@@ -27,7 +27,8 @@ mod watershed;
 pub use score::{greedy_pairs, match_centres, Match};
 
 use foreground::{
-    box3, channel_weights, density_thresholds, ln_table, opened_mask, optical_density, Background,
+    box3, channel_weights, clear_opaque, density_thresholds, ln_table, opened_mask,
+    optical_density, Background,
 };
 use grow::{Acc, Grow};
 use splits::{split_blue_parts, split_necks};
@@ -140,6 +141,11 @@ pub struct CellFinderConfig {
     /// objects as wide as a cell) are dropped as debris too: where specks of stain outnumber
     /// the cells, the median object is a speck. 0 = off.
     pub min_cell_fraction: f32,
+    /// A pixel dense in every channel (under 37% of the background's light in R, G and B)
+    /// whose least channel's density is at least this fraction of its greatest's is opaque and
+    /// grey, not stained: an eyepiece pointer, a scale bar or its legend, dirt. It is taken as
+    /// background (no cell is found on it, none grows into it). 0 = off.
+    pub drop_neutral: f32,
     /// Objects touching the frame border are dropped (they are counted in the next field).
     pub drop_border: bool,
     /// Tile side for `Mode::Tiles` (the model input size).
@@ -175,6 +181,7 @@ impl Default for CellFinderConfig {
             grow_widths: 4.0,
             min_area_fraction: 0.02,
             min_cell_fraction: 0.0,
+            drop_neutral: 0.0,
             drop_border: true,
             tile: 224,
         }
@@ -188,8 +195,8 @@ impl CellFinderConfig {
     /// following the cells' contrast in a pale field, rims' gaps closed, enclosed background
     /// bigger than a pallor left open, clumps split, the typical radius without specks, blocks
     /// of background 2.4 cell radii wide and taken from their neighbours only when covered by
-    /// something dark,
-    /// specks under a twentieth of a cell dropped.
+    /// something dark, specks under a twentieth of a cell dropped, and opaque grey marks (a
+    /// pointer, a scale bar) dropped.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
@@ -207,6 +214,7 @@ impl CellFinderConfig {
             split_dynamics: 0.1,
             min_cell_fraction: 0.05,
             contrast_fraction: 0.35,
+            drop_neutral: 0.75,
             ..CellFinderConfig::default()
         }
     }
@@ -356,7 +364,10 @@ fn find_cells(
         } else {
             [1.0; 3]
         };
-        let raw = optical_density(img, &bg, &ln, weights);
+        let mut raw = optical_density(img, &bg, &ln, weights);
+        if cfg.drop_neutral > 0.0 {
+            clear_opaque(&mut raw, img, &bg, &ln, weights, cfg.drop_neutral);
+        }
         (bg, raw)
     };
     let (mut bg, mut raw) = density(match known_r {

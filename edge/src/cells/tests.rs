@@ -442,6 +442,43 @@ fn specks_that_outnumber_the_cells_are_debris() {
 }
 
 #[test]
+fn opaque_grey_marks_are_no_cells_and_the_cells_against_them_stay() {
+    // Six cells (radius 18); a near-black needle 9 pixels wide (an eyepiece pointer) lying
+    // across the bottoms of the top three, and a black bar (a scale bar) apart below.
+    let cells = [(60.0, 60.0), (180.0, 60.0), (300.0, 60.0)];
+    let cells: Vec<(f32, f32)> = cells
+        .iter()
+        .chain(&[(60.0, 200.0), (180.0, 200.0), (300.0, 200.0)])
+        .copied()
+        .collect();
+    let img = RgbImage::from_fn(360, 300, |x, y| {
+        let (x, y) = (x as f32 + 0.5, y as f32 + 0.5);
+        let needle = (20.0..340.0).contains(&x) && (75.0..84.0).contains(&y);
+        let bar = (150.0..220.0).contains(&x) && (260.0..268.0).contains(&y);
+        image::Rgb(if needle || bar {
+            [22, 22, 28]
+        } else if cells.iter().any(|c| (x - c.0).hypot(y - c.1) <= 18.0) {
+            STAIN
+        } else {
+            BACKGROUND
+        })
+    });
+    let truth: Vec<((f32, f32), f32)> = cells.iter().map(|&c| (c, 18.0)).collect();
+    let score = |cfg: &CellFinderConfig| {
+        let found: Vec<(f32, f32)> = find(&img, cfg).iter().map(|c| c.center).collect();
+        match_centres(&found, &truth)
+    };
+    let real = score(&CellFinderConfig::real_smear());
+    assert_eq!((real.true_positives, real.detections), (6, 6), "{real:?}");
+    // Kept, the marks' basins are counted as cells.
+    let kept = score(&CellFinderConfig {
+        drop_neutral: 0.0,
+        ..CellFinderConfig::real_smear()
+    });
+    assert!(kept.detections > 6, "{kept:?}");
+}
+
+#[test]
 fn a_pallor_behind_a_broken_rim_is_filled() {
     // A ring cell (rim 7 pixels wide, pallor as bright as the background) whose rim is cut
     // by a 4-pixel slit from its pallor to the outside (wider than smoothing shuts).

@@ -43,6 +43,10 @@ pub struct QualityArgs {
     /// the centre's light, falling off with the square of the distance), comma-separated.
     #[arg(long, default_value = "0")]
     pub vignettes: String,
+    /// Draw an eyepiece pointer and a scale bar into each field (labels under them dropped)
+    /// and count the detections lying on them.
+    #[arg(long)]
+    pub marks: bool,
     /// Synthetic fields per acquisition source (0 = none).
     #[arg(long, default_value_t = 0)]
     pub synthetic: u64,
@@ -99,6 +103,7 @@ pub fn command(args: &QualityArgs) -> Result<()> {
                         scale,
                         stain,
                         vignette,
+                        marks: args.marks,
                     });
                 }
             }
@@ -138,6 +143,15 @@ pub fn command(args: &QualityArgs) -> Result<()> {
             }
         }
     }
+    if args.marks && !args.json {
+        println!();
+        for (name, summary, _) in &rows {
+            println!(
+                "{name}: {} detection(s) on the drawn marks",
+                summary.on_marks
+            );
+        }
+    }
     Ok(())
 }
 
@@ -170,6 +184,9 @@ pub struct FieldScore {
     pub merged: usize,
     /// Labels in merged detections beyond the first.
     pub merged_labels: usize,
+    /// Detections lying mostly on drawn marks (a pointer, a scale bar) that the device would
+    /// count (not touching the frame's edge); 0 without marks.
+    pub on_marks: usize,
     pub ms: f64,
 }
 
@@ -265,6 +282,7 @@ pub fn score_detections(
         interior_cell_sized,
         merged,
         merged_labels,
+        on_marks: 0,
         ms,
     }
 }
@@ -316,6 +334,8 @@ pub struct Summary {
     pub dense_off_interior: usize,
     /// Merged detections per labelled cell on dense fields.
     pub merged_share: f64,
+    /// Detections on drawn marks over all fields ([`FieldScore::on_marks`]).
+    pub on_marks: usize,
     pub ms_per_field: f64,
 }
 
@@ -340,6 +360,7 @@ impl Summary {
             median_interior_ratio: median(inner.clone()),
             dense_off_interior: off(&inner),
             merged_share: ratio(dense_merged, dense_labels),
+            on_marks: sum(|s| s.on_marks),
             ms_per_field: scores.iter().map(|s| s.ms).sum::<f64>() / scores.len().max(1) as f64,
         }
     }
@@ -471,14 +492,21 @@ pub fn score_point_set(
         let img = labelled::open_image(&f.image)?;
         let points = f.points(img.width(), img.height(), classes)?;
         let img = vignette(restain(img, look.stain), look.vignette);
-        let (img, points) = rescale(img, &points, look.scale);
+        let (mut img, mut points) = rescale(img, &points, look.scale);
+        let (w, h) = img.dimensions();
+        let marks = look.marks.then(|| draw_marks(&mut img));
+        if let Some(m) = &marks {
+            // Cells under the marks are hidden: nobody can count them.
+            points.retain(|&(x, y)| !m[y as usize * w as usize + x as usize]);
+        }
         let t = Instant::now();
         let (found, owners) = find_all(&img, cfg);
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        let (w, h) = img.dimensions();
-        out.push(score_detections(
-            &f.name, w, h, &found, &owners, &points, ms,
-        ));
+        let mut score = score_detections(&f.name, w, h, &found, &owners, &points, ms);
+        if let Some(m) = &marks {
+            score.on_marks = on_marks(&found, &owners, m);
+        }
+        out.push(score);
         if let Some(dir) = overlays {
             let path = dir.join(format!("{}_{}.png", f.name, look.name().replace(' ', "_")));
             draw_detections(&img, &found, &owners, &points)
@@ -503,6 +531,9 @@ pub struct Look {
     pub stain: f32,
     /// Light lost at the corners (0 = as it is; see [`vignette`]).
     pub vignette: f32,
+    /// An eyepiece pointer and a scale bar with its legend drawn into the field (see
+    /// [`draw_marks`]).
+    pub marks: bool,
 }
 
 impl Look {
@@ -511,6 +542,7 @@ impl Look {
         scale: 1.0,
         stain: 1.0,
         vignette: 0.0,
+        marks: false,
     };
 
     /// `x2`, with ` stain 0.5` and ` vignette 0.3` when they are changed.
@@ -521,6 +553,9 @@ impl Look {
         }
         if self.vignette != 0.0 {
             name += &format!(" vignette {}", self.vignette);
+        }
+        if self.marks {
+            name += " marks";
         }
         name
     }
@@ -582,6 +617,104 @@ pub fn vignette(mut img: RgbImage, loss: f32) -> RgbImage {
         }
     }
     img
+}
+
+/// Draws into `img` the marks a microscope or its software leaves in a field: an eyepiece
+/// pointer (a near-black needle from the left edge to four tenths of the width, 3% of the
+/// height wide where it enters) and a black scale bar in the lower right corner (15% of the
+/// width long) under its legend, "10 um" in block letters. Returns which pixels the marks
+/// cover, row by row.
+pub fn draw_marks(img: &mut RgbImage) -> Vec<bool> {
+    let (w, h) = img.dimensions();
+    let (wf, hf) = (w as f32, h as f32);
+    let mut mask = vec![false; (w * h) as usize];
+    let mut paint = |x: u32, y: u32, rgb: [u8; 3]| {
+        if x < w && y < h {
+            img.put_pixel(x, y, image::Rgb(rgb));
+            mask[(y * w + x) as usize] = true;
+        }
+    };
+    // The pointer: from (0, 0.35 h) to its tip at (0.4 w, 0.45 h), tapering to a point.
+    let (ax, ay, bx, by) = (0.0, 0.35 * hf, 0.4 * wf, 0.45 * hf);
+    let (dx, dy) = (bx - ax, by - ay);
+    let len2 = dx * dx + dy * dy;
+    let base = 0.015 * hf;
+    for y in (ay - base).floor().max(0.0) as u32..(by + base).ceil() as u32 {
+        for x in 0..bx.ceil() as u32 {
+            let (px, py) = (x as f32 + 0.5 - ax, y as f32 + 0.5 - ay);
+            let t = (px * dx + py * dy) / len2;
+            let off = (px * dy - py * dx).abs() / len2.sqrt();
+            // Full width where it enters (`t` below 0 at the frame's edge of a slanted needle).
+            if t <= 1.0 && off <= (base * (1.0 - t.max(0.0))).max(0.5) {
+                paint(x, y, [22, 22, 28]);
+            }
+        }
+    }
+    // The scale bar and its legend above it, left-aligned.
+    let mut rect = |x0: f32, y0: f32, x1: f32, y1: f32| {
+        for y in y0.round() as u32..y1.round() as u32 {
+            for x in x0.round() as u32..x1.round() as u32 {
+                paint(x, y, [0, 0, 0]);
+            }
+        }
+    };
+    let (x1, y1) = (0.95 * wf, 0.94 * hf);
+    let x0 = x1 - 0.15 * wf;
+    rect(x0, y1 - 0.0125 * hf, x1, y1);
+    let g = 0.04 * hf; // glyph height
+    let s = (g / 7.0).max(2.0); // stroke
+    let top = y1 - 0.0125 * hf - 0.4 * g - g;
+    // Strokes of each glyph in a unit box (x0, y0, x1, y1), the stroke's width added.
+    let glyphs: [&[[f32; 4]]; 4] = [
+        &[[0.5, 0.0, 0.5, 1.0]], // 1
+        &[
+            [0.0, 0.0, 1.0, 0.0],
+            [0.0, 1.0, 1.0, 1.0],
+            [0.0, 0.0, 0.0, 1.0],
+            [1.0, 0.0, 1.0, 1.0],
+        ], // 0
+        &[
+            [0.0, 0.3, 0.0, 1.0],
+            [1.0, 0.3, 1.0, 1.0],
+            [0.0, 1.0, 1.0, 1.0],
+        ], // u
+        &[
+            [0.0, 0.3, 1.0, 0.3],
+            [0.0, 0.3, 0.0, 1.0],
+            [0.5, 0.3, 0.5, 1.0],
+            [1.0, 0.3, 1.0, 1.0],
+        ], // m
+    ];
+    let gw = 0.6 * g;
+    let mut left = x0;
+    for (k, strokes) in glyphs.iter().enumerate() {
+        for [u0, v0, u1, v1] in strokes.iter() {
+            let (sx, sy) = (left + u0 * (gw - s), top + v0 * (g - s));
+            rect(sx, sy, left + u1 * (gw - s) + s, top + v1 * (g - s) + s);
+        }
+        left += gw + if k == 1 { gw } else { 0.4 * gw };
+    }
+    mask
+}
+
+/// Detections with at least half their pixels on `marks` (from [`draw_marks`]) that the device
+/// would count: those whose box does not touch the frame's edge.
+fn on_marks(found: &[cells::Cell], owners: &OwnerMap, marks: &[bool]) -> usize {
+    let mut on = vec![0u32; found.len()];
+    for (&id, &m) in owners.ids.iter().zip(marks) {
+        if m && id < OwnerMap::OTHER {
+            on[id as usize] += 1;
+        }
+    }
+    let (w, h) = (owners.width, owners.height);
+    found
+        .iter()
+        .zip(&on)
+        .filter(|(c, &n)| {
+            let [x0, y0, x1, y1] = c.bbox;
+            2 * n >= c.area && x0 > 0 && y0 > 0 && x1 < w && y1 < h
+        })
+        .count()
 }
 
 /// `img` and the centres of `points` rescaled by `scale` (1 = unchanged).
@@ -687,6 +820,7 @@ mod tests {
             interior_cell_sized: cell_sized,
             merged: 0,
             merged_labels: 0,
+            on_marks: 2,
             ms: 1.0,
         };
         let s = Summary::of(&[
@@ -699,6 +833,7 @@ mod tests {
         assert!((s.median_ratio - 1.0).abs() < 1e-9);
         assert_eq!(s.dense_off, 1);
         assert_eq!(s.interior_recall, 1.0);
+        assert_eq!(s.on_marks, 8);
     }
 
     #[test]
@@ -718,6 +853,64 @@ mod tests {
         assert_eq!(pale.get_pixel(20, 0).0, [200, 200, 200]);
         let strong = restain(img, 1.5);
         assert_eq!(strong.get_pixel(0, 0).0, [25, 25, 25]);
+    }
+
+    #[test]
+    fn the_marks_are_black_where_their_mask_says_and_nowhere_else() {
+        let img = RgbImage::from_pixel(640, 480, image::Rgb([220, 215, 225]));
+        let mut marked = img.clone();
+        let mask = draw_marks(&mut marked);
+        for ((x, y, px), &m) in marked.enumerate_pixels().zip(&mask) {
+            let dark = px.0.iter().all(|&v| v <= 28);
+            assert_eq!(dark, m, "({x}, {y}) {:?}", px.0);
+            if !m {
+                assert_eq!(px, img.get_pixel(x, y));
+            }
+        }
+        let at = |x: u32, y: u32| mask[(y * 640 + x) as usize];
+        // The pointer enters at the left edge, 14 pixels wide, and ends at four tenths of the
+        // width; the scale bar is in the lower right corner.
+        assert!(at(0, 161) && at(0, 168) && at(0, 174) && !at(0, 158) && !at(0, 178));
+        let across = |x: u32| (150..230).filter(|&y| at(x, y)).count();
+        assert_eq!((across(128), across(250), across(262)), (8, 1, 0));
+        assert!(at(600, 448) && at(520, 448) && !at(620, 448) && !at(500, 448));
+        // Its legend above it: glyph strokes, with background between them.
+        let legend = (410..445).filter(|&y| at(517, y)).count();
+        assert!(legend > 10, "{legend}");
+        let covered = mask.iter().filter(|&&m| m).count();
+        assert!((2_500..4_000).contains(&covered), "{covered}");
+    }
+
+    #[test]
+    fn detections_on_the_marks_count_when_mostly_on_them_and_inside_the_frame() {
+        // Two detections on a 10x10 frame: one 4 pixels wholly on the marks, one at the frame's
+        // edge on them; a third half on them.
+        let mut owners = OwnerMap::new(10, 10);
+        let mut marks = vec![false; 100];
+        let cell = |x0, y0, x1, y1, area| cells::Cell {
+            bbox: [x0, y0, x1, y1],
+            center: (0.0, 0.0),
+            area,
+        };
+        let found = [
+            cell(2, 2, 4, 4, 4),
+            cell(0, 6, 2, 8, 4),
+            cell(6, 2, 8, 4, 4),
+        ];
+        for (i, c) in found.iter().enumerate() {
+            let [x0, y0, x1, y1] = c.bbox;
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    let k = (y * 10 + x) as usize;
+                    owners.ids[k] = i as u32;
+                    marks[k] = i < 2 || x == 6;
+                }
+            }
+        }
+        assert_eq!(on_marks(&found, &owners, &marks), 2);
+        marks[(2 * 10 + 7) as usize] = false;
+        marks[(3 * 10 + 6) as usize] = false;
+        assert_eq!(on_marks(&found, &owners, &marks), 1);
     }
 
     #[test]
