@@ -141,10 +141,11 @@ pub struct CellFinderConfig {
     /// objects as wide as a cell) are dropped as debris too: where specks of stain outnumber
     /// the cells, the median object is a speck. 0 = off.
     pub min_cell_fraction: f32,
-    /// A pixel dense in every channel (under 37% of the background's light in R, G and B)
+    /// A pixel dense in every channel (under 61% of the background's light in R, G and B)
     /// whose least channel's density is at least this fraction of its greatest's is opaque and
-    /// grey, not stained: an eyepiece pointer, a scale bar or its legend, dirt. It is taken as
-    /// background (no cell is found on it, none grows into it). 0 = off.
+    /// grey, not stained: an eyepiece pointer, a scale bar or its legend, dirt. It and the grey
+    /// pixels joined to it (its blurred edge) are neither cell nor background: no cell is found
+    /// on them, none grows into them, the threshold does not count them. 0 = off.
     pub drop_neutral: f32,
     /// Objects touching the frame border are dropped (they are counted in the next field).
     pub drop_border: bool,
