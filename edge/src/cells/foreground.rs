@@ -210,26 +210,36 @@ pub(super) fn clear_opaque(
     let least = 0.8 * OPAQUE_DENSITY * (weights[0] + weights[1] + weights[2]);
     let block = bg.block as usize;
     let shared: &[f32] = od;
+    // Eight pixels at a time are checked for one that could be opaque (no branch) before any
+    // is looked at.
+    const CHUNK: usize = 8;
     let opaque: Vec<(usize, usize)> = shared
         .par_chunks_exact(w)
         .zip(img.as_raw().par_chunks_exact(3 * w))
         .enumerate()
-        .flat_map_iter(|(y, (row_od, row))| {
+        .fold(Vec::new, |mut out, (y, (row_od, row))| {
             let blocks = bg.row(y);
-            row_od
-                .iter()
-                .zip(row.chunks_exact(3))
-                .enumerate()
-                .filter(move |(x, (&o, px))| {
+            for (k, chunk) in row_od.chunks(CHUNK).enumerate() {
+                if chunk.iter().fold(f32::MIN, |a, &o| a.max(o)) < least {
+                    continue;
+                }
+                for (i, &o) in chunk.iter().enumerate() {
+                    let x = k * CHUNK + i;
                     if o < least {
-                        return false;
+                        continue;
                     }
-                    let g = blocks[(x / block).min(bg.gw - 1)];
-                    is_opaque(&std::array::from_fn(|c| g[c] - ln[px[c] as usize]), ratio)
-                })
-                .map(move |(x, _)| (x, y))
+                    let (g, px) = (blocks[(x / block).min(bg.gw - 1)], &row[3 * x..3 * x + 3]);
+                    if is_opaque(&std::array::from_fn(|c| g[c] - ln[px[c] as usize]), ratio) {
+                        out.push((x, y));
+                    }
+                }
+            }
+            out
         })
-        .collect();
+        .reduce(Vec::new, |mut a, b| {
+            a.extend(b);
+            a
+        });
     if opaque.is_empty() {
         return;
     }

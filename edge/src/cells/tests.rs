@@ -470,6 +470,9 @@ fn opaque_grey_marks_are_no_cells_and_the_cells_against_them_stay() {
     };
     let real = score(&CellFinderConfig::real_smear());
     assert_eq!((real.true_positives, real.detections), (6, 6), "{real:?}");
+    // The marks are found side by side on the pool's threads: the same cells and pixels.
+    let cfg = CellFinderConfig::real_smear();
+    assert!(find_on(1, &img, &cfg) == find_on(3, &img, &cfg));
     // Kept, the marks' basins are counted as cells.
     let kept = score(&CellFinderConfig {
         drop_neutral: 0.0,
