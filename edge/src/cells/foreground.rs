@@ -229,7 +229,8 @@ pub(super) fn clear_opaque(
                         continue;
                     }
                     let (g, px) = (blocks[(x / block).min(bg.gw - 1)], &row[3 * x..3 * x + 3]);
-                    if is_opaque(&std::array::from_fn(|c| g[c] - ln[px[c] as usize]), ratio) {
+                    let d = std::array::from_fn(|c| g[c] - ln[px[c] as usize]);
+                    if grey_at(&d, OPAQUE_DENSITY, ratio) {
                         out.push((x, y));
                     }
                 }
@@ -248,9 +249,11 @@ pub(super) fn clear_opaque(
     let grey = |x: usize, y: usize| {
         let g = bg.row(y)[(x / block).min(bg.gw - 1)];
         let px = &img.as_raw()[3 * (y * w + x)..3 * (y * w + x) + 3];
-        let d: [f32; 3] = std::array::from_fn(|c| g[c] - ln[px[c] as usize]);
-        let (lo, hi) = (d[0].min(d[1]).min(d[2]), d[0].max(d[1]).max(d[2]));
-        lo >= GREY_DENSITY && lo >= ratio * hi
+        grey_at(
+            &std::array::from_fn(|c| g[c] - ln[px[c] as usize]),
+            GREY_DENSITY,
+            ratio,
+        )
     };
     let mut seen = vec![false; w * h];
     for &(x, y) in &opaque {
@@ -274,10 +277,11 @@ pub(super) fn clear_opaque(
 /// mark (a blurred pointer's shadow is a few pixels wide).
 const GREY_DENSITY: f32 = 0.1;
 
-/// Densities `d` (R, G, B) of an opaque grey pixel: see [`clear_opaque`].
-fn is_opaque(d: &[f32; 3], ratio: f32) -> bool {
+/// Whether densities `d` (R, G, B) are grey and dense: at least `least` in every channel, the
+/// least at least `ratio` of the greatest (see [`clear_opaque`]).
+fn grey_at(d: &[f32; 3], least: f32, ratio: f32) -> bool {
     let (lo, hi) = (d[0].min(d[1]).min(d[2]), d[0].max(d[1]).max(d[2]));
-    lo >= OPAQUE_DENSITY && lo >= ratio * hi
+    lo >= least && lo >= ratio * hi
 }
 
 /// Channel weights that bring the cells out of the noise best (a matched filter): each
