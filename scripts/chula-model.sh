@@ -38,6 +38,7 @@ if [[ ! -d "$DATA/images" ]]; then
     exit 2
 fi
 
+./scripts/system-deps.sh
 . scripts/torch-env.sh
 cargo build --release --locked -p reddino-trainer -p reddino-models -p reddino-edge
 T=target/release
@@ -128,7 +129,7 @@ step score
 echo "== 6/7 export, signed with the demo key"
 $T/reddino-trainer export --checkpoint "$W/finetune/backbone.safetensors" \
     --head "$HEAD" --input-size $SIZE --out "$W/bundle" \
-    --sign models/demo/demo.sec --name reddino-chula --version 0.4.1 --cell-finder real-smear \
+    --sign models/demo/demo.sec --name reddino-chula --version 0.5.0 --cell-finder real-smear \
     "${MARGIN_FLAG[@]}" \
     --test-time-views "$VIEWS" \
     --description "ViT-tiny (8 blocks) pretrained and fine-tuned on Chula RBC-12 development fields (docs/models/chula.md); one lab, one microscope; demo key; not for diagnosis" \

@@ -15,6 +15,7 @@ if [[ "${1:-}" == "--no-ship" ]]; then
     ship=0
 fi
 
+./scripts/system-deps.sh
 . scripts/torch-env.sh
 # DEMO_MODEL_PROFILE=dev trains with the debug build (libtorch does the work either way).
 PROFILE=${DEMO_MODEL_PROFILE:-release}
