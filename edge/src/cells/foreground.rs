@@ -15,12 +15,15 @@ pub(super) struct Background {
     pub(super) gw: usize,
     pub(super) gh: usize,
     pub(super) block: u32,
+    /// Beyond the outer blocks' centres the light goes on changing as it does between the two
+    /// outermost blocks (else it stays the outermost block's).
+    pub(super) extrapolate: bool,
 }
 
 impl Background {
     /// The 90th percentile of each block; a block much darker than most of its neighbours takes
     /// the brightest of them (so a large cell covering a block does not pass for background).
-    pub(super) fn of(img: &RgbImage, block: u32, covered: f32) -> Background {
+    pub(super) fn of(img: &RgbImage, block: u32, covered: f32, extrapolate: bool) -> Background {
         let block = block.max(8);
         let (grid, gw, gh) = log_background_grid(img, block, covered);
         Background {
@@ -28,6 +31,7 @@ impl Background {
             gw,
             gh,
             block,
+            extrapolate,
         }
     }
 
@@ -134,7 +138,9 @@ pub(super) fn log_background_grid(
 
 /// Optical density against the background, its channels weighted by `weights`, bilinearly
 /// interpolated between block centres (negative where a pixel is brighter than the estimate:
-/// background noise stays symmetric around its mode). One pass, row by row.
+/// background noise stays symmetric around its mode), and beyond the outer centres held at the
+/// outer blocks' light or, with `bg.extrapolate`, extrapolated from the two outermost blocks.
+/// One pass, row by row.
 pub(super) fn optical_density(
     img: &RgbImage,
     bg: &Background,
@@ -144,8 +150,15 @@ pub(super) fn optical_density(
     let block = bg.block;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (grid, gw, gh) = (&bg.grid, bg.gw, bg.gh);
+    // Pixel `p`'s two blocks along an axis of `n` blocks and its weight on the second.
     let coord = |p: usize, n: usize| -> (usize, usize, f32) {
-        let f = ((p as f32 + 0.5) / block as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+        let f = (p as f32 + 0.5) / block as f32 - 0.5;
+        if bg.extrapolate && n > 1 {
+            // Outside [0, n - 1] the weight leaves [0, 1]: the line through the outer two.
+            let i0 = (f.max(0.0) as usize).min(n - 2);
+            return (i0, i0 + 1, f - i0 as f32);
+        }
+        let f = f.clamp(0.0, (n - 1) as f32);
         let i0 = f.floor() as usize;
         (i0, (i0 + 1).min(n - 1), f - i0 as f32)
     };

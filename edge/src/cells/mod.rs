@@ -80,6 +80,12 @@ pub struct CellFinderConfig {
     /// the blocks towards the corners too, each step a little: at 0.2 a field whose corners
     /// get half the light of its centre read its corners as covered.
     pub background_covered: f32,
+    /// Between the outer blocks' centres and the frame's edge, the background's light goes on
+    /// changing as it does from the next block in to the outer one (else it is the outer
+    /// block's). Under vignetting the light keeps falling to the corners: held at the outer
+    /// block's, the corners' last half block reads as stain, and in a pale field whose
+    /// threshold is low, as specks that pass for the cells.
+    pub follow_light: bool,
     /// Noise width from the median deviation below the background mode (else from the
     /// half-width at half maximum of a coarse histogram, which 8-bit steps quantise).
     pub median_noise: bool,
@@ -163,6 +169,7 @@ impl Default for CellFinderConfig {
             contrast_fraction: 0.0,
             min_widths: 3.0,
             background_covered: 0.0,
+            follow_light: false,
             median_noise: false,
             skip_specks: false,
             weigh_channels: false,
@@ -196,13 +203,14 @@ impl CellFinderConfig {
     /// following the cells' contrast in a pale field, rims' gaps closed, enclosed background
     /// bigger than a pallor left open, clumps split, the typical radius without specks, blocks
     /// of background 2.4 cell radii wide and taken from their neighbours only when covered by
-    /// something dark, specks under a twentieth of a cell dropped, and opaque grey marks (a
+    /// something dark, the light extrapolated to the frame's edges, specks under a twentieth of a cell dropped, and opaque grey marks (a
     /// pointer, a scale bar) dropped.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
         CellFinderConfig {
             background_covered: 1.0,
+            follow_light: true,
             background_radii: 2.4,
             median_noise: true,
             skip_specks: true,
@@ -359,7 +367,7 @@ fn find_cells(
     let scaled = cfg.background_radii > 0.0;
     let block_for = |r: f32| ((cfg.background_radii * r).round() as u32).max(16);
     let density = |block: u32| {
-        let bg = Background::of(img, block, cfg.background_covered);
+        let bg = Background::of(img, block, cfg.background_covered, cfg.follow_light);
         let weights = if cfg.weigh_channels {
             channel_weights(img, &bg, &ln)
         } else {
