@@ -84,7 +84,9 @@ pub struct CellFinderConfig {
     /// changing as it does from the next block in to the outer one (else it is the outer
     /// block's). Under vignetting the light keeps falling to the corners: held at the outer
     /// block's, the corners' last half block reads as stain, and in a pale field whose
-    /// threshold is low, as specks that pass for the cells.
+    /// threshold is low, as specks that pass for the cells. Off in both profiles: it moves the
+    /// boxes of one crop in seven on the Chula fields, and reddino-chula was fine-tuned on the
+    /// boxes of the light held (docs/benchmarks.md, "Light followed to the frame's edges").
     pub follow_light: bool,
     /// Noise width from the median deviation below the background mode (else from the
     /// half-width at half maximum of a coarse histogram, which 8-bit steps quantise).
@@ -203,14 +205,13 @@ impl CellFinderConfig {
     /// following the cells' contrast in a pale field, rims' gaps closed, enclosed background
     /// bigger than a pallor left open, clumps split, the typical radius without specks, blocks
     /// of background 2.4 cell radii wide and taken from their neighbours only when covered by
-    /// something dark, the light extrapolated to the frame's edges, specks under a twentieth of a cell dropped, and opaque grey marks (a
+    /// something dark, specks under a twentieth of a cell dropped, and opaque grey marks (a
     /// pointer, a scale bar) dropped.
     /// [`CellFinderConfig::default`] keeps the settings the synthetic microscope and its demo
     /// model were built with.
     pub fn real_smear() -> Self {
         CellFinderConfig {
             background_covered: 1.0,
-            follow_light: true,
             background_radii: 2.4,
             median_noise: true,
             skip_specks: true,
