@@ -444,13 +444,18 @@ def bench_cpu(ctx, plan):
     sv = plan["service"]
     w, h = sv["size"]
     d, _ = make_fields(ctx, f"cpu-{w}x{h}", plan["source"], w, h, plan["fields"], 8000, plan["density"])
+    # Side by side: the pipeline as it was (each frame decoded as it arrives, one frame at a
+    # time) and as it is (frames decoded when taken, several side by side).
+    variants = (("before", ["--decode-at-capture", "--frame-workers", "1"]), ("now", []))
     for t in sv["threads"]:
         for fps in sv["fps"]:
-            r, _ = run_json([ctx["worker"], "service", "--fields", d, "--threads", str(t), "--fps", str(fps),
-                             "--frames", str(sv["frames"])], t)
-            out["service"].append(r)
-            log(f"service {w}x{h} t{t} at {fps} fps: {r['processed']} analysed, {r['dropped']} dropped "
-                f"of {r['captured']}")
+            for variant, args in variants:
+                r, _ = run_json([ctx["worker"], "service", "--fields", d, "--threads", str(t), "--fps",
+                                 str(fps), "--frames", str(sv["frames"])] + args, t)
+                r["variant"] = variant
+                out["service"].append(r)
+                log(f"service {w}x{h} t{t} at {fps} fps ({variant}): {r['processed']} analysed, "
+                    f"{r['dropped']} dropped of {r['captured']}")
     return out
 
 
@@ -597,15 +602,23 @@ def report(res, out_dir):
                      f"**{fmt(r['total_ms'])}** | {fmt(r['yuyv_ms'])} |")
         L.append("")
         if c["service"]:
-            L.append("The service's pipeline (capture thread decoding MJPG, cells thread on T threads, "
-                     "inference thread with the null model) fed by a camera at a fixed rate; frames the "
-                     "cells stage cannot keep up with are dropped (oldest first) and counted:")
+            L.append("The service's pipeline (capture thread, cells stage on T threads, inference thread "
+                     "with the null model) fed by an MJPG camera at a fixed rate; frames the cells stage "
+                     "cannot keep up with are dropped (oldest first) and counted. Before: each frame "
+                     "decoded in the capture thread as it arrives, one frame at a time in the cells "
+                     "stage. Now: frames wait undecoded, and the cells stage decodes, finds and cuts "
+                     "two or more side by side (the same runs, one after the other). ms per frame: "
+                     "the wall time per analysed frame, while frames are dropped the CPU stages' "
+                     "throughput:")
             L.append("")
-            L.append("| frame | threads | camera fps | frames | analysed | dropped | analysed per s |")
-            L.append("|---|---:|---:|---:|---:|---:|---:|")
+            L.append("| frame | threads | camera fps | pipeline | frames | analysed | dropped | "
+                     "analysed per s | ms per frame |")
+            L.append("|---|---:|---:|---|---:|---:|---:|---:|---:|")
             for r in c["service"]:
-                L.append(f"| {r['width']}x{r['height']} | {r['threads']} | {fmt(r['fps'], 0)} | {r['captured']} | "
-                         f"{r['processed']} | {r['dropped']} | {fmt(r['analysed_per_s'])} |")
+                per = 1000.0 / r["analysed_per_s"] if r["analysed_per_s"] else None
+                L.append(f"| {r['width']}x{r['height']} | {r['threads']} | {fmt(r['fps'], 0)} | "
+                         f"{r.get('variant', 'now')} | {r['captured']} | {r['processed']} | {r['dropped']} | "
+                         f"{fmt(r['analysed_per_s'])} | {fmt(per)} |")
             L.append("")
     if res.get("trainer"):
         L.append("### Trainer step: tch vs PyTorch (tiny preset, CPU)")
@@ -670,6 +683,16 @@ def targets(res):
                 ms = r[0]["total_ms"]
                 out.append({"target": f"CPU stages of a 1920x1080 MJPG frame (decode, find, cut into the batch) <= {bar} ms on {t} thread{'s' if t > 1 else ''}",
                             "figure": f"{ms:.1f} ms", "met": ms <= bar})
+            # The same bar as throughput: the service fed by a camera at least as fast as the bar
+            # keeps up (drops nothing) or analyses a frame per `bar` ms of wall time.
+            s = [x for x in res["cpu"].get("service", []) if x["threads"] == t and x.get("variant", "now") == "now"
+                 and x["width"] == 1920 and x["fps"] * bar >= 1000 and x["analysed_per_s"]]
+            if s:
+                best = max(s, key=lambda x: x["analysed_per_s"])
+                ms = 1000.0 / best["analysed_per_s"]
+                out.append({"target": f"the service keeps up with a 1920x1080 MJPG camera at {1000 / bar:.0f} frames/s on {t} thread{'s' if t > 1 else ''} (CPU stages, null model)",
+                            "figure": f"{best['analysed_per_s']:.1f} frames/s analysed ({ms:.1f} ms per frame), {best['dropped']} of {best['captured']} dropped, camera at {best['fps']:.0f} fps",
+                            "met": best["dropped"] == 0 or ms <= bar})
     if res.get("pipeline"):
         o = res["pipeline"]["main"]["outside_model_pct"]
         out.append({"target": "everything but the model <= 15% of the time per field",
@@ -766,7 +789,7 @@ def plans(smoke):
                      "sweep_frames": 3, "batch": 16, "threads": 2},
         "cpu": {"source": "wright_100x", "sizes": [(640, 480), (1280, 960), (1920, 1080), (2592, 1944)],
                 "density": 0.23, "fields": 3, "reps": 5, "threads": [1, 2], "real": True,
-                "service": {"size": (1920, 1080), "fps": [15, 30], "frames": 150, "threads": [1, 2]}},
+                "service": {"size": (1920, 1080), "fps": [15, 30, 40], "frames": 150, "threads": [1, 2]}},
         "trainer": {"threads": [1, 2], "steps": 20},
     }
 

@@ -141,6 +141,15 @@ enum Cmd {
         frames: u64,
         #[arg(long, default_value = "demo", value_parser = parse_shipped)]
         shipped: reddino_edge::model::Shipped,
+        /// Decode each frame in the capture thread as it arrives (dropped frames decoded too);
+        /// with `--frame-workers 1`, the pipeline as it was before it held a camera's frames
+        /// undecoded and cut frames side by side: the reference of the suite's service run.
+        #[arg(long)]
+        decode_at_capture: bool,
+        /// Frames the cells stage works on side by side (0: the service's default; 1: one at a
+        /// time, as the pipeline did before).
+        #[arg(long, default_value_t = 0)]
+        frame_workers: usize,
     },
     /// The per-frame path of the service (decode, find, crop, preprocess, model, classify) on
     /// replayed fields, one frame after the other.
@@ -314,30 +323,48 @@ impl Backend for NullBackend {
     }
 }
 
-/// A camera in memory: MJPG frames decoded as the V4L2 source decodes them, `left` of them.
+/// A camera in memory: MJPG frames handed over as the V4L2 source hands them over, `left` of
+/// them.
 struct MjpgCamera {
     frames: Vec<(Vec<u8>, (u32, u32))>,
     next: usize,
     left: u64,
+    /// Each frame decoded as the camera gives it (in the capture thread), not handed over as a
+    /// buffer for the cells stage to decode.
+    decode_at_capture: bool,
 }
 
 impl reddino_edge::capture::FrameSource for MjpgCamera {
     fn next_frame(
         &mut self,
     ) -> Result<Option<reddino_edge::capture::Frame>, reddino_edge::capture::CaptureError> {
+        use reddino_edge::capture::Captured;
+        self.next_captured()?.map(Captured::decode).transpose()
+    }
+    fn next_captured(
+        &mut self,
+    ) -> Result<Option<reddino_edge::capture::Captured>, reddino_edge::capture::CaptureError> {
+        use reddino_edge::capture::{CameraBuffer, Captured, PixelFormat};
         if self.left == 0 {
             return Ok(None);
         }
         self.left -= 1;
-        let (data, size) = &self.frames[self.next % self.frames.len()];
+        let (data, (width, height)) = &self.frames[self.next % self.frames.len()];
         self.next += 1;
-        let image = reddino_edge::capture::mjpg_to_rgb(data, Some(*size))?;
-        Ok(Some(reddino_edge::capture::Frame {
+        // Copied, as a V4L2 camera's frame is copied out of the driver's buffer.
+        let buffer = Captured::Buffer(CameraBuffer {
             index: self.next as u64 - 1,
             captured: std::time::SystemTime::now(),
-            image,
             origin: "camera".into(),
-            truth: None,
+            format: PixelFormat::Mjpg,
+            width: *width,
+            height: *height,
+            data: data.clone(),
+        });
+        Ok(Some(if self.decode_at_capture {
+            Captured::Decoded(buffer.decode()?)
+        } else {
+            buffer
         }))
     }
     fn is_live(&self) -> bool {
@@ -700,6 +727,8 @@ fn run(cli: Cli) -> Result<()> {
             fps,
             frames,
             shipped,
+            decode_at_capture,
+            frame_workers,
         } => {
             use reddino_edge::pipeline::{ModelInfo, Pipeline, PipelineSettings, Shared};
             let m = cpu_model(shipped)?;
@@ -707,6 +736,7 @@ fn run(cli: Cli) -> Result<()> {
                 frames: Vec::new(),
                 next: 0,
                 left: frames,
+                decode_at_capture,
             };
             for p in image_files(&fields, &["png", "jpg"])? {
                 let mjpg = mjpg_of(&p)?;
@@ -729,6 +759,7 @@ fn run(cli: Cli) -> Result<()> {
                     batch_wait: std::time::Duration::ZERO,
                     camera_stall: std::time::Duration::from_secs(10),
                     cpu_threads: threads,
+                    frame_workers,
                 },
                 ModelInfo {
                     id: "null@1".into(),
@@ -767,6 +798,7 @@ fn run(cli: Cli) -> Result<()> {
                 "{}",
                 json!({
                     "model": m.name, "threads": threads, "fps": fps, "width": w, "height": h,
+                    "decode_at_capture": decode_at_capture, "frame_workers": frame_workers,
                     "captured": f.captured, "processed": f.processed, "dropped": f.dropped,
                     "bad": f.bad, "failed": f.failed, "cells": f.cells, "wall_s": wall,
                     "analysed_per_s": f.processed as f64 / wall,

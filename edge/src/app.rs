@@ -56,6 +56,7 @@ impl Service {
             batch_wait: Duration::from_millis(cfg.pipeline.batch_wait_ms),
             camera_stall: Duration::from_secs_f64(cfg.camera.stall_s),
             cpu_threads: cfg.analysis.threads,
+            frame_workers: 0,
         };
         {
             let ob = &outbox;

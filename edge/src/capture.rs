@@ -48,9 +48,64 @@ pub struct Frame {
     pub truth: Option<Vec<CellTruth>>,
 }
 
+/// A frame as its source holds it: decoded already (image files, the synthetic microscope), or
+/// a camera's buffer still to be decoded. The pipeline decodes a camera's frames in a stage of
+/// their own, not as they arrive: a frame dropped because the cells stage is behind costs a
+/// copy of its buffer, not a decode.
+#[derive(Debug, Clone)]
+pub enum Captured {
+    Decoded(Frame),
+    Buffer(CameraBuffer),
+}
+
+/// A camera frame's bytes, copied out of the driver's buffer, not decoded yet.
+#[derive(Debug, Clone)]
+pub struct CameraBuffer {
+    pub index: u64,
+    pub captured: SystemTime,
+    pub origin: String,
+    pub format: PixelFormat,
+    /// The camera's size: a frame of another size is refused when decoded.
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl Captured {
+    /// The frame, decoded (a bad buffer is an error naming what is wrong with it).
+    pub fn decode(self) -> Result<Frame, CaptureError> {
+        match self {
+            Captured::Decoded(f) => Ok(f),
+            Captured::Buffer(b) => Ok(Frame {
+                image: match b.format {
+                    PixelFormat::Yuyv => yuyv_to_rgb(&b.data, b.width, b.height)?,
+                    PixelFormat::Mjpg => mjpg_to_rgb(&b.data, Some((b.width, b.height)))?,
+                },
+                index: b.index,
+                captured: b.captured,
+                origin: b.origin,
+                truth: None,
+            }),
+        }
+    }
+
+    pub fn index(&self) -> u64 {
+        match self {
+            Captured::Decoded(f) => f.index,
+            Captured::Buffer(b) => b.index,
+        }
+    }
+}
+
 /// A source of frames. `Ok(None)` means the source is exhausted.
 pub trait FrameSource: Send {
+    /// The next frame, decoded.
     fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError>;
+    /// The next frame as the source holds it (what the pipeline's capture stage takes): a
+    /// camera gives its buffer undecoded; other sources their decoded frames.
+    fn next_captured(&mut self) -> Result<Option<Captured>, CaptureError> {
+        Ok(self.next_frame()?.map(Captured::Decoded))
+    }
     /// A live source produces frames whether or not they are taken (a camera): when processing
     /// falls behind, the oldest waiting frames are dropped. Offline sources wait instead.
     fn is_live(&self) -> bool {
@@ -61,6 +116,9 @@ pub trait FrameSource: Send {
 impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
     fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
         (**self).next_frame()
+    }
+    fn next_captured(&mut self) -> Result<Option<Captured>, CaptureError> {
+        (**self).next_captured()
     }
     fn is_live(&self) -> bool {
         (**self).is_live()
@@ -84,8 +142,9 @@ impl<S: FrameSource> Paced<S> {
     }
 }
 
-impl<S: FrameSource> FrameSource for Paced<S> {
-    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+impl<S> Paced<S> {
+    /// Sleeps until the next frame is due.
+    fn wait_turn(&mut self) {
         let now = std::time::Instant::now();
         let due = self.next.unwrap_or(now);
         if due > now {
@@ -93,7 +152,18 @@ impl<S: FrameSource> FrameSource for Paced<S> {
         }
         // A source slower than the rate is not made to catch up in a burst.
         self.next = Some(due.max(now) + self.period);
+    }
+}
+
+impl<S: FrameSource> FrameSource for Paced<S> {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        self.wait_turn();
         self.inner.next_frame()
+    }
+
+    fn next_captured(&mut self) -> Result<Option<Captured>, CaptureError> {
+        self.wait_turn();
+        self.inner.next_captured()
     }
 
     fn is_live(&self) -> bool {
@@ -198,6 +268,10 @@ impl V4l2Source {
 
 impl FrameSource for V4l2Source {
     fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        self.next_captured()?.map(Captured::decode).transpose()
+    }
+
+    fn next_captured(&mut self) -> Result<Option<Captured>, CaptureError> {
         use v4l::io::traits::CaptureStream;
         if self.stream.is_none() {
             self.stream = Some(self.open()?);
@@ -211,20 +285,19 @@ impl FrameSource for V4l2Source {
                 return Err(self.err(format!("stopped delivering frames: {e}")));
             }
         };
-        let data = &data[..used.min(data.len())];
-        let image = match self.format {
-            PixelFormat::Yuyv => yuyv_to_rgb(data, w, h)?,
-            PixelFormat::Mjpg => mjpg_to_rgb(data, Some((w, h)))?,
-        };
+        // Copied out: the driver reuses its buffer for a later frame.
+        let data = data[..used.min(data.len())].to_vec();
         let index = self.next;
         self.next += 1;
-        Ok(Some(Frame {
+        Ok(Some(Captured::Buffer(CameraBuffer {
             index,
             captured: SystemTime::now(),
-            image,
             origin: self.device.display().to_string(),
-            truth: None,
-        }))
+            format: self.format,
+            width: w,
+            height: h,
+            data,
+        })))
     }
 
     fn is_live(&self) -> bool {

@@ -91,8 +91,9 @@ pub struct AnalysisConfig {
     /// its own (`crop_margin`: a model is cut at the margin it was trained at).
     #[serde(default = "default_margin")]
     pub margin: f32,
-    /// Threads for the CPU stages of each frame: finding cells, cutting and preprocessing
-    /// their crops (0 = one per core). The result is the same on any number.
+    /// Threads for the CPU stages of the frames: decoding a camera's frames, finding cells,
+    /// cutting and preprocessing their crops, as many frames side by side as threads (at least
+    /// two; 0 = one thread per core). The result is the same on any number.
     #[serde(default)]
     pub threads: usize,
     /// Micrometres per pixel of the camera's frames, for models that take each cell's measured

@@ -1,5 +1,6 @@
 //! Flow control: when inference falls behind a live source, the oldest frames are dropped and
-//! counted, the frame queue never grows past its capacity, and every frame is accounted for.
+//! counted (a camera's before they are decoded), the frame queue never grows past its capacity,
+//! every frame is accounted for, and results are stored in frame order.
 //! Batching across frames: crops of several frames share backend calls, and each frame's
 //! result is exactly what it is without batching.
 
@@ -7,7 +8,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reddino_edge::capture::{Paced, SyntheticSource};
+use reddino_edge::capture::{
+    CameraBuffer, CaptureError, Captured, Frame, FrameSource, Paced, PixelFormat, SyntheticSource,
+};
 use reddino_edge::cells::CellFinderConfig;
 use reddino_edge::crop::CropPolicy;
 use reddino_edge::infer::{Backend, BatchOutput};
@@ -72,6 +75,7 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
             batch_wait: Duration::ZERO,
             camera_stall: Duration::from_secs(10),
             cpu_threads: 1,
+            frame_workers: 0,
         },
         ModelInfo {
             id: "slow@1".into(),
@@ -130,6 +134,127 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
     );
 }
 
+/// A camera handing over MJPG buffers as a V4L2 camera does (undecoded): every third one cut
+/// short.
+struct BufferCamera {
+    jpeg: Vec<u8>,
+    next: u64,
+    frames: u64,
+}
+
+impl BufferCamera {
+    fn truncated(index: u64) -> bool {
+        index % 3 == 2
+    }
+}
+
+impl FrameSource for BufferCamera {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        self.next_captured()?.map(Captured::decode).transpose()
+    }
+
+    fn next_captured(&mut self) -> Result<Option<Captured>, CaptureError> {
+        if self.next == self.frames {
+            return Ok(None);
+        }
+        let index = self.next;
+        self.next += 1;
+        let data = if Self::truncated(index) {
+            self.jpeg[..self.jpeg.len() / 2].to_vec()
+        } else {
+            self.jpeg.clone()
+        };
+        Ok(Some(Captured::Buffer(CameraBuffer {
+            index,
+            captured: std::time::SystemTime::now(),
+            origin: "camera".into(),
+            format: PixelFormat::Mjpg,
+            width: 320,
+            height: 240,
+            data,
+        })))
+    }
+
+    fn is_live(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_cameras_frames_are_decoded_only_when_analysed_and_bad_ones_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut field = SyntheticSource::new(
+        vec![SourcePreset::by_name("mgg_100x").unwrap()],
+        320,
+        240,
+        3,
+        Some(1),
+    );
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&field.next_frame().unwrap().unwrap().image)
+        .unwrap();
+    let shared = pixel_shared(
+        PipelineSettings {
+            frame_queue: 2,
+            crop_queue: 1,
+            cpu_threads: 2,
+            ..settings()
+        },
+        Outbox::open(&tmp.path().join("o.db"), OutboxLimits::default()).unwrap(),
+    );
+    let frames = 30;
+    let camera = BufferCamera {
+        jpeg,
+        next: 0,
+        frames,
+    };
+    let pipeline = Pipeline::start(
+        shared.clone(),
+        Box::new(Paced::new(camera, 200.0)),
+        Box::new(SlowBackend {
+            delay: Duration::from_millis(150),
+            classes: 2,
+        }),
+    );
+    while !shared.pipeline_idle() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    pipeline.join();
+    let s = shared.snapshot().frames;
+    let truncated = (0..frames).filter(|&i| BufferCamera::truncated(i)).count() as u64;
+    assert_eq!(s.captured, frames);
+    assert!(s.processed >= 2 && s.dropped > 0, "{s:?}");
+    assert_eq!(
+        s.processed + s.dropped + s.bad,
+        frames,
+        "every frame analysed, dropped or bad, once: {s:?}"
+    );
+    // Decoded as they arrived, all ten short frames would be bad; dropped unseen, most are not.
+    assert!(
+        s.bad < truncated,
+        "a dropped frame was decoded: {} of {truncated} short frames found bad",
+        s.bad
+    );
+    let ob = shared.outbox.lock().unwrap();
+    let stored: Vec<u64> = ob
+        .pending_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let m: reddino_edge::publish::messages::CountsMsg =
+                serde_json::from_slice(&e.payload).unwrap();
+            m.frame
+        })
+        .collect();
+    assert_eq!(stored.len() as u64, s.processed);
+    assert!(
+        stored.windows(2).all(|p| p[0] < p[1]),
+        "results stored in frame order: {stored:?}"
+    );
+    assert!(stored.iter().all(|&i| !BufferCamera::truncated(i)));
+}
+
 /// Answers from the pixels (class 0 when the crop is brighter than the middle) and records
 /// every call's batch size.
 struct PixelBackend {
@@ -184,6 +309,7 @@ fn settings() -> PipelineSettings {
         batch_wait: Duration::ZERO,
         camera_stall: Duration::from_secs(10),
         cpu_threads: 1,
+        frame_workers: 0,
     }
 }
 
@@ -240,7 +366,7 @@ fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
     pipeline.join();
     assert_eq!(shared.snapshot().frames.processed, 16);
     let ob = shared.outbox.lock().unwrap();
-    let rows = ob
+    let rows: Vec<(u64, u64, String)> = ob
         .pending_after(0, 100)
         .unwrap()
         .into_iter()
@@ -252,6 +378,12 @@ fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
         })
         .collect();
     let calls = calls.lock().unwrap().clone();
+    let frames: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(
+        frames,
+        (0..16).collect::<Vec<_>>(),
+        "results stored in frame order"
+    );
     (rows, calls)
 }
 

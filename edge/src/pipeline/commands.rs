@@ -284,6 +284,7 @@ mod tests {
             batch_wait: Duration::ZERO,
             camera_stall: Duration::from_secs(10),
             cpu_threads: 1,
+            frame_workers: 0,
         };
         let model = ModelInfo {
             id: "test@1".into(),

@@ -1,12 +1,15 @@
-//! The running pipeline: capture -> cells and crops -> inference and counts -> outbox, one
-//! thread per stage with bounded queues between them (so finding cells in one frame overlaps
-//! inference on the one before). [`state`] holds what the stages share, [`commands`] what the
-//! broker may ask, [`queue`] the queue between stages.
+//! The running pipeline: capture -> decode -> cells and crops -> inference and counts ->
+//! outbox, one thread per stage with bounded queues between them (so decoding one frame
+//! overlaps finding cells in the one before, and that overlaps inference on the one before
+//! it). A camera's frames wait undecoded: those dropped because the stages behind are busy
+//! cost no decode. [`state`] holds what the stages share, [`commands`] what the broker may
+//! ask, [`queue`] the queue between stages.
 //!
 //! ```text
-//! capture --[frames: drop-oldest when live]--> cells --[crops: bounded]--> infer --> outbox
-//!                                                                                   |
-//!                                                    publisher (MQTT) <-- notify ---+
+//! capture --[buffers: drop-oldest when live]--> decode --[one frame]--> cells
+//!     --[crops: bounded]--> infer --> outbox
+//!                                       |
+//!        publisher (MQTT) <-- notify ---+
 //! ```
 
 mod commands;
@@ -17,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use crate::capture::{Frame, FrameSource};
+use crate::capture::{Captured, Frame, FrameSource};
 use crate::classify::{Counts, Prediction};
 use crate::crop::{find_and_cut_into, FrameInputs};
 use crate::infer::{classify_inputs, Backend, CellInputs};
@@ -47,7 +50,7 @@ struct Job {
 /// Handles to the running pipeline threads.
 pub struct Pipeline {
     threads: Vec<std::thread::JoinHandle<()>>,
-    frames: Arc<Queue<(Frame, Instant)>>,
+    frames: Arc<Queue<(Captured, Instant)>>,
 }
 
 impl Pipeline {
@@ -57,7 +60,9 @@ impl Pipeline {
         mut source: Box<dyn FrameSource>,
         mut backend: Box<dyn Backend>,
     ) -> Pipeline {
-        let frames = Arc::new(Queue::<(Frame, Instant)>::new(shared.settings.frame_queue));
+        let frames = Arc::new(Queue::<(Captured, Instant)>::new(
+            shared.settings.frame_queue,
+        ));
         let jobs = Arc::new(Queue::<Job>::new(shared.settings.crop_queue));
         let mut threads = Vec::new();
 
@@ -71,7 +76,7 @@ impl Pipeline {
                 }
                 let mut backoff = Duration::from_millis(250);
                 while !sh.stopping() {
-                    match source.next_frame() {
+                    match source.next_captured() {
                         Ok(Some(f)) => {
                             sh.camera_ok();
                             backoff = Duration::from_millis(250);
@@ -112,39 +117,27 @@ impl Pipeline {
             }));
         }
 
-        // Cell finding and cropping, on a pool of `cpu_threads` threads.
+        // Decoding, cell finding and cropping: `frame_workers` frames side by side, each on
+        // the pool of `cpu_threads` threads, handed on in the order they were taken.
         {
             let (sh, fq, jq) = (shared.clone(), frames.clone(), jobs.clone());
             threads.push(spawn("cells", move || {
                 let pool = cpu_pool(sh.settings.cpu_threads);
-                while let Ok(item) = fq.pop_timeout(Duration::from_millis(200)) {
-                    let Some((frame, arrived)) = item else {
-                        continue;
-                    };
-                    if sh.stopping() {
-                        continue;
+                let workers = match sh.settings.frame_workers {
+                    0 => frame_workers(pool.as_ref()),
+                    n => n,
+                };
+                let order = Order::default();
+                std::thread::scope(|scope| {
+                    for k in 1..workers {
+                        let (sh, fq, jq, pool, order) = (&sh, &fq, &jq, pool.as_ref(), &order);
+                        std::thread::Builder::new()
+                            .name(format!("cells-frame-{k}"))
+                            .spawn_scoped(scope, move || cut_frames(sh, fq, jq, pool, order))
+                            .expect("cannot start a pipeline thread");
                     }
-                    let model = sh.model();
-                    let (m, img) = (&model, &frame.image);
-                    let cut = || {
-                        let (size, norm) = (m.info.input_size, &m.info.normalization);
-                        find_and_cut_into(img, &m.cells, &m.crop, size, norm)
-                    };
-                    let FrameInputs { boxes, inputs, .. } = match &pool {
-                        Some(p) => p.install(cut),
-                        None => cut(),
-                    };
-                    let job = Job {
-                        frame,
-                        arrived,
-                        inputs,
-                        boxes,
-                        model,
-                    };
-                    if jq.push_wait(job).is_err() {
-                        break;
-                    }
-                }
+                    cut_frames(&sh, &fq, &jq, pool.as_ref(), &order);
+                });
                 jq.close();
             }));
         }
@@ -216,7 +209,8 @@ impl Pipeline {
         Pipeline { threads, frames }
     }
 
-    /// Frames waiting for cell finding now.
+    /// Frames waiting to be decoded now (the capture stage's queue, bounded by
+    /// `frame_queue`; one more waits decoded for the cells stage).
     pub fn queued_frames(&self) -> usize {
         self.frames.len()
     }
@@ -227,6 +221,92 @@ impl Pipeline {
             if t.join().is_err() {
                 log::error!("a pipeline thread panicked");
             }
+        }
+    }
+}
+
+/// How many frames the cells stage works on side by side: as many as the pool has threads, and
+/// at least two. A frame's serial steps (its decoding, parts of the finder) leave the pool's
+/// other threads to the next frame, and the camera is kept up with at the pool's full width.
+fn frame_workers(pool: Option<&rayon::ThreadPool>) -> usize {
+    pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+        .max(2)
+}
+
+/// Hands the frames on in the order they were taken, whichever is cut first.
+#[derive(Default)]
+struct Order {
+    /// The next frame to take, and the model it is cut for (read as it is taken, so that the
+    /// frames after a model switch are all cut for the new model).
+    taken: std::sync::Mutex<u64>,
+    /// The next frame to hand on.
+    turn: std::sync::Mutex<u64>,
+    turned: std::sync::Condvar,
+}
+
+/// One of the cells stage's workers: takes the next frame, decodes it (a bad buffer is counted
+/// and skipped), finds its cells and cuts the model's input batch on `pool`, and hands the job
+/// on in its turn. Returns when the frame queue is closed and empty, or the job queue closed.
+fn cut_frames(
+    sh: &Shared,
+    fq: &Queue<(Captured, Instant)>,
+    jq: &Queue<Job>,
+    pool: Option<&rayon::ThreadPool>,
+    order: &Order,
+) {
+    loop {
+        let (seq, (captured, arrived), model) = {
+            let mut taken = lock(&order.taken);
+            match fq.pop_timeout(Duration::from_millis(200)) {
+                Err(_) => return,
+                Ok(None) => continue,
+                Ok(Some(item)) => {
+                    let seq = *taken;
+                    *taken += 1;
+                    (seq, item, sh.model())
+                }
+            }
+        };
+        let job = (!sh.stopping())
+            .then(|| {
+                let index = captured.index();
+                let work = || {
+                    let frame = captured.decode()?;
+                    let (size, norm) = (model.info.input_size, &model.info.normalization);
+                    let cut =
+                        find_and_cut_into(&frame.image, &model.cells, &model.crop, size, norm);
+                    Ok::<_, crate::capture::CaptureError>((frame, cut))
+                };
+                let done = match pool {
+                    Some(p) => p.install(work),
+                    None => work(),
+                };
+                match done {
+                    Ok((frame, FrameInputs { boxes, inputs, .. })) => Some(Job {
+                        frame,
+                        arrived,
+                        inputs,
+                        boxes,
+                        model,
+                    }),
+                    Err(e) => {
+                        lock(&sh.stats).frames.bad += 1;
+                        log::warn!("bad frame {index} skipped: {e}");
+                        None
+                    }
+                }
+            })
+            .flatten();
+        let mut turn = lock(&order.turn);
+        while *turn != seq {
+            turn = order.turned.wait(turn).unwrap_or_else(|e| e.into_inner());
+        }
+        let handed = job.is_none_or(|j| jq.push_wait(j).is_ok());
+        *turn += 1;
+        drop(turn);
+        order.turned.notify_all();
+        if !handed {
+            return;
         }
     }
 }

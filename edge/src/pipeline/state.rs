@@ -36,9 +36,13 @@ pub struct PipelineSettings {
     pub batch_wait: Duration,
     /// A live source silent this long (no frame, no error) is reported as stalled.
     pub camera_stall: Duration,
-    /// Threads for the CPU stages of a frame (finding cells, cutting and preprocessing
-    /// crops); 0 = one per core.
+    /// Threads for the CPU stages of the frames (decoding, finding cells, cutting and
+    /// preprocessing crops); 0 = one per core.
     pub cpu_threads: usize,
+    /// Frames the cells stage decodes, finds and cuts side by side; 0 = as many as it has
+    /// threads, at least two. 1 = one frame at a time (the lowest latency, the least
+    /// throughput).
+    pub frame_workers: usize,
 }
 
 /// The bundle's identity and classes.
