@@ -789,7 +789,7 @@ def plans(smoke):
                      "sweep_frames": 3, "batch": 16, "threads": 2},
         "cpu": {"source": "wright_100x", "sizes": [(640, 480), (1280, 960), (1920, 1080), (2592, 1944)],
                 "density": 0.23, "fields": 3, "reps": 5, "threads": [1, 2], "real": True,
-                "service": {"size": (1920, 1080), "fps": [15, 30, 40], "frames": 150, "threads": [1, 2]}},
+                "service": {"size": (1920, 1080), "fps": [30, 40, 60], "frames": 150, "threads": [1, 2]}},
         "trainer": {"threads": [1, 2], "steps": 20},
     }
 
