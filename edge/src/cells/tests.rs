@@ -1904,3 +1904,39 @@ fn a_quantile_of_a_histogram_is_the_bin_it_falls_in() {
         -2.0 + 7.5 / 4.0
     );
 }
+
+#[test]
+fn boundary_pixels_sorted_by_column_are_the_pixels_sorted_by_x_then_y() {
+    let mut next = lcg(11);
+    for w in [1usize, 2, 7, 64] {
+        // Pixels of a w x 40 window in raster order, about a third of them.
+        let raster: Vec<(f32, f32)> = (0..40 * w)
+            .filter(|_| next() % 3 == 0)
+            .map(|i| ((i % w) as f32, (i / w) as f32))
+            .collect();
+        let mut sorted = raster.clone();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        assert_eq!(splits::by_column(&raster, w), sorted, "width {w}");
+    }
+}
+
+#[test]
+fn a_pixel_no_bluer_than_red_is_below_the_blue_threshold_whatever_the_rounding() {
+    // What `split_blue_parts` skips: b <= r under a background whose red-minus-blue is within
+    // the margin below the threshold. Every such pixel must read at most the threshold.
+    let ln = ln_table();
+    let threshold = 0.25f32;
+    let mut next = lcg(5);
+    for _ in 0..2000 {
+        let g2 = (next() % 5550) as f32 / 1000.0;
+        let g0 = (g2 + threshold - splits::BLUE_MARGIN - (next() % 1000) as f32 * 1e-6).max(0.0);
+        for r in 0..=255usize {
+            let b = (next() as usize) % (r + 1);
+            let red_minus_blue = (g0 - ln[r]) - (g2 - ln[b]);
+            assert!(
+                red_minus_blue <= threshold,
+                "g {g0} {g2}, r {r}, b {b}: {red_minus_blue}"
+            );
+        }
+    }
+}
