@@ -134,6 +134,16 @@ fn slow_inference_drops_oldest_frames_with_bounded_memory() {
     );
 }
 
+/// The results in the outbox (up to 100), in the order they were stored.
+fn stored(shared: &Shared) -> Vec<reddino_edge::publish::messages::CountsMsg> {
+    let ob = shared.outbox.lock().unwrap();
+    ob.pending_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| serde_json::from_slice(&e.payload).unwrap())
+        .collect()
+}
+
 /// A camera handing over MJPG buffers as a V4L2 camera does (undecoded): every third one cut
 /// short.
 struct BufferCamera {
@@ -236,17 +246,7 @@ fn a_cameras_frames_are_decoded_only_when_analysed_and_bad_ones_are_counted() {
         "a dropped frame was decoded: {} of {truncated} short frames found bad",
         s.bad
     );
-    let ob = shared.outbox.lock().unwrap();
-    let stored: Vec<u64> = ob
-        .pending_after(0, 100)
-        .unwrap()
-        .into_iter()
-        .map(|e| {
-            let m: reddino_edge::publish::messages::CountsMsg =
-                serde_json::from_slice(&e.payload).unwrap();
-            m.frame
-        })
-        .collect();
+    let stored: Vec<u64> = stored(&shared).iter().map(|m| m.frame).collect();
     assert_eq!(stored.len() as u64, s.processed);
     assert!(
         stored.windows(2).all(|p| p[0] < p[1]),
@@ -365,14 +365,9 @@ fn run_batched(wait: Duration) -> (Vec<(u64, u64, String)>, Vec<usize>) {
     }
     pipeline.join();
     assert_eq!(shared.snapshot().frames.processed, 16);
-    let ob = shared.outbox.lock().unwrap();
-    let rows: Vec<(u64, u64, String)> = ob
-        .pending_after(0, 100)
-        .unwrap()
+    let rows: Vec<(u64, u64, String)> = stored(&shared)
         .into_iter()
-        .map(|e| {
-            let m: reddino_edge::publish::messages::CountsMsg =
-                serde_json::from_slice(&e.payload).unwrap();
+        .map(|m| {
             assert_eq!((m.backend.as_str(), m.provider.as_str()), ("pixel", "cpu"));
             (m.frame, m.cells, format!("{:?}", m.counts))
         })
