@@ -49,8 +49,8 @@ pub struct Frame {
 }
 
 /// A frame as its source holds it: decoded already (image files, the synthetic microscope), or
-/// a camera's buffer still to be decoded. The pipeline decodes a camera's frames in a stage of
-/// their own, not as they arrive: a frame dropped because the cells stage is behind costs a
+/// a camera's buffer still to be decoded. The pipeline's cells stage decodes a camera's frames
+/// as it takes them, not as they arrive: a frame dropped because analysis is behind costs a
 /// copy of its buffer, not a decode.
 #[derive(Debug, Clone)]
 pub enum Captured {
@@ -89,6 +89,7 @@ impl Captured {
         }
     }
 
+    /// The frame's per-source counter.
     pub fn index(&self) -> u64 {
         match self {
             Captured::Decoded(f) => f.index,

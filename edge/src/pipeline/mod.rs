@@ -1,12 +1,12 @@
-//! The running pipeline: capture -> decode -> cells and crops -> inference and counts ->
-//! outbox, one thread per stage with bounded queues between them (so decoding one frame
-//! overlaps finding cells in the one before, and that overlaps inference on the one before
-//! it). A camera's frames wait undecoded: those dropped because the stages behind are busy
-//! cost no decode. [`state`] holds what the stages share, [`commands`] what the broker may
-//! ask, [`queue`] the queue between stages.
+//! The running pipeline: capture -> cells (decode, find, cut) -> inference and counts ->
+//! outbox, one thread per stage with bounded queues between them (so cutting one frame
+//! overlaps inference on the one before). The cells stage works on two or more frames side by
+//! side and hands them on in frame order; a camera's frames wait in the frame queue undecoded,
+//! so those dropped because the stages behind are busy cost no decode. [`state`] holds what the
+//! stages share, [`commands`] what the broker may ask, [`queue`] the queue between stages.
 //!
 //! ```text
-//! capture --[buffers: drop-oldest when live]--> decode --[one frame]--> cells
+//! capture --[buffers: drop-oldest when live]--> cells workers (decode, find, cut; in order)
 //!     --[crops: bounded]--> infer --> outbox
 //!                                       |
 //!        publisher (MQTT) <-- notify ---+
@@ -209,8 +209,8 @@ impl Pipeline {
         Pipeline { threads, frames }
     }
 
-    /// Frames waiting to be decoded now (the capture stage's queue, bounded by
-    /// `frame_queue`; one more waits decoded for the cells stage).
+    /// Frames waiting for the cells stage now (the capture stage's queue, bounded by
+    /// `frame_queue`).
     pub fn queued_frames(&self) -> usize {
         self.frames.len()
     }
@@ -236,8 +236,8 @@ fn frame_workers(pool: Option<&rayon::ThreadPool>) -> usize {
 /// Hands the frames on in the order they were taken, whichever is cut first.
 #[derive(Default)]
 struct Order {
-    /// The next frame to take, and the model it is cut for (read as it is taken, so that the
-    /// frames after a model switch are all cut for the new model).
+    /// The next frame's place in the order. Held while a frame is taken and its model read,
+    /// so that the frames after a model switch are all cut for the new model.
     taken: std::sync::Mutex<u64>,
     /// The next frame to hand on.
     turn: std::sync::Mutex<u64>,
