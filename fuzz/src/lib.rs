@@ -163,6 +163,7 @@ fn shared() -> &'static Arc<Shared> {
                 batch_wait: std::time::Duration::ZERO,
                 camera_stall: std::time::Duration::from_secs(10),
                 cpu_threads: 1,
+                frame_workers: 0,
             },
             ModelInfo {
                 id: "fuzz@1".into(),
