@@ -187,12 +187,6 @@ pub(super) fn split_necks(
     (labels, n)
 }
 
-/// Blue-stained parts at the edge of a cell become basins of their own: a platelet lying
-/// against a red cell (or on its rim) is one object with it, and the distance map has no peak
-/// for it. Pixels whose red-minus-blue optical density exceeds `threshold` are grouped
-/// (8-connected); a group that reaches the object's edge and covers at most a quarter of the
-/// basin holding most of it is split off. Blue parts inside a cell (a parasite, a white cell's
-/// nucleus) and cells blue all over (platelets and white cells on their own) stay as they are.
 /// Pixel centres given in raster order, sorted by x, then y: a counting sort by column, which
 /// keeps each column's pixels in raster order (by y).
 pub(super) fn by_column(raster: &[(f32, f32)], w: usize) -> Vec<(f32, f32)> {
@@ -216,6 +210,12 @@ pub(super) fn by_column(raster: &[(f32, f32)], w: usize) -> Vec<(f32, f32)> {
 /// background's red-minus-blue (logs of 8-bit values and of the background's: at most 5.55).
 pub(super) const BLUE_MARGIN: f32 = 1e-5;
 
+/// Blue-stained parts at the edge of a cell become basins of their own: a platelet lying
+/// against a red cell (or on its rim) is one object with it, and the distance map has no peak
+/// for it. Pixels whose red-minus-blue optical density exceeds `threshold` are grouped
+/// (8-connected); a group that reaches the object's edge and covers at most a quarter of the
+/// basin holding most of it is split off. Blue parts inside a cell (a parasite, a white cell's
+/// nucleus) and cells blue all over (platelets and white cells on their own) stay as they are.
 pub(super) fn split_blue_parts(
     img: &RgbImage,
     bg: &Background,
