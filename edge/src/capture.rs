@@ -74,12 +74,21 @@ pub struct CameraBuffer {
 impl Captured {
     /// The frame, decoded (a bad buffer is an error naming what is wrong with it).
     pub fn decode(self) -> Result<Frame, CaptureError> {
+        self.decode_into(Vec::new())
+    }
+
+    /// [`Captured::decode`] into `spare`, the pixels of a frame no longer needed: a camera's
+    /// frames are decoded into the same memory frame after frame (a frame of the camera's size
+    /// takes no allocation and no zeroing). Decoded frames are kept as they are.
+    pub fn decode_into(self, spare: Vec<u8>) -> Result<Frame, CaptureError> {
         match self {
             Captured::Decoded(f) => Ok(f),
             Captured::Buffer(b) => Ok(Frame {
                 image: match b.format {
-                    PixelFormat::Yuyv => yuyv_to_rgb(&b.data, b.width, b.height)?,
-                    PixelFormat::Mjpg => mjpg_to_rgb(&b.data, Some((b.width, b.height)))?,
+                    PixelFormat::Yuyv => yuyv_to_rgb_into(&b.data, b.width, b.height, spare)?,
+                    PixelFormat::Mjpg => {
+                        mjpg_to_rgb_into(&b.data, Some((b.width, b.height)), spare)?
+                    }
                 },
                 index: b.index,
                 captured: b.captured,
@@ -314,6 +323,17 @@ fn clamp_u8(v: i32) -> u8 {
 /// Converts packed YUYV 4:2:2 (BT.601, limited range) to RGB. `data` is the driver buffer;
 /// only `bytesused` bytes of it are meaningful and must equal `width * height * 2`.
 pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, CaptureError> {
+    yuyv_to_rgb_into(data, width, height, Vec::new())
+}
+
+/// [`yuyv_to_rgb`] into `buf` (taken over and resized: a buffer of the frame's size is
+/// written as it is).
+pub fn yuyv_to_rgb_into(
+    data: &[u8],
+    width: u32,
+    height: u32,
+    mut buf: Vec<u8>,
+) -> Result<RgbImage, CaptureError> {
     let expected = width as usize * height as usize * 2;
     if width % 2 != 0 || data.len() != expected {
         return Err(CaptureError::WrongSize {
@@ -324,7 +344,8 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, Cap
         });
     }
     let (w, h) = (width as usize, height as usize);
-    let mut out = vec![0u8; w * h * 3];
+    buf.resize(w * h * 3, 0);
+    let mut out = buf;
     // Rows side by side on the rayon pool.
     let row = |(src, dst): (&[u8], &mut [u8])| {
         for (src, dst) in src.chunks_exact(4).zip(dst.chunks_exact_mut(6)) {
@@ -354,6 +375,16 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, Cap
 
 /// Decodes an MJPG frame (one JPEG image) to RGB, checking its size when `expect` is given.
 pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, CaptureError> {
+    mjpg_to_rgb_into(data, expect, Vec::new())
+}
+
+/// [`mjpg_to_rgb`] into `buf`, a frame's pixels no longer needed (taken over and resized: a
+/// buffer of the frame's size is written as it is, no allocation, no zeroing).
+pub fn mjpg_to_rgb_into(
+    data: &[u8],
+    expect: Option<(u32, u32)>,
+    mut buf: Vec<u8>,
+) -> Result<RgbImage, CaptureError> {
     // Some drivers pad the buffer with zeros after the end-of-image marker.
     let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     let data = &data[..end];
@@ -368,31 +399,67 @@ pub fn mjpg_to_rgb(data: &[u8], expect: Option<(u32, u32)>) -> Result<RgbImage, 
             data.len()
         )));
     }
-    // The size from the header, checked before any pixel is allocated.
-    let reader =
-        || image::ImageReader::with_format(std::io::Cursor::new(data), image::ImageFormat::Jpeg);
-    let (w0, h0) = reader()
-        .into_dimensions()
-        .map_err(|e| CaptureError::BadJpeg(e.to_string()))?;
-    let (max_w, max_h) = match expect {
-        Some((w, h)) if (w0, h0) != (w, h) => {
-            return Err(CaptureError::BadJpeg(format!(
-                "frame is {w0}x{h0}, the camera was set to {w}x{h}"
-            )))
-        }
-        Some(wh) => wh,
-        None => (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE),
+    // Many cameras leave JPEG's standard Huffman tables out of their frames (the AVI1 format);
+    // the decoder takes them when the frame says it is AVI1, which not every camera does.
+    let avi1;
+    let data = if huffman_tables_missing(data) {
+        avi1 = [&data[..2], &AVI1_APP0[..], &data[2..]].concat();
+        &avi1[..]
+    } else {
+        data
     };
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(max_w);
-    limits.max_image_height = Some(max_h);
-    limits.max_alloc = Some(MAX_IMAGE_BYTES);
-    let mut r = reader();
-    r.limits(limits);
-    // A colour JPEG decodes to RGB already: taken as it is, not copied.
-    Ok(r.decode()
-        .map_err(|e| CaptureError::BadJpeg(e.to_string()))?
-        .into_rgb8())
+    let bad = |e: zune_jpeg::errors::DecodeErrors| CaptureError::BadJpeg(e.to_string());
+    // As the image crate reads a JPEG (not strict: a camera's small deviations pass), decoded
+    // straight to RGB; the size limits are checked below, with a message naming both sizes.
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(data),
+        options,
+    );
+    // The size from the header, checked before any pixel is written.
+    decoder.decode_headers().map_err(bad)?;
+    let (w0, h0) = decoder.dimensions().expect("headers decoded");
+    let (w0, h0) = (w0 as u32, h0 as u32);
+    if let Some((w, h)) = expect.filter(|&wh| wh != (w0, h0)) {
+        return Err(CaptureError::BadJpeg(format!(
+            "frame is {w0}x{h0}, the camera was set to {w}x{h}"
+        )));
+    }
+    let n = 3 * w0 as u64 * h0 as u64;
+    if w0.max(h0) > MAX_IMAGE_SIDE || n > MAX_IMAGE_BYTES {
+        return Err(CaptureError::BadJpeg(format!(
+            "{w0}x{h0} is over the largest frame decoded ({MAX_IMAGE_SIDE} pixels a side, \
+             {MAX_IMAGE_BYTES} bytes)"
+        )));
+    }
+    buf.resize(n as usize, 0);
+    decoder.decode_into(&mut buf).map_err(bad)?;
+    Ok(RgbImage::from_raw(w0, h0, buf).expect("buffer sized for the image"))
+}
+
+/// An APP0 segment saying "AVI1": the frame's Huffman tables, if left out, are JPEG's standard
+/// ones (OpenDML AVI File Format Extensions, the MJPEG format cameras send).
+const AVI1_APP0: [u8; 9] = [0xFF, 0xE0, 0x00, 0x07, b'A', b'V', b'I', b'1', 0];
+
+/// Whether the JPEG `data` reaches its scan with no Huffman table and no AVI1 marker (false
+/// when its segments cannot be followed: the decoder then says what is wrong).
+fn huffman_tables_missing(data: &[u8]) -> bool {
+    let mut at = 2;
+    while at + 4 <= data.len() && data[at] == 0xFF {
+        let marker = data[at + 1];
+        let len = u16::from_be_bytes([data[at + 2], data[at + 3]]) as usize;
+        match marker {
+            0xDA => return true,
+            0xC4 => return false,
+            0xE0 if data[at + 4..].starts_with(b"AVI1") => return false,
+            _ => at += 2 + len,
+        }
+    }
+    false
 }
 
 /// Largest image side decoded from a file (a 2592x1944 camera field fits many times over);
@@ -827,6 +894,80 @@ mod tests {
         let mut padded = jpg.clone();
         padded.extend_from_slice(&[0; 64]);
         assert!(mjpg_to_rgb(&padded, Some((64, 48))).is_ok());
+    }
+
+    /// A textured field encoded as a camera's MJPG frame (the image crate's encoder, quality
+    /// 90), and the pixels the image crate decodes from it.
+    fn textured_jpeg(color: image::ColorType) -> (Vec<u8>, RgbImage) {
+        let img = RgbImage::from_fn(96, 64, |x, y| {
+            let n = (x * 7919 + y * 104729) % 61;
+            image::Rgb([(x * 2 + n) as u8, (y * 3 + n) as u8, (x + y + 2 * n) as u8])
+        });
+        let mut jpg = Vec::new();
+        let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90);
+        match color {
+            image::ColorType::L8 => {
+                let grey = image::DynamicImage::ImageRgb8(img).to_luma8();
+                enc.encode(grey.as_raw(), 96, 64, image::ExtendedColorType::L8)
+            }
+            _ => enc.encode(img.as_raw(), 96, 64, image::ExtendedColorType::Rgb8),
+        }
+        .unwrap();
+        let reference = image::load_from_memory_with_format(&jpg, image::ImageFormat::Jpeg)
+            .unwrap()
+            .into_rgb8();
+        (jpg, reference)
+    }
+
+    #[test]
+    fn mjpg_decodes_into_a_reused_buffer_the_pixels_the_image_crate_decodes() {
+        for color in [image::ColorType::Rgb8, image::ColorType::L8] {
+            let (jpg, reference) = textured_jpeg(color);
+            assert_eq!(
+                mjpg_to_rgb(&jpg, Some((96, 64))).unwrap(),
+                reference,
+                "{color:?}"
+            );
+            // A smaller and a larger buffer of other pixels: resized, every pixel written.
+            for spare in [vec![7u8; 10], vec![9u8; 3 * 96 * 64 + 500]] {
+                let back = mjpg_to_rgb_into(&jpg, Some((96, 64)), spare).unwrap();
+                assert_eq!(back, reference, "{color:?}");
+            }
+            // A buffer of the frame's size is written where it is: no allocation.
+            let spare = vec![0u8; 3 * 96 * 64];
+            let at = spare.as_ptr();
+            let back = mjpg_to_rgb_into(&jpg, Some((96, 64)), spare).unwrap();
+            assert_eq!(back.as_raw().as_ptr(), at);
+            // A wrong size is refused whatever the buffer.
+            let e = mjpg_to_rgb_into(&jpg, Some((64, 48)), vec![0; 3 * 64 * 48]).unwrap_err();
+            assert!(e.to_string().contains("96x64"), "{e}");
+        }
+        // YUYV into a reused buffer: the same pixels as into a new one.
+        let yuyv: Vec<u8> = (0..2 * 96 * 64).map(|i| (i * 37 % 251) as u8).collect();
+        let fresh = yuyv_to_rgb(&yuyv, 96, 64).unwrap();
+        assert_eq!(yuyv_to_rgb_into(&yuyv, 96, 64, vec![1; 77]).unwrap(), fresh);
+    }
+
+    #[test]
+    fn mjpg_frames_without_huffman_tables_decode_with_the_standard_ones() {
+        // Many UVC cameras leave the Huffman tables out of their MJPG frames (the AVI1 format:
+        // the decoder takes JPEG's standard tables, which the image crate's encoder uses).
+        let (jpg, reference) = textured_jpeg(image::ColorType::Rgb8);
+        let mut stripped = jpg[..2].to_vec();
+        let mut at = 2;
+        let mut dropped = 0;
+        while at + 4 <= jpg.len() && jpg[at] == 0xFF && jpg[at + 1] != 0xDA {
+            let len = u16::from_be_bytes([jpg[at + 2], jpg[at + 3]]) as usize;
+            if jpg[at + 1] == 0xC4 {
+                dropped += 1;
+            } else {
+                stripped.extend_from_slice(&jpg[at..at + 2 + len]);
+            }
+            at += 2 + len;
+        }
+        stripped.extend_from_slice(&jpg[at..]);
+        assert!(dropped > 0, "the encoder wrote no Huffman table");
+        assert_eq!(mjpg_to_rgb(&stripped, Some((96, 64))).unwrap(), reference);
     }
 
     #[test]

@@ -37,6 +37,7 @@ const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 struct Job {
+    /// The frame cut; its image is empty (its pixels went to the next frame's decoding).
     frame: Frame,
     arrived: Instant,
     /// The cells' crops, cut, resized and normalised for the model (`3 x size x size` each).
@@ -247,6 +248,8 @@ struct Order {
 /// One of the cells stage's workers: takes the next frame, decodes it (a bad buffer is counted
 /// and skipped), finds its cells and cuts the model's input batch on `pool`, and hands the job
 /// on in its turn. Returns when the frame queue is closed and empty, or the job queue closed.
+/// A frame's pixels are not needed once its cells are cut: the worker decodes the next
+/// camera frame into them (and a job waiting for the model holds no frame-sized image).
 fn cut_frames(
     sh: &Shared,
     fq: &Queue<(Captured, Instant)>,
@@ -254,6 +257,7 @@ fn cut_frames(
     pool: Option<&rayon::ThreadPool>,
     order: &Order,
 ) {
+    let mut spare: Vec<u8> = Vec::new();
     loop {
         let (seq, (captured, arrived), model) = {
             let mut taken = lock(&order.taken);
@@ -270,11 +274,14 @@ fn cut_frames(
         let job = (!sh.stopping())
             .then(|| {
                 let index = captured.index();
-                let work = || {
-                    let frame = captured.decode()?;
-                    let (size, norm) = (model.info.input_size, &model.info.normalization);
+                let spare = &mut spare;
+                let served = &model;
+                let work = move || {
+                    let mut frame = captured.decode_into(std::mem::take(spare))?;
+                    let (size, norm) = (served.info.input_size, &served.info.normalization);
                     let cut =
-                        find_and_cut_into(&frame.image, &model.cells, &model.crop, size, norm);
+                        find_and_cut_into(&frame.image, &served.cells, &served.crop, size, norm);
+                    *spare = std::mem::take(&mut frame.image).into_raw();
                     Ok::<_, crate::capture::CaptureError>((frame, cut))
                 };
                 let done = match pool {
