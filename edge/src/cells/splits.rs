@@ -4,7 +4,7 @@
 use image::RgbImage;
 
 use super::foreground::Background;
-use super::watershed::{find_root, Object};
+use super::watershed::{basin_sizes, find_root, Object};
 
 /// Cuts basins at a neck (see `CellFinderConfig::split_necks`). Only basins of at least 0.6 of
 /// a typical cell's area are looked at. Their outline's bays are the boundary pixels at least
@@ -32,12 +32,7 @@ pub(super) fn split_necks(
     let cross = |o: P, a: P, b: P| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
     // Each basin's area, then the boundary pixels (a 4-neighbour outside the basin) of those
     // big enough to look at, in raster order.
-    let mut area = vec![0usize; n];
-    for &l in &labels {
-        if l != u32::MAX {
-            area[l as usize] += 1;
-        }
-    }
+    let area = basin_sizes(&labels, n);
     let big: Vec<bool> = area.iter().map(|&a| a as f32 >= min_area).collect();
     if !big.contains(&true) {
         return (labels, n);
@@ -265,12 +260,7 @@ pub(super) fn split_blue_parts(
     if !any {
         return (labels, n);
     }
-    let mut area = vec![0u32; n];
-    for &l in &labels {
-        if l != u32::MAX {
-            area[l as usize] += 1;
-        }
-    }
+    let area = basin_sizes(&labels, n);
     let mut seen = vec![false; w * h];
     let mut stack = Vec::new();
     let mut group = Vec::new();
@@ -313,7 +303,7 @@ pub(super) fn split_blue_parts(
         let host = hosts.iter().max_by_key(|(_, c)| *c).map_or(0, |(h, _)| *h);
         // A quarter at most: a blurred platelet's core is about half of it, a white cell's
         // nucleus more.
-        if 4 * group.len() <= area[host as usize] as usize {
+        if 4 * group.len() <= area[host as usize] {
             let id = n as u32;
             n += 1;
             for &i in &group {

@@ -1940,3 +1940,27 @@ fn a_pixel_no_bluer_than_red_is_below_the_blue_threshold_whatever_the_rounding()
         }
     }
 }
+
+#[test]
+fn basins_counted_run_by_run_are_basins_counted_pixel_by_pixel() {
+    let mut next_u32 = lcg(29);
+    for round in 0..200 {
+        let n = 1 + next_u32() as usize % 6;
+        let len = next_u32() as usize % 400;
+        // Runs of one basin or of none, as a window's rows hold them.
+        let mut labels = Vec::new();
+        while labels.len() < len {
+            let l = match next_u32() % (n as u32 + 1) {
+                k if k == n as u32 => u32::MAX,
+                k => k,
+            };
+            let run = 1 + next_u32() as usize % 12;
+            labels.extend(std::iter::repeat_n(l, run.min(len - labels.len())));
+        }
+        let mut want = vec![0usize; n];
+        for &l in labels.iter().filter(|&&l| l != u32::MAX) {
+            want[l as usize] += 1;
+        }
+        assert_eq!(watershed::basin_sizes(&labels, n), want, "round {round}");
+    }
+}

@@ -407,13 +407,8 @@ pub(super) fn flood_and_split_clump(
         return first;
     }
     let score = |labels: &[u32], n: usize| {
-        let mut size = vec![0usize; n];
-        for &l in labels {
-            if l != u32::MAX {
-                size[l as usize] += 1;
-            }
-        }
-        size.iter()
+        basin_sizes(labels, n)
+            .iter()
             .filter(|&&a| (0.5 * cell..=1.6 * cell).contains(&(a as f32)))
             .count()
     };
@@ -442,10 +437,7 @@ pub(super) fn flood_and_split_clump(
 /// merged basin's outline with each neighbour is the sum of its parts'.
 pub(super) fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize) -> usize {
     const NONE: u32 = u32::MAX;
-    let mut size = vec![0usize; n];
-    for &l in labels.iter().filter(|&&l| l != NONE) {
-        size[l as usize] += 1;
-    }
+    let mut size = basin_sizes(labels, n);
     // Where each basin went (itself while it stands).
     let mut into: Vec<u32> = (0..n as u32).collect();
     if (0..n).any(|l| size[l] > 0 && size[l] < min_px) {
@@ -518,16 +510,20 @@ pub(super) fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize)
     let fin: Vec<u32> = (0..n as u32).map(last).collect();
     let mut map = vec![NONE; n];
     let mut next = 0u32;
-    for l in labels.iter_mut() {
-        if *l == NONE {
-            continue;
+    // Run by run: a run of one basin is renumbered at once.
+    let mut rest = labels;
+    while let Some(&l) = rest.first() {
+        let run = rest.iter().position(|&m| m != l).unwrap_or(rest.len());
+        let (head, tail) = rest.split_at_mut(run);
+        if l != NONE {
+            let m = &mut map[fin[l as usize] as usize];
+            if *m == NONE {
+                *m = next;
+                next += 1;
+            }
+            head.fill(*m);
         }
-        let m = &mut map[fin[*l as usize] as usize];
-        if *m == NONE {
-            *m = next;
-            next += 1;
-        }
-        *l = *m;
+        rest = tail;
     }
     next as usize
 }
@@ -583,6 +579,22 @@ pub(super) fn median_peak(objs: &[Object]) -> Option<f32> {
         .filter(|&p| p >= weighted / 3.0)
         .collect();
     Some(kept[kept.len() / 2])
+}
+
+/// The pixels of each basin `0..n` in `labels` (`u32::MAX`: none), counted run by run: a
+/// window's rows hold long runs of one basin, and counting them pixel by pixel makes each
+/// increment wait on the one before (the same counter).
+pub(super) fn basin_sizes(labels: &[u32], n: usize) -> Vec<usize> {
+    let mut size = vec![0usize; n];
+    let mut rest = labels;
+    while let Some(&l) = rest.first() {
+        let run = rest.iter().position(|&m| m != l).unwrap_or(rest.len());
+        if l != u32::MAX {
+            size[l as usize] += run;
+        }
+        rest = &rest[run..];
+    }
+    size
 }
 
 pub(super) fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
@@ -750,37 +762,39 @@ impl Drain {
                 }
                 n = 8;
             }
-            // The labelled neighbour highest on the distance map: the pixel drains to its
-            // basin. (Taking the basin with the highest peak instead lets a big cell creep
-            // along the rim of a smaller touching one, pixel by pixel at the rim's level.)
-            let mut uphill = (0u32, u32::MAX);
-            let mut several = false;
-            let mut first = u32::MAX;
+            // The least and the greatest seed among the labelled neighbours, without a branch
+            // (whether a neighbour is labelled is a coin toss the processor mispredicts): an
+            // unlabelled one's `u32::MAX` is no least, and plus one it wraps to 0, no greatest.
+            // Most pixels have neighbours of one seed only, and take it.
+            let (mut least, mut most) = (u32::MAX, 0u32);
             for &q in &around[..n] {
                 let s = d.seed[q];
-                // Labelled pixels lie on the object, where the distance is positive.
-                if s != u32::MAX {
-                    if obj.dt2[q] > uphill.0 {
-                        uphill = (obj.dt2[q], s);
-                    }
-                    several |= first != u32::MAX && s != first;
-                    if first == u32::MAX {
-                        first = s;
-                    }
-                }
+                least = least.min(s);
+                most = most.max(s.wrapping_add(1));
             }
-            d.seed[p] = if first == u32::MAX {
+            d.seed[p] = if least == u32::MAX {
                 d.peak.push(level_of(obj.dt2[p]));
                 d.peak.len() as u32 - 1
-            } else if !several {
-                first
+            } else if most - 1 == least {
+                least
             } else {
-                // A meeting: the neighbours' seeds, each once, in the order they come.
+                // A meeting: the neighbours' seeds, each once, in the order they come, and
+                // the labelled neighbour highest on the distance map (the first of the
+                // highest), whose basin the pixel drains to. (Taking the basin with the highest
+                // peak instead lets a big cell creep along the rim of a smaller touching one,
+                // pixel by pixel at the rim's level.)
                 let from = d.met.len();
+                let mut uphill = (0u32, u32::MAX);
                 for &q in &around[..n] {
                     let s = d.seed[q];
-                    if s != u32::MAX && !d.met[from..].contains(&s) {
-                        d.met.push(s);
+                    // Labelled pixels lie on the object, where the distance is positive.
+                    if s != u32::MAX {
+                        if obj.dt2[q] > uphill.0 {
+                            uphill = (obj.dt2[q], s);
+                        }
+                        if !d.met[from..].contains(&s) {
+                            d.met.push(s);
+                        }
                     }
                 }
                 d.meetings
@@ -821,16 +835,14 @@ impl Drain {
                 }
             }
         }
+        // Each seed's basin looked up once, then every pixel's.
+        let root: Vec<u32> = (0..self.peak.len() as u32)
+            .map(|s| find_root(&mut parent, s))
+            .collect();
         let labels = self
             .seed
             .iter()
-            .map(|&s| {
-                if s == u32::MAX {
-                    s
-                } else {
-                    find_root(&mut parent, s)
-                }
-            })
+            .map(|&s| if s == u32::MAX { s } else { root[s as usize] })
             .collect();
         (labels, self.peak.len())
     }
