@@ -32,7 +32,9 @@ use foreground::{
 };
 use grow::{Acc, Grow};
 use splits::{split_blue_parts, split_necks};
-use watershed::{disc_radius, flood_clump, median_peak, objects, plain_median_peak, Object};
+use watershed::{
+    disc_radius, flood_clump, median_peak, objects, plain_median_peak, run_end, Object,
+};
 
 use image::RgbImage;
 use rayon::prelude::*;
@@ -478,11 +480,7 @@ fn find_cells(
                 let y = (obj.y0 + ly) as u32;
                 let mut lx = 0;
                 while lx < row.len() {
-                    let l = row[lx];
-                    let end = row[lx..]
-                        .iter()
-                        .position(|&m| m != l)
-                        .map_or(row.len(), |k| lx + k);
+                    let (l, end) = (row[lx], run_end(row, lx));
                     if l != NONE {
                         let x = obj.x0 as u32;
                         acc[l as usize].add_run(x + lx as u32, x + end as u32, y, w, h);

@@ -511,19 +511,18 @@ pub(super) fn merge_small(labels: &mut [u32], n: usize, w: usize, min_px: usize)
     let mut map = vec![NONE; n];
     let mut next = 0u32;
     // Run by run: a run of one basin is renumbered at once.
-    let mut rest = labels;
-    while let Some(&l) = rest.first() {
-        let run = rest.iter().position(|&m| m != l).unwrap_or(rest.len());
-        let (head, tail) = rest.split_at_mut(run);
+    let mut at = 0;
+    while at < labels.len() {
+        let (l, end) = (labels[at], run_end(labels, at));
         if l != NONE {
             let m = &mut map[fin[l as usize] as usize];
             if *m == NONE {
                 *m = next;
                 next += 1;
             }
-            head.fill(*m);
+            labels[at..end].fill(*m);
         }
-        rest = tail;
+        at = end;
     }
     next as usize
 }
@@ -586,15 +585,24 @@ pub(super) fn median_peak(objs: &[Object]) -> Option<f32> {
 /// increment wait on the one before (the same counter).
 pub(super) fn basin_sizes(labels: &[u32], n: usize) -> Vec<usize> {
     let mut size = vec![0usize; n];
-    let mut rest = labels;
-    while let Some(&l) = rest.first() {
-        let run = rest.iter().position(|&m| m != l).unwrap_or(rest.len());
+    let mut at = 0;
+    while at < labels.len() {
+        let (l, end) = (labels[at], run_end(labels, at));
         if l != u32::MAX {
-            size[l as usize] += run;
+            size[l as usize] += end - at;
         }
-        rest = &rest[run..];
+        at = end;
     }
     size
+}
+
+/// The end (exclusive) of the run of values equal to `labels[at]` that starts at `at`.
+pub(super) fn run_end(labels: &[u32], at: usize) -> usize {
+    let l = labels[at];
+    labels[at..]
+        .iter()
+        .position(|&m| m != l)
+        .map_or(labels.len(), |k| at + k)
 }
 
 pub(super) fn find_root(parent: &mut [u32], mut i: u32) -> u32 {
